@@ -1,0 +1,2529 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""nbd_vram - use spare NVIDIA GPU memory (VRAM) as a Linux swap device.
+
+The data path:  kernel nbd driver -> socket -> this process -> cuMemcpy -> VRAM.
+
+`run` (the daemon that systemd starts) allocates VRAM through the CUDA driver
+API, hands the kernel's nbd driver connected socketpairs over generic netlink
+(no nbd-client, no listening socket), serves the NBD transmission phase on
+them, and turns /dev/nbdX into a high-priority swap device.  `serve` exports
+the same store on a Unix socket to any NBD client (nbdinfo, qemu-io, fio),
+which is how it is tested and benchmarked.
+
+One file, standard library only: ctypes for libcuda.so.1, struct and socket
+for NBD and netlink, subprocess for mkswap/swapon/swapoff.
+
+Memory safety.  A process that serves swap I/O must never need memory that
+can only be found by swapping to itself: the kernel would wait on I/O that
+only we can complete.  Before swapon the daemon therefore locks everything it
+has and will have (mlockall), marks every serving thread PR_SET_IO_FLUSHER,
+sets oom_score_adj to -1000, allocates every buffer once up front, grows and
+locks the C heap in advance and stops it from being given back (Python's
+objects come from glibc malloc, see prepare_memory()), and freezes the garbage
+collector.  The serving path then asks the kernel for no new pages.
+
+What it deliberately does not do: compression, overcommit, or serving
+anything but the one VRAM-backed export.
+"""
+
+import ctypes
+import ctypes.util
+import enum
+import errno
+import gc
+import json
+import logging
+import mmap
+import os
+import re
+import selectors
+import shlex
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+__version__ = "0.1.0"
+
+############################################################################
+# Constants ################################################################
+############################################################################
+
+DEFAULT_CONFIG = "/etc/nbd-vram.conf"
+RUNTIME_DIR = "/run/nbd-vram"
+MiB = 1 << 20
+GiB = 1 << 30
+
+# Exit codes, also listed in `nbd_vram.py --help`.
+EXIT_OK = 0
+EXIT_FAILURE = 1        # anything not listed below
+EXIT_USAGE = 2          # bad command line
+EXIT_NOT_RUNNING = 3    # status: no daemon is running
+EXIT_CONFIG = 4         # bad configuration file or value
+EXIT_NO_DRIVER = 5      # libcuda.so.1 missing or too old
+EXIT_NO_GPU = 6         # no usable NVIDIA GPU, or --gpu names none
+EXIT_NO_VRAM = 7        # not even the minimum size could be allocated
+EXIT_NO_NBD = 8         # the kernel has no nbd driver, or no free device
+EXIT_NOT_ROOT = 9       # run needs root
+EXIT_DEGRADED = 10      # status: running, but I/O errors were seen
+
+EXIT_CODES_HELP = """exit status:
+  0   success
+  1   failure not listed below
+  2   bad command line
+  3   status: no daemon is running
+  4   bad configuration
+  5   the NVIDIA driver (libcuda.so.1) is missing or too old
+  6   no usable NVIDIA GPU, or --gpu names none
+  7   not even the minimum size of VRAM could be allocated
+  8   the kernel has no nbd driver, or no free /dev/nbdX
+  9   run needs root
+  10  status: running, but GPU or I/O errors were seen"""
+
+############################################################################
+# Errors and logging #######################################################
+############################################################################
+
+log = logging.getLogger("nbd-vram")
+
+
+class Fatal(Exception):
+    """An error that stops the command; the message is one line for the user."""
+    exit_code = EXIT_FAILURE
+
+
+class ConfigError(Fatal):
+    exit_code = EXIT_CONFIG
+
+
+class DriverError(Fatal):
+    exit_code = EXIT_NO_DRIVER
+
+
+class NoGpuError(Fatal):
+    exit_code = EXIT_NO_GPU
+
+
+class NoVramError(Fatal):
+    exit_code = EXIT_NO_VRAM
+
+
+class NbdKernelError(Fatal):
+    exit_code = EXIT_NO_NBD
+
+
+class CudaError(Fatal):
+    """A failed CUDA driver call; .name is the CUDA_ERROR_* name."""
+
+    def __init__(self, func, code, name, text):
+        super().__init__(f"{func}: {name} ({code}): {text}")
+        self.func, self.code, self.name = func, code, name
+
+
+class _JournalFormatter(logging.Formatter):
+    """Under systemd: no timestamps, and a <N> syslog prefix for journald."""
+    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4,
+                logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def format(self, record):
+        return f"<{self.PRIORITY.get(record.levelno, 6)}>{record.getMessage()}"
+
+
+def setup_logging(debug=False):
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
+        handler.setFormatter(_JournalFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("nbd-vram: %(levelname)s: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.propagate = False
+
+
+def sd_notify(*lines, fds=()):
+    """Send lines to systemd's notify socket; a no-op outside systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
+        s.sendmsg(["\n".join(lines).encode()], anc, 0, path)
+    return True
+
+
+############################################################################
+# Sizes ####################################################################
+############################################################################
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+_SIZE_UNIT = {"": MiB, "K": 1 << 10, "M": MiB, "G": GiB, "T": 1 << 40}
+
+
+def parse_size(text):
+    """'512M', '7G', '1.5G', '7168' (MiB, as VRAM_SETUP_SIZE_MB) -> bytes."""
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise ValueError(f"{text!r} is not a size (use e.g. 512M, 7G or 7168 for MiB)")
+    value = float(m.group(1)) * _SIZE_UNIT[m.group(2).upper()]
+    return int(value)
+
+
+def format_size(n):
+    for unit, scale in (("TiB", 1 << 40), ("GiB", GiB), ("MiB", MiB), ("KiB", 1 << 10)):
+        if n >= scale:
+            v = n / scale
+            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.2f} {unit}"
+    return f"{n} B"
+
+
+############################################################################
+# CUDA driver binding (libcuda.so.1 via ctypes) ############################
+############################################################################
+
+CUresult = ctypes.c_int
+CUdevice = ctypes.c_int
+CUcontext = ctypes.c_void_p             # opaque handle
+CUstream = ctypes.c_void_p              # opaque handle
+CUdeviceptr = ctypes.c_uint64           # unsigned long long
+CUmemGenericAllocationHandle = ctypes.c_uint64
+_p = ctypes.POINTER
+_size_t = ctypes.c_size_t
+
+
+class CUuuid(ctypes.Structure):
+    _fields_ = [("bytes", ctypes.c_ubyte * 16)]
+
+
+class CUmemLocation(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
+
+
+class CUmemAllocFlags(ctypes.Structure):
+    _fields_ = [("compressionType", ctypes.c_ubyte), ("gpuDirectRDMACapable", ctypes.c_ubyte),
+                ("usage", ctypes.c_ushort), ("reserved", ctypes.c_ubyte * 4)]
+
+
+class CUmemAllocationProp(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("requestedHandleTypes", ctypes.c_int),
+                ("location", CUmemLocation), ("win32HandleMetaData", ctypes.c_void_p),
+                ("allocFlags", CUmemAllocFlags)]
+
+
+class CUmemAccessDesc(ctypes.Structure):
+    _fields_ = [("location", CUmemLocation), ("flags", ctypes.c_int)]
+
+
+CUDA_SUCCESS = 0
+CUDA_ERROR_OUT_OF_MEMORY = 2
+CUDA_ERROR_NO_DEVICE = 100
+CUDA_ERROR_INSUFFICIENT_DRIVER = 35
+CU_DEVICE_ATTRIBUTE_PCI_BUS_ID = 33
+CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID = 34
+CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID = 50
+CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED = 102
+CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED = 103
+CU_STREAM_NON_BLOCKING = 0x1
+CU_MEM_ALLOCATION_TYPE_PINNED = 0x1
+CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR = 0x1
+CU_MEM_LOCATION_TYPE_DEVICE = 0x1
+CU_MEM_ACCESS_FLAGS_PROT_READWRITE = 0x3
+CU_MEM_ALLOC_GRANULARITY_RECOMMENDED = 0x1
+
+# name: (restype, *argtypes); the comment is the prototype from cuda.h.
+# Sizes are size_t: a bare Python int above 2**31 would be truncated to a C int.
+_PROTOTYPES = {
+    # CUresult cuGetErrorName(CUresult error, const char **pStr);
+    "cuGetErrorName": (CUresult, CUresult, _p(ctypes.c_char_p)),
+    # CUresult cuGetErrorString(CUresult error, const char **pStr);
+    "cuGetErrorString": (CUresult, CUresult, _p(ctypes.c_char_p)),
+    # CUresult cuInit(unsigned int Flags);
+    "cuInit": (CUresult, ctypes.c_uint),
+    # CUresult cuDriverGetVersion(int *driverVersion);
+    "cuDriverGetVersion": (CUresult, _p(ctypes.c_int)),
+    # CUresult cuDeviceGetCount(int *count);
+    "cuDeviceGetCount": (CUresult, _p(ctypes.c_int)),
+    # CUresult cuDeviceGet(CUdevice *device, int ordinal);
+    "cuDeviceGet": (CUresult, _p(CUdevice), ctypes.c_int),
+    # CUresult cuDeviceGetName(char *name, int len, CUdevice dev);
+    "cuDeviceGetName": (CUresult, ctypes.c_char_p, ctypes.c_int, CUdevice),
+    # CUresult cuDeviceGetUuid_v2(CUuuid *uuid, CUdevice dev);
+    "cuDeviceGetUuid_v2": (CUresult, _p(CUuuid), CUdevice),
+    # CUresult cuDeviceGetPCIBusId(char *pciBusId, int len, CUdevice dev);
+    "cuDeviceGetPCIBusId": (CUresult, ctypes.c_char_p, ctypes.c_int, CUdevice),
+    # CUresult cuDeviceGetByPCIBusId(CUdevice *dev, const char *pciBusId);
+    "cuDeviceGetByPCIBusId": (CUresult, _p(CUdevice), ctypes.c_char_p),
+    # CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice dev);
+    "cuDeviceTotalMem_v2": (CUresult, _p(_size_t), CUdevice),
+    # CUresult cuDeviceGetAttribute(int *pi, CUdevice_attribute attrib, CUdevice dev);
+    "cuDeviceGetAttribute": (CUresult, _p(ctypes.c_int), ctypes.c_int, CUdevice),
+    # CUresult cuDevicePrimaryCtxRetain(CUcontext *pctx, CUdevice dev);
+    "cuDevicePrimaryCtxRetain": (CUresult, _p(CUcontext), CUdevice),
+    # CUresult cuDevicePrimaryCtxRelease_v2(CUdevice dev);
+    "cuDevicePrimaryCtxRelease_v2": (CUresult, CUdevice),
+    # CUresult cuCtxSetCurrent(CUcontext ctx);
+    "cuCtxSetCurrent": (CUresult, CUcontext),
+    # CUresult cuCtxSynchronize(void);
+    "cuCtxSynchronize": (CUresult,),
+    # CUresult cuMemGetInfo_v2(size_t *free, size_t *total);
+    "cuMemGetInfo_v2": (CUresult, _p(_size_t), _p(_size_t)),
+    # CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize);
+    "cuMemAlloc_v2": (CUresult, _p(CUdeviceptr), _size_t),
+    # CUresult cuMemFree_v2(CUdeviceptr dptr);
+    "cuMemFree_v2": (CUresult, CUdeviceptr),
+    # CUresult cuMemAllocHost_v2(void **pp, size_t bytesize);
+    "cuMemAllocHost_v2": (CUresult, _p(ctypes.c_void_p), _size_t),
+    # CUresult cuMemFreeHost(void *p);
+    "cuMemFreeHost": (CUresult, ctypes.c_void_p),
+    # CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, CUstream s);
+    "cuMemcpyHtoDAsync_v2": (CUresult, CUdeviceptr, ctypes.c_void_p, _size_t, CUstream),
+    # CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t n, CUstream s);
+    "cuMemcpyDtoHAsync_v2": (CUresult, ctypes.c_void_p, CUdeviceptr, _size_t, CUstream),
+    # CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char uc, size_t N);
+    "cuMemsetD8_v2": (CUresult, CUdeviceptr, ctypes.c_ubyte, _size_t),
+    # CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char uc, size_t N, CUstream s);
+    "cuMemsetD8Async": (CUresult, CUdeviceptr, ctypes.c_ubyte, _size_t, CUstream),
+    # CUresult cuStreamCreate(CUstream *phStream, unsigned int Flags);
+    "cuStreamCreate": (CUresult, _p(CUstream), ctypes.c_uint),
+    # CUresult cuStreamDestroy_v2(CUstream hStream);
+    "cuStreamDestroy_v2": (CUresult, CUstream),
+    # CUresult cuStreamSynchronize(CUstream hStream);
+    "cuStreamSynchronize": (CUresult, CUstream),
+}
+
+# The virtual memory management API (CUDA 10.2+); optional: cuMemAlloc_v2 is the fallback.
+_VMM_PROTOTYPES = {
+    # CUresult cuMemGetAllocationGranularity(size_t *g, const CUmemAllocationProp *prop, CUmemAllocationGranularity_flags option);
+    "cuMemGetAllocationGranularity": (CUresult, _p(_size_t), _p(CUmemAllocationProp), ctypes.c_int),
+    # CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size, const CUmemAllocationProp *prop, unsigned long long flags);
+    "cuMemCreate": (CUresult, _p(CUmemGenericAllocationHandle), _size_t, _p(CUmemAllocationProp), ctypes.c_ulonglong),
+    # CUresult cuMemRelease(CUmemGenericAllocationHandle handle);
+    "cuMemRelease": (CUresult, CUmemGenericAllocationHandle),
+    # CUresult cuMemAddressReserve(CUdeviceptr *ptr, size_t size, size_t alignment, CUdeviceptr addr, unsigned long long flags);
+    "cuMemAddressReserve": (CUresult, _p(CUdeviceptr), _size_t, _size_t, CUdeviceptr, ctypes.c_ulonglong),
+    # CUresult cuMemAddressFree(CUdeviceptr ptr, size_t size);
+    "cuMemAddressFree": (CUresult, CUdeviceptr, _size_t),
+    # CUresult cuMemMap(CUdeviceptr ptr, size_t size, size_t offset, CUmemGenericAllocationHandle handle, unsigned long long flags);
+    "cuMemMap": (CUresult, CUdeviceptr, _size_t, _size_t, CUmemGenericAllocationHandle, ctypes.c_ulonglong),
+    # CUresult cuMemUnmap(CUdeviceptr ptr, size_t size);
+    "cuMemUnmap": (CUresult, CUdeviceptr, _size_t),
+    # CUresult cuMemSetAccess(CUdeviceptr ptr, size_t size, const CUmemAccessDesc *desc, size_t count);
+    "cuMemSetAccess": (CUresult, CUdeviceptr, _size_t, _p(CUmemAccessDesc), _size_t),
+    # CUresult cuMemExportToShareableHandle(void *shareableHandle, CUmemGenericAllocationHandle handle, CUmemAllocationHandleType handleType, unsigned long long flags);
+    "cuMemExportToShareableHandle": (CUresult, ctypes.c_void_p, CUmemGenericAllocationHandle, ctypes.c_int, ctypes.c_ulonglong),
+    # CUresult cuMemImportFromShareableHandle(CUmemGenericAllocationHandle *handle, void *osHandle, CUmemAllocationHandleType shHandleType);
+    "cuMemImportFromShareableHandle": (CUresult, _p(CUmemGenericAllocationHandle), ctypes.c_void_p, ctypes.c_int),
+}
+
+DRIVER_NOT_FOUND_MSG = ("cannot load the NVIDIA driver library {path!r}: {why} "
+                        "(install the NVIDIA driver, or set NBD_VRAM_LIBCUDA to libcuda.so.1's path)")
+
+
+class Cuda:
+    """Thin, checked access to the CUDA driver API.  One instance per process.
+
+    Every bound function is an attribute with its C name (self.cuMemAlloc_v2),
+    so the hot path calls it without a lookup; check() turns a CUresult into
+    CudaError with the driver's own name and text for it.
+    """
+
+    def __init__(self, path=None):
+        self.path = path or os.environ.get("NBD_VRAM_LIBCUDA") or "libcuda.so.1"
+        try:
+            self._lib = ctypes.CDLL(self.path)
+        except OSError as e:
+            raise DriverError(DRIVER_NOT_FOUND_MSG.format(path=self.path, why=e)) from None
+        for name, (restype, *argtypes) in _PROTOTYPES.items():
+            try:
+                fn = getattr(self._lib, name)
+            except AttributeError:
+                raise DriverError(f"the NVIDIA driver at {self.path!r} is too old: it has no {name} "
+                                  "(install a driver from 2019 or newer)") from None
+            fn.restype, fn.argtypes = restype, argtypes
+            setattr(self, name, fn)
+        self.has_vmm = True
+        for name, (restype, *argtypes) in _VMM_PROTOTYPES.items():
+            fn = getattr(self._lib, name, None)
+            if fn is None:
+                self.has_vmm = False
+                continue
+            fn.restype, fn.argtypes = restype, argtypes
+            setattr(self, name, fn)
+        self.pid = None
+
+    def error(self, func, rc):
+        name, text = ctypes.c_char_p(), ctypes.c_char_p()
+        if self.cuGetErrorName(rc, ctypes.byref(name)) != CUDA_SUCCESS or not name.value:
+            return CudaError(func, rc, f"CUDA error {rc}", "unknown error code")
+        self.cuGetErrorString(rc, ctypes.byref(text))
+        return CudaError(func, rc, name.value.decode(), (text.value or b"").decode())
+
+    def check(self, func, rc):
+        if rc != CUDA_SUCCESS:
+            raise self.error(func, rc)
+
+    def call(self, name, *args):
+        """Call a bound function by name and raise CudaError on failure."""
+        self.check(name, getattr(self, name)(*args))
+
+    def init(self, tries=10, delay_s=2.0):
+        """cuInit, retried: a sleeping laptop GPU can take seconds to answer."""
+        for attempt in range(1, tries + 1):
+            rc = self.cuInit(0)
+            if rc == CUDA_SUCCESS:
+                self.pid = os.getpid()
+                return
+            err = self.error("cuInit", rc)
+            if rc == CUDA_ERROR_NO_DEVICE:
+                raise NoGpuError("no NVIDIA GPU found (cuInit: CUDA_ERROR_NO_DEVICE): check `nvidia-smi`, "
+                                 "and that CUDA_VISIBLE_DEVICES does not hide it")
+            if rc == CUDA_ERROR_INSUFFICIENT_DRIVER or attempt == tries:
+                raise DriverError(f"the NVIDIA driver did not initialise: {err} "
+                                  "(check `nvidia-smi` and dmesg)")
+            log.warning("cuInit failed (%s), attempt %d of %d; retrying in %.0f s", err.name, attempt, tries, delay_s)
+            time.sleep(delay_s)
+
+    def device_count(self):
+        n = ctypes.c_int()
+        self.call("cuDeviceGetCount", ctypes.byref(n))
+        return n.value
+
+    def device_info(self, dev):
+        """Name, UUID ("GPU-..."), PCI bus id and total memory of one device."""
+        name = ctypes.create_string_buffer(256)
+        self.call("cuDeviceGetName", name, 256, dev)
+        uuid = CUuuid()
+        self.call("cuDeviceGetUuid_v2", ctypes.byref(uuid), dev)
+        busid = ctypes.create_string_buffer(64)
+        self.call("cuDeviceGetPCIBusId", busid, 64, dev)
+        total = _size_t()
+        self.call("cuDeviceTotalMem_v2", ctypes.byref(total), dev)
+        h = bytes(uuid.bytes).hex()
+        return {"index": dev, "name": name.value.decode(errors="replace"),
+                "uuid": f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}",
+                "pci_bus_id": busid.value.decode().lower(), "total_bytes": total.value}
+
+    def attribute(self, attr, dev):
+        v = ctypes.c_int()
+        self.call("cuDeviceGetAttribute", ctypes.byref(v), attr, dev)
+        return v.value
+
+    def select_device(self, spec):
+        """--gpu: an index ('0'), a UUID ('GPU-8f...' or without 'GPU-'), or a PCI bus id ('0000:01:00.0')."""
+        spec = str(spec).strip()
+        count = self.device_count()
+        if count == 0:
+            raise NoGpuError("no NVIDIA GPU found: check `nvidia-smi`")
+        if spec.isdigit():
+            if int(spec) >= count:
+                raise NoGpuError(f"--gpu {spec}: there are only {count} GPU(s), numbered 0 to {count - 1}")
+            dev = CUdevice()
+            self.call("cuDeviceGet", ctypes.byref(dev), int(spec))
+            return dev.value
+        if ":" in spec:
+            dev = CUdevice()
+            rc = self.cuDeviceGetByPCIBusId(ctypes.byref(dev), spec.encode())
+            if rc != CUDA_SUCCESS:
+                raise NoGpuError(f"--gpu {spec}: no GPU at that PCI bus id ({self.error('cuDeviceGetByPCIBusId', rc).name}); "
+                                 "see `nvidia-smi --query-gpu=pci.bus_id --format=csv`")
+            return dev.value
+        want = spec.lower().removeprefix("gpu-")
+        for i in range(count):
+            if self.device_info(i)["uuid"].lower().removeprefix("gpu-") == want:
+                return i
+        raise NoGpuError(f"--gpu {spec}: no GPU has that UUID; see `nvidia-smi -L`")
+
+    def mem_info(self):
+        free, total = _size_t(), _size_t()
+        self.call("cuMemGetInfo_v2", ctypes.byref(free), ctypes.byref(total))
+        return free.value, total.value
+
+
+############################################################################
+# VRAM store ###############################################################
+############################################################################
+
+BACKOFF_STEP = 512 * MiB       # as the original: give back 512 MiB per failed try
+SIZE_ALIGN = 2 * MiB           # the VMM granularity of current GPUs; sizes are rounded down to it
+
+
+class VramStore:
+    """The export's bytes: one contiguous range of device memory.
+
+    Allocated with cuMemCreate and exported as a POSIX fd where the device
+    supports it (the fd keeps the memory alive in another process, which is
+    what a restart without losing swapped pages needs), else cuMemAlloc_v2.
+    NBD code sees only .dptr and .size_bytes and never calls CUDA itself.
+    """
+
+    def __init__(self, cuda, device, ctx, dptr, size_bytes, handle=None, fd=None):
+        self.cuda, self.device, self.ctx = cuda, device, ctx
+        self.dptr, self.size_bytes = dptr, size_bytes
+        self.handle, self.fd = handle, fd
+        self.freed = False
+
+    @property
+    def kind(self):
+        return "cuMemCreate+fd" if self.handle is not None else "cuMemAlloc"
+
+    @classmethod
+    def open_device(cls, cuda, gpu):
+        """cuInit, pick the GPU, retain its primary context and make it current."""
+        cuda.init(**({"tries": int(os.environ["NBD_VRAM_CUINIT_TRIES"])}
+                     if os.environ.get("NBD_VRAM_CUINIT_TRIES") else {}))
+        dev = cuda.select_device(gpu)
+        ctx = CUcontext()
+        cuda.call("cuDevicePrimaryCtxRetain", ctypes.byref(ctx), dev)
+        cuda.call("cuCtxSetCurrent", ctx)
+        return dev, ctx
+
+    @classmethod
+    def allocate(cls, cuda, dev, ctx, want_bytes, floor_bytes, use_vmm=True):
+        """Try want_bytes; on out-of-memory back off by 512 MiB down to floor_bytes."""
+        vmm = (use_vmm and cuda.has_vmm
+               and cuda.attribute(CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED, dev)
+               and cuda.attribute(CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED, dev))
+        align = cls._granularity(cuda, dev) if vmm else SIZE_ALIGN
+        size = want_bytes // align * align
+        floor_bytes = max(align, floor_bytes)
+        last = None
+        while size >= floor_bytes:
+            try:
+                store = cls._create(cuda, dev, ctx, size) if vmm else cls._alloc(cuda, dev, ctx, size)
+            except CudaError as e:
+                if e.code != CUDA_ERROR_OUT_OF_MEMORY:
+                    raise
+                last = e
+                log.info("allocating %s of VRAM failed (out of memory), trying %s less",
+                         format_size(size), format_size(BACKOFF_STEP))
+                size = (size - BACKOFF_STEP) // align * align
+                continue
+            cuda.check("cuMemsetD8_v2", cuda.cuMemsetD8_v2(store.dptr, 0, size))
+            cuda.check("cuCtxSynchronize", cuda.cuCtxSynchronize())
+            log.info("allocated %s of VRAM (%s asked, %s)", format_size(size), format_size(want_bytes), store.kind)
+            return store
+        free, total = cuda.mem_info()
+        raise NoVramError(f"could not allocate even {format_size(floor_bytes)} of VRAM ({last.name if last else 'too small'}); "
+                          f"{format_size(free)} of {format_size(total)} is free: close GPU programs (see `nvidia-smi`) "
+                          "or lower the size / min_size")
+
+    @staticmethod
+    def _prop(dev):
+        prop = CUmemAllocationProp()
+        prop.type = CU_MEM_ALLOCATION_TYPE_PINNED
+        prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+        prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE
+        prop.location.id = dev
+        return prop
+
+    @classmethod
+    def _granularity(cls, cuda, dev):
+        g = _size_t()
+        cuda.call("cuMemGetAllocationGranularity", ctypes.byref(g), ctypes.byref(cls._prop(dev)),
+                  CU_MEM_ALLOC_GRANULARITY_RECOMMENDED)
+        return max(g.value, SIZE_ALIGN)
+
+    @classmethod
+    def _alloc(cls, cuda, dev, ctx, size):
+        dptr = CUdeviceptr()
+        cuda.call("cuMemAlloc_v2", ctypes.byref(dptr), size)
+        return cls(cuda, dev, ctx, dptr.value, size)
+
+    @classmethod
+    def _create(cls, cuda, dev, ctx, size):
+        handle = CUmemGenericAllocationHandle()
+        cuda.call("cuMemCreate", ctypes.byref(handle), size, ctypes.byref(cls._prop(dev)), 0)
+        try:
+            fd = ctypes.c_int(-1)
+            cuda.call("cuMemExportToShareableHandle", ctypes.byref(fd), handle,
+                      CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0)
+            os.set_inheritable(fd.value, False)
+            dptr = cls._map(cuda, dev, handle, size)
+        except BaseException:
+            cuda.cuMemRelease(handle)
+            raise
+        return cls(cuda, dev, ctx, dptr, size, handle=handle.value, fd=fd.value)
+
+    @classmethod
+    def import_fd(cls, cuda, dev, ctx, fd, size):
+        """Map memory that another process exported (a restart keeps the swapped pages)."""
+        handle = CUmemGenericAllocationHandle()
+        cuda.call("cuMemImportFromShareableHandle", ctypes.byref(handle), ctypes.c_void_p(fd),
+                  CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR)
+        try:
+            dptr = cls._map(cuda, dev, handle, size)
+        except BaseException:
+            cuda.cuMemRelease(handle)
+            raise
+        return cls(cuda, dev, ctx, dptr, size, handle=handle.value, fd=fd)
+
+    @staticmethod
+    def _map(cuda, dev, handle, size):
+        dptr = CUdeviceptr()
+        cuda.call("cuMemAddressReserve", ctypes.byref(dptr), size, 0, 0, 0)
+        try:
+            cuda.call("cuMemMap", dptr, size, 0, handle, 0)
+            access = CUmemAccessDesc()
+            access.location.type = CU_MEM_LOCATION_TYPE_DEVICE
+            access.location.id = dev
+            access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+            cuda.call("cuMemSetAccess", dptr, size, ctypes.byref(access), 1)
+        except BaseException:
+            cuda.cuMemUnmap(dptr, size)
+            cuda.cuMemAddressFree(dptr, size)
+            raise
+        return dptr.value
+
+    def free(self, scrub=True):
+        """Zero the memory (the next CUDA program must not read swapped-out secrets), then free it."""
+        if self.freed:
+            return
+        self.freed = True
+        cuda = self.cuda
+        cuda.cuCtxSetCurrent(self.ctx)
+        if scrub:
+            rc = cuda.cuMemsetD8_v2(self.dptr, 0, self.size_bytes) or cuda.cuCtxSynchronize()
+            if rc:
+                log.warning("scrubbing VRAM before freeing it failed: %s", cuda.error("cuMemsetD8_v2", rc))
+        if self.handle is None:
+            cuda.cuMemFree_v2(self.dptr)
+        else:
+            cuda.cuMemUnmap(self.dptr, self.size_bytes)
+            cuda.cuMemAddressFree(self.dptr, self.size_bytes)
+            cuda.cuMemRelease(self.handle)
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+        log.info("freed %s of VRAM", format_size(self.size_bytes))
+
+
+class IoContext:
+    """What one serving thread needs: its CUDA stream and pinned staging buffers.
+
+    Allocated once, before the thread serves anything: the I/O path itself
+    never allocates.  rx receives request headers and write payloads (copied
+    to VRAM straight from it), tx receives read data (sent straight from it).
+    """
+
+    def __init__(self, store, rx_bytes, tx_bytes):
+        self.cuda, self.store = store.cuda, store
+        cuda = self.cuda
+        cuda.call("cuCtxSetCurrent", store.ctx)
+        stream = CUstream()
+        cuda.call("cuStreamCreate", ctypes.byref(stream), CU_STREAM_NON_BLOCKING)
+        self.stream = stream.value
+        self._host = []
+        try:
+            self.rx_addr, self.rx = self._pinned(rx_bytes)
+            self.tx_addr, self.tx = self._pinned(tx_bytes)
+        except BaseException:
+            self.close()
+            raise
+
+    def _pinned(self, size):
+        p = ctypes.c_void_p()
+        self.cuda.call("cuMemAllocHost_v2", ctypes.byref(p), size)
+        self._host.append(p.value)
+        view = memoryview((ctypes.c_char * size).from_address(p.value)).cast("B")
+        return p.value, view
+
+    def close(self):
+        cuda = self.cuda
+        cuda.cuCtxSetCurrent(self.store.ctx)
+        for p in self._host:
+            cuda.cuMemFreeHost(p)
+        self._host = []
+        if self.stream:
+            cuda.cuStreamDestroy_v2(self.stream)
+            self.stream = None
+
+
+############################################################################
+# NBD protocol: constants and wire formats #################################
+############################################################################
+# Numbers and layouts from the NBD protocol (NetworkBlockDevice/nbd doc/proto.md).
+
+NBDMAGIC = 0x4E42444D41474943          # "NBDMAGIC"
+IHAVEOPT = 0x49484156454F5054          # "IHAVEOPT"
+NBD_REP_MAGIC = 0x0003E889045565A9     # option reply magic
+NBD_REQUEST_MAGIC = 0x25609513
+NBD_SIMPLE_REPLY_MAGIC = 0x67446698
+
+NBD_FLAG_FIXED_NEWSTYLE = 1 << 0       # handshake flags (server)
+NBD_FLAG_NO_ZEROES = 1 << 1
+NBD_FLAG_C_FIXED_NEWSTYLE = 1 << 0     # client flags
+NBD_FLAG_C_NO_ZEROES = 1 << 1
+
+
+class TxFlag(enum.IntFlag):
+    """Transmission flags: what the export supports."""
+    HAS_FLAGS = 1 << 0
+    READ_ONLY = 1 << 1
+    SEND_FLUSH = 1 << 2
+    SEND_FUA = 1 << 3
+    ROTATIONAL = 1 << 4
+    SEND_TRIM = 1 << 5
+    SEND_WRITE_ZEROES = 1 << 6
+    SEND_DF = 1 << 7
+    CAN_MULTI_CONN = 1 << 8
+
+
+# What we advertise, and why each is true:
+#  SEND_FLUSH, SEND_FUA: a write is replied to only after its copy to VRAM has
+#    completed (one stream sync per batch), so FLUSH and FUA are already met.
+#  SEND_TRIM, SEND_WRITE_ZEROES: both zero the range in VRAM (cuMemsetD8Async);
+#    a trimmed range reads back as zeroes, which the spec allows.
+#  CAN_MULTI_CONN: every connection writes the same VRAM and replies after the
+#    sync, so a write acknowledged on one connection is visible on all.
+EXPORT_FLAGS = (TxFlag.HAS_FLAGS | TxFlag.SEND_FLUSH | TxFlag.SEND_FUA | TxFlag.SEND_TRIM
+                | TxFlag.SEND_WRITE_ZEROES | TxFlag.CAN_MULTI_CONN)
+
+
+class Opt(enum.IntEnum):
+    EXPORT_NAME = 1
+    ABORT = 2
+    LIST = 3
+    PEEK_EXPORT = 4
+    STARTTLS = 5
+    INFO = 6
+    GO = 7
+    STRUCTURED_REPLY = 8
+    LIST_META_CONTEXT = 9
+    SET_META_CONTEXT = 10
+    EXTENDED_HEADERS = 11
+
+
+NBD_REP_ERR = 1 << 31
+
+
+class Rep(enum.IntEnum):
+    ACK = 1
+    SERVER = 2
+    INFO = 3
+    ERR_UNSUP = NBD_REP_ERR | 1
+    ERR_POLICY = NBD_REP_ERR | 2
+    ERR_INVALID = NBD_REP_ERR | 3
+    ERR_PLATFORM = NBD_REP_ERR | 4
+    ERR_TLS_REQD = NBD_REP_ERR | 5
+    ERR_UNKNOWN = NBD_REP_ERR | 6
+    ERR_SHUTDOWN = NBD_REP_ERR | 7
+    ERR_BLOCK_SIZE_REQD = NBD_REP_ERR | 8
+    ERR_TOO_BIG = NBD_REP_ERR | 9
+
+
+class Info(enum.IntEnum):
+    EXPORT = 0
+    NAME = 1
+    DESCRIPTION = 2
+    BLOCK_SIZE = 3
+
+
+class Cmd(enum.IntEnum):
+    READ = 0
+    WRITE = 1
+    DISC = 2
+    FLUSH = 3
+    TRIM = 4
+    CACHE = 5
+    WRITE_ZEROES = 6
+    BLOCK_STATUS = 7
+    RESIZE = 8
+
+
+class CmdFlag(enum.IntFlag):
+    FUA = 1 << 0
+    NO_HOLE = 1 << 1
+    DF = 1 << 2
+    REQ_ONE = 1 << 3
+    FAST_ZERO = 1 << 4
+    PAYLOAD_LEN = 1 << 5
+
+
+# The NBD error numbers are Linux's, and the spec lists which may be sent.
+NBD_EPERM, NBD_EIO, NBD_ENOMEM, NBD_EINVAL, NBD_ENOSPC, NBD_EOVERFLOW = 1, 5, 12, 22, 28, 75
+
+# Flags each command accepts; anything else is EINVAL (NBD_CMD_FLAG_DF needs
+# structured replies, which we do not negotiate).
+CMD_FLAGS_ALLOWED = {
+    Cmd.READ: 0,
+    Cmd.WRITE: CmdFlag.FUA,
+    Cmd.FLUSH: 0,
+    Cmd.TRIM: CmdFlag.FUA,
+    Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE,
+    Cmd.DISC: 0,
+}
+
+MIN_BLOCK = 1                  # any byte offset and length works: copies are byte-granular
+PREFERRED_BLOCK = 4096         # the page size: what swap sends
+MAX_REQUEST = 32 * MiB         # largest READ/WRITE payload (nbdkit's MAX_REQUEST_SIZE, the kernel's max_hw_sectors)
+MAX_OPTION = 64 * 1024         # longest option payload we read (names are at most 4096 bytes)
+MAX_BATCH = 256                # requests answered by one stream sync and one sendmsg (2 iovecs each, IOV_MAX 1024)
+HANDSHAKE_TIMEOUT_S = 30       # a client that stalls in negotiation is dropped
+
+# S: NBDMAGIC, IHAVEOPT, handshake flags
+GREETING = struct.Struct("!QQH")
+# C: client flags
+CLIENT_FLAGS = struct.Struct("!I")
+# C: IHAVEOPT, option, length of data
+OPTION = struct.Struct("!QII")
+# S: reply magic, option, reply type, length of data
+OPTION_REPLY = struct.Struct("!QIII")
+# S (NBD_OPT_EXPORT_NAME): export size, transmission flags, then 124 zeroes unless NO_ZEROES
+EXPORT_NAME_REPLY = struct.Struct("!QH")
+# S (NBD_REP_INFO): NBD_INFO_EXPORT, size, transmission flags
+INFO_EXPORT = struct.Struct("!HQH")
+# S (NBD_REP_INFO): NBD_INFO_BLOCK_SIZE, minimum, preferred, maximum
+INFO_BLOCK_SIZE = struct.Struct("!HIII")
+# C: magic, command flags, type, cookie, offset, length
+REQUEST = struct.Struct("!IHHQQI")
+# S: magic, error, cookie
+SIMPLE_REPLY = struct.Struct("!IIQ")
+REQ_SIZE = REQUEST.size
+REPLY_SIZE = SIMPLE_REPLY.size
+
+
+class ProtocolError(Exception):
+    """The connection cannot go on (framing lost, client gone): close it, and only it."""
+
+
+def check_request(typ, flags, offset, length, size):
+    """Validate one request; returns 0 or the NBD error to reply with, and why."""
+    allowed = CMD_FLAGS_ALLOWED.get(typ)
+    if allowed is None:
+        return NBD_EINVAL, "unknown command"
+    if flags & ~allowed:
+        return NBD_EINVAL, f"flags {flags:#x} not allowed"
+    if typ == Cmd.FLUSH:
+        return (NBD_EINVAL, "offset and length must be 0") if offset or length else (0, None)
+    if length == 0:
+        return NBD_EINVAL, "length is 0"
+    if offset > size or length > size - offset:        # overflow-safe form of offset+length > size
+        err = NBD_ENOSPC if typ in (Cmd.WRITE, Cmd.WRITE_ZEROES) else NBD_EINVAL
+        return err, f"offset {offset} + length {length} is beyond the end ({size})"
+    if length > MAX_REQUEST and typ in (Cmd.READ, Cmd.WRITE):
+        return NBD_EINVAL, f"length {length} is over the maximum {MAX_REQUEST}"
+    return 0, None
+
+
+def recv_exact(sock, n, what):
+    """Read exactly n bytes (handshake only: allocates)."""
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if not k:
+            raise ProtocolError(f"client closed the connection: read {got} of {n} {what} bytes")
+        got += k
+    return bytes(buf)
+
+
+def recv_into_exact(sock, view, what):
+    got, n = 0, len(view)
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if not k:
+            raise ProtocolError(f"client closed the connection: read {got} of {n} {what} bytes")
+        got += k
+
+
+def send_all(sock, bufs):
+    """sendmsg a list of buffers, going on after a partial send."""
+    while bufs:
+        sent = sock.sendmsg(bufs)
+        while bufs and sent >= len(bufs[0]):
+            sent -= len(bufs[0])
+            bufs.pop(0)
+        if bufs and sent:
+            bufs[0] = memoryview(bufs[0])[sent:]
+
+
+############################################################################
+# NBD server: handshake + transmission #####################################
+############################################################################
+
+class Stats:
+    """I/O counters of one connection (plain ints: updated under the GIL)."""
+    FIELDS = ("reads", "writes", "bytes_read", "bytes_written", "trims", "zeroes", "flushes",
+              "invalid", "io_errors")
+    __slots__ = FIELDS
+
+    def __init__(self):
+        for f in self.FIELDS:
+            setattr(self, f, 0)
+
+    def add(self, other):
+        for f in self.FIELDS:
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+
+    def as_dict(self):
+        return {f: getattr(self, f) for f in self.FIELDS}
+
+
+class Export:
+    """The one export: a VRAM store, its size and flags, and the I/O counters of every connection."""
+
+    def __init__(self, store, name="", description=None):
+        self.store, self.size = store, store.size_bytes
+        self.flags = EXPORT_FLAGS
+        self.name = name
+        self.description = description or f"nbd-vram {format_size(self.size)} of VRAM"
+        self._lock = threading.Lock()
+        self._closed = Stats()
+        self._live = set()
+        self.last_error = None
+
+    def open_stats(self):
+        st = Stats()
+        with self._lock:
+            self._live.add(st)
+        return st
+
+    def close_stats(self, st):
+        with self._lock:
+            self._live.discard(st)
+            self._closed.add(st)
+
+    def totals(self):
+        total = Stats()
+        with self._lock:
+            total.add(self._closed)
+            for st in self._live:
+                total.add(st)
+        return total
+
+    @property
+    def connections(self):
+        return len(self._live)
+
+
+def _option_reply(sock, opt, rep, data=b""):
+    sock.sendall(OPTION_REPLY.pack(NBD_REP_MAGIC, opt, rep, len(data)) + data)
+
+
+def negotiate(sock, export):
+    """Fixed newstyle handshake.  True: go on to transmission; False: the client is done."""
+    sock.sendall(GREETING.pack(NBDMAGIC, IHAVEOPT, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES))
+    (cflags,) = CLIENT_FLAGS.unpack(recv_exact(sock, CLIENT_FLAGS.size, "client flag"))
+    if cflags & ~(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES):
+        raise ProtocolError(f"client sent unknown handshake flags {cflags:#x}")
+    no_zeroes = bool(cflags & NBD_FLAG_C_NO_ZEROES)
+    while True:
+        magic, opt, length = OPTION.unpack(recv_exact(sock, OPTION.size, "option header"))
+        if magic != IHAVEOPT:
+            raise ProtocolError(f"bad option magic {magic:#x}")
+        if length > MAX_OPTION:
+            raise ProtocolError(f"option {opt} has {length} bytes of data, more than the {MAX_OPTION} allowed")
+        data = recv_exact(sock, length, "option data")
+        if opt == Opt.EXPORT_NAME:
+            # No error reply exists for this option; any name selects the one export.
+            sock.sendall(EXPORT_NAME_REPLY.pack(export.size, export.flags) + (b"" if no_zeroes else bytes(124)))
+            return True
+        if opt == Opt.ABORT:
+            _option_reply(sock, opt, Rep.ACK)
+            return False
+        if opt == Opt.LIST:
+            if length:
+                _option_reply(sock, opt, Rep.ERR_INVALID, b"NBD_OPT_LIST takes no data")
+                continue
+            name = export.name.encode()
+            _option_reply(sock, opt, Rep.SERVER, struct.pack("!I", len(name)) + name)
+            _option_reply(sock, opt, Rep.ACK)
+            continue
+        if opt in (Opt.INFO, Opt.GO):
+            requests = _parse_info_request(data)
+            if requests is None:
+                _option_reply(sock, opt, Rep.ERR_INVALID, b"malformed NBD_OPT_INFO/GO request")
+                continue
+            name, wanted = requests
+            _option_reply(sock, opt, Rep.INFO, INFO_EXPORT.pack(Info.EXPORT, export.size, export.flags))
+            _option_reply(sock, opt, Rep.INFO, INFO_BLOCK_SIZE.pack(Info.BLOCK_SIZE, MIN_BLOCK, PREFERRED_BLOCK, MAX_REQUEST))
+            if Info.NAME in wanted:
+                _option_reply(sock, opt, Rep.INFO, struct.pack("!H", Info.NAME) + name)
+            if Info.DESCRIPTION in wanted:
+                _option_reply(sock, opt, Rep.INFO, struct.pack("!H", Info.DESCRIPTION) + export.description.encode())
+            _option_reply(sock, opt, Rep.ACK)
+            if opt == Opt.GO:
+                return True
+            continue
+        _option_reply(sock, opt, Rep.ERR_UNSUP, f"option {opt} is not supported".encode())
+
+
+def _parse_info_request(data):
+    """NBD_OPT_INFO/GO data: u32 name length, name, u16 count, u16 info types. None if malformed."""
+    if len(data) < 6:
+        return None
+    (nlen,) = struct.unpack_from("!I", data, 0)
+    if nlen > 4096 or len(data) < 4 + nlen + 2:
+        return None
+    name = data[4:4 + nlen]
+    (count,) = struct.unpack_from("!H", data, 4 + nlen)
+    if len(data) != 4 + nlen + 2 + 2 * count:
+        return None
+    return name, set(struct.unpack_from(f"!{count}H", data, 6 + nlen))
+
+
+class Transmission:
+    """The transmission phase on one socket: the I/O path.
+
+    Callable with no handshake: the kernel speaks only this on the sockets it
+    is given.  Requests are taken in batches: everything already waiting on
+    the socket is parsed in place in the pinned rx buffer, write payloads are
+    copied to VRAM straight from there, reads land in the pinned tx buffer;
+    then one stream sync and one sendmsg answer the whole batch, in order.
+    Every list used here is allocated once, in __init__.
+    """
+
+    MAX_LOGGED = 10    # invalid requests logged per connection; the rest are only counted
+
+    def __init__(self, sock, export, io, stats, label="client"):
+        self.sock, self.export, self.io, self.stats, self.label = sock, export, io, stats, label
+        self.cookies = [0] * MAX_BATCH
+        self.errors = [0] * MAX_BATCH
+        self.data_off = [0] * MAX_BATCH       # offset in tx of a read's data
+        self.data_len = [0] * MAX_BATCH       # 0: no data follows the reply header
+        self.uses_gpu = [False] * MAX_BATCH
+        self.hdr = bytearray(REPLY_SIZE * MAX_BATCH)
+        self.hdr_view = memoryview(self.hdr)
+        self.iov = []
+        self.logged = 0
+        self.start = self.end = 0             # rx[start:end] holds received, unparsed bytes
+
+    # -- helpers used outside the fast path ------------------------------------------
+
+    def _invalid(self, typ, offset, length, why):
+        self.stats.invalid += 1
+        if self.logged < self.MAX_LOGGED:
+            self.logged += 1
+            name = Cmd(typ).name if typ in Cmd._value2member_map_ else f"command {typ}"
+            log.warning("%s: invalid request: %s offset=%d length=%d: %s%s", self.label, name, offset, length, why,
+                        "; further invalid requests on this connection are only counted" if self.logged == self.MAX_LOGGED else "")
+
+    def _gpu_error(self, func, rc, what):
+        err = self.io.cuda.error(func, rc)
+        self.stats.io_errors += 1
+        self.export.last_error = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {err}"
+        log.error("%s: GPU I/O error, replying EIO: %s (%s)", self.label, err, what)
+
+    def _compact(self):
+        """Move the unparsed bytes to the front of rx.  Only between batches: no copy reads rx then."""
+        n = self.end - self.start
+        if self.start and n:
+            ctypes.memmove(self.io.rx_addr, self.io.rx_addr + self.start, n)
+        self.start, self.end = 0, n
+
+    def _fill(self, want):
+        """Block until rx holds at least `want` unparsed bytes.  False at a clean end of stream."""
+        rx = self.io.rx
+        while self.end - self.start < want:
+            if len(rx) - self.start < want:
+                self._compact()
+            k = self.sock.recv_into(rx[self.end:])
+            if not k:
+                if self.end == self.start:
+                    return False
+                raise ProtocolError(f"client closed the connection: read {self.end - self.start} of {want} bytes "
+                                    "of a request")
+            self.end += k
+        return True
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def run(self):
+        """Serve until the client disconnects.  Raises ProtocolError on a framing error."""
+        while True:
+            if not self._fill(REQ_SIZE):
+                return "client closed the connection"
+            verdict = self._batch()
+            if verdict:
+                return verdict
+
+    def _batch(self):
+        io, stats = self.io, self.stats
+        cuda, stream = io.cuda, io.stream
+        htod, dtoh, memset = cuda.cuMemcpyHtoDAsync_v2, cuda.cuMemcpyDtoHAsync_v2, cuda.cuMemsetD8Async
+        rx, rx_addr, rx_cap = io.rx, io.rx_addr, len(io.rx)
+        tx_addr, tx_cap = io.tx_addr, len(io.tx)
+        base, size = self.export.store.dptr, self.export.size
+        cookies, errors, data_off, data_len, uses_gpu = (self.cookies, self.errors, self.data_off,
+                                                         self.data_len, self.uses_gpu)
+        unpack = REQUEST.unpack_from
+        n = tx_used = 0
+        gpu_work = False
+        after = None            # what to do once this batch is answered
+        while n < MAX_BATCH:
+            avail = self.end - self.start
+            if avail < REQ_SIZE:
+                # Take whatever else is already waiting, without blocking.
+                if rx_cap - self.end < REQ_SIZE:
+                    break
+                try:
+                    k = self.sock.recv_into(rx[self.end:], 0, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    break
+                if not k:
+                    after = "eof"
+                    break
+                self.end += k
+                continue
+            magic, flags, typ, cookie, offset, length = unpack(rx, self.start)
+            if magic != NBD_REQUEST_MAGIC:
+                after = f"bad request magic {magic:#x}"
+                break
+            if typ == Cmd.WRITE:
+                need = REQ_SIZE + length
+                if avail < need:
+                    if self.start + need > rx_cap:
+                        if n == 0:
+                            after = "large-write" if need > rx_cap else "compact"
+                        break
+                    recv_into_exact(self.sock, rx[self.end:self.start + need], "write payload")
+                    self.end = self.start + need
+                err, why = check_request(typ, flags, offset, length, size)
+                payload = rx_addr + self.start + REQ_SIZE
+                self.start += need
+                cookies[n], data_len[n], uses_gpu[n] = cookie, 0, False
+                if err:
+                    self._invalid(typ, offset, length, why)
+                else:
+                    rc = htod(base + offset, payload, length, stream)
+                    if rc:
+                        self._gpu_error("cuMemcpyHtoDAsync_v2", rc, f"write offset={offset} length={length}")
+                        err = NBD_EIO
+                    else:
+                        uses_gpu[n] = gpu_work = True
+                        stats.writes += 1
+                        stats.bytes_written += length
+                errors[n] = err
+                n += 1
+                continue
+            if typ == Cmd.READ:
+                err, why = check_request(typ, flags, offset, length, size)
+                if not err and length > tx_cap - tx_used:
+                    if n == 0:
+                        after = "large-read"
+                    break
+                self.start += REQ_SIZE
+                cookies[n], data_len[n], uses_gpu[n] = cookie, 0, False
+                if err:
+                    self._invalid(typ, offset, length, why)
+                else:
+                    rc = dtoh(tx_addr + tx_used, base + offset, length, stream)
+                    if rc:
+                        self._gpu_error("cuMemcpyDtoHAsync_v2", rc, f"read offset={offset} length={length}")
+                        err = NBD_EIO
+                    else:
+                        uses_gpu[n] = gpu_work = True
+                        data_off[n], data_len[n] = tx_used, length
+                        tx_used += length
+                        stats.reads += 1
+                        stats.bytes_read += length
+                errors[n] = err
+                n += 1
+                continue
+            self.start += REQ_SIZE
+            if typ == Cmd.DISC:
+                after = "disc"
+                break
+            cookies[n], data_len[n], uses_gpu[n] = cookie, 0, False
+            err, why = check_request(typ, flags, offset, length, size)
+            if err:
+                self._invalid(typ, offset, length, why)
+            elif typ == Cmd.TRIM or typ == Cmd.WRITE_ZEROES:
+                rc = memset(base + offset, 0, length, stream)
+                if rc:
+                    self._gpu_error("cuMemsetD8Async", rc, f"{Cmd(typ).name} offset={offset} length={length}")
+                    err = NBD_EIO
+                else:
+                    uses_gpu[n] = gpu_work = True
+                    if typ == Cmd.TRIM:
+                        stats.trims += 1
+                    else:
+                        stats.zeroes += 1
+            else:
+                stats.flushes += 1      # FLUSH: answered after this batch's sync, like every write before it
+            errors[n] = err
+            n += 1
+
+        if gpu_work:
+            rc = cuda.cuStreamSynchronize(stream)
+            if rc:
+                self._gpu_error("cuStreamSynchronize", rc, f"batch of {n} requests")
+                for i in range(n):
+                    if uses_gpu[i]:
+                        errors[i], data_len[i] = NBD_EIO, 0
+        if n:
+            self._reply(n)
+        if after is None:
+            return None
+        if after == "compact":
+            self._compact()
+            return None
+        if after == "large-write":
+            self._large_write()
+            return None
+        if after == "large-read":
+            return self._large_read()
+        if after == "disc":
+            return "client sent NBD_CMD_DISC"
+        if after == "eof":
+            if self.end > self.start:
+                raise ProtocolError(f"client closed the connection: read {self.end - self.start} of {REQ_SIZE} "
+                                    "header bytes")
+            return "client closed the connection"
+        raise ProtocolError(after)
+
+    def _reply(self, n):
+        hdr, hv, tx = self.hdr, self.hdr_view, self.io.tx
+        iov = self.iov
+        pack = SIMPLE_REPLY.pack_into
+        errors, cookies, data_off, data_len = self.errors, self.cookies, self.data_off, self.data_len
+        for i in range(n):
+            at = i * REPLY_SIZE
+            pack(hdr, at, NBD_SIMPLE_REPLY_MAGIC, errors[i], cookies[i])
+            iov.append(hv[at:at + REPLY_SIZE])
+            if data_len[i]:
+                iov.append(tx[data_off[i]:data_off[i] + data_len[i]])
+        try:
+            send_all(self.sock, iov)
+        finally:
+            iov.clear()
+
+    # -- requests larger than a staging buffer (never from the kernel's swap path) -------
+
+    def _large_write(self):
+        """A write whose payload does not fit in rx: copy it through in rx-sized pieces."""
+        io, cuda = self.io, self.io.cuda
+        magic, flags, typ, cookie, offset, length = REQUEST.unpack_from(io.rx, self.start)
+        err, why = check_request(typ, flags, offset, length, self.export.size)
+        if err:
+            self._invalid(typ, offset, length, why)
+        buffered = self.end - self.start - REQ_SIZE
+        self.start += REQ_SIZE
+        self._compact()
+        done, rx_cap = 0, len(io.rx)
+        while done < length:
+            piece = min(rx_cap, length - done)
+            if buffered < piece:
+                recv_into_exact(self.sock, io.rx[buffered:piece], "write payload")
+            buffered = 0
+            if not err:
+                rc = (cuda.cuMemcpyHtoDAsync_v2(self.export.store.dptr + offset + done, io.rx_addr, piece, io.stream)
+                      or cuda.cuStreamSynchronize(io.stream))
+                if rc:
+                    self._gpu_error("cuMemcpyHtoDAsync_v2", rc, f"write offset={offset} length={length}")
+                    err = NBD_EIO
+            done += piece
+        self.start = self.end = 0
+        if not err:
+            self.stats.writes += 1
+            self.stats.bytes_written += length
+        send_all(self.sock, [SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, err, cookie)])
+
+    def _large_read(self):
+        """A read larger than tx: sent in tx-sized pieces.  A GPU error after the
+        first piece cannot be reported any more, so it closes the connection
+        (never zeroes in place of data)."""
+        io, cuda = self.io, self.io.cuda
+        magic, flags, typ, cookie, offset, length = REQUEST.unpack_from(io.rx, self.start)
+        self.start += REQ_SIZE
+        done, tx_cap = 0, len(io.tx)
+        while done < length:
+            piece = min(tx_cap, length - done)
+            rc = (cuda.cuMemcpyDtoHAsync_v2(io.tx_addr, self.export.store.dptr + offset + done, piece, io.stream)
+                  or cuda.cuStreamSynchronize(io.stream))
+            if rc:
+                self._gpu_error("cuMemcpyDtoHAsync_v2", rc, f"read offset={offset} length={length}")
+                if done == 0:
+                    send_all(self.sock, [SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, NBD_EIO, cookie)])
+                    return None
+                raise ProtocolError("GPU error in the middle of a large read; closing the connection")
+            bufs = [io.tx[:piece]]
+            if done == 0:
+                bufs.insert(0, SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, cookie))
+            send_all(self.sock, bufs)
+            done += piece
+        self.stats.reads += 1
+        self.stats.bytes_read += length
+        return None
+
+
+def serve_connection(sock, export, label, io=None, buffer_bytes=None, handshake=True):
+    """One connection from start to end: the per-connection error policy lives here.
+
+    A framing error or a vanished client closes this connection only; every
+    other connection keeps working.  With io=None (serve) the connection gets
+    its own IoContext of buffer_bytes each way; the daemon passes one it
+    allocated before swapon.
+    """
+    stats = export.open_stats()
+    own_io = io is None
+    try:
+        if handshake:
+            sock.settimeout(HANDSHAKE_TIMEOUT_S)
+            if not negotiate(sock, export):
+                log.debug("%s: client ended the negotiation", label)
+                return
+            sock.settimeout(None)
+        if own_io:
+            io = IoContext(export.store, buffer_bytes, buffer_bytes)
+        export.store.cuda.cuCtxSetCurrent(export.store.ctx)
+        why = Transmission(sock, export, io, stats, label).run()
+        log.debug("%s: %s", label, why)
+    except ProtocolError as e:
+        log.warning("%s: %s; closing this connection", label, e)
+    except socket.timeout:
+        log.warning("%s: no progress in the handshake for %d s; closing this connection", label, HANDSHAKE_TIMEOUT_S)
+    except OSError as e:
+        log.info("%s: connection lost: %s", label, e)
+    except CudaError as e:
+        log.error("%s: %s; closing this connection", label, e)
+    except Exception:
+        log.exception("%s: unexpected error; closing this connection", label)
+    finally:
+        if own_io and io is not None:
+            io.close()
+        export.close_stats(stats)
+        sock.close()
+
+
+def check_socket_path(path):
+    """Refuse a socket path others could swap out from under us."""
+    parent = os.path.dirname(os.path.abspath(path)) or "/"
+    try:
+        st = os.stat(parent)
+    except FileNotFoundError:
+        raise Fatal(f"socket {path!r}: directory {parent!r} does not exist (create it, mode 0700)") from None
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        raise Fatal(f"socket {path!r}: directory {parent!r} is world-writable without the sticky bit; "
+                    "anyone could replace the socket (use a directory only root can write, e.g. /run/nbd-vram)")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise Fatal(f"socket {path!r}: the path exists and is not a socket; remove it or choose another --socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        log.info("removing stale socket %s (nothing listens on it)", path)
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise Fatal(f"socket {path!r} is in use by another server; stop it first or choose another --socket")
+
+
+class UnixServer:
+    """`serve`: the export on a Unix socket (mode 0600), one thread per client."""
+
+    def __init__(self, path, export, max_connections, buffer_bytes):
+        self.path, self.export = path, export
+        self.max_connections, self.buffer_bytes = max_connections, buffer_bytes
+        self.clients = {}           # thread -> socket
+        self.lock = threading.Lock()
+        self.stopping = False
+        self.listener = None
+        self.serial = 0
+
+    def open(self):
+        check_socket_path(self.path)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)
+        try:
+            s.bind(self.path)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        s.listen(128)
+        self.listener = s
+
+    def serve(self):
+        """Accept until SIGTERM or SIGINT."""
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        old_wakeup = signal.set_wakeup_fd(wfd)
+        handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        sel = selectors.DefaultSelector()
+        sel.register(self.listener, selectors.EVENT_READ)
+        sel.register(rfd, selectors.EVENT_READ)
+        try:
+            while not self.stopping:
+                for key, _ in sel.select():
+                    if key.fileobj is self.listener:
+                        self._accept()
+                    else:
+                        try:
+                            os.read(rfd, 512)
+                        except BlockingIOError:
+                            pass
+        finally:
+            sel.close()
+            signal.set_wakeup_fd(old_wakeup)
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
+            os.close(rfd)
+            os.close(wfd)
+
+    def _on_signal(self, signum, frame):
+        if not self.stopping:
+            log.info("%s received: stopping", signal.Signals(signum).name)
+        self.stopping = True
+
+    def _accept(self):
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        with self.lock:
+            self.clients = {t: s for t, s in self.clients.items() if t.is_alive()}
+            if len(self.clients) >= self.max_connections:
+                log.warning("refusing a connection: already %d clients (the limit, --max-connections)", len(self.clients))
+                conn.close()
+                return
+            self.serial += 1
+            label = f"client {self.serial}"
+            t = threading.Thread(target=serve_connection, args=(conn, self.export, label),
+                                 kwargs={"buffer_bytes": self.buffer_bytes}, name=label, daemon=True)
+            self.clients[t] = conn
+        t.start()
+
+    def close(self, join_timeout_s=10):
+        """Stop listening, end every connection, and wait for their threads."""
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        with self.lock:
+            clients = list(self.clients.items())
+        for _, s in clients:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        deadline = time.monotonic() + join_timeout_s
+        for t, _ in clients:
+            t.join(max(0.0, deadline - time.monotonic()))
+        return all(not t.is_alive() for t, _ in clients)
+
+
+############################################################################
+# Memory safety for a process that serves swap #############################
+############################################################################
+
+PR_SET_IO_FLUSHER = 57          # linux/prctl.h, Linux 5.6+
+MCL_CURRENT, MCL_FUTURE = 1, 2
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX, M_ARENA_MAX = -1, -2, -4, -8   # malloc.h
+HEAP_RESERVE = 32 * MiB         # heap grown, touched and locked up front; covers every Python object made while serving
+THREAD_STACK = 512 * 1024       # mlockall locks whole stacks: keep them small (the serving code does not recurse)
+
+
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    libc.malloc.argtypes, libc.malloc.restype = [ctypes.c_size_t], ctypes.c_void_p
+    libc.free.argtypes, libc.free.restype = [ctypes.c_void_p], None
+    libc.mlockall.argtypes, libc.mlockall.restype = [ctypes.c_int], ctypes.c_int
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    libc.prctl.restype = ctypes.c_int
+    return libc
+
+
+def prepare_memory(libc, heap_bytes=HEAP_RESERVE):
+    """Make the C heap one arena that never shrinks, and grow it in advance.
+
+    With PYTHONMALLOC=malloc (run re-executes itself with it) every Python
+    object comes from glibc malloc; these settings keep glibc from mapping
+    new memory or giving free memory back, so that a request served under
+    memory pressure reuses heap pages that are already present and locked.
+    """
+    for param, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, MiB)):
+        if libc.mallopt(param, value) != 1:
+            log.warning("mallopt(%d, %d) failed; the heap may shrink and grow while serving", param, value)
+    p = libc.malloc(heap_bytes)
+    if p:
+        ctypes.memset(p, 1, heap_bytes)
+        libc.free(p)
+
+
+def lock_memory(libc):
+    if libc.mlockall(MCL_CURRENT | MCL_FUTURE) != 0:
+        e = ctypes.get_errno()
+        log.warning("mlockall failed (%s): under heavy memory pressure the daemon could wait on its own swap; "
+                    "run it as root with LimitMEMLOCK=infinity", os.strerror(e))
+        return False
+    return True
+
+
+def set_io_flusher(libc):
+    """PR_SET_IO_FLUSHER: this thread's allocations never wait on I/O (it is the I/O)."""
+    if libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
+        e = ctypes.get_errno()
+        log.warning("PR_SET_IO_FLUSHER failed (%s; needs Linux 5.6 and CAP_SYS_RESOURCE)", os.strerror(e))
+        return False
+    return True
+
+
+def set_oom_score_adj(value=-1000):
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(value))
+    except OSError as e:
+        log.warning("could not set oom_score_adj to %d: %s", value, e.strerror)
+
+
+def locked_kib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmLck:"):
+                return int(line.split()[1])
+    return 0
+
+
+############################################################################
+# Kernel attach: generic netlink (+ ioctl fallback) ########################
+############################################################################
+# Layouts from linux/netlink.h, linux/genetlink.h and linux/nbd-netlink.h.
+
+NETLINK_GENERIC = 16
+GENL_ID_CTRL = 0x10
+CTRL_CMD_GETFAMILY = 3
+CTRL_ATTR_FAMILY_ID = 1
+CTRL_ATTR_FAMILY_NAME = 2
+NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+NLMSG_ERROR = 0x2
+NLMSG_DONE = 0x3
+NLA_F_NESTED = 1 << 15
+NLA_TYPE_MASK = ~((1 << 15) | (1 << 14))
+
+# struct nlmsghdr: length, type, flags, sequence, port id
+NLMSGHDR = struct.Struct("=IHHII")
+# struct genlmsghdr: command, version, reserved
+GENLMSGHDR = struct.Struct("=BBH")
+# struct nlattr: length, type
+NLATTR = struct.Struct("=HH")
+
+NBD_GENL_FAMILY_NAME = "nbd"
+NBD_GENL_VERSION = 1
+
+
+class NbdCmd(enum.IntEnum):
+    UNSPEC = 0
+    CONNECT = 1
+    DISCONNECT = 2
+    RECONFIGURE = 3
+    LINK_DEAD = 4
+    STATUS = 5
+
+
+class NbdAttr(enum.IntEnum):
+    UNSPEC = 0
+    INDEX = 1
+    SIZE_BYTES = 2
+    BLOCK_SIZE_BYTES = 3
+    TIMEOUT = 4
+    SERVER_FLAGS = 5
+    CLIENT_FLAGS = 6
+    SOCKETS = 7
+    DEAD_CONN_TIMEOUT = 8
+    DEVICE_LIST = 9
+    BACKEND_IDENTIFIER = 10
+
+
+NBD_SOCK_ITEM = 1
+NBD_SOCK_FD = 1
+BLOCK_SIZE = 4096              # the kernel's logical block size for the device: the page size, what swap uses
+
+_IO = lambda t, nr: (t << 8) | nr    # noqa: E731 (linux/ioctl.h for _IO: no direction, no size)
+NBD_SET_SOCK = _IO(0xAB, 0)
+NBD_SET_BLKSIZE = _IO(0xAB, 1)
+NBD_DO_IT = _IO(0xAB, 3)
+NBD_CLEAR_SOCK = _IO(0xAB, 4)
+NBD_CLEAR_QUE = _IO(0xAB, 5)
+NBD_SET_SIZE_BLOCKS = _IO(0xAB, 7)
+NBD_DISCONNECT = _IO(0xAB, 8)
+NBD_SET_TIMEOUT = _IO(0xAB, 9)
+NBD_SET_FLAGS = _IO(0xAB, 10)
+
+
+def _nla(atype, payload):
+    """One netlink attribute, padded to 4 bytes."""
+    data = NLATTR.pack(NLATTR.size + len(payload), atype) + payload
+    return data + bytes(-len(data) % 4)
+
+
+def _nla_u32(atype, v):
+    return _nla(atype, struct.pack("=I", v))
+
+
+def _nla_u64(atype, v):
+    return _nla(atype, struct.pack("=Q", v))
+
+
+def _nest(atype, *attrs):
+    return _nla(atype | NLA_F_NESTED, b"".join(attrs))
+
+
+def _parse_attrs(data):
+    attrs, off = {}, 0
+    while off + NLATTR.size <= len(data):
+        alen, atype = NLATTR.unpack_from(data, off)
+        if alen < NLATTR.size:
+            break
+        attrs[atype & NLA_TYPE_MASK] = data[off + NLATTR.size:off + alen]
+        off += (alen + 3) & ~3
+    return attrs
+
+
+class GenericNetlink:
+    """Just enough generic netlink to talk to one family (hostap's netlink.py shape)."""
+
+    def __init__(self, family):
+        try:
+            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_GENERIC)
+        except OSError as e:
+            raise NbdKernelError(f"cannot open a generic netlink socket: {e.strerror}") from None
+        self.sock.bind((0, 0))
+        self.seq = int(time.time())
+        reply = self._transact(GENL_ID_CTRL, CTRL_CMD_GETFAMILY, 1,
+                               _nla(CTRL_ATTR_FAMILY_NAME, family.encode() + b"\0"), family=family)
+        self.family_id = struct.unpack_from("=H", reply[CTRL_ATTR_FAMILY_ID])[0]
+
+    def close(self):
+        self.sock.close()
+
+    def _transact(self, msg_type, cmd, version, payload, family=None):
+        """Send one request with NLM_F_ACK; return the attributes of the reply (if any)."""
+        self.seq += 1
+        body = GENLMSGHDR.pack(cmd, version, 0) + payload
+        self.sock.send(NLMSGHDR.pack(NLMSGHDR.size + len(body), msg_type, NLM_F_REQUEST | NLM_F_ACK,
+                                     self.seq, 0) + body)
+        result = {}
+        while True:
+            data = self.sock.recv(65536)
+            off = 0
+            while off + NLMSGHDR.size <= len(data):
+                mlen, mtype, _flags, seq, _pid = NLMSGHDR.unpack_from(data, off)
+                if mlen < NLMSGHDR.size:
+                    raise OSError(errno.EPROTO, "truncated netlink message")
+                msg = data[off + NLMSGHDR.size:off + mlen]
+                off += (mlen + 3) & ~3
+                if seq != self.seq:
+                    continue
+                if mtype == NLMSG_ERROR:
+                    (err,) = struct.unpack_from("=i", msg)
+                    if err == 0:
+                        return result
+                    if family is not None and err == -errno.ENOENT:
+                        raise NbdKernelError(f"netlink family {family!r} not found (is the nbd module loaded? "
+                                             "try: modprobe nbd)")
+                    raise OSError(-err, os.strerror(-err))
+                if mtype == NLMSG_DONE:
+                    return result
+                result = _parse_attrs(msg[GENLMSGHDR.size:])
+
+
+class NbdNetlink(GenericNetlink):
+    """NBD_CMD_CONNECT / DISCONNECT / RECONFIGURE, as nbd-client's netlink_configure() builds them."""
+
+    def __init__(self):
+        super().__init__(NBD_GENL_FAMILY_NAME)
+
+    def connect(self, socks, size_bytes, server_flags, index=None, dead_conn_timeout_s=0, backend=None):
+        attrs = [_nla_u64(NbdAttr.SIZE_BYTES, size_bytes), _nla_u64(NbdAttr.BLOCK_SIZE_BYTES, BLOCK_SIZE),
+                 _nla_u64(NbdAttr.SERVER_FLAGS, int(server_flags))]
+        # No NBD_ATTR_TIMEOUT: without it a request never times out, which is
+        # what swap needs (a timed-out page-in kills its process).
+        if index is not None:
+            attrs.append(_nla_u32(NbdAttr.INDEX, index))
+        if dead_conn_timeout_s:
+            attrs.append(_nla_u64(NbdAttr.DEAD_CONN_TIMEOUT, dead_conn_timeout_s))
+        if backend:
+            attrs.append(_nla(NbdAttr.BACKEND_IDENTIFIER, backend.encode() + b"\0"))
+        attrs.append(_nest(NbdAttr.SOCKETS, *(_nest(NBD_SOCK_ITEM, _nla_u32(NBD_SOCK_FD, s.fileno())) for s in socks)))
+        reply = self._transact(self.family_id, NbdCmd.CONNECT, NBD_GENL_VERSION, b"".join(attrs))
+        if NbdAttr.INDEX not in reply:
+            raise NbdKernelError("the kernel accepted NBD_CMD_CONNECT but named no device (check dmesg)")
+        return struct.unpack_from("=I", reply[NbdAttr.INDEX])[0]
+
+    def reconfigure(self, index, socks, dead_conn_timeout_s=None):
+        attrs = [_nla_u32(NbdAttr.INDEX, index)]
+        if dead_conn_timeout_s is not None:
+            attrs.append(_nla_u64(NbdAttr.DEAD_CONN_TIMEOUT, dead_conn_timeout_s))
+        attrs.append(_nest(NbdAttr.SOCKETS, *(_nest(NBD_SOCK_ITEM, _nla_u32(NBD_SOCK_FD, s.fileno())) for s in socks)))
+        self._transact(self.family_id, NbdCmd.RECONFIGURE, NBD_GENL_VERSION, b"".join(attrs))
+
+    def disconnect(self, index):
+        self._transact(self.family_id, NbdCmd.DISCONNECT, NBD_GENL_VERSION, _nla_u32(NbdAttr.INDEX, index))
+
+
+def sys_root():
+    """Prefix for /proc and /sys reads, so tests can use fixture trees."""
+    return os.environ.get("NBD_VRAM_SYSFS_ROOT", "/")
+
+
+def _read(path, default=None):
+    try:
+        with open(os.path.join(sys_root(), path.lstrip("/"))) as f:
+            return f.read().strip()
+    except OSError:
+        return default
+
+
+def nbd_devices():
+    """Indexes of every /dev/nbdN the kernel has, in order."""
+    try:
+        names = os.listdir(os.path.join(sys_root(), "sys/block"))
+    except OSError:
+        return []
+    return sorted(int(n[3:]) for n in names if n.startswith("nbd") and n[3:].isdigit())
+
+
+def nbd_connected(index):
+    return _read(f"/sys/block/nbd{index}/pid") is not None
+
+
+def active_swaps():
+    """{device path: (size KiB, used KiB, priority)} from /proc/swaps."""
+    swaps = {}
+    text = _read("/proc/swaps", "")
+    for line in text.splitlines()[1:]:
+        f = line.split()
+        if len(f) >= 5:
+            swaps[f[0]] = (int(f[2]), int(f[3]), int(f[4]))
+    return swaps
+
+
+def load_nbd_module():
+    if os.path.isdir(os.path.join(sys_root(), "sys/module/nbd")):
+        return
+    p = subprocess.run(["modprobe", "nbd"], stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if p.returncode != 0 or not os.path.isdir(os.path.join(sys_root(), "sys/module/nbd")):
+        raise NbdKernelError("this kernel has no nbd driver (`modprobe nbd` failed: "
+                             f"{(p.stderr or '').strip() or 'no output'}); it needs CONFIG_BLK_DEV_NBD: "
+                             "install your distribution's extra kernel modules (e.g. linux-modules-extra-$(uname -r))")
+
+
+class IoctlAttach:
+    """The classic attach, for kernels without netlink nbd: NBD_SET_SOCK per socket, then NBD_DO_IT in a thread."""
+
+    def __init__(self):
+        self.fd = None
+        self.thread = None
+
+    def connect(self, socks, size_bytes, server_flags):
+        import fcntl
+        for index in nbd_devices():
+            if nbd_connected(index) or _read(f"/sys/block/nbd{index}/size", "0") != "0":
+                continue
+            try:
+                fd = os.open(f"/dev/nbd{index}", os.O_RDWR | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                fcntl.ioctl(fd, NBD_SET_BLKSIZE, BLOCK_SIZE)
+                fcntl.ioctl(fd, NBD_SET_SIZE_BLOCKS, size_bytes // BLOCK_SIZE)
+                fcntl.ioctl(fd, NBD_SET_FLAGS, int(server_flags))
+                for s in socks:
+                    fcntl.ioctl(fd, NBD_SET_SOCK, s.fileno())
+            except OSError as e:
+                os.close(fd)
+                if e.errno == errno.EBUSY:
+                    continue
+                raise NbdKernelError(f"attach /dev/nbd{index}: {e.strerror} (check dmesg)") from None
+            self.fd = fd
+            self.thread = threading.Thread(target=self._do_it, name=f"nbd{index} NBD_DO_IT", daemon=True)
+            self.thread.start()
+            return index
+        raise NbdKernelError("no free /dev/nbdX (all are connected); raise the nbd module's nbds_max")
+
+    def _do_it(self):
+        import fcntl
+        try:
+            fcntl.ioctl(self.fd, NBD_DO_IT)
+        except OSError as e:
+            log.debug("NBD_DO_IT returned: %s", e)
+
+    def disconnect(self):
+        import fcntl
+        if self.fd is None:
+            return
+        for req in (NBD_DISCONNECT, NBD_CLEAR_SOCK):
+            try:
+                fcntl.ioctl(self.fd, req)
+            except OSError as e:
+                log.debug("ioctl %#x: %s", req, e)
+        if self.thread:
+            self.thread.join(10)
+        os.close(self.fd)
+        self.fd = None
+
+
+############################################################################
+# Swap manager (mkswap / swapon / swapoff) #################################
+############################################################################
+
+def run_cmd(argv, *, check=True):
+    log.debug("+ %s", shlex.join(argv))
+    try:
+        p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise Fatal(f"{argv[0]}: command not found (install util-linux)") from None
+    if check and p.returncode != 0:
+        why = f"exit code {p.returncode}" if p.returncode > 0 else f"signal {-p.returncode}"
+        raise Fatal(f"{argv[0]} failed ({why}): {p.stderr.strip() or p.stdout.strip() or 'no output'}")
+    return p
+
+
+def swap_enable(dev, priority, discard):
+    run_cmd(["mkswap", "--label", "nbd-vram", dev])
+    argv = ["swapon", "--priority", str(priority)]
+    if discard:
+        argv.append("--discard")    # the kernel TRIMs freed slots; we zero them in VRAM
+    run_cmd(argv + [dev])
+    log.info("swap on %s at priority %d%s", dev, priority, " with discard" if discard else "")
+
+
+def swap_disable(dev):
+    """swapoff; True on success or when it was not active."""
+    if dev not in active_swaps():
+        return True
+    p = run_cmd(["swapoff", dev], check=False)
+    if p.returncode == 0:
+        log.info("swap off on %s", dev)
+        return True
+    log.error("swapoff %s failed: %s; keeping the device: disconnecting live swap would kill every process "
+              "with pages on it", dev, p.stderr.strip() or f"exit code {p.returncode}")
+    return False
+
+
+SYSCTLS = {"swappiness": "vm/swappiness", "min_free_kbytes": "vm/min_free_kbytes", "page_cluster": "vm/page-cluster"}
+
+
+def sysctl_set(key, value):
+    """Set a vm sysctl; returns the old value (for restoring on stop)."""
+    path = os.path.join("/proc/sys", SYSCTLS[key])
+    with open(path) as f:
+        old = f.read().strip()
+    with open(path, "w") as f:
+        f.write(str(value))
+    log.info("sysctl vm.%s = %s (was %s; restored on stop)", SYSCTLS[key].split("/")[1], value, old)
+    return old
+
+
+############################################################################
+# Configuration ############################################################
+############################################################################
+
+def _parse_bool(text):
+    t = str(text).strip().lower()
+    if t in ("yes", "true", "on", "1"):
+        return True
+    if t in ("no", "false", "off", "0"):
+        return False
+    raise ValueError(f"{text!r} is not yes or no")
+
+
+def _int_range(lo, hi):
+    def parse(text):
+        try:
+            v = int(str(text).strip())
+        except ValueError:
+            raise ValueError(f"{text!r} is not a whole number") from None
+        if not lo <= v <= hi:
+            raise ValueError(f"{v} is outside {lo}..{hi}")
+        return v
+    return parse
+
+
+def _optional(parse):
+    """'' or 'keep' leaves the kernel's setting alone."""
+    def wrapped(text):
+        return None if str(text).strip().lower() in ("", "keep") else parse(text)
+    return wrapped
+
+
+def _choice(*choices):
+    def parse(text):
+        t = str(text).strip().lower()
+        if t not in choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+        return t
+    return parse
+
+
+def _size(text):
+    v = parse_size(text)
+    if v < 64 * MiB:
+        raise ValueError(f"{text!r} is less than 64M")
+    return v
+
+
+def _mib(text):
+    """VRAM_SETUP_SIZE_MB: MiB as a plain number."""
+    if not str(text).strip().isdigit():
+        raise ValueError(f"{text!r} is not a number of MiB")
+    return _size(str(text).strip())
+
+
+def _buffer_size(text):
+    v = parse_size(text)
+    if not 64 << 10 <= v <= 256 * MiB:
+        raise ValueError(f"{text!r} is outside 64K..256M")
+    return v
+
+
+def _text(text):
+    return str(text).strip()
+
+
+class Option:
+    """One setting: its config key (also the --flag), parser, default and help."""
+
+    def __init__(self, key, default, parse, allowed, help, env=None, env_parse=None):
+        self.key, self.default, self.parse, self.allowed, self.help = key, default, parse, allowed, help
+        self.env, self.env_parse = env, env_parse or parse
+
+    @property
+    def flag(self):
+        return "--" + self.key.replace("_", "-")
+
+
+OPTIONS = [
+    Option("size", "7G", _size, "a size such as 512M, 8G, or MiB as a number",
+           "VRAM to use: a ceiling; on out-of-memory it backs off by 512M down to min_size",
+           env="VRAM_SETUP_SIZE_MB", env_parse=_mib),
+    Option("min_size", "1G", _size, "a size such as 1G", "the least VRAM worth starting with"),
+    Option("gpu", "0", _text, "an index (0), a UUID (GPU-...) or a PCI bus id (0000:01:00.0)",
+           "which GPU to use (see nvidia-smi -L)"),
+    Option("priority", "1500", _int_range(-1, 32767), "-1..32767",
+           "swap priority: above zram (100) and disk swap, so VRAM fills first after RAM",
+           env="VRAM_SWAP_PRIORITY"),
+    Option("connections", "4", _int_range(1, 64), "1..64",
+           "sockets handed to the kernel: one blk-mq queue and one serving thread each",
+           env="VRAM_NBD_CONNECTIONS"),
+    Option("discard", "yes", _parse_bool, "yes or no", "swapon --discard: freed swap slots are TRIMmed"),
+    Option("swappiness", "keep", _optional(_int_range(0, 200)), "0..200 or keep",
+           "vm.swappiness while the daemon runs (restored on stop)"),
+    Option("min_free_kbytes", "keep", _optional(_int_range(1024, 4 << 20)), "1024..4194304 or keep",
+           "vm.min_free_kbytes while the daemon runs: reserve RAM so reclaim can always make progress"),
+    Option("page_cluster", "keep", _optional(_int_range(0, 10)), "0..10 or keep",
+           "vm.page-cluster while the daemon runs (0: swap in single pages, best for VRAM's low latency)"),
+    Option("attach", "auto", _choice("auto", "netlink", "ioctl"), "auto, netlink or ioctl",
+           "how to hand sockets to the kernel: netlink, or the classic ioctls (auto: netlink if present)"),
+    Option("dead_conn_timeout", "600", _int_range(0, 86400), "0..86400 seconds",
+           "if the daemon dies, the kernel holds swap I/O this long waiting for it to come back"),
+    Option("buffer_size", "2M", _buffer_size, "64K..256M", "pinned staging per connection, each way (the kernel sends at most 1.25M per request)"),
+    Option("libcuda", "libcuda.so.1", _text, "a path", "the CUDA driver library", env="NBD_VRAM_LIBCUDA"),
+    Option("debug", "no", _parse_bool, "yes or no", "log every decision and invalid request"),
+]
+OPTION_BY_KEY = {o.key: o for o in OPTIONS}
+
+
+def read_config_file(path):
+    """key = value lines; '#' starts a comment.  Returns {key: (value text, line number)}."""
+    values = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = raw.split(" #", 1)[0].split("\t#", 1)[0].strip()
+            if not line or line.startswith("#"):
+                continue
+            if "=" not in line:
+                raise ConfigError(f"{path}:{lineno}: expected 'key = value', got {raw.strip()!r}")
+            key, value = (s.strip() for s in line.split("=", 1))
+            key = key.replace("-", "_").lower()
+            if key not in OPTION_BY_KEY:
+                raise ConfigError(f"{path}:{lineno}: unknown key {key!r} (known keys: {', '.join(OPTION_BY_KEY)})")
+            if key in values:
+                raise ConfigError(f"{path}:{lineno}: {key!r} is set twice (first on line {values[key][1]})")
+            values[key] = (value, lineno)
+    return values
+
+
+def load_config(path=None, flags=None, environ=None, require_file=False):
+    """Defaults, then the file, then the environment, then command-line flags.
+
+    Returns (settings dict, {key: where it came from})."""
+    environ = os.environ if environ is None else environ
+    flags = flags or {}
+    path = path or environ.get("NBD_VRAM_CONFIG") or DEFAULT_CONFIG
+    settings, origin = {}, {}
+    for o in OPTIONS:
+        settings[o.key], origin[o.key] = o.parse(o.default), "default"
+    try:
+        file_values = read_config_file(path)
+    except FileNotFoundError:
+        if require_file:
+            raise ConfigError(f"{path}: no such file") from None
+        file_values = {}
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read it: {e}") from None
+    for key, (text, lineno) in file_values.items():
+        o = OPTION_BY_KEY[key]
+        try:
+            settings[key] = o.parse(text)
+        except ValueError as e:
+            raise ConfigError(f"{path}:{lineno}: {key}: {e} (allowed: {o.allowed})") from None
+        origin[key] = f"{path}:{lineno}"
+    for o in OPTIONS:
+        if o.env and environ.get(o.env) not in (None, ""):
+            try:
+                settings[o.key] = o.env_parse(environ[o.env])
+            except ValueError as e:
+                raise ConfigError(f"environment {o.env}: {e} (allowed: {o.allowed})") from None
+            origin[o.key] = f"${o.env}"
+    for key, text in flags.items():
+        if text is None:
+            continue
+        o = OPTION_BY_KEY[key]
+        try:
+            settings[key] = o.parse(text)
+        except ValueError as e:
+            raise ConfigError(f"{o.flag}: {e} (allowed: {o.allowed})") from None
+        origin[key] = o.flag
+    if settings["min_size"] > settings["size"]:
+        raise ConfigError(f"min_size ({format_size(settings['min_size'])}) is larger than size "
+                          f"({format_size(settings['size'])}); lower min_size or raise size")
+    return settings, origin
+
+
+def format_setting(key, value):
+    if value is None:
+        return "keep"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if key in ("size", "min_size", "buffer_size"):
+        return format_size(value).replace(" ", "").replace("iB", "")
+    return str(value)
+
+
+def sample_config():
+    lines = []
+    for o in OPTIONS:
+        lines.append(f"# {o.help}. Allowed: {o.allowed}." + (f" Environment: {o.env}." if o.env else ""))
+        lines.append(f"#{o.key} = {o.default}")
+    return "\n".join(lines)
+
+
+############################################################################
+# Daemon ###################################################################
+############################################################################
+
+# The counters the daemon publishes for `status`: a small file in RUNTIME_DIR,
+# mapped and locked before swapon, so updating it never needs a new page.
+# magic, updated (ms since the epoch), live connections, then Stats.FIELDS
+COUNTERS = struct.Struct("=8sQQ" + "Q" * len(Stats.FIELDS))
+COUNTERS_MAGIC = b"nbdvram1"
+STATUS_INTERVAL_S = 2.0
+SWAPOFF_RETRY_S = 10.0
+
+
+def runtime_dir():
+    return os.environ.get("NBD_VRAM_RUNTIME_DIR", RUNTIME_DIR)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def read_state():
+    try:
+        with open(os.path.join(runtime_dir(), "state.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+class Daemon:
+    """`run`: VRAM -> kernel nbd -> swap, and back again on SIGTERM.
+
+    Startup in a fixed order, each step logged once; every step that must be
+    undone pushes its undo, and stop() runs them in reverse.  Signals are
+    blocked in every thread and taken by the main thread with sigtimedwait,
+    so no handler ever runs in the middle of serving.
+    """
+
+    def __init__(self, settings):
+        self.cfg = settings
+        self.libc = _libc()
+        self.undo = []
+        self.threads = []
+        self.device = None
+        self.index = None
+        self.export = None
+        self.counters = None
+        self.swap_on = False
+        self.sysctl_saved = {}
+
+    # -- startup ------------------------------------------------------------------------
+
+    def start(self):
+        cfg = self.cfg
+        prepare_memory(self.libc)
+        threading.stack_size(THREAD_STACK)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+        log.info("nbd-vram %s starting: size %s (min %s), gpu %s, priority %d, %d connections",
+                 __version__, format_size(cfg["size"]), format_size(cfg["min_size"]), cfg["gpu"],
+                 cfg["priority"], cfg["connections"])
+        os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
+        load_nbd_module()
+        self._check_stale()
+
+        cuda = Cuda(cfg["libcuda"])
+        dev, ctx = VramStore.open_device(cuda, cfg["gpu"])
+        self.gpu = cuda.device_info(dev)
+        log.info("GPU %d: %s (%s, %s), %s", dev, self.gpu["name"], self.gpu["uuid"], self.gpu["pci_bus_id"],
+                 format_size(self.gpu["total_bytes"]))
+        store = VramStore.allocate(cuda, dev, ctx, cfg["size"], cfg["min_size"])
+        self.undo.append(("free VRAM", store.free))
+        self.export = Export(store)
+
+        # Everything the serving threads will use, allocated now.
+        pairs, ios = [], []
+        for i in range(cfg["connections"]):
+            ours, kernels = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            pairs.append((ours, kernels))
+            io = IoContext(store, cfg["buffer_size"], cfg["buffer_size"])
+            ios.append(io)
+            self.undo.append((f"free buffers of connection {i}", io.close))
+        self._open_counters()
+
+        for i, ((ours, _), io) in enumerate(zip(pairs, ios)):
+            t = threading.Thread(target=self._serve_kernel, args=(ours, io, f"connection {i}"),
+                                 name=f"nbd-vram conn {i}", daemon=True)
+            t.start()
+            self.threads.append(t)
+        self.undo.append(("stop serving threads", self._join_threads))
+
+        if lock_memory(self.libc):
+            log.info("memory locked: %d KiB", locked_kib())
+        set_oom_score_adj(-1000)
+        set_io_flusher(self.libc)
+        gc.collect()
+        gc.freeze()
+        gc.disable()       # no collector pauses or heap growth while serving; nothing here makes cycles
+
+        self._attach([k for _, k in pairs])
+        for _, k in pairs:
+            k.close()      # the kernel holds its own references now
+        self._write_state()
+        for key in ("swappiness", "min_free_kbytes", "page_cluster"):
+            if cfg[key] is not None:
+                self.sysctl_saved[key] = sysctl_set(key, cfg[key])
+        if self.sysctl_saved:
+            self.undo.append(("restore sysctls", self._restore_sysctls))
+        swap_enable(self.device, cfg["priority"], cfg["discard"])
+        self.swap_on = True
+        status = (f"serving {format_size(store.size_bytes)} of VRAM on {self.device}, swap priority {cfg['priority']}, "
+                  f"{cfg['connections']} connections")
+        sd_notify("READY=1", f"STATUS={status}")
+        log.info("ready: %s", status)
+
+    def _check_stale(self):
+        """Refuse to start over a device an earlier daemon left behind, and never reuse live swap."""
+        old = read_state()
+        if old and old.get("pid") != os.getpid() and pid_alive(old.get("pid", 0)):
+            raise Fatal(f"another nbd-vram daemon (pid {old['pid']}) is serving {old.get('device')}; "
+                        "stop it first (systemctl stop vram-swap-nbd)")
+        swaps = active_swaps()
+        for index in nbd_devices():
+            backend = _read(f"/sys/block/nbd{index}/backend", "") or ""
+            if not backend.startswith("nbd-vram:") or not nbd_connected(index):
+                continue
+            dev = f"/dev/nbd{index}"
+            owner = int(backend.split(":")[1]) if backend.split(":")[1].isdigit() else 0
+            if owner and pid_alive(owner):
+                raise Fatal(f"{dev} is served by another nbd-vram daemon (pid {owner}); stop it first")
+            if dev in swaps:
+                raise Fatal(f"{dev} is still active swap from an nbd-vram daemon (pid {owner}) that died; "
+                            f"refusing to start over it: run `swapoff {dev}` (it fails if the pages are lost), "
+                            f"then `nbd_vram.py detach {dev}`")
+            log.warning("%s was left connected by an nbd-vram daemon (pid %d) that died, and is not swap: "
+                        "disconnecting it", dev, owner)
+            nl = NbdNetlink()
+            try:
+                nl.disconnect(index)
+            finally:
+                nl.close()
+
+    def _attach(self, socks):
+        cfg, size = self.cfg, self.export.size
+        flags = self.export.flags
+        backend = f"nbd-vram:{os.getpid()}:{self.gpu['uuid']}"
+        if cfg["attach"] in ("auto", "netlink"):
+            try:
+                nl = NbdNetlink()
+            except NbdKernelError:
+                if cfg["attach"] == "netlink":
+                    raise
+                log.info("netlink nbd is missing; attaching with the classic ioctls")
+            else:
+                try:
+                    self.index = nl.connect(socks, size, flags, dead_conn_timeout_s=cfg["dead_conn_timeout"],
+                                            backend=backend)
+                except OSError as e:
+                    raise NbdKernelError(f"attach: NBD_CMD_CONNECT failed: {e.strerror} "
+                                         f"({'are you root?' if e.errno == errno.EPERM else 'check dmesg'})") from None
+                finally:
+                    nl.close()
+                self.attach_kind = "netlink"
+                self.undo.append((f"disconnect /dev/nbd{self.index}", self._detach_netlink))
+        if self.index is None:
+            ia = IoctlAttach()
+            self.index = ia.connect(socks, size, flags)
+            self.attach_kind = "ioctl"
+            self.undo.append((f"disconnect /dev/nbd{self.index}", ia.disconnect))
+        self.device = f"/dev/nbd{self.index}"
+        want = str(size // 512)
+        deadline = time.monotonic() + 10
+        while _read(f"/sys/block/nbd{self.index}/size") != want or not os.path.exists(self.device):
+            if time.monotonic() > deadline:
+                raise NbdKernelError(f"attach {self.device}: the kernel did not show the device's size in 10 s "
+                                     "(check dmesg)")
+            time.sleep(0.05)
+        log.info("attached %s (%s, %s, %d connections)", self.device, format_size(size), self.attach_kind,
+                 len(socks))
+
+    def _detach_netlink(self):
+        nl = NbdNetlink()
+        try:
+            nl.disconnect(self.index)
+        finally:
+            nl.close()
+        log.info("disconnected %s", self.device)
+
+    def _serve_kernel(self, sock, io, label):
+        set_io_flusher(self.libc)
+        serve_connection(sock, self.export, label, io=io, handshake=False)
+
+    def _join_threads(self):
+        for t in self.threads:
+            t.join(30)
+        alive = [t.name for t in self.threads if t.is_alive()]
+        if alive:
+            raise Fatal(f"serving threads did not stop: {', '.join(alive)}")
+
+    def _restore_sysctls(self):
+        for key, old in self.sysctl_saved.items():
+            try:
+                sysctl_set(key, old)
+            except OSError as e:
+                log.warning("could not restore vm.%s to %s: %s", key, old, e.strerror)
+
+    def _open_counters(self):
+        path = os.path.join(runtime_dir(), "counters")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, bytes(mmap.PAGESIZE))
+            self.counters = mmap.mmap(fd, mmap.PAGESIZE)
+        finally:
+            os.close(fd)
+        self.undo.append(("remove counters", lambda: os.unlink(path)))
+        self._update_counters()
+
+    def _update_counters(self):
+        t = self.export.totals()
+        COUNTERS.pack_into(self.counters, 0, COUNTERS_MAGIC, int(time.time() * 1000), self.export.connections,
+                           *(getattr(t, f) for f in Stats.FIELDS))
+
+    def _write_state(self):
+        store = self.export.store
+        state = {"pid": os.getpid(), "version": __version__, "device": self.device, "index": self.index,
+                 "attach": self.attach_kind, "gpu": self.gpu, "size_bytes": store.size_bytes,
+                 "size_asked_bytes": self.cfg["size"], "allocation": store.kind,
+                 "priority": self.cfg["priority"], "connections": self.cfg["connections"],
+                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        path = os.path.join(runtime_dir(), "state.json")
+        write_json(path, state)
+        self.undo.append(("remove state", lambda: os.unlink(path)))
+
+    # -- serving ------------------------------------------------------------------------
+
+    def loop(self):
+        sigs = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+        while True:
+            info = signal.sigtimedwait(sigs, STATUS_INTERVAL_S)
+            self._update_counters()
+            if info is None:
+                dead = [t.name for t in self.threads if not t.is_alive()]
+                if dead and len(dead) == len(self.threads):
+                    log.error("every connection to the kernel has closed; %s is no longer served", self.device)
+                    return EXIT_FAILURE
+                continue
+            if info.si_signo == signal.SIGHUP:
+                log.info("SIGHUP: nothing to reload while serving (size, GPU and connections need a restart)")
+                continue
+            log.info("%s received: stopping", signal.Signals(info.si_signo).name)
+            return EXIT_OK
+
+    # -- teardown -----------------------------------------------------------------------
+
+    def stop(self):
+        """Strictly in reverse: swapoff (retried until it succeeds), then disconnect, then free VRAM."""
+        if self.swap_on:
+            sd_notify("STOPPING=1", f"STATUS=swapoff {self.device}")
+            while not swap_disable(self.device):
+                sd_notify(f"STATUS=swapoff {self.device} failed; retrying every {SWAPOFF_RETRY_S:.0f} s")
+                signal.sigtimedwait({signal.SIGTERM, signal.SIGINT}, SWAPOFF_RETRY_S)
+                self._update_counters()
+            self.swap_on = False
+        while self.undo:
+            what, fn = self.undo.pop()
+            try:
+                fn()
+            except Exception as e:
+                log.error("stopping: %s failed: %s", what, e)
+                if what == "stop serving threads":
+                    # Threads still run on this VRAM: freeing it now could serve garbage.
+                    log.error("leaving VRAM allocated; the process exits and the driver reclaims it")
+                    self.undo = []
+
+
+def cmd_run(args, flags):
+    settings, origin = load_config(args.config, flags)
+    setup_logging(settings["debug"])
+    if os.geteuid() != 0:
+        raise type("NotRoot", (Fatal,), {"exit_code": EXIT_NOT_ROOT})(
+            "run needs root: it loads the nbd module, attaches /dev/nbdX and runs swapon "
+            "(use sudo, or `nbd_vram.py serve` for an NBD server that needs none of that)")
+    if os.environ.get("PYTHONMALLOC") != "malloc":
+        # Python's own allocator maps and unmaps arenas as it goes; under memory
+        # pressure a new arena is a page the serving thread may not get.  glibc's
+        # heap can be grown once and kept (prepare_memory), so run on it.
+        os.environ["PYTHONMALLOC"] = "malloc"
+        os.execv(sys.executable, [sys.executable, os.path.abspath(__file__)] + args.argv)
+    daemon = Daemon(settings)
+    try:
+        daemon.start()
+        rc = daemon.loop()
+    finally:
+        daemon.stop()
+    return rc
+
+
+############################################################################
+# Status ###################################################################
+############################################################################
+
+def gather_status():
+    state = read_state()
+    if not state:
+        return {"running": False}
+    running = pid_alive(state.get("pid", 0))
+    status = dict(state, running=running)
+    try:
+        with open(os.path.join(runtime_dir(), "counters"), "rb") as f:
+            raw = f.read(COUNTERS.size)
+        magic, updated_ms, conns, *values = COUNTERS.unpack(raw)
+        if magic == COUNTERS_MAGIC:
+            status["connections_live"] = conns
+            status["counters"] = dict(zip(Stats.FIELDS, values))
+            status["counters_age_s"] = round(time.time() - updated_ms / 1000, 1)
+    except (OSError, struct.error):
+        pass
+    swap = active_swaps().get(state.get("device"))
+    status["swap"] = ({"active": True, "size_bytes": swap[0] * 1024, "used_bytes": swap[1] * 1024,
+                       "priority": swap[2]} if swap else {"active": False})
+    c = status.get("counters", {})
+    status["healthy"] = running and swap is not None and not c.get("io_errors")
+    return status
+
+
+def cmd_status(args):
+    st = gather_status()
+    if args.json:
+        print(json.dumps(st, indent=1))
+    if not st.get("running"):
+        if not args.json:
+            print("nbd-vram is not running" + (f" (stale state of pid {st['pid']})" if st.get("pid") else ""))
+        return EXIT_NOT_RUNNING
+    if not args.json:
+        c, sw, g = st.get("counters", {}), st["swap"], st["gpu"]
+        rows = [
+            ("daemon", f"running, pid {st['pid']}, since {st['started']}, version {st['version']}"),
+            ("device", f"{st['device']} ({st['attach']}, {st.get('connections_live', '?')} of {st['connections']} connections)"),
+            ("swap", f"on, priority {sw['priority']}, {format_size(sw['used_bytes'])} used of {format_size(sw['size_bytes'])}"
+             if sw["active"] else "off"),
+            ("gpu", f"{g['index']}: {g['name']} ({g['uuid']}, {g['pci_bus_id']})"),
+            ("vram", f"{format_size(st['size_bytes'])} ({format_size(st['size_asked_bytes'])} asked, {st['allocation']})"),
+            ("reads", f"{c.get('reads', 0)} ({format_size(c.get('bytes_read', 0))})"),
+            ("writes", f"{c.get('writes', 0)} ({format_size(c.get('bytes_written', 0))})"),
+            ("trims", f"{c.get('trims', 0)} trims, {c.get('zeroes', 0)} zeroes, {c.get('flushes', 0)} flushes"),
+            ("errors", f"{c.get('io_errors', 0)} GPU I/O errors, {c.get('invalid', 0)} invalid requests"),
+            ("health", "healthy" if st["healthy"] else "DEGRADED: see `journalctl -u vram-swap-nbd`"),
+        ]
+        for k, v in rows:
+            print(f"{k:<8} {v}")
+    return EXIT_OK if st["healthy"] else EXIT_DEGRADED
+
+
+############################################################################
+# Command line #############################################################
+############################################################################
+
+def cmd_serve(args):
+    setup_logging(args.debug)
+    try:
+        size = _size(args.size)
+        min_size = _size(args.min_size)
+        buffer_bytes = _buffer_size(args.buffer_size)
+    except ValueError as e:
+        raise ConfigError(f"serve: {e}") from None
+    if min_size > size:
+        min_size = size
+    cuda = Cuda(args.libcuda)
+    dev, ctx = VramStore.open_device(cuda, args.gpu)
+    store = VramStore.allocate(cuda, dev, ctx, size, min_size)
+    server = UnixServer(args.socket, Export(store), args.max_connections, buffer_bytes)
+    try:
+        server.open()
+        log.info("serving %s of VRAM on %s (NBD, fixed newstyle; any export name)", format_size(store.size_bytes),
+                 args.socket)
+        sd_notify("READY=1")
+        server.serve()
+    finally:
+        clean = server.close()
+        if clean:
+            store.free()
+        else:
+            log.error("some connections did not stop; leaving VRAM to the driver at exit")
+    return EXIT_OK
+
+
+def cmd_check_config(args, flags):
+    settings, origin = load_config(args.config, flags)
+    for o in OPTIONS:
+        print(f"{o.key:<16} = {format_setting(o.key, settings[o.key]):<14} # {origin[o.key]}")
+    return EXIT_OK
+
+
+def cmd_detach(args):
+    """Disconnect an nbd device this tool attached, after checking it is not live swap."""
+    m = re.fullmatch(r"(?:/dev/)?nbd(\d+)", args.device)
+    if not m:
+        raise ConfigError(f"detach: {args.device!r} is not an nbd device (e.g. /dev/nbd0)")
+    dev = f"/dev/nbd{m.group(1)}"
+    if dev in active_swaps():
+        raise Fatal(f"{dev} is active swap; run `swapoff {dev}` first (disconnecting live swap kills "
+                    "every process with pages on it)")
+    if not nbd_connected(int(m.group(1))):
+        print(f"{dev} is not connected")
+        return EXIT_OK
+    nl = NbdNetlink()
+    try:
+        nl.disconnect(int(m.group(1)))
+    finally:
+        nl.close()
+    print(f"{dev} disconnected")
+    return EXIT_OK
+
+
+class _Parser(__import__("argparse").ArgumentParser):
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see --help)\n")
+
+
+def build_parser():
+    import argparse
+    p = _Parser(prog="nbd_vram.py", allow_abbrev=False,
+                description="Use spare NVIDIA GPU memory as a Linux swap device, served over NBD.",
+                epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"nbd-vram {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("serve", allow_abbrev=False, help="serve VRAM to NBD clients on a Unix socket",
+                       description="Serve VRAM as an NBD export on a Unix socket (mode 0600) until SIGTERM or "
+                                   "Ctrl-C, then free it. For tests, benchmarks and NBD clients such as "
+                                   "nbdinfo, qemu-io, fio and nbd-client.",
+                       epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--socket", required=True, help="Unix socket path to listen on")
+    s.add_argument("--size", required=True, help="VRAM to use: 512M, 7G, or MiB as a number; a ceiling, "
+                   "backed off by 512M on out-of-memory")
+    s.add_argument("--min-size", default="1G", help="least VRAM worth serving (default 1G)")
+    s.add_argument("--gpu", default="0", help="GPU index, UUID or PCI bus id (default 0)")
+    s.add_argument("--max-connections", type=int, default=256, help="clients at once (default 256)")
+    s.add_argument("--buffer-size", default="8M", help="pinned staging per connection, each way (default 8M)")
+    s.add_argument("--libcuda", default=None, help="path of libcuda.so.1 (default: $NBD_VRAM_LIBCUDA or the system's)")
+    s.add_argument("--debug", action="store_true", help="log every connection and invalid request")
+
+    r = sub.add_parser("run", allow_abbrev=False, help="the swap daemon (what the systemd unit starts)",
+                       description="Allocate VRAM, attach it to the kernel as /dev/nbdX and make it swap; on SIGTERM "
+                                   "swapoff, disconnect and free it. Settings: " + DEFAULT_CONFIG +
+                                   " ($NBD_VRAM_CONFIG), then the environment, then these flags.",
+                       epilog="settings (config key = default):\n" + sample_config() + "\n\n" + EXIT_CODES_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    c = sub.add_parser("check-config", allow_abbrev=False, help="validate the configuration and print it",
+                       description="Read the configuration as run would, print every setting and where it came "
+                                   "from, and touch nothing.")
+    for q in (r, c):
+        q.add_argument("--config", default=None, help=f"configuration file (default {DEFAULT_CONFIG})")
+        for o in OPTIONS:
+            boolean = o.parse is _parse_bool     # --debug alone means --debug=yes
+            q.add_argument(o.flag, dest="opt_" + o.key, default=None, metavar="VALUE",
+                           nargs="?" if boolean else None, const="yes" if boolean else None,
+                           help=f"{o.help} ({o.allowed}; default {o.default})")
+
+    st = sub.add_parser("status", allow_abbrev=False, help="show the running daemon's device, GPU and I/O counts")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+
+    d = sub.add_parser("detach", allow_abbrev=False, help="disconnect an nbd device left behind (refuses live swap)")
+    d.add_argument("device", help="/dev/nbdN")
+    return p
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = argv
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    if not log.handlers:
+        setup_logging(False)
+    flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_")}
+    try:
+        if args.command == "serve":
+            return cmd_serve(args)
+        if args.command == "run":
+            return cmd_run(args, flags)
+        if args.command == "check-config":
+            return cmd_check_config(args, flags)
+        if args.command == "status":
+            return cmd_status(args)
+        if args.command == "detach":
+            return cmd_detach(args)
+    except Fatal as e:
+        log.error("%s", e)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Shared fixtures: the fake libcuda (built with gcc), nbd_vram imported by path, a running `serve`."""
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "nbd_vram.py"
+FAKE_SRC = ROOT / "tests" / "fakecuda" / "fakecuda.c"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def load_module():
+    spec = importlib.util.spec_from_file_location("nbd_vram", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def nv():
+    return load_module()
+
+
+@pytest.fixture(scope="session")
+def fakecuda(tmp_path_factory):
+    """Path of the fake libcuda.so.1, compiled once per test run."""
+    if not shutil.which("gcc"):
+        pytest.skip("needs gcc to build the fake libcuda")
+    out = tmp_path_factory.mktemp("fakecuda") / "libcuda.so.1"
+    subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", "-o", str(out), str(FAKE_SRC),
+                    "-lpthread"], check=True)
+    return str(out)
+
+
+def fake_env(fakecuda, **extra):
+    env = dict(os.environ, NBD_VRAM_LIBCUDA=fakecuda, NBD_VRAM_CUINIT_TRIES="1", PYTHONUNBUFFERED="1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+class Server:
+    """`nbd_vram.py serve` in a subprocess, stopped with SIGTERM at the end (a SIGKILL fails the test)."""
+
+    def __init__(self, tmp_path, fakecuda, size="256M", args=(), **env):
+        self.sock = str(tmp_path / "nbd.sock")
+        self.log_path = tmp_path / "serve.log"
+        self.logf = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, str(SCRIPT), "serve", "--socket", self.sock, "--size", size,
+                                      "--min-size", "64M", *args],
+                                     env=fake_env(fakecuda, **env), stdout=self.logf, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(self.sock):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve exited with {self.proc.returncode}: {self.log()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"serve did not open its socket: {self.log()}")
+            time.sleep(0.05)
+        self.uri = f"nbd+unix:///?socket={self.sock}"
+
+    def log(self):
+        self.logf.flush()
+        return self.log_path.read_text()
+
+    def stop(self, timeout=20):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"serve needed SIGKILL to stop: {self.log()}")
+        self.logf.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def server(tmp_path, fakecuda):
+    s = Server(tmp_path, fakecuda)
+    yield s
+    rc = s.stop()
+    assert rc == 0, s.log()
+    assert "Traceback" not in s.log(), s.log()
+
+
+@pytest.fixture
+def make_server(tmp_path, fakecuda):
+    made = []
+
+    def make(size="256M", args=(), sub=None, **env):
+        d = tmp_path / (sub or f"s{len(made)}")
+        d.mkdir(exist_ok=True)
+        s = Server(d, fakecuda, size, args, **env)
+        made.append(s)
+        return s
+    yield make
+    for s in made:
+        s.stop()
