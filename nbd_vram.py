@@ -172,6 +172,8 @@ def parse_size(text):
     if not m:
         raise ValueError(f"{text!r} is not a size (use e.g. 512M, 7G or 7168 for MiB)")
     value = float(m.group(1)) * _SIZE_UNIT[m.group(2).upper()]
+    if value >= 1 << 64:        # also float('9' * 400) == inf, which int() cannot take
+        raise ValueError(f"{text!r} is too large")
     return int(value)
 
 
@@ -749,14 +751,17 @@ class CmdFlag(enum.IntFlag):
 NBD_EPERM, NBD_EIO, NBD_ENOMEM, NBD_EINVAL, NBD_ENOSPC, NBD_EOVERFLOW = 1, 5, 12, 22, 28, 75
 
 # Flags each command accepts; anything else is EINVAL (NBD_CMD_FLAG_DF needs
-# structured replies, which we do not negotiate).
+# structured replies, which we do not negotiate).  FUA on every command: with
+# NBD_FLAG_SEND_FUA advertised the server MUST accept it everywhere (proto.md),
+# and old qemu sends FLUSH|FUA.  Plain ints: since Python 3.11, ~ of an IntFlag
+# inverts only the defined bits, so `flags & ~allowed` would miss unknown ones.
 CMD_FLAGS_ALLOWED = {
-    Cmd.READ: 0,
-    Cmd.WRITE: CmdFlag.FUA,
-    Cmd.FLUSH: 0,
-    Cmd.TRIM: CmdFlag.FUA,
-    Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE,
-    Cmd.DISC: 0,
+    Cmd.READ: int(CmdFlag.FUA),
+    Cmd.WRITE: int(CmdFlag.FUA),
+    Cmd.FLUSH: int(CmdFlag.FUA),
+    Cmd.TRIM: int(CmdFlag.FUA),
+    Cmd.WRITE_ZEROES: int(CmdFlag.FUA | CmdFlag.NO_HOLE),
+    Cmd.DISC: int(CmdFlag.FUA),
 }
 
 MIN_BLOCK = 1                  # any byte offset and length works: copies are byte-granular
@@ -1422,7 +1427,7 @@ class UnixServer:
 PR_SET_IO_FLUSHER = 57          # linux/prctl.h, Linux 5.6+
 MCL_CURRENT, MCL_FUTURE = 1, 2
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX, M_ARENA_MAX = -1, -2, -4, -8   # malloc.h
-HEAP_RESERVE = 32 * MiB         # heap grown, touched and locked up front; covers every Python object made while serving
+HEAP_RESERVE = 16 * MiB         # heap grown, touched and locked up front; covers every Python object made while serving
 THREAD_STACK = 512 * 1024       # mlockall locks whole stacks: keep them small (the serving code does not recurse)
 
 

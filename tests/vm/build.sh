@@ -1,0 +1,96 @@
+#!/bin/bash
+# tests/vm/build.sh: build the kernel-in-the-loop guest (Debian's own kernel, which has nbd.ko,
+# plus a small busybox initramfs). The guest mounts the HOST root read-only over 9p, chroots
+# into it and runs one script from the shared out dir (see run.sh), so it runs exactly the
+# host's python3, nbd-client, mkswap and the checkout under test.
+# Output (cached): ${NBD_VRAM_VMLAB:-/var/tmp/nbd-vram-vmlab}/{vmlinuz,initrd.img}. A second
+# run is a no-op while both exist and this file is unchanged (its sha256 is stored).
+set -euo pipefail
+trap 'echo "tests/vm/build.sh: FAILED at line $LINENO: $BASH_COMMAND" >&2' ERR
+
+SELF=$(realpath "${BASH_SOURCE[0]}")
+D=${NBD_VRAM_VMLAB:-/var/tmp/nbd-vram-vmlab}
+mkdir -p "$D"; D=$(realpath "$D")
+exec 9>"$D/.lock"; flock 9                     # concurrent builds wait for each other
+HASH=$(sha256sum "$SELF" | cut -d' ' -f1)
+if [ -s "$D/vmlinuz" ] && [ -s "$D/initrd.img" ] && [ "$(cat "$D/build.sha256" 2>/dev/null)" = "$HASH" ]; then
+  echo "tests/vm/build.sh: up to date in $D ($(cat "$D/kver"))"; exit 0
+fi
+
+# Host packages, installed only when missing.
+missing=()
+for p in qemu-system-x86 busybox-static kmod cpio; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "tests/vm/build.sh: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+cd "$D"
+# Kernel: the image package that the linux-image-amd64 metapackage depends on.
+if [ ! -d kroot/lib/modules ]; then
+  rm -rf debs kroot; mkdir debs
+  (cd debs && apt-get download -qq linux-image-amd64 2>&1 | grep -v unsandboxed || true)
+  dep=$(dpkg-deb -f debs/linux-image-amd64_*.deb Depends | grep -o 'linux-image-[^ ,]*' | head -1)
+  [ -n "$dep" ] || { echo "tests/vm/build.sh: cannot read linux-image-amd64's Depends" >&2; exit 1; }
+  (cd debs && apt-get download -qq "$dep" 2>&1 | grep -v unsandboxed || true)
+  ls debs/"$dep"_*.deb >/dev/null
+  dpkg-deb -x debs/"$dep"_*.deb kroot.tmp && mv kroot.tmp kroot
+  rm -rf debs                                  # ~70 MB, not needed once extracted
+fi
+KVER=$(ls kroot/lib/modules | head -1)
+depmod -b kroot "$KVER"
+
+# initramfs: busybox + only the modules the guest needs (and their dependencies).
+# dm_mod/dm_crypt (+xts/aesni for aes-xts) cost ~0.3 MB; loop is tiny.
+WANT="virtio_pci 9pnet_virtio 9p nbd zram lz4 dm_mod dm_crypt xts aesni_intel loop"
+rm -rf initrd && mkdir -p initrd/{bin,sbin,dev,proc,sys,host,tmp,lib/modules/$KVER}
+cp /bin/busybox initrd/bin/busybox
+for a in sh mount umount mkdir modprobe insmod cat echo poweroff sleep ls chroot ln dmesg sync ip grep sed wc; do
+  ln -s busybox initrd/bin/$a
+done
+ln -s ../bin/busybox initrd/sbin/modprobe      # kernel's request_module() runs /sbin/modprobe in the initramfs root
+for m in $WANT; do
+  modprobe -d kroot -S "$KVER" -C /dev/null --show-depends "$m" | awk '$1 == "insmod" {print $2}'
+done | sort -u | while read -r f; do
+  rel=${f#*/lib/modules/"$KVER"/}
+  mkdir -p "initrd/lib/modules/$KVER/$(dirname "$rel")" && cp "$f" "initrd/lib/modules/$KVER/$rel"
+done
+cp kroot/lib/modules/"$KVER"/modules.{order,builtin,builtin.modinfo} initrd/lib/modules/"$KVER"/
+depmod -b initrd "$KVER"
+
+cat > initrd/init <<'INIT'
+#!/bin/sh
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+for m in virtio_pci 9pnet_virtio 9p nbd zram dm_mod dm_crypt loop; do modprobe $m 2>/dev/null || echo "guest: modprobe $m failed"; done
+ip link set lo up
+H=/host
+mount -t 9p -o trans=virtio,version=9p2000.L,ro hostroot $H || { echo "guest: cannot mount host root"; poweroff -f; }
+mount -t 9p -o trans=virtio,version=9p2000.L out $H/mnt || echo "guest: cannot mount out dir"
+mount -t proc proc $H/proc; mount -t sysfs sys $H/sys; mount -t devtmpfs dev $H/dev
+for d in tmp run var/tmp var/lib; do mount -t tmpfs tmpfs $H/$d; done
+mkdir -p $H/dev/pts $H/dev/shm; mount -t devpts devpts $H/dev/pts; mount -t tmpfs tmpfs $H/dev/shm
+# the guest kernel's modules for modprobe inside the chroot: `modprobe -d /run/kmod ...`
+# (and plain modprobe too where the host has a /lib/modules to mount over)
+mkdir -p $H/run/kmod/lib/modules; mount --bind /lib/modules $H/run/kmod/lib/modules
+[ -d $H/lib/modules ] && mount --bind /lib/modules $H/lib/modules
+echo "guest: kernel $(cat /proc/sys/kernel/osrelease), nbd devices: $(ls /sys/block | grep -c '^nbd'), cpus: $(grep -c ^processor /proc/cpuinfo), $(grep MemTotal /proc/meminfo)"
+cmd=$(sed -n 's/.*lab\.cmd=\([^ ]*\).*/\1/p' /proc/cmdline)
+case "$cmd" in /*) ;; *) cmd=/mnt/$cmd ;; esac
+chroot $H /bin/bash -c 'export HOME=/tmp PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+cd /mnt && { [ ! -f ./guest.env ] || . ./guest.env; } && exec bash "$0"' "$cmd" 2>&1
+rc=$?
+echo "guest: rc=$rc"
+echo $rc > $H/mnt/rc
+sync
+poweroff -f
+INIT
+chmod +x initrd/init
+(cd initrd && find . | cpio -o -H newc 2>/dev/null | gzip -1) > initrd.img.tmp
+cp kroot/boot/vmlinuz-"$KVER" vmlinuz.tmp
+mv vmlinuz.tmp vmlinuz && mv initrd.img.tmp initrd.img
+echo "$KVER" > kver
+echo "$HASH" > build.sha256
+echo "tests/vm/build.sh: built $D (kernel $KVER, initrd $(( $(stat -c %s initrd.img) / 1024 )) KiB, $(find initrd -name '*.ko' | wc -l) modules)"

@@ -1,0 +1,44 @@
+#!/bin/bash
+# Guest script: `nbd_vram.py run` as swap on an ivshmem "VRAM" BAR, pushed well past RAM; data verified.
+# Needs: run.sh with VRAM_MB, GUEST_FAKECUDA (host path of the fake libcuda.so.1), optional GUEST_RUNS (default 1),
+# GUEST_DATA_MB (default 48), GUEST_HOG_MB (default 700), GUEST_CONF (extra config lines).
+set -euo pipefail
+. /mnt/guest.env
+. "$NBD_VRAM_VM/guest-lib.sh"
+bar=$(bar_enable | head -1)
+export NBD_VRAM_LIBCUDA=$GUEST_FAKECUDA FAKECUDA_BACKING=$bar NBD_VRAM_RUNTIME_DIR=/run/nbd-vram
+cat > /tmp/nbd-vram.conf <<CONF
+size = 1G
+min_size = 256M
+connections = 2
+${GUEST_CONF:-}
+CONF
+dmesg -n 1
+for run in $(seq "${GUEST_RUNS:-1}"); do
+  echo "=== pressure run $run of ${GUEST_RUNS:-1}"
+  python3 "$NBD_VRAM_REPO/nbd_vram.py" run --config /tmp/nbd-vram.conf > /tmp/daemon.log 2>&1 &
+  pid=$!
+  for i in $(seq 300); do
+    grep -q '^/dev/nbd' /proc/swaps && break
+    kill -0 $pid 2>/dev/null || { cat /tmp/daemon.log; echo "FAIL: daemon exited before swapon"; exit 1; }
+    sleep 0.1
+  done
+  grep -q '^/dev/nbd' /proc/swaps || { cat /tmp/daemon.log; echo "FAIL: no nbd swap after 30 s"; exit 1; }
+  cat /tmp/daemon.log
+  swapon --show
+  grep VmLck /proc/$pid/status
+  start_watchdog $pid 10 > /mnt/watchdog-$run.log 2>&1
+  wd=$!
+  pressure "${GUEST_DATA_MB:-48}" "${GUEST_HOG_MB:-700}"
+  kill $wd 2>/dev/null || true
+  python3 "$NBD_VRAM_REPO/nbd_vram.py" status
+  fail_on_kernel_errors
+  kill -TERM $pid
+  rc=0; wait $pid || rc=$?
+  tail -n 6 /tmp/daemon.log
+  [ "$rc" -eq 0 ] || { echo "FAIL: daemon exited $rc after SIGTERM"; exit 1; }
+  if grep -q '^/dev/nbd' /proc/swaps; then echo "FAIL: swap still on after stop"; exit 1; fi
+  for d in /sys/block/nbd*; do [ ! -e "$d/pid" ] || { echo "FAIL: $(basename $d) still connected"; exit 1; }; done
+  echo "=== pressure run $run: PASS"
+done
+echo PASS

@@ -1,0 +1,73 @@
+# tests/vm/guest-lib.sh: helpers for guest scripts run by tests/vm/run.sh. Source it in the guest:
+#   . "$NBD_VRAM_VM/guest-lib.sh"        (run.sh sets NBD_VRAM_VM, NBD_VRAM_REPO via /mnt/guest.env)
+
+# bar_enable: enable every ivshmem device (PCI device id 0x1110; one per VRAM_MB / VRAM2_MB)
+# and print its BAR2 path (resource2_wc, mmap-able), one a line, in PCI order.
+bar_enable() {
+  local d n=0
+  for d in /sys/bus/pci/devices/*; do
+    [ "$(cat "$d/device")" = 0x1110 ] || continue
+    echo 1 > "$d/enable"; echo "$d/resource2_wc"; n=$((n + 1))
+  done
+  [ "$n" -gt 0 ] || { echo "bar_enable: no ivshmem device (run.sh without VRAM_MB?)" >&2; return 1; }
+}
+
+# meminfo_kb KEY: the value of KEY in /proc/meminfo, in kB (e.g. meminfo_kb MemFree)
+meminfo_kb() { awk -v k="$1:" '$1 == k {print $2; f=1} END {exit !f}' /proc/meminfo; }
+
+# swap_used_mb: SwapTotal - SwapFree, in MiB
+swap_used_mb() { echo $(( ($(meminfo_kb SwapTotal) - $(meminfo_kb SwapFree)) / 1024 )); }
+
+# kmodprobe ARGS: modprobe for the guest kernel's modules (the host root has none for it)
+kmodprobe() { modprobe -d /run/kmod "$@"; }
+
+# wait_for_socket PATH [SECONDS=20]
+wait_for_socket() {
+  local i
+  for i in $(seq $(( ${2:-20} * 5 ))); do [ -S "$1" ] && return 0; sleep 0.2; done
+  echo "wait_for_socket: $1 did not appear within ${2:-20}s" >&2; return 1
+}
+
+# fail_on_kernel_errors: return 1 (printing the lines) if the kernel log shows a hang or an error
+fail_on_kernel_errors() {
+  local hits
+  hits=$(dmesg | grep -E 'blocked for more than|I/O error|Call Trace|BUG:|Oops' || true)
+  [ -z "$hits" ] && return 0
+  echo "fail_on_kernel_errors: kernel log shows errors:" >&2; echo "$hits" >&2; return 1
+}
+
+# start_watchdog PID [INTERVAL_S]: run watchdog.py on PID in the background (prints to the console)
+start_watchdog() {
+  sysctl -qw kernel.sysrq=1; dmesg -n 8
+  python3 "$NBD_VRAM_VM/watchdog.py" "$1" "${2:-5}" &
+}
+
+# pressure [DATA_MB=32] [HOG_MB=MemTotal*3/2]: allocate DATA_MB MiB of random, checksummed 1 MiB
+# blocks, then touch a HOG_MB MiB hog (well past RAM) so the data is pushed out to swap, print
+# "swap used under pressure (MiB): X", free the hog, verify every checksum and print
+# "swap round-trip: N MiB verified". Non-zero exit on corruption.
+pressure() {
+  local data=${1:-32} hog=${2:-$(( $(meminfo_kb MemTotal) * 3 / 2 / 1024 ))}
+  python3 - "$data" "$hog" <<'PY'
+import hashlib, os, sys, time
+data_mb, hog_mb = int(sys.argv[1]), int(sys.argv[2])
+def meminfo():
+    return {k: int(v.split()[0]) for k, v in (l.split(":", 1) for l in open("/proc/meminfo"))}
+t0 = time.time()
+blocks = [os.urandom(1 << 20) for _ in range(data_mb)]
+want = [hashlib.sha256(b).digest() for b in blocks]
+hog = bytearray(hog_mb << 20)
+for i in range(0, len(hog), 4096):
+    hog[i] = 1
+m = meminfo()
+print("pressure: %d MiB hog touched after %.0f s, MemFree %d MiB" % (hog_mb, time.time() - t0, m["MemFree"] >> 10))
+print("swap used under pressure (MiB):", (m["SwapTotal"] - m["SwapFree"]) >> 10, flush=True)
+del hog
+bad = [i for i, b in enumerate(blocks) if hashlib.sha256(b).digest() != want[i]]
+if bad:
+    print("DATA CORRUPTED: %d of %d MiB blocks differ (first: %s)" % (len(bad), data_mb, bad[:8]), flush=True)
+    sys.exit(1)
+print("swap round-trip: %d MiB verified" % data_mb)
+print("pressure: done in %.0f s" % (time.time() - t0), flush=True)
+PY
+}

@@ -1,0 +1,63 @@
+#!/bin/bash
+# tests/vm/run.sh OUTDIR SCRIPT [MEM_MB] [CPUS]: boot the guest built by build.sh under QEMU
+# software emulation (TCG, no KVM) and run SCRIPT as root in the host's own (read-only) userland.
+#   OUTDIR  host dir the guest sees read-write at /mnt; SCRIPT is /mnt/SCRIPT, or an absolute
+#           host path (the guest sees the host root read-only at the same paths).
+#   Env: VRAM_MB=N / VRAM2_MB=N (powers of two) add one / two ivshmem PCI BARs of N MiB backed
+#        by host files in /dev/shm: memory outside guest RAM, the stand-in for VRAM (see
+#        guest-lib.sh bar_enable). VM_TIMEOUT (s, default 900) bounds the whole run.
+#        GUEST_* variables are passed to the guest script, via OUTDIR/guest.env, which also sets
+#        NBD_VRAM_REPO (checkout root), NBD_VRAM_VM (this dir) and NBD_VRAM_OUT=/mnt.
+# Exit status: the guest script's (from OUTDIR/rc); 124 on timeout, 1 if the guest died without one.
+# The serial console is shown and saved in OUTDIR/console.log.
+set -euo pipefail
+die() { echo "tests/vm/run.sh: $*" >&2; exit 1; }
+[ $# -ge 2 ] || die "usage: run.sh OUTDIR SCRIPT [MEM_MB] [CPUS]"
+HERE=$(dirname "$(realpath "${BASH_SOURCE[0]}")")
+D=${NBD_VRAM_VMLAB:-/var/tmp/nbd-vram-vmlab}
+[ -s "$D/vmlinuz" ] && [ -s "$D/initrd.img" ] || die "no guest in $D: run tests/vm/build.sh first"
+mkdir -p "$1"; out=$(realpath "$1"); script=$2; mem=${3:-1024}; cpus=${4:-2}
+case "$script" in
+  /*) [ -f "$script" ] || die "no such script: $script" ;;
+  *)  [ -f "$out/$script" ] || die "no such script: $out/$script" ;;
+esac
+case "$script" in *[[:space:]]*) die "SCRIPT path must not contain spaces" ;; esac
+
+rm -f "$out/rc"
+{
+  printf 'export NBD_VRAM_REPO=%q NBD_VRAM_VM=%q NBD_VRAM_OUT=/mnt\n' "$(realpath "$HERE/../..")" "$HERE"
+  while IFS= read -r v; do printf 'export %s=%q\n' "$v" "${!v}"; done < <(compgen -v GUEST_ || true)
+} > "$out/guest.env"
+
+bars=(); shm=()
+trap 'rm -f "${shm[@]}"' EXIT
+for n in VRAM_MB VRAM2_MB; do
+  mb=${!n:-}; [ -n "$mb" ] || continue
+  [[ $mb =~ ^[0-9]+$ ]] && [ "$mb" -gt 0 ] && [ $((mb & (mb - 1))) -eq 0 ] || die "$n=$mb is not a power of two"
+  f=$(mktemp /dev/shm/nbd-vram-vmlab.XXXXXX); shm+=("$f"); truncate -s "${mb}M" "$f"
+  bars+=(-object "memory-backend-file,size=${mb}M,share=on,mem-path=$f,id=$n"
+         -device "ivshmem-plain,memdev=$n")
+done
+
+t0=$(date +%s)
+set +e
+timeout -k 10 "${VM_TIMEOUT:-900}" qemu-system-x86_64 -machine q35,accel=tcg -cpu max -smp "$cpus" -m "$mem" \
+  -nographic -no-reboot -kernel "$D/vmlinuz" -initrd "$D/initrd.img" \
+  -append "console=ttyS0 quiet panic=-1 lab.cmd=$script" \
+  -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
+  -virtfs "local,path=$out,mount_tag=out,security_model=none,multidevs=remap" \
+  -nic none "${bars[@]}" </dev/null 2>&1 | tee "$out/console.log"
+qrc=${PIPESTATUS[0]}
+set -e
+secs=$(( $(date +%s) - t0 ))
+if [ -s "$out/rc" ]; then
+  rc=$(cat "$out/rc")
+  echo "tests/vm/run.sh: guest script $script exited $rc after ${secs}s"
+  exit "$rc"
+elif [ "$qrc" -eq 124 ] || [ "$qrc" -eq 137 ]; then
+  echo "tests/vm/run.sh: TIMEOUT: guest killed after VM_TIMEOUT=${VM_TIMEOUT:-900}s without finishing $script (see $out/console.log)" >&2
+  exit 124
+else
+  echo "tests/vm/run.sh: guest died without a result (qemu exit $qrc, ${secs}s; see $out/console.log)" >&2
+  exit 1
+fi

@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""watchdog.py PID [INTERVAL_S=5] [MAX_DUMPS=3]: livelock detector for guest scripts (start it in the
+background before the pressure; guest-lib.sh's start_watchdog also enables sysrq and console logging).
+Every INTERVAL_S it reads /proc and prints one "WATCHDOG" line to the console when something looks
+stuck: a thread of PID in state R whose system time grows while its user time and page faults are
+frozen, or direct reclaim scanning (pgscan_direct) while stealing nothing, or swap-out frozen while
+reclaim runs. After two suspicious samples in a row it dumps every thread of PID (state, ticks,
+faults, syscall, kernel stack) and asks for a backtrace of every CPU (sysrq-l), at most MAX_DUMPS
+times. Exits when PID does. It is mlocked, but in a hard livelock it may still need a page and
+stay silent: silence from it is itself a sign."""
+import ctypes, glob, os, sys, time
+
+libc = ctypes.CDLL(None)
+libc.mlockall(3)                       # MCL_CURRENT | MCL_FUTURE
+libc.prctl(57, 1, 0, 0, 0)             # PR_SET_IO_FLUSHER
+open("/proc/self/oom_score_adj", "w").write("-1000")
+console = open("/dev/console", "w")
+pid = sys.argv[1]
+interval = float(sys.argv[2]) if len(sys.argv) > 2 else 5.0
+max_dumps = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+HZ = os.sysconf("SC_CLK_TCK")
+VM_KEYS = ("allocstall_normal", "pgscan_direct", "pgsteal_direct", "oom_kill", "pswpout", "pswpin")
+
+
+def say(text):
+    console.write(text + "\n")
+    console.flush()
+
+
+def threads():
+    out = {}
+    for task in glob.glob(f"/proc/{pid}/task/*"):
+        try:
+            st = open(task + "/stat").read().rsplit(")", 1)[1].split()
+            out[task] = (st[0], int(st[11]), int(st[12]), int(st[7]) + int(st[9]))  # state utime stime faults
+        except (OSError, IndexError):
+            pass
+    return out
+
+
+def vmstat():
+    vm = dict(x.split() for x in open("/proc/vmstat"))
+    return {k: int(vm.get(k, 0)) for k in VM_KEYS}
+
+
+def dump():
+    lines = []
+    for task in sorted(glob.glob(f"/proc/{pid}/task/*")):
+        try:
+            lines.append(f"TASK {task} stat={open(task + '/stat').read().strip()} "
+                         f"syscall={open(task + '/syscall').read().strip()}")
+            lines.append(open(task + "/stack").read().rstrip())
+        except OSError as e:
+            lines.append(f"TASK {task} {e!r}")
+    mem = {k: v.strip() for k, v in (x.split(":", 1) for x in open("/proc/meminfo"))}
+    lines.append(f"MEM free={mem['MemFree']} swapfree={mem['SwapFree']}")
+    return "\n".join(lines)
+
+
+prev_t, prev_vm, bad_in_row, dumps = threads(), vmstat(), 0, 0
+while os.path.exists(f"/proc/{pid}") and dumps < max_dumps:
+    time.sleep(interval)
+    t, vm = threads(), vmstat()
+    d = {k: vm[k] - prev_vm[k] for k in VM_KEYS}
+    why = []
+    for task, (state, ut, stime, flt) in t.items():
+        if task in prev_t:
+            _, put, pst, pflt = prev_t[task]
+            if state == "R" and stime - pst >= 0.8 * interval * HZ and ut == put and flt == pflt:
+                why.append(f"{task.rsplit('/', 1)[1]} R stime+{stime - pst}")
+    if d["pgscan_direct"] > 10000 * interval and d["pgsteal_direct"] * 100 < d["pgscan_direct"]:
+        why.append(f"direct reclaim scans {d['pgscan_direct']} steals {d['pgsteal_direct']}")
+    if d["allocstall_normal"] > 0 and d["pswpout"] == 0:
+        why.append("allocations stall, swap-out frozen")
+    if why:
+        say(f"WATCHDOG pid {pid}: " + "; ".join(why) + " | " + " ".join(f"{k}+{v}" for k, v in d.items()))
+        bad_in_row += 1
+        if bad_in_row >= 2:
+            dumps += 1
+            say(f"WATCHDOG dump {dumps}/{max_dumps}\n{dump()}")
+            try:
+                open("/proc/sysrq-trigger", "w").write("l")
+            except OSError:
+                pass
+    else:
+        bad_in_row = 0
+    prev_t, prev_vm = t, vm
