@@ -376,6 +376,8 @@ class Cuda:
 
     def init(self, tries=10, delay_s=2.0):
         """cuInit, retried: a sleeping laptop GPU can take seconds to answer."""
+        # Number GPUs as nvidia-smi does (PCI order), not fastest first.
+        os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         for attempt in range(1, tries + 1):
             rc = self.cuInit(0)
             if rc == CUDA_SUCCESS:
@@ -468,6 +470,7 @@ class VramStore:
         self.cuda, self.device, self.ctx = cuda, device, ctx
         self.dptr, self.size_bytes = dptr, size_bytes
         self.handle, self.fd = handle, fd
+        self.imported = False       # mapped from another process's fd: that process owns the memory
         self.freed = False
 
     @property
@@ -563,7 +566,9 @@ class VramStore:
         except BaseException:
             cuda.cuMemRelease(handle)
             raise
-        return cls(cuda, dev, ctx, dptr, size, handle=handle.value, fd=fd)
+        store = cls(cuda, dev, ctx, dptr, size, handle=handle.value, fd=fd)
+        store.imported = True
+        return store
 
     @staticmethod
     def _map(cuda, dev, handle, size):
@@ -602,7 +607,8 @@ class VramStore:
             if self.fd is not None:
                 os.close(self.fd)
                 self.fd = None
-        log.info("freed %s of VRAM", format_size(self.size_bytes))
+        log.log(logging.DEBUG if self.imported else logging.INFO, "%s %s of VRAM",
+                "unmapped" if self.imported else "freed", format_size(self.size_bytes))
 
 
 class IoContext:
@@ -1100,6 +1106,7 @@ class Transmission:
                     if rc:
                         self._gpu_error("cuMemcpyHtoDAsync_v2", rc, f"write offset={offset} length={length}")
                         err = NBD_EIO
+                        gpu_work = True     # sync anyway: see below
                     else:
                         uses_gpu[n] = gpu_work = True
                         stats.writes += 1
@@ -1122,6 +1129,7 @@ class Transmission:
                     if rc:
                         self._gpu_error("cuMemcpyDtoHAsync_v2", rc, f"read offset={offset} length={length}")
                         err = NBD_EIO
+                        gpu_work = True     # sync anyway: see below
                     else:
                         uses_gpu[n] = gpu_work = True
                         data_off[n], data_len[n] = tx_used, length
@@ -1144,6 +1152,7 @@ class Transmission:
                 if rc:
                     self._gpu_error("cuMemsetD8Async", rc, f"{Cmd(typ).name} offset={offset} length={length}")
                     err = NBD_EIO
+                    gpu_work = True         # sync anyway: see below
                 else:
                     uses_gpu[n] = gpu_work = True
                     if typ == Cmd.TRIM:
@@ -1156,6 +1165,8 @@ class Transmission:
             n += 1
 
         if gpu_work:
+            # Also after a call that failed when issued: it may have left its error on the
+            # stream, and that error belongs to this batch, not to the next one.
             rc = cuda.cuStreamSynchronize(stream)
             if rc:
                 self._gpu_error("cuStreamSynchronize", rc, f"batch of {n} requests")
@@ -1218,8 +1229,9 @@ class Transmission:
                 recv_into_exact(self.sock, io.rx[buffered:piece], "write payload")
             buffered = 0
             if not err:
-                rc = (cuda.cuMemcpyHtoDAsync_v2(self.export.store.dptr + offset + done, io.rx_addr, piece, io.stream)
-                      or cuda.cuStreamSynchronize(io.stream))
+                rc = cuda.cuMemcpyHtoDAsync_v2(self.export.store.dptr + offset + done, io.rx_addr, piece, io.stream)
+                sync_rc = cuda.cuStreamSynchronize(io.stream)   # even after a failed copy: collect its error here
+                rc = rc or sync_rc
                 if rc:
                     self._gpu_error("cuMemcpyHtoDAsync_v2", rc, f"write offset={offset} length={length}")
                     err = NBD_EIO
@@ -1240,8 +1252,9 @@ class Transmission:
         done, tx_cap = 0, len(io.tx)
         while done < length:
             piece = min(tx_cap, length - done)
-            rc = (cuda.cuMemcpyDtoHAsync_v2(io.tx_addr, self.export.store.dptr + offset + done, piece, io.stream)
-                  or cuda.cuStreamSynchronize(io.stream))
+            rc = cuda.cuMemcpyDtoHAsync_v2(io.tx_addr, self.export.store.dptr + offset + done, piece, io.stream)
+            sync_rc = cuda.cuStreamSynchronize(io.stream)       # even after a failed copy: collect its error here
+            rc = rc or sync_rc
             if rc:
                 self._gpu_error("cuMemcpyDtoHAsync_v2", rc, f"read offset={offset} length={length}")
                 if done == 0:
@@ -1326,10 +1339,14 @@ def check_socket_path(path):
 
 
 class UnixServer:
-    """`serve`: the export on a Unix socket (mode 0600), one thread per client."""
+    """`serve`: the export on a Unix socket (mode 0600), one thread per client.
 
-    def __init__(self, path, export, max_connections, buffer_bytes):
-        self.path, self.export = path, export
+    With handoff set, each accepted client is passed to it instead (serve hands
+    clients to worker processes that way).
+    """
+
+    def __init__(self, path, export, max_connections, buffer_bytes, handoff=None):
+        self.path, self.export, self.handoff = path, export, handoff
         self.max_connections, self.buffer_bytes = max_connections, buffer_bytes
         self.clients = {}           # thread -> socket
         self.lock = threading.Lock()
@@ -1384,6 +1401,12 @@ class UnixServer:
         try:
             conn, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        if self.handoff is not None:
+            try:
+                self.handoff(conn)
+            finally:
+                conn.close()
             return
         with self.lock:
             self.clients = {t: s for t, s in self.clients.items() if t.is_alive()}
@@ -1887,6 +1910,10 @@ def _buffer_size(text):
     return v
 
 
+def _workers(text):
+    return 0 if str(text).strip().lower() == "auto" else _int_range(1, 32)(text)
+
+
 def _text(text):
     return str(text).strip()
 
@@ -1927,6 +1954,8 @@ OPTIONS = [
            "how to hand sockets to the kernel: netlink, or the classic ioctls (auto: netlink if present)"),
     Option("dead_conn_timeout", "600", _int_range(0, 86400), "0..86400 seconds",
            "if the daemon dies, the kernel holds swap I/O this long waiting for it to come back"),
+    Option("workers", "auto", _workers, "auto or 1..32",
+           "serving processes (auto: one per two CPUs, at most one per connection and 8)"),
     Option("buffer_size", "2M", _buffer_size, "64K..256M", "pinned staging per connection, each way (the kernel sends at most 1.25M per request)"),
     Option("libcuda", "libcuda.so.1", _text, "a path", "the CUDA driver library", env="NBD_VRAM_LIBCUDA"),
     Option("debug", "no", _parse_bool, "yes or no", "log every decision and invalid request"),
@@ -2020,20 +2049,203 @@ def sample_config():
 
 
 ############################################################################
-# Daemon ###################################################################
+# Worker processes #########################################################
 ############################################################################
+# One Python process serves about 100k small requests a second: the GIL
+# serializes the per-request work of every thread.  Where the VRAM was
+# allocated with an exported fd (cuMemCreate), worker processes import that
+# fd and map the same memory, so connections are served on as many cores as
+# there are workers.  A worker owns no VRAM: it unmaps on exit, and only the
+# parent scrubs and frees.  A worker serving the kernel ignores SIGTERM and
+# SIGINT and ends only when its connections end (the kernel disconnects them
+# after swapoff): a stray `pkill` or a parent killed with -9 never takes live
+# swap down with it.
 
-# The counters the daemon publishes for `status`: a small file in RUNTIME_DIR,
-# mapped and locked before swapon, so updating it never needs a new page.
-# magic, updated (ms since the epoch), live connections, then Stats.FIELDS
+WORKER_READY = b"R"
+
+# The counters published for `status`: a page in RUNTIME_DIR, mapped and locked
+# before swapon so that updating it never needs a new page.  One slot per
+# serving process (0: the daemon itself, w: worker w), each: magic, updated
+# (ms since the epoch), live connections, then Stats.FIELDS.
 COUNTERS = struct.Struct("=8sQQ" + "Q" * len(Stats.FIELDS))
 COUNTERS_MAGIC = b"nbdvram1"
 STATUS_INTERVAL_S = 2.0
-SWAPOFF_RETRY_S = 10.0
 
 
 def runtime_dir():
     return os.environ.get("NBD_VRAM_RUNTIME_DIR", RUNTIME_DIR)
+
+
+def default_workers(connections):
+    return max(1, min(connections, (os.cpu_count() or 2) // 2, 8))
+
+
+def spawn_worker(store, libcuda, buffer_bytes, socks=(), lock=False, debug=False, index=0, max_connections=256):
+    """Start `nbd_vram.py worker`; returns (Popen, parent's end of its control socket)."""
+    ctl, child_ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    fds = [store.fd, child_ctl.fileno()] + [s.fileno() for s in socks]
+    argv = [sys.executable, os.path.abspath(__file__), "worker", "--vram-fd", str(store.fd),
+            "--vram-size", str(store.size_bytes), "--gpu", str(store.device), "--ctl-fd", str(child_ctl.fileno()),
+            "--buffer-size", str(buffer_bytes), "--index", str(index), "--max-connections", str(max_connections)]
+    if libcuda:
+        argv += ["--libcuda", libcuda]
+    for s in socks:
+        argv += ["--sock-fd", str(s.fileno())]
+    if lock:
+        argv.append("--lock")
+    if debug:
+        argv.append("--debug")
+    env = dict(os.environ, CUDA_DEVICE_ORDER=os.environ.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID"))
+    if lock:
+        env["PYTHONMALLOC"] = "malloc"
+    proc = subprocess.Popen(argv, pass_fds=fds, env=env, stdin=subprocess.DEVNULL)
+    child_ctl.close()
+    return proc, ctl
+
+
+def wait_worker_ready(proc, ctl, timeout_s=60):
+    ctl.settimeout(timeout_s)
+    try:
+        got = ctl.recv(1)
+    except socket.timeout:
+        got = b""
+    ctl.settimeout(None)
+    if got != WORKER_READY:
+        rc = proc.poll()
+        raise Fatal(f"worker process {proc.pid} did not start ({'exit code ' + str(rc) if rc is not None else 'no answer'}); "
+                    "see the lines above")
+
+
+def send_fd(ctl, fd):
+    ctl.sendmsg([b"F"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+
+
+def recv_fd(ctl):
+    msg, anc, _flags, _addr = ctl.recvmsg(1, socket.CMSG_SPACE(struct.calcsize("i")))
+    if not msg:
+        return None
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            return struct.unpack("i", data[:struct.calcsize("i")])[0]
+    return -1
+
+
+def cmd_worker(args):
+    """A serving process: imports the parent's VRAM and serves the sockets it is given."""
+    setup_logging(args.debug)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+    libc = _libc()
+    if args.lock:
+        prepare_memory(libc)
+    threading.stack_size(THREAD_STACK)
+    ctl = socket.socket(fileno=args.ctl_fd)
+    cuda = Cuda(args.libcuda)
+    cuda.init(tries=1)
+    dev = cuda.select_device(args.gpu)
+    ctx = CUcontext()
+    cuda.call("cuDevicePrimaryCtxRetain", ctypes.byref(ctx), dev)
+    cuda.call("cuCtxSetCurrent", ctx)
+    store = VramStore.import_fd(cuda, dev, ctx, args.vram_fd, args.vram_size)
+    export = Export(store)
+    label = f"worker {args.index}"
+    threads = []
+    try:
+        if args.sock_fd:
+            # Kernel mode: everything allocated and locked before we say ready.
+            ios = [IoContext(store, args.buffer_size, args.buffer_size) for _ in args.sock_fd]
+            if args.lock:
+                if lock_memory(libc):
+                    log.info("%s: memory locked: %d KiB", label, locked_kib())
+                set_oom_score_adj(-1000)
+                set_io_flusher(libc)
+                gc.collect()
+                gc.freeze()
+                gc.disable()
+
+            def serve_kernel(fd, io, name):
+                if args.lock:
+                    set_io_flusher(libc)
+                serve_connection(socket.socket(fileno=fd), export, name, io=io, handshake=False)
+                io.close()
+
+            for i, (fd, io) in enumerate(zip(args.sock_fd, ios)):
+                t = threading.Thread(target=serve_kernel, args=(fd, io, f"{label} connection {i}"), daemon=True)
+                t.start()
+                threads.append(t)
+            ctl.sendall(WORKER_READY)
+            counters = _map_counters(args.index)
+            while True:
+                alive = [t for t in threads if t.is_alive()]
+                if counters is not None:
+                    _publish_counters(counters, args.index, export)
+                if not alive:
+                    break
+                alive[0].join(STATUS_INTERVAL_S)
+            log.debug("%s: every connection closed; exiting", label)
+            return EXIT_OK
+        # Serve mode: the parent passes accepted client sockets; it closes ctl to stop us.
+        ctl.sendall(WORKER_READY)
+        clients = {}
+        sel = selectors.DefaultSelector()
+        sel.register(ctl, selectors.EVENT_READ)
+        while True:
+            if not sel.select(1.0):
+                if signal.SIGTERM in signal.sigpending():
+                    break
+                continue
+            fd = recv_fd(ctl)
+            if fd is None:
+                break
+            if fd < 0:
+                continue
+            conn = socket.socket(fileno=fd)
+            clients = {th: c for th, c in clients.items() if th.is_alive()}
+            if len(clients) >= args.max_connections:
+                log.warning("%s: refusing a connection: already %d clients (the limit, --max-connections)",
+                            label, len(clients))
+                conn.close()
+                continue
+            t = threading.Thread(target=serve_connection, args=(conn, export, f"{label} client {len(clients) + 1}"),
+                                 kwargs={"buffer_bytes": args.buffer_size}, daemon=True)
+            clients[t] = conn
+            t.start()
+        for s in clients.values():
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in clients:
+            t.join(10)
+        return EXIT_OK
+    finally:
+        if not any(t.is_alive() for t in threads):
+            store.free(scrub=False)     # unmap only: the parent owns, scrubs and frees the memory
+
+
+def _map_counters(slot):
+    path = os.path.join(runtime_dir(), "counters")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return mmap.mmap(fd, mmap.PAGESIZE)
+    finally:
+        os.close(fd)
+
+
+def _publish_counters(counters, slot, export):
+    t = export.totals()
+    COUNTERS.pack_into(counters, slot * COUNTERS.size, COUNTERS_MAGIC, int(time.time() * 1000), export.connections,
+                       *(getattr(t, f) for f in Stats.FIELDS))
+
+
+
+############################################################################
+# Daemon ###################################################################
+############################################################################
+
+SWAPOFF_RETRY_S = 10.0
 
 
 def pid_alive(pid):
@@ -2079,6 +2291,7 @@ class Daemon:
         self.index = None
         self.export = None
         self.counters = None
+        self.workers = []
         self.swap_on = False
         self.sysctl_saved = {}
 
@@ -2086,7 +2299,6 @@ class Daemon:
 
     def start(self):
         cfg = self.cfg
-        prepare_memory(self.libc)
         threading.stack_size(THREAD_STACK)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
         log.info("nbd-vram %s starting: size %s (min %s), gpu %s, priority %d, %d connections",
@@ -2105,30 +2317,26 @@ class Daemon:
         self.undo.append(("free VRAM", store.free))
         self.export = Export(store)
 
-        # Everything the serving threads will use, allocated now.
-        pairs, ios = [], []
-        for i in range(cfg["connections"]):
-            ours, kernels = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            pairs.append((ours, kernels))
-            io = IoContext(store, cfg["buffer_size"], cfg["buffer_size"])
-            ios.append(io)
-            self.undo.append((f"free buffers of connection {i}", io.close))
+        # Everything the serving side will use, allocated now, before the kernel sends a request.
+        pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(cfg["connections"])]
         self._open_counters()
+        nworkers = min(cfg["workers"] or default_workers(cfg["connections"]), cfg["connections"])
+        if store.fd is not None:
+            self._start_workers([ours for ours, _ in pairs], nworkers)
+        else:
+            log.info("no exportable VRAM (cuMemAlloc): serving every connection from this process")
+            prepare_memory(self.libc)
+            self._start_threads([ours for ours, _ in pairs])
 
-        for i, ((ours, _), io) in enumerate(zip(pairs, ios)):
-            t = threading.Thread(target=self._serve_kernel, args=(ours, io, f"connection {i}"),
-                                 name=f"nbd-vram conn {i}", daemon=True)
-            t.start()
-            self.threads.append(t)
-        self.undo.append(("stop serving threads", self._join_threads))
-
-        if lock_memory(self.libc):
-            log.info("memory locked: %d KiB", locked_kib())
         set_oom_score_adj(-1000)
-        set_io_flusher(self.libc)
-        gc.collect()
-        gc.freeze()
-        gc.disable()       # no collector pauses or heap growth while serving; nothing here makes cycles
+        if not self.workers:
+            # This process serves swap itself: the same guarantees as a worker's.
+            if lock_memory(self.libc):
+                log.info("memory locked: %d KiB", locked_kib())
+            set_io_flusher(self.libc)
+            gc.collect()
+            gc.freeze()
+            gc.disable()   # no collector pauses or heap growth while serving; nothing here makes cycles
 
         self._attach([k for _, k in pairs])
         for _, k in pairs:
@@ -2219,6 +2427,70 @@ class Daemon:
             nl.close()
         log.info("disconnected %s", self.device)
 
+    def _start_threads(self, socks):
+        """Serve every connection from threads of this process (no exportable VRAM, so no workers)."""
+        for i, ours in enumerate(socks):
+            io = IoContext(self.export.store, self.cfg["buffer_size"], self.cfg["buffer_size"])
+            self.undo.append((f"free buffers of connection {i}", io.close))
+            t = threading.Thread(target=self._serve_kernel, args=(ours, io, f"connection {i}"),
+                                 name=f"nbd-vram conn {i}", daemon=True)
+            t.start()
+            self.threads.append(t)
+        self.undo.append(("stop serving threads", self._join_threads))
+
+    def _start_workers(self, socks, nworkers):
+        """Worker w serves connections w, w+nworkers, ...; each is ready (VRAM imported, memory locked) on return."""
+        self.workers = []
+        for w in range(nworkers):
+            mine = socks[w::nworkers]
+            self.workers.append(self._spawn(w, mine))
+        self.undo.append(("stop workers", self._join_workers))
+        log.info("%d worker process%s serve %d connections: pids %s", nworkers, "" if nworkers == 1 else "es",
+                 len(socks), " ".join(str(p.pid) for p, _, _ in self.workers))
+
+    def _spawn(self, w, socks):
+        proc, ctl = spawn_worker(self.export.store, self.cfg["libcuda"], self.cfg["buffer_size"], socks=socks,
+                                 lock=True, debug=self.cfg["debug"], index=w + 1)
+        for s in socks:
+            s.close()       # the worker has them now
+        wait_worker_ready(proc, ctl)
+        return proc, ctl, len(socks)
+
+    def _respawn(self, w):
+        """A worker died: give the kernel new sockets for its connections (NBD_CMD_RECONFIGURE) and a new worker."""
+        proc, ctl, nsocks = self.workers[w]
+        log.error("worker %d (pid %d) exited with %s; its %d connection%s to the kernel died: starting a new one",
+                  w + 1, proc.pid, proc.returncode, nsocks, "" if nsocks == 1 else "s")
+        ctl.close()
+        pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(nsocks)]
+        self.workers[w] = self._spawn(w, [ours for ours, _ in pairs])
+        deadline = time.monotonic() + 30
+        while True:
+            nl = NbdNetlink()
+            try:
+                nl.reconfigure(self.index, [k for _, k in pairs])
+                break
+            except OSError as e:
+                # ENOSPC: the kernel has not yet marked the old sockets dead; try again shortly.
+                if e.errno != errno.ENOSPC or time.monotonic() > deadline:
+                    log.error("NBD_CMD_RECONFIGURE of %s failed: %s", self.device, e.strerror)
+                    break
+                time.sleep(0.2)
+            finally:
+                nl.close()
+        for _, k in pairs:
+            k.close()
+        log.info("worker %d restarted (pid %d); %s has its connections back", w + 1, self.workers[w][0].pid,
+                 self.device)
+
+    def _join_workers(self):
+        for proc, ctl, _ in self.workers:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                raise Fatal(f"worker {proc.pid} did not exit after the device was disconnected") from None
+            ctl.close()
+
     def _serve_kernel(self, sock, io, label):
         set_io_flusher(self.libc)
         serve_connection(sock, self.export, label, io=io, handshake=False)
@@ -2270,8 +2542,12 @@ class Daemon:
         sigs = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
         while True:
             info = signal.sigtimedwait(sigs, STATUS_INTERVAL_S)
-            self._update_counters()
+            if not self.workers:
+                self._update_counters()
             if info is None:
+                for w, (proc, _, _) in enumerate(self.workers):
+                    if proc.poll() is not None:
+                        self._respawn(w)
                 dead = [t.name for t in self.threads if not t.is_alive()]
                 if dead and len(dead) == len(self.threads):
                     log.error("every connection to the kernel has closed; %s is no longer served", self.device)
@@ -2292,7 +2568,6 @@ class Daemon:
             while not swap_disable(self.device):
                 sd_notify(f"STATUS=swapoff {self.device} failed; retrying every {SWAPOFF_RETRY_S:.0f} s")
                 signal.sigtimedwait({signal.SIGTERM, signal.SIGINT}, SWAPOFF_RETRY_S)
-                self._update_counters()
             self.swap_on = False
         while self.undo:
             what, fn = self.undo.pop()
@@ -2300,8 +2575,8 @@ class Daemon:
                 fn()
             except Exception as e:
                 log.error("stopping: %s failed: %s", what, e)
-                if what == "stop serving threads":
-                    # Threads still run on this VRAM: freeing it now could serve garbage.
+                if what in ("stop serving threads", "stop workers"):
+                    # Something still serves from this VRAM: freeing it now could serve garbage.
                     log.error("leaving VRAM allocated; the process exits and the driver reclaims it")
                     self.undo = []
 
@@ -2340,13 +2615,21 @@ def gather_status():
     status = dict(state, running=running)
     try:
         with open(os.path.join(runtime_dir(), "counters"), "rb") as f:
-            raw = f.read(COUNTERS.size)
-        magic, updated_ms, conns, *values = COUNTERS.unpack(raw)
-        if magic == COUNTERS_MAGIC:
+            raw = f.read()
+        totals, conns, newest = dict.fromkeys(Stats.FIELDS, 0), 0, 0
+        for off in range(0, len(raw) - COUNTERS.size + 1, COUNTERS.size):
+            magic, updated_ms, live, *values = COUNTERS.unpack_from(raw, off)
+            if magic != COUNTERS_MAGIC:
+                continue
+            conns += live
+            newest = max(newest, updated_ms)
+            for k, v in zip(Stats.FIELDS, values):
+                totals[k] += v
+        if newest:
             status["connections_live"] = conns
-            status["counters"] = dict(zip(Stats.FIELDS, values))
-            status["counters_age_s"] = round(time.time() - updated_ms / 1000, 1)
-    except (OSError, struct.error):
+            status["counters"] = totals
+            status["counters_age_s"] = round(time.time() - newest / 1000, 1)
+    except OSError:
         pass
     swap = active_swaps().get(state.get("device"))
     status["swap"] = ({"active": True, "size_bytes": swap[0] * 1024, "used_bytes": swap[1] * 1024,
@@ -2400,8 +2683,29 @@ def cmd_serve(args):
         min_size = size
     cuda = Cuda(args.libcuda)
     dev, ctx = VramStore.open_device(cuda, args.gpu)
+    gpu = cuda.device_info(dev)
+    log.info("GPU %d: %s (%s, %s), %s", dev, gpu["name"], gpu["uuid"], gpu["pci_bus_id"],
+             format_size(gpu["total_bytes"]))
     store = VramStore.allocate(cuda, dev, ctx, size, min_size)
-    server = UnixServer(args.socket, Export(store), args.max_connections, buffer_bytes)
+    nworkers = args.workers or min(8, os.cpu_count() or 1)
+    workers = []
+    handoff = None
+    if store.fd is not None:
+        per_worker = -(-args.max_connections // nworkers)
+        for w in range(nworkers):
+            proc, ctl = spawn_worker(store, args.libcuda, buffer_bytes, debug=args.debug, index=w + 1,
+                                     max_connections=per_worker)
+            workers.append((proc, ctl))
+        for proc, ctl in workers:
+            wait_worker_ready(proc, ctl)
+        turn = iter(range(1 << 62))
+
+        def to_worker(conn):
+            proc, ctl = workers[next(turn) % len(workers)]
+            send_fd(ctl, conn.fileno())
+        handoff = to_worker
+        log.info("%d worker processes serve the clients", nworkers)
+    server = UnixServer(args.socket, Export(store), args.max_connections, buffer_bytes, handoff=handoff)
     try:
         server.open()
         log.info("serving %s of VRAM on %s (NBD, fixed newstyle; any export name)", format_size(store.size_bytes),
@@ -2410,6 +2714,13 @@ def cmd_serve(args):
         server.serve()
     finally:
         clean = server.close()
+        for proc, ctl in workers:
+            ctl.close()          # a worker ends its clients and exits when its control socket closes
+        for proc, ctl in workers:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                clean = False
         if clean:
             store.free()
         else:
@@ -2469,6 +2780,7 @@ def build_parser():
     s.add_argument("--min-size", default="1G", help="least VRAM worth serving (default 1G)")
     s.add_argument("--gpu", default="0", help="GPU index, UUID or PCI bus id (default 0)")
     s.add_argument("--max-connections", type=int, default=256, help="clients at once (default 256)")
+    s.add_argument("--workers", type=int, default=0, help="serving processes (default: one per CPU, at most 8)")
     s.add_argument("--buffer-size", default="8M", help="pinned staging per connection, each way (default 8M)")
     s.add_argument("--libcuda", default=None, help="path of libcuda.so.1 (default: $NBD_VRAM_LIBCUDA or the system's)")
     s.add_argument("--debug", action="store_true", help="log every connection and invalid request")
@@ -2492,6 +2804,19 @@ def build_parser():
 
     st = sub.add_parser("status", allow_abbrev=False, help="show the running daemon's device, GPU and I/O counts")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+
+    w = sub.add_parser("worker", allow_abbrev=False, help="(internal) a serving process started by serve and run")
+    w.add_argument("--vram-fd", type=int, required=True)
+    w.add_argument("--vram-size", type=int, required=True)
+    w.add_argument("--gpu", required=True)
+    w.add_argument("--ctl-fd", type=int, required=True)
+    w.add_argument("--sock-fd", type=int, action="append", default=[])
+    w.add_argument("--buffer-size", type=int, required=True)
+    w.add_argument("--index", type=int, default=1)
+    w.add_argument("--max-connections", type=int, default=256)
+    w.add_argument("--libcuda", default=None)
+    w.add_argument("--lock", action="store_true")
+    w.add_argument("--debug", action="store_true")
 
     d = sub.add_parser("detach", allow_abbrev=False, help="disconnect an nbd device left behind (refuses live swap)")
     d.add_argument("device", help="/dev/nbdN")
@@ -2520,6 +2845,8 @@ def main(argv=None):
             return cmd_status(args)
         if args.command == "detach":
             return cmd_detach(args)
+        if args.command == "worker":
+            return cmd_worker(args)
     except Fatal as e:
         log.error("%s", e)
         return e.exit_code
