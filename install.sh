@@ -1,0 +1,388 @@
+#!/usr/bin/env bash
+# install.sh: install nbd-vram (nbd_vram.py, its systemd units and /etc/nbd-vram.conf) from
+# this checkout, or remove it again with --uninstall.  Run as root; see --help.
+# SPDX-License-Identifier: MIT
+set -euo pipefail
+umask 022
+
+usage() {
+    cat <<'EOF'
+usage: install.sh [options]          install or update nbd-vram from this checkout
+       install.sh --uninstall [--purge]
+
+Installs /usr/local/bin/nbd_vram.py, /etc/systemd/system/vram-swap-nbd.service and
+vram-swap-nbd-sleep.service, and /etc/nbd-vram.conf (never overwritten: a newer shipped
+one goes to /etc/nbd-vram.conf.new), then enables and starts vram-swap-nbd.service.
+Running it again installs only what changed; a running service is stopped (a full
+swapoff) only when its files are replaced.
+
+options:
+  --size SIZE               VRAM to use as swap (e.g. 6G), written to the config on first
+                            install; default: proposed from the GPU (total minus 1G, minus
+                            3G if it drives a display, at least 1G)
+  --power-management yes|no answer to the power-aware management question (default no)
+  -y, --yes                 accept every proposal without asking (also implied when
+                            standard input is not a terminal)
+  --no-enable               do not enable the units (not started at boot)
+  --no-start                do not start (or restart) the service
+  --uninstall               stop the service (swapoff), disable and remove the units, the
+                            binary and the README; keeps /etc/nbd-vram.conf
+  --purge                   with --uninstall: remove /etc/nbd-vram.conf (and .new) too
+  --root DIR, --prefix DIR  install into DIR instead of / (a staging tree, for packaging and
+                            tests): no root needed, nothing is started or stopped, and units
+                            are enabled with `systemctl --root=DIR` where systemctl exists
+  -n, --dry-run             print the steps, change nothing
+  -h, --help                this text
+EOF
+}
+
+SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=""
+SIZE=""
+POWER=""
+YES=0
+ENABLE=1
+START=1
+UNINSTALL=0
+PURGE=0
+DRY=0
+UNIT=vram-swap-nbd.service
+SLEEP_UNIT=vram-swap-nbd-sleep.service
+MARK="# Written by install.sh on first install."
+
+die() { echo "install.sh: error: $*" >&2; exit 1; }
+note() { echo "install.sh: $*"; }
+# run CMD...: print it as "+ CMD" (as ukify does), then run it unless --dry-run.
+run() {
+    printf '+'; printf ' %q' "$@"; printf '\n'
+    if (( DRY )); then return 0; fi
+    "$@"
+}
+
+while (( $# )); do
+    case $1 in
+        --size) [ $# -ge 2 ] || die "--size needs a value (e.g. --size 6G)"; SIZE=$2; shift ;;
+        --size=*) SIZE=${1#*=} ;;
+        --power-management) [ $# -ge 2 ] || die "--power-management needs yes or no"; POWER=$2; shift ;;
+        --power-management=*) POWER=${1#*=} ;;
+        -y|--yes) YES=1 ;;
+        --no-enable) ENABLE=0 ;;
+        --no-start) START=0 ;;
+        --uninstall) UNINSTALL=1 ;;
+        --purge) PURGE=1 ;;
+        --root|--prefix) [ $# -ge 2 ] || die "$1 needs a directory"; ROOT=$2; shift ;;
+        --root=*|--prefix=*) ROOT=${1#*=} ;;
+        -n|--dry-run) DRY=1 ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "install.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+case $POWER in
+    ""|yes|no) ;;
+    *) die "--power-management takes yes or no, not '$POWER'" ;;
+esac
+if (( PURGE && ! UNINSTALL )); then die "--purge goes with --uninstall"; fi
+if [ -n "$ROOT" ]; then
+    ROOT=$(realpath -m -- "$ROOT")
+    [ "$ROOT" != / ] || ROOT=""
+fi
+
+# sbin directories: sudo and root shells have them, `su` without '-' may not.
+PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin
+BIN=$ROOT/usr/local/bin/nbd_vram.py
+UNITDIR=$ROOT/etc/systemd/system
+CONF=$ROOT/etc/nbd-vram.conf
+DOC=$ROOT/usr/local/share/doc/nbd-vram/README.md
+RUNDIR=${NBD_VRAM_RUNTIME_DIR:-/run/nbd-vram}
+
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+
+# How systemctl can be used: live (PID 1 is systemd), offline (staging root: enable and
+# disable only, with --root) or none.
+if [ -n "$ROOT" ]; then
+    if command -v systemctl >/dev/null; then SYSTEMD=offline; else SYSTEMD=none; fi
+elif ! command -v systemctl >/dev/null; then
+    SYSTEMD=none
+    note "systemctl not found: skipping every systemctl step (daemon-reload, enable, start, stop)"
+elif [ ! -d /run/systemd/system ]; then
+    SYSTEMD=none
+    note "PID 1 is not systemd (a container or VM?): skipping every systemctl step (daemon-reload, enable, start, stop)"
+else
+    SYSTEMD=live
+fi
+
+require_root() {
+    if [ -n "$ROOT" ] || (( DRY )) || [ "$(id -u)" -eq 0 ]; then return 0; fi
+    die "must run as root (sudo bash install.sh ...): it writes /usr/local/bin and /etc and manages the service; --dry-run shows the steps without root"
+}
+
+unit_active() {  # active, or on its way (activating, deactivating, reloading)
+    [ "$SYSTEMD" = live ] || return 1
+    case $(systemctl is-active "$UNIT" 2>/dev/null || true) in
+        active|activating|deactivating|reloading) return 0 ;;
+        *) return 1 ;;
+    esac
+}
+
+# Stop the service: its stop is a swapoff, which can take minutes and is never forced.
+stop_service() {
+    unit_active || return 0
+    note "stopping $UNIT: a full swapoff, every page on VRAM comes back to RAM (can take minutes)"
+    if run systemctl stop "$UNIT" && { (( DRY )) || ! unit_active; }; then
+        return 0
+    fi
+    die "$UNIT did not stop (swapoff still running or failing, see journalctl -u $UNIT); nothing was changed: free some RAM and run install.sh again"
+}
+
+# A daemon not started by systemd (test_smoke.sh, or `nbd_vram.py run` by hand) would make
+# the service refuse to start: stop it with SIGTERM (its own swapoff path) and wait.
+stop_stray_daemon() {
+    [ -z "$ROOT" ] || return 0
+    local state=$RUNDIR/state.json pid main=0 waited=0
+    [ -r "$state" ] || return 0
+    pid=$(python3 -c 'import json, sys; print(int(json.load(open(sys.argv[1]))["pid"]))' "$state" 2>/dev/null) || return 0
+    [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q 'nbd_vram\.py' || return 0
+    if [ "$SYSTEMD" = live ]; then
+        main=$(systemctl show -p MainPID --value "$UNIT" 2>/dev/null || echo 0)
+    fi
+    [ "$pid" != "$main" ] || return 0
+    note "an nbd_vram.py daemon not started by systemd is running (pid $pid, a smoke test?): stopping it"
+    run kill -TERM "$pid"
+    (( ! DRY )) || return 0
+    while [ -d "/proc/$pid" ]; do
+        if (( waited >= 1800 )); then
+            die "pid $pid still runs after 30 minutes (its swapoff keeps failing?); stop it, then run install.sh again"
+        fi
+        if (( waited % 10 == 0 && waited )); then note "waiting for pid $pid to swapoff and exit (${waited}s)"; fi
+        sleep 1
+        waited=$(( waited + 1 ))
+    done
+}
+
+# differs SRC DEST MODE: true if installing SRC as DEST (with MODE) would change anything.
+differs() {
+    [ -f "$2" ] && [ ! -L "$2" ] && cmp -s "$1" "$2" && [ "$(stat -c %04a "$2")" = "$3" ] && return 1
+    return 0
+}
+
+install_file() {  # SRC DEST MODE
+    if differs "$1" "$2" "$3"; then
+        run install -D -m "$3" "$1" "$2"
+    else
+        note "up to date: $2"
+    fi
+}
+
+remove_file() {
+    if [ -e "$1" ] || [ -L "$1" ]; then run rm -f "$1"; fi
+}
+
+# propose_size: set PROPOSED (e.g. 9G) and PROPOSED_WHY from GPU 0's memory: total minus
+# 1 GiB (3 GiB if it drives a display), at least 1 GiB.  Fails without nvidia-smi.
+PROPOSED=""
+PROPOSED_WHY=""
+propose_size() {
+    local line total display mib headroom=1024 what="drives no display"
+    command -v nvidia-smi >/dev/null || return 1
+    line=$(nvidia-smi --query-gpu=memory.total,display_active --format=csv,noheader,nounits -i 0 2>/dev/null | head -n 1) || return 1
+    total=${line%%,*}; total=${total//[[:space:]]/}
+    display=${line#*,}; display=${display//[[:space:]]/}
+    [[ $total =~ ^[0-9]+$ ]] || return 1
+    if [ "$display" = Enabled ]; then headroom=3072; what="drives a display"; fi
+    mib=$(( total - headroom ))
+    PROPOSED_WHY="GPU 0 has $total MiB and $what: total minus $(( headroom / 1024 )) GiB"
+    if (( mib < 1024 )); then
+        mib=1024
+        PROPOSED_WHY="GPU 0 has only $total MiB: the 1 GiB minimum"
+    fi
+    if (( mib % 1024 == 0 )); then PROPOSED="$(( mib / 1024 ))G"; else PROPOSED="${mib}M"; fi
+    note "proposed size: $PROPOSED ($PROPOSED_WHY)"
+}
+
+valid_size() {  # the daemon's own parser decides
+    python3 "$SRC/nbd_vram.py" check-config --config /dev/null --size "$1" >/dev/null
+}
+
+# config_is_current: CONF is the shipped file, plus at most the block install.sh appended.
+config_is_current() {
+    [ "$(awk -v m="$MARK" '$0 == m {exit} {print}' "$CONF")" = "$(cat "$SRC/nbd-vram.conf")" ]
+}
+
+# The first-install config: the shipped file plus the size and the power answer.
+write_first_config() {
+    local out=$TMP/nbd-vram.conf size=$SIZE why="chosen with --size" power=$POWER answer
+    if [ -z "$size" ]; then
+        if propose_size; then
+            size=$PROPOSED
+            why="proposed by install.sh: $PROPOSED_WHY"
+        else
+            note "nvidia-smi could not tell the GPU's memory: no size proposed"
+        fi
+        if [ -t 0 ] && (( ! YES )); then
+            while :; do
+                read -r -p "VRAM to use as swap [${size:-7G (the default)}]: " answer
+                if [ -z "$answer" ]; then break; fi
+                if valid_size "$answer"; then size=$answer; why="chosen at install"; break; fi
+            done
+        elif [ -n "$size" ]; then
+            note "using the proposed size (--yes, or standard input is not a terminal; --size chooses another)"
+        else
+            note "keeping the default size (7G); pass --size to choose"
+        fi
+    fi
+    if [ -n "$size" ]; then valid_size "$size" || die "--size $size is not usable (see the message above)"; fi
+    if [ -z "$power" ]; then
+        power=no
+        if [ -t 0 ] && (( ! YES )); then
+            read -r -p "Turn on power-aware management (stop VRAM swap on battery, start it on AC)? [y/N]: " answer
+            case $answer in [yY]*) power=yes ;; esac
+        fi
+    fi
+    {
+        cat "$SRC/nbd-vram.conf"
+        echo
+        echo "$MARK"
+        if [ -n "$size" ]; then
+            echo "# size: $why."
+            echo "size = $size"
+        fi
+        echo "# power management: $power (asked by install.sh; this version has no setting for it yet, so this line only records the answer)"
+    } >"$out"
+    note "first install: size ${size:-7G (the default)}, power management $power"
+    run install -D -m 0644 "$out" "$CONF"
+}
+
+install_config() {
+    if [ ! -e "$CONF" ]; then
+        write_first_config
+        return
+    fi
+    if [ -n "$SIZE" ] || [ -n "$POWER" ]; then
+        note "$CONF exists: --size and --power-management only apply on first install; edit the file instead"
+    fi
+    if config_is_current; then
+        note "up to date: $CONF"
+    elif differs "$SRC/nbd-vram.conf" "$CONF.new" 0644; then
+        run install -m 0644 "$SRC/nbd-vram.conf" "$CONF.new"
+        note "kept your $CONF; the shipped one is $CONF.new: compare them and merge what you want"
+    else
+        note "kept your $CONF; the shipped one is already $CONF.new"
+    fi
+    if (( ! DRY )) && ! python3 "$SRC/nbd_vram.py" check-config --config "$CONF" >/dev/null; then
+        CONF_BAD=1
+        echo "install.sh: warning: $CONF is not valid for this version (left by the original nbd-vram?); fix it or replace it with $CONF.new" >&2
+    fi
+}
+
+systemctl_offline() {  # enable/disable in the staging root
+    run systemctl --root="$ROOT" "$@"
+}
+
+do_uninstall() {
+    require_root
+    note "uninstalling nbd-vram${ROOT:+ from $ROOT}"
+    stop_service
+    if [ -e "$UNITDIR/$UNIT" ] || [ -e "$UNITDIR/$SLEEP_UNIT" ]; then
+        case $SYSTEMD in
+            live) run systemctl disable "$UNIT" "$SLEEP_UNIT" ;;
+            offline) systemctl_offline disable "$UNIT" "$SLEEP_UNIT" ;;
+        esac
+    fi
+    remove_file "$UNITDIR/$SLEEP_UNIT"
+    remove_file "$UNITDIR/$UNIT"
+    remove_file "$BIN"
+    remove_file "$DOC"
+    if [ -d "$(dirname "$DOC")" ]; then run rmdir --ignore-fail-on-non-empty "$(dirname "$DOC")"; fi
+    if [ "$SYSTEMD" = live ]; then
+        run systemctl daemon-reload
+        systemctl reset-failed "$UNIT" "$SLEEP_UNIT" 2>/dev/null || true
+    fi
+    if [ -z "$ROOT" ]; then
+        remove_file "$RUNDIR/sleep-stopped"
+        local pid
+        pid=$(python3 -c 'import json, sys; print(int(json.load(open(sys.argv[1]))["pid"]))' "$RUNDIR/state.json" 2>/dev/null) || pid=""
+        if [ -n "$pid" ] && [ -d "/proc/$pid" ]; then
+            echo "install.sh: warning: an nbd-vram daemon (pid $pid) still serves swap: stop it with kill -TERM $pid (it swapoffs first)" >&2
+        fi
+    fi
+    if (( PURGE )); then
+        remove_file "$CONF"
+        remove_file "$CONF.new"
+    elif [ -e "$CONF" ]; then
+        note "kept $CONF (--purge removes it)"
+    fi
+    note "nbd-vram is uninstalled"
+}
+
+do_install() {
+    require_root
+    local f
+    for f in nbd_vram.py nbd-vram.conf "$UNIT" "$SLEEP_UNIT"; do
+        [ -f "$SRC/$f" ] || die "$SRC/$f is missing: run install.sh from a complete nbd-vram checkout"
+    done
+    command -v python3 >/dev/null || die "python3 is not installed (nbd_vram.py needs Python 3)"
+    for f in mkswap swapon swapoff; do
+        command -v "$f" >/dev/null || die "$f is not installed (install util-linux)"
+    done
+    if ! { ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1'; } && ! command -v nvidia-smi >/dev/null; then
+        die "no NVIDIA driver: libcuda.so.1 is not in the linker cache (ldconfig -p) and nvidia-smi is not installed; install the NVIDIA driver first"
+    fi
+    if [ ! -d /sys/module/nbd ] && ! modprobe -n nbd >/dev/null 2>&1; then
+        die "this kernel has no nbd module (modprobe -n nbd fails): install your distribution's extra kernel modules (e.g. linux-modules-extra-$(uname -r)), or build CONFIG_BLK_DEV_NBD"
+    fi
+    if [ -e "$UNITDIR/vram-swap-nbd-suspend.service" ]; then
+        echo "install.sh: warning: the original nbd-vram's vram-swap-nbd-suspend.service is installed; $SLEEP_UNIT replaces it: remove it (systemctl disable --now vram-swap-nbd-suspend.service)" >&2
+    fi
+    note "installing nbd-vram from $SRC${ROOT:+ into $ROOT}"
+
+    stop_stray_daemon
+    local changed=0
+    if differs "$SRC/nbd_vram.py" "$BIN" 0755 || differs "$SRC/$UNIT" "$UNITDIR/$UNIT" 0644 \
+        || differs "$SRC/$SLEEP_UNIT" "$UNITDIR/$SLEEP_UNIT" 0644; then
+        changed=1
+        stop_service
+    fi
+    install_file "$SRC/nbd_vram.py" "$BIN" 0755
+    install_file "$SRC/$UNIT" "$UNITDIR/$UNIT" 0644
+    install_file "$SRC/$SLEEP_UNIT" "$UNITDIR/$SLEEP_UNIT" 0644
+    if [ -f "$SRC/README.md" ]; then install_file "$SRC/README.md" "$DOC" 0644; fi
+    CONF_BAD=0
+    install_config
+
+    case $SYSTEMD in
+        live)
+            run systemctl daemon-reload
+            if (( ENABLE )); then run systemctl enable "$UNIT" "$SLEEP_UNIT"; else note "not enabling the units (--no-enable)"; fi
+            ;;
+        offline)
+            if (( ENABLE )); then systemctl_offline enable "$UNIT" "$SLEEP_UNIT"; else note "not enabling the units (--no-enable)"; fi
+            ;;
+        none)
+            if [ -n "$ROOT" ]; then note "systemctl not found: units not enabled in $ROOT"; fi
+            ;;
+    esac
+
+    if [ "$SYSTEMD" != live ]; then
+        if [ -n "$ROOT" ]; then note "staging root: nothing started or stopped"; fi
+    elif (( ! START )); then
+        if (( changed )); then
+            note "not starting $UNIT (--no-start); if it was running, it is now stopped"
+        else
+            note "not starting $UNIT (--no-start)"
+        fi
+    elif (( CONF_BAD )); then
+        note "not starting $UNIT: fix $CONF first, then: systemctl start $UNIT"
+    else
+        note "starting $UNIT (allocates VRAM, attaches /dev/nbdX, swapon)"
+        if ! run systemctl start "$UNIT"; then
+            systemctl --no-pager status "$UNIT" 2>&1 | tail -n 15 >&2 || true
+            die "$UNIT failed to start: see journalctl -u $UNIT"
+        fi
+    fi
+    if [ -z "$ROOT" ] && command -v swapon >/dev/null; then run swapon --show; fi
+    note "done"
+}
+
+if (( UNINSTALL )); then do_uninstall; else do_install; fi

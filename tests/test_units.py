@@ -1,0 +1,478 @@
+"""System integration files: the systemd units, the shipped config, install.sh and the shell tests.
+
+Needs no GPU, no nbd and no running systemd: `systemd-analyze verify` runs against a
+throwaway root, and install.sh installs into a staging root with stubbed nvidia-smi and
+modprobe.  .ci/run installs systemd and shellcheck (apt-get install -y systemd shellcheck).
+"""
+import hashlib
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "nbd_vram.py"
+UNITS = ["vram-swap-nbd.service", "vram-swap-nbd-sleep.service"]
+CONF = ROOT / "nbd-vram.conf"
+INSTALL = ROOT / "install.sh"
+OUR_SCRIPTS = ["install.sh", "test_smoke.sh", "test_fill.sh"]
+SYSTEM_UNIT_DIRS = ["/usr/lib/systemd/system", "/lib/systemd/system"]
+
+
+def clean_env(**extra):
+    """The environment without settings that would override the config under test."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("NBD_VRAM_", "VRAM_"))}
+    env.update(extra)
+    return env
+
+
+# -- systemd units ------------------------------------------------------------------------------
+
+def unit_lines(name):
+    return (ROOT / name).read_text().splitlines()
+
+
+def directives(name):
+    """[(section, key, value)] of a unit file."""
+    out, section = [], None
+    for line in unit_lines(name):
+        s = line.strip()
+        if not s or s.startswith(("#", ";")):
+            continue
+        if s.startswith("["):
+            section = s.strip("[]")
+            continue
+        key, _, value = s.partition("=")
+        out.append((section, key.strip(), value.strip()))
+    return out
+
+
+def analyze_root(tmp_path, units):
+    """A root that systemd-analyze verify can load the units from: the host's unit
+    directory (for the targets they name), the units, and an ExecStart stub."""
+    root = tmp_path / "root"
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "bin").symlink_to("usr/bin")
+    (root / "lib").symlink_to("usr/lib")
+    for d in SYSTEM_UNIT_DIRS:
+        if os.path.isdir(d) and not os.path.islink(d):
+            shutil.copytree(d, root / "usr/lib/systemd/system", symlinks=True, dirs_exist_ok=True)
+            break
+    shutil.copy("/bin/sh", root / "usr/bin/sh")
+    stub = root / "usr/local/bin/nbd_vram.py"
+    stub.parent.mkdir(parents=True)
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    unitdir = root / "etc/systemd/system"
+    unitdir.mkdir(parents=True)
+    for name, text in units.items():
+        (unitdir / name).write_text(text)
+    return root
+
+
+def verify(tmp_path, units):
+    exe = shutil.which("systemd-analyze")
+    if not exe:
+        pytest.skip("systemd-analyze is not installed (apt-get install -y systemd)")
+    root = analyze_root(tmp_path, units)
+    p = subprocess.run([exe, "verify", "--man=no", f"--root={root}", *units], capture_output=True, text=True,
+                       env=dict(os.environ, SYSTEMD_LOG_COLOR="0", SYSTEMD_PAGER=""))
+    if "unrecognized option" in p.stderr:
+        pytest.skip(f"this systemd-analyze has no verify --root: {p.stderr.strip()}")
+    return p
+
+
+def test_units_pass_systemd_analyze_verify(tmp_path):
+    p = verify(tmp_path, {name: (ROOT / name).read_text() for name in UNITS})
+    out = (p.stdout + p.stderr).strip()
+    assert p.returncode == 0 and not out, f"systemd-analyze verify (exit {p.returncode}):\n{out}"
+
+
+def test_systemd_analyze_verify_catches_errors(tmp_path):
+    """The check above has teeth: a misspelt key in our unit is reported."""
+    broken = (ROOT / UNITS[0]).read_text().replace("\nType=notify", "\nTyp=notify")
+    p = verify(tmp_path, {UNITS[0]: broken})
+    assert "Typ" in p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("name", UNITS)
+def test_every_unit_line_has_a_comment(name):
+    lines = unit_lines(name)
+    for i, line in enumerate(lines):
+        if not line.strip() or line.startswith(("#", "[")):
+            continue
+        assert i and lines[i - 1].startswith("#"), f"{name}:{i + 1}: {line!r} has no comment above it saying why"
+
+
+def test_main_unit_settings():
+    d = {(s, k): v for s, k, v in directives("vram-swap-nbd.service")}
+    want = {
+        ("Service", "Type"): "notify",
+        ("Service", "NotifyAccess"): "main",
+        ("Service", "ExecStart"): "/usr/local/bin/nbd_vram.py run",
+        ("Service", "Environment"): "PYTHONMALLOC=malloc",
+        ("Service", "ExecStartPre"): "-/usr/bin/nvidia-smi -pm 1",
+        ("Service", "LimitMEMLOCK"): "infinity",
+        ("Service", "OOMScoreAdjust"): "-1000",
+        ("Service", "TimeoutStopSec"): "1800",
+        ("Service", "TimeoutStartSec"): "120",
+        ("Service", "SendSIGKILL"): "no",
+        ("Service", "KillMode"): "mixed",
+        ("Service", "Restart"): "on-failure",
+        ("Service", "RestartSec"): "10",
+        ("Service", "FileDescriptorStoreMax"): "16",
+        ("Unit", "Wants"): "nvidia-persistenced.service",
+        ("Install", "WantedBy"): "multi-user.target",
+    }
+    for key, value in want.items():
+        assert d.get(key) == value, f"{key}: {d.get(key)!r}, want {value!r}"
+    after = d[("Unit", "After")].split()
+    for unit in ("display-manager.service", "nvidia-persistenced.service", "systemd-modules-load.service"):
+        assert unit in after
+    assert d[("Unit", "Documentation")]
+    for forbidden in ("MemoryMax", "DynamicUser", "PrivateDevices", "RuntimeDirectory"):
+        assert not any(k == forbidden for _, k, _ in directives("vram-swap-nbd.service")), forbidden
+
+
+def test_sleep_unit_settings():
+    d = {(s, k): v for s, k, v in directives("vram-swap-nbd-sleep.service")}
+    assert d[("Unit", "StopWhenUnneeded")] == "yes"
+    assert d[("Service", "Type")] == "oneshot" and d[("Service", "RemainAfterExit")] == "yes"
+    before = d[("Unit", "Before")].split()
+    for unit in ("sleep.target", "systemd-suspend.service", "systemd-hibernate.service",
+                 "nvidia-suspend.service", "nvidia-hibernate.service"):
+        assert unit in before
+    assert "/run/nbd-vram/sleep-stopped" in d[("Service", "ExecStart")]
+    assert "is-active vram-swap-nbd.service" in d[("Service", "ExecStart")]
+    assert "stop vram-swap-nbd.service" in d[("Service", "ExecStart")]
+    assert "/run/nbd-vram/sleep-stopped" in d[("Service", "ExecStop")]
+    assert "start vram-swap-nbd.service" in d[("Service", "ExecStop")]
+    assert d[("Install", "WantedBy")] == "sleep.target"
+
+
+SLEEP_PRE = re.compile(r"ExecStart=/bin/sh -c '(.*)'$", re.M)
+SLEEP_POST = re.compile(r"ExecStop=/bin/sh -c '(.*)'$", re.M)
+
+
+@pytest.mark.parametrize("active", [True, False])
+def test_sleep_unit_scripts(tmp_path, active):
+    """The two shell snippets, run against a fake systemctl: stop only what runs, and start
+    after resume only what was stopped."""
+    text = (ROOT / "vram-swap-nbd-sleep.service").read_text()
+    run_dir = tmp_path / "run"
+    pre = SLEEP_PRE.search(text).group(1).replace("/run/nbd-vram", str(run_dir))
+    post = SLEEP_POST.search(text).group(1).replace("/run/nbd-vram", str(run_dir))
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    calls = tmp_path / "calls"
+    (stubs / "systemctl").write_text(
+        f'#!/bin/sh\necho "$*" >>{calls}\n'
+        f'case "$*" in *is-active*) exit {0 if active else 3} ;; esac\nexit 0\n')
+    (stubs / "systemctl").chmod(0o755)
+    env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}")
+    subprocess.run(["/bin/sh", "-c", pre], check=True, env=env)
+    assert (run_dir / "sleep-stopped").exists() == active
+    subprocess.run(["/bin/sh", "-c", post], check=True, env=env)
+    assert not (run_dir / "sleep-stopped").exists()
+    log = calls.read_text().splitlines()
+    if active:
+        assert log == ["-q is-active vram-swap-nbd.service", "stop vram-swap-nbd.service",
+                       "--no-block start vram-swap-nbd.service"]
+    else:
+        assert log == ["-q is-active vram-swap-nbd.service"]
+
+
+# -- the shipped configuration ---------------------------------------------------------------
+
+KEY_LINE = re.compile(r"^#([a-z_]+) = (.*)$")
+
+
+def check_config(path):
+    return subprocess.run([sys.executable, str(SCRIPT), "check-config", "--config", str(path)],
+                          capture_output=True, text=True, env=clean_env())
+
+
+def test_shipped_conf_is_valid_as_is():
+    p = check_config(CONF)
+    assert p.returncode == 0, p.stderr
+    assert all(line.rstrip().endswith("# default") for line in p.stdout.splitlines()), p.stdout
+
+
+def test_shipped_conf_lists_every_key_at_its_default(nv):
+    text = CONF.read_text()
+    keys = {}
+    for line in text.splitlines():
+        m = KEY_LINE.match(line)
+        if m:
+            assert m.group(1) not in keys, f"{m.group(1)} listed twice"
+            keys[m.group(1)] = m.group(2)
+    assert list(keys) == [o.key for o in nv.OPTIONS], "keys missing, unknown or out of order"
+    for o in nv.OPTIONS:
+        assert keys[o.key] == o.default, f"{o.key}: shown as {keys[o.key]!r}, default is {o.default!r}"
+        block = text.split(f"#{o.key} = ")[0].rsplit("\n\n", 1)[-1]
+        assert f"Default: {o.default}" in block, f"{o.key}: no 'Default: {o.default}' above it"
+    assert "check-config" in text and "precedence" in text.lower()
+
+
+def test_shipped_conf_is_valid_fully_uncommented(tmp_path):
+    text = CONF.read_text()
+    uncommented = re.sub(r"(?m)^#([a-z_]+ = )", r"\1", text)
+    conf = tmp_path / "all.conf"
+    conf.write_text(uncommented)
+    p = check_config(conf)
+    assert p.returncode == 0, p.stderr
+    origins = [line.rsplit("# ", 1)[1] for line in p.stdout.splitlines()]
+    assert origins and all(o.startswith(str(conf)) for o in origins), p.stdout
+
+
+# -- install.sh --------------------------------------------------------------------------------
+
+def make_stubs(tmp_path, nvidia_smi="8192, Disabled", modprobe_rc=0):
+    stubs = tmp_path / "stubs"
+    stubs.mkdir(exist_ok=True)
+    if nvidia_smi is not None:
+        (stubs / "nvidia-smi").write_text(f'#!/bin/sh\necho "{nvidia_smi}"\n')
+    (stubs / "modprobe").write_text(f"#!/bin/sh\nexit {modprobe_rc}\n")
+    for f in stubs.iterdir():
+        f.chmod(0o755)
+    return stubs
+
+
+def install(staging, stubs, *args, path=None):
+    env = clean_env(PATH=f"{stubs}:{path or os.environ['PATH']}", NBD_VRAM_RUNTIME_DIR=str(staging) + ".run")
+    return subprocess.run(["bash", str(INSTALL), "--root", str(staging), *args], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, env=env)
+
+
+def tree(root):
+    """{relative path: (kind, mode, content hash or link target)} of everything under root."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            rel = str(p.relative_to(root))
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", None, os.readlink(p))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", stat.S_IMODE(st.st_mode), None)
+            else:
+                out[rel] = ("file", stat.S_IMODE(st.st_mode), hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
+
+
+BIN = "usr/local/bin/nbd_vram.py"
+UNIT_PATHS = [f"etc/systemd/system/{u}" for u in UNITS]
+ETC_CONF = "etc/nbd-vram.conf"
+
+
+def test_install_into_staging_root(tmp_path):
+    staging = tmp_path / "staging"
+    stubs = make_stubs(tmp_path)
+    p = install(staging, stubs, "--yes", "--no-start")
+    assert p.returncode == 0, p.stdout + p.stderr
+    t = tree(staging)
+    assert t[BIN][:2] == ("file", 0o755)
+    assert (staging / BIN).read_bytes() == SCRIPT.read_bytes()
+    for rel, name in zip(UNIT_PATHS, UNITS):
+        assert t[rel][:2] == ("file", 0o644)
+        assert (staging / rel).read_bytes() == (ROOT / name).read_bytes()
+    assert t[ETC_CONF][:2] == ("file", 0o644)
+    conf = (staging / ETC_CONF).read_text()
+    assert conf.startswith(CONF.read_text())
+    assert "\nsize = 7G\n" in conf               # 8192 MiB, no display: minus 1 GiB
+    assert "# power management: no" in conf
+    assert not (staging / (ETC_CONF + ".new")).exists()
+    c = check_config(staging / ETC_CONF)
+    assert c.returncode == 0, c.stderr
+    assert re.search(r"^size\s+= 7G\s+# .*nbd-vram.conf:\d+$", c.stdout, re.M), c.stdout
+    assert "+ install" in p.stdout                # each step echoed, ukify style
+    if shutil.which("systemctl"):
+        assert t.get("etc/systemd/system/multi-user.target.wants/vram-swap-nbd.service", ("",))[0] == "link"
+        assert t.get("etc/systemd/system/sleep.target.wants/vram-swap-nbd-sleep.service", ("",))[0] == "link"
+
+    again = install(staging, stubs, "--yes", "--no-start")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert tree(staging) == t, "a second install changed the tree"
+    assert "+ install" not in again.stdout
+
+
+@pytest.mark.parametrize("smi, want", [("12288, Enabled", "9G"), ("3000, Enabled", "1G"), ("6000, Disabled", "4976M")])
+def test_install_proposes_size_from_gpu(tmp_path, smi, want):
+    staging = tmp_path / "staging"
+    p = install(staging, make_stubs(tmp_path, nvidia_smi=smi), "--yes", "--no-start", "--no-enable")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"\nsize = {want}\n" in (staging / ETC_CONF).read_text()
+
+
+def test_install_size_and_power_flags(tmp_path):
+    staging = tmp_path / "staging"
+    p = install(staging, make_stubs(tmp_path), "--size", "3G", "--power-management", "yes", "--no-start")
+    assert p.returncode == 0, p.stdout + p.stderr
+    conf = (staging / ETC_CONF).read_text()
+    assert "\nsize = 3G\n" in conf and "# power management: yes" in conf
+    bad = install(tmp_path / "other", make_stubs(tmp_path), "--size", "lots", "--no-start")
+    assert bad.returncode != 0 and "lots" in bad.stderr
+    assert not (tmp_path / "other" / ETC_CONF).exists()
+
+
+def test_install_keeps_existing_config(tmp_path):
+    staging = tmp_path / "staging"
+    (staging / "etc").mkdir(parents=True)
+    mine = "# mine\npriority = 10\n"
+    (staging / ETC_CONF).write_text(mine)
+    stubs = make_stubs(tmp_path)
+    p = install(staging, stubs, "--yes", "--no-start")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert (staging / ETC_CONF).read_text() == mine
+    new = staging / (ETC_CONF + ".new")
+    assert new.read_bytes() == CONF.read_bytes() and stat.S_IMODE(new.stat().st_mode) == 0o644
+    assert ".new" in p.stdout
+    t = tree(staging)
+    again = install(staging, stubs, "--yes", "--no-start")
+    assert again.returncode == 0
+    assert tree(staging) == t, "a second install changed the tree"
+
+
+def test_install_warns_about_an_invalid_existing_config(tmp_path):
+    staging = tmp_path / "staging"
+    (staging / "etc").mkdir(parents=True)
+    (staging / ETC_CONF).write_text("VRAM_POWER_MANAGEMENT=0\n")
+    p = install(staging, make_stubs(tmp_path), "--yes", "--no-start")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "not valid" in p.stderr
+
+
+def test_uninstall_keeps_config_unless_purge(tmp_path):
+    staging = tmp_path / "staging"
+    stubs = make_stubs(tmp_path)
+    assert install(staging, stubs, "--yes", "--no-start").returncode == 0
+    p = install(staging, stubs, "--uninstall")
+    assert p.returncode == 0, p.stdout + p.stderr
+    t = tree(staging)
+    for rel in [BIN, *UNIT_PATHS]:
+        assert rel not in t
+    assert not [rel for rel in t if rel.endswith(".wants/vram-swap-nbd.service")
+                or rel.endswith(".wants/vram-swap-nbd-sleep.service")]
+    assert ETC_CONF in t and "kept" in p.stdout
+    again = install(staging, stubs, "--uninstall")
+    assert again.returncode == 0 and tree(staging) == t
+    purge = install(staging, stubs, "--uninstall", "--purge")
+    assert purge.returncode == 0 and ETC_CONF not in tree(staging)
+
+
+def test_install_dry_run_changes_nothing(tmp_path):
+    staging = tmp_path / "staging"
+    p = install(staging, make_stubs(tmp_path), "--dry-run", "--yes")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "+ install" in p.stdout
+    assert not staging.exists() or not any(staging.iterdir())
+
+
+def system_path_without(tool):
+    path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    if shutil.which(tool, path=path):
+        pytest.skip(f"{tool} is installed on this machine")
+    return path
+
+
+def test_install_refuses_without_nvidia_driver(tmp_path):
+    stubs = make_stubs(tmp_path, nvidia_smi=None)
+    path = system_path_without("nvidia-smi")
+    ldconfig = shutil.which("ldconfig", path=path)
+    if ldconfig and "libcuda.so.1" in subprocess.run([ldconfig, "-p"], capture_output=True, text=True).stdout:
+        pytest.skip("this machine has libcuda.so.1")
+    p = install(tmp_path / "staging", stubs, "--yes", "--no-start", path=path)
+    assert p.returncode != 0 and "no NVIDIA driver" in p.stderr, p.stderr
+    assert not (tmp_path / "staging").exists()
+
+
+def test_install_refuses_without_nbd(tmp_path):
+    if os.path.isdir("/sys/module/nbd"):
+        pytest.skip("this kernel has nbd loaded")
+    p = install(tmp_path / "staging", make_stubs(tmp_path, modprobe_rc=1), "--yes", "--no-start")
+    assert p.returncode != 0 and "no nbd module" in p.stderr, p.stderr
+    assert not (tmp_path / "staging").exists()
+
+
+def run_unprivileged(script, *args, env=None):
+    """Run a copy of one of our scripts as nobody (or as ourselves when not root).  The copy
+    lives in a world-readable directory: the checkout may sit below a directory that only
+    root can enter."""
+    prefix = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if not setpriv:
+            pytest.skip("running as root and setpriv is missing")
+        prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    d = tempfile.mkdtemp(prefix="nbd-vram-unpriv.")
+    try:
+        os.chmod(d, 0o755)
+        copy = shutil.copy(ROOT / script, d)
+        os.chmod(copy, 0o755)
+        return subprocess.run([*prefix, "bash", copy, *args], stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, cwd=d, env=env)
+    finally:
+        shutil.rmtree(d)
+
+
+def test_install_refuses_without_root(tmp_path):
+    p = run_unprivileged("install.sh", "--yes", env=clean_env(PATH=f"{make_stubs(tmp_path)}:{os.environ['PATH']}"))
+    assert p.returncode != 0 and "must run as root" in p.stderr, p.stdout + p.stderr
+
+
+def test_install_help_and_bad_option():
+    assert subprocess.run(["bash", str(INSTALL), "--help"], capture_output=True).returncode == 0
+    p = subprocess.run(["bash", str(INSTALL), "--bogus"], capture_output=True, text=True)
+    assert p.returncode == 2 and "--bogus" in p.stderr
+
+
+# -- shell scripts -------------------------------------------------------------------------------
+
+def shell_scripts():
+    """Every shell script in the checkout: *.sh and .ci/run."""
+    found = sorted({p for p in ROOT.rglob("*.sh") if ".git" not in p.parts}
+                   | ({ROOT / ".ci/run"} if (ROOT / ".ci/run").exists() else set()))
+    return [str(p.relative_to(ROOT)) for p in found]
+
+
+@pytest.mark.parametrize("script", shell_scripts())
+def test_bash_n(script):
+    p = subprocess.run(["bash", "-n", str(ROOT / script)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+
+
+@pytest.mark.parametrize("script", shell_scripts())
+def test_shellcheck(script):
+    """Ours must be clean; the rest must have no errors (warnings are their owners' call)."""
+    exe = shutil.which("shellcheck")
+    if not exe:
+        pytest.skip("shellcheck is not installed (apt-get install -y shellcheck)")
+    args = [] if script in OUR_SCRIPTS else ["--severity=error"]
+    p = subprocess.run([exe, "--shell=bash", *args, str(ROOT / script)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("script", OUR_SCRIPTS)
+def test_script_conventions(script):
+    text = (ROOT / script).read_text()
+    lines = text.splitlines()
+    assert lines[0] == "#!/usr/bin/env bash"
+    assert lines[1].startswith(f"# {script}: "), "the first comment line says what it is"
+    assert "set -euo pipefail" in text
+    assert os.access(ROOT / script, os.X_OK), f"{script} is not executable"
+    if script.startswith("test_"):
+        assert "exit 77" in text
+
+
+@pytest.mark.parametrize("script", ["test_smoke.sh", "test_fill.sh"])
+def test_shell_tests_skip_without_root(script):
+    p = run_unprivileged(script, *(["auto"] if script == "test_fill.sh" else []))
+    assert p.returncode == 77 and "SKIP" in p.stdout, p.stdout + p.stderr
