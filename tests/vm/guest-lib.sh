@@ -38,7 +38,7 @@ fail_on_kernel_errors() {
 
 # start_watchdog PID [INTERVAL_S]: run watchdog.py on PID in the background (prints to the console)
 start_watchdog() {
-  sysctl -qw kernel.sysrq=1; dmesg -n 8
+  sysctl -qw kernel.sysrq=1
   python3 "$NBD_VRAM_VM/watchdog.py" "$1" "${2:-5}" &
 }
 

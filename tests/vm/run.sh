@@ -42,7 +42,7 @@ done
 t0=$(date +%s)
 set +e
 timeout -k 10 "${VM_TIMEOUT:-900}" qemu-system-x86_64 -machine q35,accel=tcg -cpu max -smp "$cpus" -m "$mem" \
-  -nographic -no-reboot -kernel "$D/vmlinuz" -initrd "$D/initrd.img" \
+  -nographic -vga none -no-reboot -kernel "$D/vmlinuz" -initrd "$D/initrd.img" \
   -append "console=ttyS0 quiet panic=-1 lab.cmd=$script" \
   -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
   -virtfs "local,path=$out,mount_tag=out,security_model=none,multidevs=remap" \

@@ -3,10 +3,10 @@
 background before the pressure; guest-lib.sh's start_watchdog also enables sysrq and console logging).
 Every INTERVAL_S it reads /proc and prints one "WATCHDOG" line to the console when something looks
 stuck: a thread of PID in state R whose system time grows while its user time and page faults are
-frozen, or direct reclaim scanning (pgscan_direct) while stealing nothing, or swap-out frozen while
-reclaim runs. After two suspicious samples in a row it dumps every thread of PID (state, ticks,
-faults, syscall, kernel stack) and asks for a backtrace of every CPU (sysrq-l), at most MAX_DUMPS
-times. Exits when PID does. It is mlocked, but in a hard livelock it may still need a page and
+frozen, or direct reclaim scanning (pgscan_direct) hard while stealing nothing and swap-out is frozen.
+After three suspicious samples in a row it dumps every thread of PID (state, ticks, faults, syscall,
+kernel stack), raises the console log level and asks for a backtrace of every CPU (sysrq-l; needs
+kernel.sysrq=1; its "Call Trace" lines make fail_on_kernel_errors fail), at most MAX_DUMPS times. Exits when PID does. It is mlocked, but in a hard livelock it may still need a page and
 stay silent: silence from it is itself a sign."""
 import ctypes, glob, os, sys, time
 
@@ -68,15 +68,18 @@ while os.path.exists(f"/proc/{pid}") and dumps < max_dumps:
             _, put, pst, pflt = prev_t[task]
             if state == "R" and stime - pst >= 0.8 * interval * HZ and ut == put and flt == pflt:
                 why.append(f"{task.rsplit('/', 1)[1]} R stime+{stime - pst}")
-    if d["pgscan_direct"] > 10000 * interval and d["pgsteal_direct"] * 100 < d["pgscan_direct"]:
-        why.append(f"direct reclaim scans {d['pgscan_direct']} steals {d['pgsteal_direct']}")
-    if d["allocstall_normal"] > 0 and d["pswpout"] == 0:
-        why.append("allocations stall, swap-out frozen")
+    if (d["pgscan_direct"] > 20000 * interval and d["pgsteal_direct"] * 100 < d["pgscan_direct"]
+            and d["pswpout"] == 0):
+        why.append(f"direct reclaim scans {d['pgscan_direct']} steals {d['pgsteal_direct']}, swap-out frozen")
     if why:
         say(f"WATCHDOG pid {pid}: " + "; ".join(why) + " | " + " ".join(f"{k}+{v}" for k, v in d.items()))
         bad_in_row += 1
-        if bad_in_row >= 2:
+        if bad_in_row >= 3:
             dumps += 1
+            try:
+                open("/proc/sys/kernel/printk", "w").write("8")
+            except OSError:
+                pass
             say(f"WATCHDOG dump {dumps}/{max_dumps}\n{dump()}")
             try:
                 open("/proc/sysrq-trigger", "w").write("l")
