@@ -374,8 +374,10 @@ class Cuda:
         """Call a bound function by name and raise CudaError on failure."""
         self.check(name, getattr(self, name)(*args))
 
-    def init(self, tries=10, delay_s=2.0):
+    def init(self, tries=None, delay_s=2.0):
         """cuInit, retried: a sleeping laptop GPU can take seconds to answer."""
+        if tries is None:
+            tries = int(os.environ.get("NBD_VRAM_CUINIT_TRIES") or 10)   # the tests make it 1
         # Number GPUs as nvidia-smi does (PCI order), not fastest first.
         os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         for attempt in range(1, tries + 1):
@@ -480,8 +482,7 @@ class VramStore:
     @classmethod
     def open_device(cls, cuda, gpu):
         """cuInit, pick the GPU, retain its primary context and make it current."""
-        cuda.init(**({"tries": int(os.environ["NBD_VRAM_CUINIT_TRIES"])}
-                     if os.environ.get("NBD_VRAM_CUINIT_TRIES") else {}))
+        cuda.init()
         dev = cuda.select_device(gpu)
         ctx = CUcontext()
         cuda.call("cuDevicePrimaryCtxRetain", ctypes.byref(ctx), dev)
@@ -2140,7 +2141,7 @@ def cmd_worker(args):
     threading.stack_size(THREAD_STACK)
     ctl = socket.socket(fileno=args.ctl_fd)
     cuda = Cuda(args.libcuda)
-    cuda.init(tries=1)
+    cuda.init()
     dev = cuda.select_device(args.gpu)
     ctx = CUcontext()
     cuda.call("cuDevicePrimaryCtxRetain", ctypes.byref(ctx), dev)

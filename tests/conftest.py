@@ -55,7 +55,8 @@ class Server:
                                       "--min-size", "64M", *args],
                                      env=fake_env(fakecuda, **env), stdout=self.logf, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
-        while not os.path.exists(self.sock):
+        # Ready once it logs "serving": the socket file appears at bind(), a moment before listen().
+        while not (os.path.exists(self.sock) and "serving " in self.log_path.read_text()):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"serve exited with {self.proc.returncode}: {self.log()}")
             if time.monotonic() > deadline:
@@ -64,7 +65,8 @@ class Server:
         self.uri = f"nbd+unix:///?socket={self.sock}"
 
     def log(self):
-        self.logf.flush()
+        if not self.logf.closed:
+            self.logf.flush()
         return self.log_path.read_text()
 
     def stop(self, timeout=20):
@@ -101,4 +103,6 @@ def make_server(tmp_path, fakecuda):
         return s
     yield make
     for s in made:
-        s.stop()
+        rc = s.stop()
+        assert rc == 0, s.log()
+        assert "Traceback" not in s.log(), s.log()

@@ -1,0 +1,332 @@
+"""The command line: help, exit codes, GPU selection, allocation back-off, socket safety, run/status refusals."""
+import os
+import shutil
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import SCRIPT, fake_env
+from nbdclient import Client
+
+MiB = 1 << 20
+FAKE_UUID0 = "GPU-facec0da-0000-4000-0000-000000000001"
+
+
+def cli(*args, env=None, timeout=60, prefix=()):
+    return subprocess.run([*prefix, sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def assert_clean(p):
+    out = p.stdout + p.stderr
+    assert "Traceback" not in out, out
+
+
+def error_lines(p):
+    return [line for line in p.stderr.splitlines() if "ERROR" in line]
+
+
+def serve_fails(tmp_path, fakecuda, *args, code, env=None, **fake):
+    e = fake_env(fakecuda, **fake)
+    e.update(env or {})
+    p = cli("serve", "--socket", str(tmp_path / "s.sock"), *args, env=e)
+    assert p.returncode == code, (p.returncode, p.stderr)
+    assert_clean(p)
+    errs = error_lines(p)
+    assert len(errs) == 1, p.stderr                 # one line says what is wrong
+    assert not os.path.exists(tmp_path / "s.sock")
+    return errs[0]
+
+
+def start_serve(tmp_path, fakecuda, *args, sock=None, **fake):
+    """Run serve until it listens; returns (process, socket path, log path)."""
+    sock = sock or str(tmp_path / "s.sock")
+    log = tmp_path / "serve.log"
+    logf = open(log, "w")
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "serve", "--socket", sock, *args],
+                            env=fake_env(fakecuda, **fake), stdout=logf, stderr=subprocess.STDOUT)
+    logf.close()
+    deadline = time.monotonic() + 20
+    while "serving " not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"serve did not start (rc {proc.poll()}): {log.read_text()}")
+        time.sleep(0.05)
+    return proc, sock, log
+
+
+def stop_serve(proc, log):
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0, log.read_text()
+    assert "Traceback" not in log.read_text(), log.read_text()
+    return log.read_text()
+
+
+def export_size(sock):
+    c = Client(sock)
+    c.go()
+    size = c.size
+    data = os.urandom(4096)
+    assert c.write(size - 4096, data) == 0 and c.read(size - 4096, 4096) == (0, data)
+    c.disconnect()
+    return size
+
+
+# -- help and version -------------------------------------------------------------------------------------
+
+def test_help_lists_exit_codes():
+    p = cli("--help")
+    assert p.returncode == 0
+    for code, words in [(0, "success"), (2, "bad command line"), (3, "no daemon is running"), (4, "configuration"),
+                        (5, "libcuda.so.1"), (6, "no usable NVIDIA GPU"), (7, "minimum size"), (8, "nbd"),
+                        (9, "root"), (10, "errors were seen")]:
+        assert any(line.split()[:1] == [str(code)] and words in line for line in p.stdout.splitlines()), (code, words)
+    for command in ("serve", "run", "check-config", "status", "detach"):
+        assert command in p.stdout
+
+
+def test_serve_help_lists_exit_codes():
+    p = cli("serve", "--help")
+    assert p.returncode == 0 and "exit status:" in p.stdout and "--min-size" in p.stdout
+
+
+def test_version():
+    p = cli("--version")
+    assert p.returncode == 0 and p.stdout.strip().startswith("nbd-vram ")
+    assert p.stdout.split()[1][0].isdigit()
+
+
+@pytest.mark.parametrize("args", [["bogus"], ["serve"], ["serve", "--socket", "/tmp/x", "--size", "1G", "--nope"],
+                                  ["serve", "--socket", "/tmp/x", "--size", "1G", "--max-connections", "many"]])
+def test_usage_errors(args):
+    p = cli(*args)
+    assert p.returncode == 2, p.stderr
+    assert_clean(p)
+    assert len(p.stderr.strip().splitlines()) == 1 and "(see --help)" in p.stderr
+
+
+def test_no_command_prints_help():
+    p = cli()
+    assert p.returncode == 2 and "usage:" in p.stdout
+
+
+@pytest.mark.parametrize("size,min_size", [("tiny", "64M"), ("32M", "16M"), ("9" * 400, "64M"), ("1G", "lots")])
+def test_serve_bad_sizes(tmp_path, fakecuda, size, min_size):
+    line = serve_fails(tmp_path, fakecuda, "--size", size, "--min-size", min_size, code=4)
+    assert "serve:" in line
+
+
+# -- driver and GPU ---------------------------------------------------------------------------------------
+
+def test_no_driver(tmp_path, fakecuda):
+    p = cli("serve", "--socket", str(tmp_path / "s.sock"), "--size", "256M",
+            env=dict(os.environ, NBD_VRAM_LIBCUDA="/nonexistent/libcuda.so.1"))
+    assert p.returncode == 5, p.stderr
+    assert_clean(p)
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "NBD_VRAM_LIBCUDA" in p.stderr and "/nonexistent/libcuda.so.1" in p.stderr
+
+
+def test_no_device(tmp_path, fakecuda):
+    line = serve_fails(tmp_path, fakecuda, "--size", "256M", code=6, FAKECUDA_NO_DEVICE=1)
+    assert "no NVIDIA GPU" in line
+
+
+def test_cuinit_keeps_failing(tmp_path, fakecuda):
+    line = serve_fails(tmp_path, fakecuda, "--size", "256M", code=5, FAKECUDA_INIT_FAILS=5)
+    assert "CUDA_ERROR_UNKNOWN" in line
+
+
+@pytest.mark.parametrize("gpu,devices,fragment", [
+    ("5", 1, "there are only 1 GPU(s)"),
+    ("GPU-facec0da-0000-4000-0000-000000000002", 1, "no GPU has that UUID"),
+    ("0000:02:00.0", 1, "no GPU at that PCI bus id"),
+    ("zz:zz", 1, "no GPU at that PCI bus id"),
+    ("2", 2, "numbered 0 to 1"),
+])
+def test_gpu_not_found(tmp_path, fakecuda, gpu, devices, fragment):
+    line = serve_fails(tmp_path, fakecuda, "--size", "256M", "--gpu", gpu, code=6, FAKECUDA_DEVICES=devices)
+    assert f"--gpu {gpu}" in line and fragment in line
+
+
+@pytest.mark.parametrize("gpu,want", [("0", 0), (FAKE_UUID0, 0), (FAKE_UUID0.lower()[4:], 0), ("0000:01:00.0", 0),
+                                      ("01:00.0", 0), ("1", 1), ("GPU-facec0da-0000-4000-0000-000000000002", 1),
+                                      ("0000:02:00.0", 1)])
+def test_gpu_selection(tmp_path, fakecuda, gpu, want):
+    proc, sock, log = start_serve(tmp_path, fakecuda, "--size", "128M", "--min-size", "64M", "--gpu", gpu,
+                                  FAKECUDA_DEVICES=2)
+    export_size(sock)
+    text = stop_serve(proc, log)
+    assert f"GPU {want}: Fake CUDA Device {want} (GPU-facec0da-0000-4000-0000-00000000000{want + 1}, " \
+           f"0000:0{want + 1}:00.0)" in text, text
+
+
+# -- allocation -------------------------------------------------------------------------------------------
+
+def test_not_enough_vram(tmp_path, fakecuda):
+    line = serve_fails(tmp_path, fakecuda, "--size", "1G", "--min-size", "256M", code=7,
+                       FAKECUDA_FAIL_ALLOC_ABOVE=128 * MiB, FAKECUDA_TOTAL_MB=4096)
+    assert "could not allocate even 256 MiB" in line and "4 GiB of 4 GiB is free" in line
+
+
+def test_backoff(tmp_path, fakecuda):
+    proc, sock, log = start_serve(tmp_path, fakecuda, "--size", "1G", "--min-size", "256M",
+                                  FAKECUDA_FAIL_ALLOC_ABOVE=600 * MiB)
+    assert export_size(sock) == 512 * MiB
+    text = stop_serve(proc, log)
+    assert "allocating 1 GiB of VRAM failed (out of memory), trying 512 MiB less" in text
+    assert "allocated 512 MiB of VRAM (1 GiB asked" in text
+
+
+def test_backoff_limited_by_total_memory(tmp_path, fakecuda):
+    proc, sock, log = start_serve(tmp_path, fakecuda, "--size", "2G", "--min-size", "256M", FAKECUDA_TOTAL_MB=1200)
+    assert export_size(sock) == 1 * 1024 * MiB
+    stop_serve(proc, log)
+
+
+def test_no_vmm_falls_back_to_cumemalloc(tmp_path, fakecuda):
+    proc, sock, log = start_serve(tmp_path, fakecuda, "--size", "128M", "--min-size", "64M", FAKECUDA_NO_VMM=1)
+    assert export_size(sock) == 128 * MiB
+    text = stop_serve(proc, log)
+    assert "cuMemAlloc)" in text and "cuMemCreate" not in text
+
+
+def test_vmm_used_by_default(tmp_path, fakecuda):
+    proc, sock, log = start_serve(tmp_path, fakecuda, "--size", "128M", "--min-size", "64M")
+    export_size(sock)
+    assert "cuMemCreate+fd" in stop_serve(proc, log)
+
+
+# -- the socket path --------------------------------------------------------------------------------------
+
+def test_socket_mode_0600(tmp_path, fakecuda):
+    proc, sock, log = start_serve(tmp_path, fakecuda, "--size", "128M", "--min-size", "64M")
+    try:
+        st = os.lstat(sock)
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+    finally:
+        stop_serve(proc, log)
+    assert not os.path.exists(sock)                            # removed on the way out
+
+
+def test_world_writable_directory_refused(tmp_path, fakecuda):
+    d = tmp_path / "open"
+    d.mkdir()
+    os.chmod(d, 0o777)
+    line = serve_fails(d, fakecuda, "--size", "128M", "--min-size", "64M", code=1)
+    assert "world-writable without the sticky bit" in line
+
+
+def test_sticky_world_writable_directory_allowed(tmp_path, fakecuda):
+    d = tmp_path / "tmpish"
+    d.mkdir()
+    os.chmod(d, 0o1777)
+    proc, sock, log = start_serve(d, fakecuda, "--size", "128M", "--min-size", "64M")
+    stop_serve(proc, log)
+
+
+def test_missing_directory_refused(tmp_path, fakecuda):
+    p = cli("serve", "--socket", str(tmp_path / "nope" / "s.sock"), "--size", "128M", "--min-size", "64M",
+            env=fake_env(fakecuda))
+    assert p.returncode == 1 and "does not exist" in p.stderr
+    assert_clean(p)
+    assert len(error_lines(p)) == 1
+
+
+def test_existing_file_refused(tmp_path, fakecuda):
+    (tmp_path / "s.sock").write_text("precious")
+    p = cli("serve", "--socket", str(tmp_path / "s.sock"), "--size", "128M", "--min-size", "64M",
+            env=fake_env(fakecuda))
+    assert p.returncode == 1 and "is not a socket" in p.stderr
+    assert_clean(p)
+    assert len(error_lines(p)) == 1
+    assert (tmp_path / "s.sock").read_text() == "precious"
+
+
+def test_stale_socket_replaced(tmp_path, fakecuda):
+    path = str(tmp_path / "s.sock")
+    old = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old.bind(path)
+    old.close()                                                # the file stays; nothing listens
+    proc, sock, log = start_serve(tmp_path, fakecuda, "--size", "128M", "--min-size", "64M", sock=path)
+    assert export_size(sock) == 128 * MiB
+    assert "removing stale socket" in stop_serve(proc, log)
+
+
+def test_socket_in_use_refused(tmp_path, fakecuda):
+    proc, sock, log = start_serve(tmp_path, fakecuda, "--size", "128M", "--min-size", "64M")
+    try:
+        p = cli("serve", "--socket", sock, "--size", "128M", "--min-size", "64M", env=fake_env(fakecuda))
+        assert p.returncode == 1 and "in use by another server" in p.stderr
+        assert_clean(p)
+        assert export_size(sock) == 128 * MiB                   # the first server still answers
+    finally:
+        stop_serve(proc, log)
+
+
+# -- run and status ---------------------------------------------------------------------------------------
+
+def test_run_needs_root(tmp_path):
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() == 0:
+        if not setpriv:
+            pytest.skip("running as root and setpriv (util-linux) is missing: cannot drop privileges")
+        prefix = (setpriv, "--reuid", "65534", "--regid", "65534", "--clear-groups")
+    else:
+        prefix = ()
+    p = cli("run", "--config", "/dev/null", env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, prefix=prefix)
+    assert p.returncode == 9, (p.returncode, p.stderr)
+    assert_clean(p)
+    assert len(p.stderr.strip().splitlines()) == 1 and "run needs root" in p.stderr
+
+
+def test_status_not_running(tmp_path):
+    env = dict(os.environ, NBD_VRAM_RUNTIME_DIR=str(tmp_path))
+    p = cli("status", env=env)
+    assert p.returncode == 3, p.stderr
+    assert_clean(p)
+    assert p.stdout.strip() == "nbd-vram is not running"
+    p = cli("status", "--json", env=env)
+    assert p.returncode == 3 and '"running": false' in p.stdout
+
+
+def test_status_stale_state(tmp_path):
+    (tmp_path / "state.json").write_text('{"pid": 999999999, "device": "/dev/nbd0"}')
+    p = cli("status", env=dict(os.environ, NBD_VRAM_RUNTIME_DIR=str(tmp_path)))
+    assert p.returncode == 3 and "stale state of pid 999999999" in p.stdout
+    assert_clean(p)
+
+
+def test_detach_bad_device():
+    p = cli("detach", "/dev/sda")
+    assert p.returncode == 4 and "is not an nbd device" in p.stderr
+    assert_clean(p)
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_serve_sigint_is_clean(tmp_path, fakecuda):
+    proc, sock, log = start_serve(tmp_path, fakecuda, "--size", "128M", "--min-size", "64M")
+    c = Client(sock)
+    c.go()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(20) == 0, log.read_text()
+    assert "SIGINT received: stopping" in log.read_text() and "freed 128 MiB of VRAM" in log.read_text()
+    assert "Traceback" not in log.read_text()
+    c.close()
+
+
+def test_serve_stops_with_a_client_mid_request(tmp_path, fakecuda):
+    """SIGTERM while a client is connected and half-way through a write: exit 0, VRAM freed."""
+    proc, sock, log = start_serve(tmp_path, fakecuda, "--size", "128M", "--min-size", "64M")
+    c = Client(sock)
+    c.go()
+    c.sock.sendall(struct.pack("!IHHQQI", 0x25609513, 0, 1, 1, 0, 65536) + b"x" * 100)
+    text = stop_serve(proc, log)
+    assert "freed 128 MiB of VRAM" in text
+    c.close()

@@ -1,0 +1,193 @@
+"""Configuration: defaults < file < environment < flags, and one-line errors that name file, line and key."""
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from conftest import SCRIPT, load_module
+
+nv = load_module()
+MiB, GiB = 1 << 20, 1 << 30
+
+
+@pytest.fixture
+def conf(tmp_path):
+    def write(text, name="nbd-vram.conf"):
+        p = tmp_path / name
+        p.write_text(text)
+        return str(p)
+    return write
+
+
+def test_defaults(tmp_path):
+    settings_, origin = nv.load_config(str(tmp_path / "absent.conf"), environ={})
+    assert settings_["size"] == 7 * GiB and settings_["min_size"] == GiB
+    assert settings_["gpu"] == "0" and settings_["priority"] == 1500 and settings_["connections"] == 4
+    assert settings_["discard"] is True and settings_["swappiness"] is None and settings_["attach"] == "auto"
+    assert settings_["buffer_size"] == 2 * MiB and settings_["debug"] is False
+    assert set(origin.values()) == {"default"} and set(origin) == set(nv.OPTION_BY_KEY)
+
+
+def test_missing_file_required(tmp_path):
+    with pytest.raises(nv.ConfigError, match="no such file"):
+        nv.load_config(str(tmp_path / "absent.conf"), environ={}, require_file=True)
+
+
+def test_file_values(conf):
+    path = conf("# comment\n\nsize = 2G\nmin-size=512M   # trailing comment\nPRIORITY = 10\ndiscard = no\n"
+                "swappiness = 180\nattach = ioctl\ngpu = GPU-facec0da\n")
+    s, origin = nv.load_config(path, environ={})
+    assert (s["size"], s["min_size"], s["priority"], s["discard"]) == (2 * GiB, 512 * MiB, 10, False)
+    assert (s["swappiness"], s["attach"], s["gpu"]) == (180, "ioctl", "GPU-facec0da")
+    assert origin["size"] == f"{path}:3" and origin["min_size"] == f"{path}:4" and origin["priority"] == f"{path}:5"
+    assert origin["connections"] == "default"
+
+
+def test_unknown_key(conf):
+    path = conf("size = 2G\n\nsizee = 3G\n")
+    with pytest.raises(nv.ConfigError) as e:
+        nv.load_config(path, environ={})
+    msg = str(e.value)
+    assert f"{path}:3" in msg and "sizee" in msg and "\n" not in msg
+    for key in nv.OPTION_BY_KEY:
+        assert key in msg
+
+
+def test_line_without_equals(conf):
+    path = conf("size 2G\n")
+    with pytest.raises(nv.ConfigError, match=r":1: expected 'key = value'"):
+        nv.load_config(path, environ={})
+
+
+@pytest.mark.parametrize("line,key,allowed", [
+    ("priority = high", "priority", "-1..32767"),
+    ("priority = 40000", "priority", "-1..32767"),
+    ("connections = 0", "connections", "1..64"),
+    ("discard = maybe", "discard", "yes or no"),
+    ("size = 10M", "size", "a size such as 512M"),
+    ("size = lots", "size", "a size such as 512M"),
+    ("attach = magic", "attach", "auto, netlink or ioctl"),
+    ("swappiness = 201", "swappiness", "0..200 or keep"),
+    ("buffer_size = 1K", "buffer_size", "64K..256M"),
+])
+def test_bad_value(conf, line, key, allowed):
+    path = conf(f"# first\n{line}\n")
+    with pytest.raises(nv.ConfigError) as e:
+        nv.load_config(path, environ={})
+    msg = str(e.value)
+    assert msg.startswith(f"{path}:2: {key}:") and f"allowed: {allowed}" in msg and "\n" not in msg
+
+
+def test_duplicate_key(conf):
+    path = conf("size = 2G\npriority = 5\nsize = 3G\n")
+    with pytest.raises(nv.ConfigError, match=r":3: 'size' is set twice \(first on line 1\)"):
+        nv.load_config(path, environ={})
+
+
+def test_duplicate_key_spelled_differently(conf):
+    path = conf("min_size = 1G\nmin-size = 2G\n")
+    with pytest.raises(nv.ConfigError, match="set twice"):
+        nv.load_config(path, environ={})
+
+
+def test_environment_overrides_file(conf):
+    path = conf("size = 2G\npriority = 10\nconnections = 2\n")
+    env = {"VRAM_SETUP_SIZE_MB": "4096", "VRAM_SWAP_PRIORITY": "77", "VRAM_NBD_CONNECTIONS": "8"}
+    s, origin = nv.load_config(path, environ=env)
+    assert (s["size"], s["priority"], s["connections"]) == (4 * GiB, 77, 8)
+    assert origin["size"] == "$VRAM_SETUP_SIZE_MB" and origin["priority"] == "$VRAM_SWAP_PRIORITY"
+    assert origin["connections"] == "$VRAM_NBD_CONNECTIONS"
+
+
+def test_empty_environment_value_is_ignored(conf):
+    s, origin = nv.load_config(conf("priority = 10\n"), environ={"VRAM_SWAP_PRIORITY": ""})
+    assert s["priority"] == 10 and origin["priority"].endswith(":1")
+
+
+@pytest.mark.parametrize("var,value", [("VRAM_SETUP_SIZE_MB", "4G"), ("VRAM_SETUP_SIZE_MB", "10"),
+                                       ("VRAM_SWAP_PRIORITY", "x"), ("VRAM_NBD_CONNECTIONS", "65")])
+def test_bad_environment(conf, var, value):
+    with pytest.raises(nv.ConfigError, match=f"environment {var}:"):
+        nv.load_config(conf(""), environ={var: value})
+
+
+def test_flags_override_environment(conf):
+    path = conf("size = 2G\n")
+    s, origin = nv.load_config(path, flags={"size": "3G", "priority": "5", "gpu": None},
+                               environ={"VRAM_SETUP_SIZE_MB": "4096", "VRAM_SWAP_PRIORITY": "77"})
+    assert (s["size"], s["priority"]) == (3 * GiB, 5)
+    assert origin["size"] == "--size" and origin["priority"] == "--priority" and origin["gpu"] == "default"
+
+
+def test_bad_flag(conf):
+    with pytest.raises(nv.ConfigError, match=r"^--min-size: .*allowed"):
+        nv.load_config(conf(""), flags={"min_size": "tiny"}, environ={})
+
+
+def test_min_size_above_size(conf):
+    with pytest.raises(nv.ConfigError, match="min_size .* is larger than size"):
+        nv.load_config(conf("size = 1G\nmin_size = 2G\n"), environ={})
+
+
+def test_config_path_from_environment(conf):
+    path = conf("priority = 3\n")
+    s, origin = nv.load_config(None, environ={"NBD_VRAM_CONFIG": path})
+    assert s["priority"] == 3 and origin["priority"] == f"{path}:1"
+
+
+def test_config_is_a_directory(tmp_path):
+    with pytest.raises(nv.ConfigError, match="cannot read it"):
+        nv.load_config(str(tmp_path), environ={})
+
+
+# -- check-config as a command ----------------------------------------------------------------------------
+
+def check_config(*args, env=None):
+    return subprocess.run([sys.executable, str(SCRIPT), "check-config", *args], capture_output=True, text=True,
+                          env=env or {"PATH": "/usr/bin:/bin"}, timeout=30)
+
+
+def test_check_config_command(conf):
+    path = conf("size = 2G\npriority = 10\n")
+    p = check_config("--config", path, "--connections", "3",
+                     env={"PATH": "/usr/bin:/bin", "VRAM_SWAP_PRIORITY": "20"})
+    assert p.returncode == 0, p.stderr
+    lines = {line.split()[0]: line for line in p.stdout.splitlines()}
+    assert set(lines) == set(nv.OPTION_BY_KEY)
+    assert "= 2G" in lines["size"] and lines["size"].endswith(f"# {path}:1")
+    assert "= 20" in lines["priority"] and lines["priority"].endswith("# $VRAM_SWAP_PRIORITY")
+    assert "= 3" in lines["connections"] and lines["connections"].endswith("# --connections")
+    assert lines["min_size"].endswith("# default")
+
+
+@pytest.mark.parametrize("text", ["bogus = 1\n", "priority = high\n", "size = 1G\nsize = 2G\n", "no equals\n",
+                                  "size = 1G\nmin_size = 2G\n"])
+def test_check_config_bad_file(conf, text):
+    p = check_config("--config", conf(text))
+    assert p.returncode == 4, (p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr and p.stdout == ""
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+# -- random text as a configuration file ------------------------------------------------------------------
+
+keys = st.sampled_from(list(nv.OPTION_BY_KEY) + ["min-size", "SIZE", "bogus", ""])
+values = st.one_of(st.text(max_size=12), st.sampled_from(["512M", "7G", "1.5G", "yes", "keep", "-1", "99" * 30,
+                                                          "9" * 500, "1e9", "0x10", "\x00"]))
+lines = st.one_of(st.builds(lambda k, v, c: f"{k} = {v}{c}", keys, values, st.sampled_from(["", " # c", "\t#c"])),
+                  st.text(max_size=40))
+texts = st.one_of(st.text(max_size=200), st.lists(lines, max_size=12).map("\n".join))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=texts)
+def test_random_config_text(tmp_path, text):
+    path = tmp_path / "fuzz.conf"
+    path.write_text(text, encoding="utf-8", errors="surrogatepass")
+    try:
+        s, origin = nv.load_config(str(path), environ={})
+    except nv.ConfigError as e:
+        assert "\n" not in str(e)
+        return
+    assert set(s) == set(nv.OPTION_BY_KEY) and s["min_size"] <= s["size"]

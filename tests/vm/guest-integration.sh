@@ -1,0 +1,263 @@
+#!/bin/bash
+# Guest script: the kernel-in-the-loop integration tests, one boot. Each part prints
+# "=== NAME: PASS"; the first failure stops the script (non-zero exit, with the daemon's log).
+#   smoke         test_smoke.sh --stop from the checkout
+#   fill          test_fill.sh auto against a running daemon's device; swap restored; clean stop
+#   ioctl         run --attach ioctl: 8 MiB O_DIRECT round trip (sha256) with swap off; clean stop
+#   worker_death  kill -9 the worker under memory pressure: respawned, every checksum verified,
+#                 no I/O error in the kernel log; clean stop
+#   install       install.sh --yes in writable copies of /etc and /usr/local, the installed
+#                 daemon started as the unit's ExecStart, swap at 1500, install.sh --uninstall
+# Needs: run.sh with VRAM_MB=1024 (1 GiB BAR) and a 512 MiB guest; GUEST_FAKECUDA (guest path of the
+# fake libcuda.so.1, default /mnt/libcuda.so.1); GUEST_PARTS (default: all five, in that order).
+set -euo pipefail
+. /mnt/guest.env
+. "$NBD_VRAM_VM/guest-lib.sh"
+REPO=$NBD_VRAM_REPO
+LIB=${GUEST_FAKECUDA:-/mnt/libcuda.so.1}
+BAR=$(bar_enable | head -1)
+export NBD_VRAM_LIBCUDA=$LIB FAKECUDA_BACKING=$BAR NBD_VRAM_RUNTIME_DIR=/run/nbd-vram
+export NBD_VRAM_CONFIG=/tmp/nbd-vram.conf PYTHONUNBUFFERED=1
+: > /tmp/nbd-vram.conf               # every setting from flags; no /etc/nbd-vram.conf is read
+PART=""
+DPID=""
+DLOG=""
+dmesg -n 1
+
+# On any failure: say which part, show the daemon's log and state, the kernel log's tail.
+on_err() {
+  local rc=$? line=$1
+  trap - ERR
+  set +e
+  echo "=== ${PART:-setup}: FAIL (exit $rc at line $line: $BASH_COMMAND)"
+  if [ -n "$DLOG" ] && [ -f "$DLOG" ]; then echo "--- daemon log $DLOG:"; tail -n 40 "$DLOG"; fi
+  python3 "$REPO/nbd_vram.py" status 2>&1
+  swapon --show
+  echo "--- dmesg tail:"; dmesg | tail -n 40
+  exit "$rc"
+}
+trap 'on_err $LINENO' ERR
+fail() { echo "FAIL: $*" >&2; false; }
+
+part() { PART=$1; echo; echo "=== $PART: start (uptime $(cut -d' ' -f1 /proc/uptime) s)"; T0=$SECONDS; }
+pass() { echo "=== $PART: PASS ($(( SECONDS - T0 )) s)"; PART=""; }
+
+# start_daemon NAME ARGS...: `nbd_vram.py run ARGS` in the background (pid in DPID, log in DLOG),
+# then wait (up to 180 s) until its device is swap; DEV is the device.
+start_daemon() {
+  local name=$1 i; shift
+  DLOG=/tmp/daemon-$name.log
+  python3 "$REPO/nbd_vram.py" run "$@" >"$DLOG" 2>&1 &
+  DPID=$!
+  DEV=""
+  for i in $(seq 900); do
+    kill -0 "$DPID" 2>/dev/null || { wait "$DPID" || true; fail "daemon exited before swapon"; }
+    DEV=$(state_key device)
+    [ -n "$DEV" ] && grep -q "^$DEV " /proc/swaps && break
+    sleep 0.2
+  done
+  grep -q "^$DEV " /proc/swaps || fail "no nbd swap 180 s after starting the daemon"
+  echo "daemon pid $DPID: $DEV is swap after $(( SECONDS - T0 )) s"
+}
+
+# state_key KEY: KEY from the running daemon's state.json (empty if none)
+state_key() {
+  python3 -c 'import json, sys; print(json.load(open(sys.argv[1])).get(sys.argv[2], ""))' \
+    "$NBD_VRAM_RUNTIME_DIR/state.json" "$1" 2>/dev/null || true
+}
+
+swap_prio() { awk -v d="$1" '$1 == d {print $5}' /proc/swaps; }
+
+# stop_daemon: SIGTERM; it must exit 0 within 300 s, leaving no nbd swap, no connected nbd and no state.
+stop_daemon() {
+  local rc=0 i
+  kill -TERM "$DPID"
+  for i in $(seq 600); do kill -0 "$DPID" 2>/dev/null || break; sleep 0.5; done
+  kill -0 "$DPID" 2>/dev/null && fail "daemon pid $DPID still runs 300 s after SIGTERM"
+  wait "$DPID" || rc=$?
+  tail -n 5 "$DLOG"
+  [ "$rc" -eq 0 ] || fail "daemon exited $rc after SIGTERM (expected 0)"
+  ! grep -q '^/dev/nbd' /proc/swaps || fail "nbd swap still on after the daemon exited"
+  check_disconnected
+  [ ! -e "$NBD_VRAM_RUNTIME_DIR/state.json" ] || fail "state.json left behind"
+  ! grep -q Traceback "$DLOG" || fail "Traceback in the daemon's log"
+  DPID=""
+  echo "daemon stopped cleanly (exit 0, swap off, disconnected)"
+}
+
+check_disconnected() {  # no /dev/nbdN connected (waits up to 10 s for the kernel to let go)
+  local d i
+  for i in $(seq 20); do
+    for d in /sys/block/nbd*; do [ ! -e "$d/pid" ] || continue 2; done
+    return 0
+  done
+  for d in /sys/block/nbd*; do [ ! -e "$d/pid" ] || fail "$(basename "$d") is still connected"; done
+}
+
+# kernel_clean: fail_on_kernel_errors plus the swap layer's read/write errors
+kernel_clean() {
+  local hits
+  hits=$(dmesg | grep -E 'Read-error|Write-error|blocked for more than' || true)
+  [ -z "$hits" ] || fail "kernel log: $hits"
+  fail_on_kernel_errors
+}
+
+# -- a: test_smoke.sh --stop ----------------------------------------------------------------
+t_smoke() {
+  part smoke
+  SIZE=512M MIN_SIZE=256M TIMEOUT=300 "$REPO/test_smoke.sh" --stop 2>&1 | tee /tmp/smoke.out
+  grep -q '^PASS: test_smoke.sh' /tmp/smoke.out || fail "test_smoke.sh printed no PASS line"
+  kernel_clean
+  pass
+}
+
+# -- b: test_fill.sh against the running daemon's device ------------------------------------
+t_fill() {
+  part fill
+  start_daemon fill --size 256M --min-size 256M --connections 2
+  "$REPO/test_fill.sh" auto 2>&1 | tee /tmp/fill.out
+  grep -q '^PASS: test_fill.sh' /tmp/fill.out || fail "test_fill.sh printed no PASS line"
+  [ "$(swap_prio "$DEV")" = 1500 ] || fail "test_fill.sh did not restore $DEV as swap at priority 1500"
+  swapon --show
+  kernel_clean
+  stop_daemon
+  pass
+}
+
+# -- c: the classic ioctl attach --------------------------------------------------------------
+t_ioctl() {
+  part ioctl
+  start_daemon ioctl --attach ioctl --size 256M --min-size 256M --connections 2
+  [ "$(state_key attach)" = ioctl ] || fail "state.json says attach=$(state_key attach), not ioctl"
+  grep -q 'ioctl' "$DLOG" || fail "the daemon's log does not mention the ioctl attach"
+  python3 "$REPO/nbd_vram.py" status
+  swapoff "$DEV"
+  dd if=/dev/urandom of=/tmp/in bs=1M count=8 iflag=fullblock status=none
+  dd if=/tmp/in of="$DEV" bs=1M count=8 seek=16 oflag=direct conv=fsync,notrunc status=none
+  dd if="$DEV" of=/tmp/out bs=1M count=8 skip=16 iflag=direct status=none
+  want=$(sha256sum < /tmp/in | cut -d' ' -f1); got=$(sha256sum < /tmp/out | cut -d' ' -f1)
+  [ "$want" = "$got" ] || fail "8 MiB read back from $DEV differ: sha256 $got, wrote $want"
+  echo "ioctl: 8 MiB O_DIRECT round trip through $DEV: sha256 $got matches"
+  rm -f /tmp/in /tmp/out
+  mkswap --label nbd-vram "$DEV" >/dev/null
+  swapon --priority 1500 --discard "$DEV"       # the daemon's own swapoff runs at stop
+  kernel_clean
+  stop_daemon
+  pass
+}
+
+# -- d: kill -9 the worker in the middle of a pressure run -----------------------------------
+t_worker_death() {
+  part worker_death
+  local ppid wpids wpid i rc=0 killed_at
+  start_daemon worker --size 1G --min-size 256M --connections 2
+  wpids=$(pgrep -f 'nbd_vram.py worker' || true)
+  [ "$(echo "$wpids" | wc -w)" -eq 1 ] || fail "expected one worker process, found: ${wpids:-none}"
+  pressure "${GUEST_DATA_MB:-48}" "${GUEST_HOG_MB:-700}" > /tmp/pressure-wd.log 2>&1 &
+  ppid=$!
+  # Kill once the hog is pushing pages out (swap used >= 150 MiB): requests are in flight.
+  for i in $(seq 1500); do
+    [ "$(swap_used_mb)" -ge "${GUEST_KILL_AT_MB:-150}" ] && break
+    kill -0 "$ppid" 2>/dev/null || break
+    sleep 0.2
+  done
+  kill -0 "$ppid" 2>/dev/null || { cat /tmp/pressure-wd.log; fail "pressure ended before the worker was killed"; }
+  killed_at=$(swap_used_mb)
+  wpid=$(pgrep -f 'nbd_vram.py worker')
+  echo "worker_death: kill -9 $wpid with $killed_at MiB swapped out (uptime $(cut -d' ' -f1 /proc/uptime) s)"
+  kill -9 "$wpid"
+  for i in $(seq 1200); do kill -0 "$ppid" 2>/dev/null || break; sleep 0.5; done
+  if kill -0 "$ppid" 2>/dev/null; then
+    echo "--- pressure still runs 600 s after the kill; its kernel stack:"; cat /proc/"$ppid"/stack 2>/dev/null || true
+    cat /tmp/pressure-wd.log
+    fail "pressure hung after the worker was killed"
+  fi
+  wait "$ppid" || rc=$?
+  cat /tmp/pressure-wd.log
+  [ "$rc" -eq 0 ] || fail "pressure exited $rc after the worker was killed"
+  grep -q 'MiB verified' /tmp/pressure-wd.log || fail "pressure printed no 'verified' line"
+  grep -E 'worker 1 .*exited|restarted' "$DLOG"
+  grep -q 'worker 1 restarted' "$DLOG" || fail "the daemon's log does not show worker 1 restarted"
+  ! grep -q 'RECONFIGURE.*failed' "$DLOG" || fail "NBD_CMD_RECONFIGURE failed"
+  kill -0 "$DPID" || fail "the daemon died"
+  wpids=$(pgrep -f 'nbd_vram.py worker' || true)
+  [ -n "$wpids" ] && [ "$wpids" != "$wpid" ] || fail "no new worker process (pids: ${wpids:-none})"
+  python3 "$REPO/nbd_vram.py" status
+  echo "--- nbd lines in the kernel log:"; dmesg | grep -i nbd | tail -n 20 || true
+  kernel_clean
+  stop_daemon
+  pass
+}
+
+# -- e: install.sh, the installed daemon, install.sh --uninstall ----------------------------
+# mirror SRC DST: DST gets copies of SRC's entries up to 4 MiB and symlinks to bigger ones
+# (bin/lib/share/sbin are mirrored recursively instead, as install.sh writes into them).
+mirror() {
+  local e n
+  for e in "$1"/* "$1"/.[!.]*; do
+    [ -e "$e" ] || [ -L "$e" ] || continue
+    n=${e##*/}
+    if [ -L "$e" ] || [ "$(du -sk "$e" | cut -f1)" -le 4096 ]; then cp -a "$e" "$2/"
+    elif [ -d "$e" ] && [[ $n =~ ^(bin|lib|share|sbin)$ ]]; then mkdir -p "$2/$n"; mirror "$e" "$2/$n"
+    else ln -s "$e" "$2/$n"; fi
+  done
+}
+
+t_install() {
+  part install
+  local conf unit exec_start
+  # Writable /etc (a full tmpfs copy: 3 MiB) and /usr/local (copies, big entries as symlinks
+  # into a read-only bind of the original). install.sh writes nothing under /var (the guest's
+  # /var/lib and /var/tmp are tmpfs already), so /var stays as it is.
+  cp -a /etc /tmp/etc && mount --bind /tmp/etc /etc
+  mkdir -p /run/orig-usrlocal /tmp/usrlocal && mount --bind /usr/local /run/orig-usrlocal
+  mirror /run/orig-usrlocal /tmp/usrlocal && mount --bind /tmp/usrlocal /usr/local
+  mkdir -p /usr/local/lib && cp "$LIB" /usr/local/lib/libcuda.so.1 && ldconfig
+  ldconfig -p | grep 'libcuda\.so\.1'
+  [ ! -e /etc/nbd-vram.conf ] || fail "/etc/nbd-vram.conf exists before install"
+  # The installed daemon finds libcuda.so.1 through ldconfig, and reads /etc/nbd-vram.conf.
+  unset NBD_VRAM_LIBCUDA NBD_VRAM_CONFIG
+  # --size 1G, not 512M: install.sh checks the size against the default min_size (1G).
+  (cd "$REPO" && ./install.sh --yes --size 1G) </dev/null
+  for f in /usr/local/bin/nbd_vram.py /etc/systemd/system/vram-swap-nbd.service \
+           /etc/systemd/system/vram-swap-nbd-sleep.service /etc/nbd-vram.conf; do
+    [ -f "$f" ] || fail "install.sh did not install $f"
+  done
+  [ -x /usr/local/bin/nbd_vram.py ] || fail "/usr/local/bin/nbd_vram.py is not executable"
+  grep -q '^size = 1G' /etc/nbd-vram.conf || fail "/etc/nbd-vram.conf has no 'size = 1G'"
+  /usr/local/bin/nbd_vram.py check-config
+  conf=$(/usr/local/bin/nbd_vram.py check-config)
+  grep -Eq '^libcuda += libcuda\.so\.1' <<<"$conf" || fail "installed config does not use libcuda.so.1"
+  # Start it as the unit does: its ExecStart, with the unit's Environment= (plus the BAR).
+  unit=/etc/systemd/system/vram-swap-nbd.service
+  exec_start=$(sed -n 's/^ExecStart=//p' "$unit")
+  [ "$exec_start" = "/usr/local/bin/nbd_vram.py run" ] || fail "unexpected ExecStart: $exec_start"
+  grep -q '^Environment=PYTHONMALLOC=malloc' "$unit" || fail "the unit no longer sets PYTHONMALLOC=malloc"
+  DLOG=/tmp/daemon-install.log
+  # shellcheck disable=SC2086  # ExecStart is a command line
+  env PYTHONMALLOC=malloc FAKECUDA_BACKING="$BAR" $exec_start >"$DLOG" 2>&1 &
+  DPID=$!
+  for i in $(seq 900); do
+    kill -0 "$DPID" 2>/dev/null || { cat "$DLOG"; fail "installed daemon exited before swapon"; }
+    grep -q '^/dev/nbd' /proc/swaps && break
+    sleep 0.2
+  done
+  cat "$DLOG"
+  swapon --show
+  DEV=$(state_key device)
+  [ "$(swap_prio "$DEV")" = 1500 ] || fail "$DEV is not swap at priority 1500: $(cat /proc/swaps)"
+  /usr/local/bin/nbd_vram.py status
+  stop_daemon
+  (cd "$REPO" && ./install.sh --uninstall) </dev/null
+  for f in /usr/local/bin/nbd_vram.py /etc/systemd/system/vram-swap-nbd.service \
+           /etc/systemd/system/vram-swap-nbd-sleep.service /usr/local/share/doc/nbd-vram/README.md; do
+    [ ! -e "$f" ] || fail "install.sh --uninstall left $f"
+  done
+  [ -f /etc/nbd-vram.conf ] || fail "install.sh --uninstall removed /etc/nbd-vram.conf (it must keep it)"
+  umount /usr/local /run/orig-usrlocal /etc
+  export NBD_VRAM_LIBCUDA=$LIB NBD_VRAM_CONFIG=/tmp/nbd-vram.conf
+  pass
+}
+
+for p in ${GUEST_PARTS:-smoke fill ioctl worker_death install}; do "t_$p"; done
+echo "=== integration: PASS (${GUEST_PARTS:-smoke fill ioctl worker_death install})"
