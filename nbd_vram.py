@@ -37,6 +37,7 @@ import logging
 import mmap
 import os
 import re
+import select
 import selectors
 import shlex
 import signal
@@ -222,10 +223,16 @@ class CUmemAccessDesc(ctypes.Structure):
     _fields_ = [("location", CUmemLocation), ("flags", ctypes.c_int)]
 
 
+class CUmemcpyAttributes(ctypes.Structure):
+    _fields_ = [("srcAccessOrder", ctypes.c_int), ("srcLocHint", CUmemLocation), ("dstLocHint", CUmemLocation),
+                ("flags", ctypes.c_uint)]
+
+
 CUDA_SUCCESS = 0
 CUDA_ERROR_OUT_OF_MEMORY = 2
 CUDA_ERROR_NO_DEVICE = 100
 CUDA_ERROR_INSUFFICIENT_DRIVER = 35
+CUDA_ERROR_NOT_SUPPORTED = 801
 CU_DEVICE_ATTRIBUTE_PCI_BUS_ID = 33
 CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID = 34
 CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID = 50
@@ -237,6 +244,7 @@ CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR = 0x1
 CU_MEM_LOCATION_TYPE_DEVICE = 0x1
 CU_MEM_ACCESS_FLAGS_PROT_READWRITE = 0x3
 CU_MEM_ALLOC_GRANULARITY_RECOMMENDED = 0x1
+CU_MEMCPY_SRC_ACCESS_ORDER_STREAM = 0x1
 
 # name: (restype, *argtypes); the comment is the prototype from cuda.h.
 # Sizes are size_t: a bare Python int above 2**31 would be truncated to a C int.
@@ -323,6 +331,14 @@ _VMM_PROTOTYPES = {
     "cuMemImportFromShareableHandle": (CUresult, _p(CUmemGenericAllocationHandle), ctypes.c_void_p, ctypes.c_int),
 }
 
+# Optional, CUDA 12.8+ drivers: many copies in one call (the per-call cost dominates at 4 KiB).
+_BATCH_PROTOTYPES = {
+    # CUresult cuMemcpyBatchAsync_v2(CUdeviceptr *dsts, CUdeviceptr *srcs, size_t *sizes, size_t count,
+    #                                CUmemcpyAttributes *attrs, size_t *attrsIdxs, size_t numAttrs, CUstream hStream);
+    "cuMemcpyBatchAsync_v2": (CUresult, _p(CUdeviceptr), _p(CUdeviceptr), _p(_size_t), _size_t,
+                              ctypes.c_void_p, _p(_size_t), _size_t, CUstream),
+}
+
 DRIVER_NOT_FOUND_MSG = ("cannot load the NVIDIA driver library {path!r}: {why} "
                         "(install the NVIDIA driver, or set NBD_VRAM_LIBCUDA to libcuda.so.1's path)")
 
@@ -357,6 +373,12 @@ class Cuda:
                 continue
             fn.restype, fn.argtypes = restype, argtypes
             setattr(self, name, fn)
+        self.has_batch = hasattr(self._lib, "cuMemcpyBatchAsync_v2")
+        if self.has_batch:
+            for name, (restype, *argtypes) in _BATCH_PROTOTYPES.items():
+                fn = getattr(self._lib, name)
+                fn.restype, fn.argtypes = restype, argtypes
+                setattr(self, name, fn)
         self.pid = None
 
     def error(self, func, rc):
@@ -634,6 +656,15 @@ class IoContext:
         except BaseException:
             self.close()
             raise
+        # The arrays of one grouped copy (Transmission._flush), and whether the driver groups at all.
+        self.g_dst = (CUdeviceptr * MAX_BATCH)()
+        self.g_src = (CUdeviceptr * MAX_BATCH)()
+        self.g_size = (_size_t * MAX_BATCH)()
+        self.g_attr = CUmemcpyAttributes(srcAccessOrder=CU_MEMCPY_SRC_ACCESS_ORDER_STREAM)
+        self.g_attr_ref = ctypes.cast(ctypes.pointer(self.g_attr), ctypes.c_void_p)
+        self.g_attr_idx = (_size_t * 1)(0)
+        # Cleared by the first grouped copy if the driver has the symbol but not the feature.
+        self.batch_copy = cuda.has_batch and os.environ.get("NBD_VRAM_BATCH_COPY", "1") != "0"
 
     def _pinned(self, size):
         p = ctypes.c_void_p()
@@ -754,6 +785,10 @@ class CmdFlag(enum.IntFlag):
     PAYLOAD_LEN = 1 << 5
 
 
+# Plain ints for the hot path (an IntEnum comparison costs an attribute lookup each time).
+_CMD_READ, _CMD_WRITE, _CMD_DISC = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC)
+NBD_CMD_FLAG_FUA = int(CmdFlag.FUA)
+
 # The NBD error numbers are Linux's, and the spec lists which may be sent.
 NBD_EPERM, NBD_EIO, NBD_ENOMEM, NBD_EINVAL, NBD_ENOSPC, NBD_EOVERFLOW = 1, 5, 12, 22, 28, 75
 
@@ -776,6 +811,7 @@ PREFERRED_BLOCK = 4096         # the page size: what swap sends
 MAX_REQUEST = 32 * MiB         # largest READ/WRITE payload (nbdkit's MAX_REQUEST_SIZE, the kernel's max_hw_sectors)
 MAX_OPTION = 64 * 1024         # longest option payload we read (names are at most 4096 bytes)
 MAX_BATCH = 256                # requests answered by one stream sync and one sendmsg (2 iovecs each, IOV_MAX 1024)
+GROUP_COPY_MAX = 64 * 1024     # copies up to this size share one cuMemcpyBatchAsync; larger ones go alone
 HANDSHAKE_TIMEOUT_S = 30       # a client that stalls in negotiation is dropped
 
 # S: NBDMAGIC, IHAVEOPT, handshake flags
@@ -1005,6 +1041,20 @@ class Transmission:
         self.iov = []
         self.logged = 0
         self.start = self.end = 0             # rx[start:end] holds received, unparsed bytes
+        self.g_n = 0                          # copies waiting in the group (io.g_dst/g_src/g_size)
+        self.g_kind = 0                       # 1: writes, 2: reads
+        self.g_first = 0                      # index in this batch of the group's first request
+        self.g_pages = set()                  # 4 KiB pages the grouped writes touch
+        # Is more already waiting?  poll(0) answers without raising, unlike a MSG_DONTWAIT recv.
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        cuda = io.cuda
+        # Everything _batch needs, looked up once per connection rather than once per batch.
+        self.hot = (stats, cuda, io.stream, cuda.cuMemcpyHtoDAsync_v2, cuda.cuMemcpyDtoHAsync_v2,
+                    cuda.cuMemsetD8Async, io.rx, io.rx_addr, len(io.rx), io.tx_addr, len(io.tx),
+                    export.store.dptr, export.size, self.cookies, self.errors, self.data_off, self.data_len,
+                    self.uses_gpu, REQUEST.unpack_from, poller.poll,
+                    (io.g_dst, io.g_src, io.g_size, self.g_pages) if io.batch_copy else None)
 
     # -- helpers used outside the fast path ------------------------------------------
 
@@ -1056,15 +1106,11 @@ class Transmission:
                 return verdict
 
     def _batch(self):
-        io, stats = self.io, self.stats
-        cuda, stream = io.cuda, io.stream
-        htod, dtoh, memset = cuda.cuMemcpyHtoDAsync_v2, cuda.cuMemcpyDtoHAsync_v2, cuda.cuMemsetD8Async
-        rx, rx_addr, rx_cap = io.rx, io.rx_addr, len(io.rx)
-        tx_addr, tx_cap = io.tx_addr, len(io.tx)
-        base, size = self.export.store.dptr, self.export.size
-        cookies, errors, data_off, data_len, uses_gpu = (self.cookies, self.errors, self.data_off,
-                                                         self.data_len, self.uses_gpu)
-        unpack = REQUEST.unpack_from
+        (stats, cuda, stream, htod, dtoh, memset, rx, rx_addr, rx_cap, tx_addr, tx_cap, base, size,
+         cookies, errors, data_off, data_len, uses_gpu, unpack, poll, group) = self.hot
+        if group is not None:
+            gd, gs, gz, pages = group
+        self.g_first = 0
         n = tx_used = 0
         gpu_work = False
         after = None            # what to do once this batch is answered
@@ -1072,7 +1118,7 @@ class Transmission:
             avail = self.end - self.start
             if avail < REQ_SIZE:
                 # Take whatever else is already waiting, without blocking.
-                if rx_cap - self.end < REQ_SIZE:
+                if rx_cap - self.end < REQ_SIZE or not poll(0):
                     break
                 try:
                     k = self.sock.recv_into(rx[self.end:], 0, socket.MSG_DONTWAIT)
@@ -1087,7 +1133,7 @@ class Transmission:
             if magic != NBD_REQUEST_MAGIC:
                 after = f"bad request magic {magic:#x}"
                 break
-            if typ == Cmd.WRITE:
+            if typ == _CMD_WRITE:
                 need = REQ_SIZE + length
                 if avail < need:
                     if self.start + need > rx_cap:
@@ -1096,13 +1142,41 @@ class Transmission:
                         break
                     recv_into_exact(self.sock, rx[self.end:self.start + need], "write payload")
                     self.end = self.start + need
-                err, why = check_request(typ, flags, offset, length, size)
+                if flags & ~NBD_CMD_FLAG_FUA or not 0 < length <= MAX_REQUEST or offset > size - length:
+                    err, why = check_request(typ, flags, offset, length, size)
+                else:
+                    err = 0         # the common case, checked inline: check_request agrees
                 payload = rx_addr + self.start + REQ_SIZE
                 self.start += need
                 cookies[n], data_len[n], uses_gpu[n] = cookie, 0, False
                 if err:
                     self._invalid(typ, offset, length, why)
+                elif group is not None and length <= GROUP_COPY_MAX:
+                    # Joins the group of small writes issued by one cuMemcpyBatchAsync; copies in
+                    # a group may run in any order, so a write that overlaps one already there
+                    # starts a new group.
+                    first_page, last_page = offset >> 12, (offset + length - 1) >> 12
+                    if first_page == last_page:
+                        overlap = first_page in pages
+                    else:
+                        overlap = not pages.isdisjoint(range(first_page, last_page + 1))
+                    if self.g_kind != 1 or overlap:
+                        if self.g_n:
+                            self._flush(n)
+                        self.g_kind, self.g_first = 1, n
+                    if first_page == last_page:
+                        pages.add(first_page)
+                    else:
+                        pages.update(range(first_page, last_page + 1))
+                    k = self.g_n
+                    gd[k], gs[k], gz[k] = base + offset, payload, length
+                    self.g_n = k + 1
+                    uses_gpu[n] = gpu_work = True
+                    stats.writes += 1
+                    stats.bytes_written += length
                 else:
+                    if self.g_n:
+                        self._flush(n)
                     rc = htod(base + offset, payload, length, stream)
                     if rc:
                         self._gpu_error("cuMemcpyHtoDAsync_v2", rc, f"write offset={offset} length={length}")
@@ -1115,8 +1189,11 @@ class Transmission:
                 errors[n] = err
                 n += 1
                 continue
-            if typ == Cmd.READ:
-                err, why = check_request(typ, flags, offset, length, size)
+            if typ == _CMD_READ:
+                if flags & ~NBD_CMD_FLAG_FUA or not 0 < length <= MAX_REQUEST or offset > size - length:
+                    err, why = check_request(typ, flags, offset, length, size)
+                else:
+                    err = 0
                 if not err and length > tx_cap - tx_used:
                     if n == 0:
                         after = "large-read"
@@ -1125,7 +1202,23 @@ class Transmission:
                 cookies[n], data_len[n], uses_gpu[n] = cookie, 0, False
                 if err:
                     self._invalid(typ, offset, length, why)
+                elif group is not None and length <= GROUP_COPY_MAX:
+                    # Reads never conflict with each other: only a write or a memset ends their group.
+                    if self.g_kind != 2:
+                        if self.g_n:
+                            self._flush(n)
+                        self.g_kind, self.g_first = 2, n
+                    k = self.g_n
+                    gd[k], gs[k], gz[k] = tx_addr + tx_used, base + offset, length
+                    self.g_n = k + 1
+                    uses_gpu[n] = gpu_work = True
+                    data_off[n], data_len[n] = tx_used, length
+                    tx_used += length
+                    stats.reads += 1
+                    stats.bytes_read += length
                 else:
+                    if self.g_n:
+                        self._flush(n)
                     rc = dtoh(tx_addr + tx_used, base + offset, length, stream)
                     if rc:
                         self._gpu_error("cuMemcpyDtoHAsync_v2", rc, f"read offset={offset} length={length}")
@@ -1141,7 +1234,7 @@ class Transmission:
                 n += 1
                 continue
             self.start += REQ_SIZE
-            if typ == Cmd.DISC:
+            if typ == _CMD_DISC:
                 after = "disc"
                 break
             cookies[n], data_len[n], uses_gpu[n] = cookie, 0, False
@@ -1149,6 +1242,8 @@ class Transmission:
             if err:
                 self._invalid(typ, offset, length, why)
             elif typ == Cmd.TRIM or typ == Cmd.WRITE_ZEROES:
+                if self.g_n:
+                    self._flush(n)
                 rc = memset(base + offset, 0, length, stream)
                 if rc:
                     self._gpu_error("cuMemsetD8Async", rc, f"{Cmd(typ).name} offset={offset} length={length}")
@@ -1165,6 +1260,8 @@ class Transmission:
             errors[n] = err
             n += 1
 
+        if self.g_n:
+            self._flush(n)
         if gpu_work:
             # Also after a call that failed when issued: it may have left its error on the
             # stream, and that error belongs to this batch, not to the next one.
@@ -1194,6 +1291,40 @@ class Transmission:
                                     "header bytes")
             return "client closed the connection"
         raise ProtocolError(after)
+
+    def _flush(self, n):
+        """Issue the waiting group of small same-direction copies: one driver call for all of them."""
+        io, k = self.io, self.g_n
+        cuda = io.cuda
+        if k == 1:      # one copy: the plain call is cheaper
+            if self.g_kind == 1:
+                name, rc = "cuMemcpyHtoDAsync_v2", cuda.cuMemcpyHtoDAsync_v2(io.g_dst[0], io.g_src[0], io.g_size[0],
+                                                                            io.stream)
+            else:
+                name, rc = "cuMemcpyDtoHAsync_v2", cuda.cuMemcpyDtoHAsync_v2(io.g_dst[0], io.g_src[0], io.g_size[0],
+                                                                            io.stream)
+        else:
+            name, rc = "cuMemcpyBatchAsync_v2", cuda.cuMemcpyBatchAsync_v2(
+                io.g_dst, io.g_src, io.g_size, k, io.g_attr_ref, io.g_attr_idx, 1, io.stream)
+            if rc == CUDA_ERROR_NOT_SUPPORTED:
+                log.info("%s: cuMemcpyBatchAsync is not supported here: one driver call per copy from now on",
+                         self.label)
+                io.batch_copy = False
+                self.hot = self.hot[:-1] + (None,)
+                fn = cuda.cuMemcpyHtoDAsync_v2 if self.g_kind == 1 else cuda.cuMemcpyDtoHAsync_v2
+                name = "cuMemcpyHtoDAsync_v2" if self.g_kind == 1 else "cuMemcpyDtoHAsync_v2"
+                rc = 0
+                for i in range(k):
+                    rc = rc or fn(io.g_dst[i], io.g_src[i], io.g_size[i], io.stream)
+        if rc:
+            self._gpu_error(name, rc, f"{k} copies")
+            errors, data_len, uses_gpu = self.errors, self.data_len, self.uses_gpu
+            for i in range(self.g_first, n):   # every request since the group began that used the GPU is in it
+                if uses_gpu[i]:
+                    errors[i], data_len[i] = NBD_EIO, 0
+        self.g_n = 0
+        self.g_kind = 0
+        self.g_pages.clear()
 
     def _reply(self, n):
         hdr, hv, tx = self.hdr, self.hdr_view, self.io.tx
@@ -1292,7 +1423,17 @@ def serve_connection(sock, export, label, io=None, buffer_bytes=None, handshake=
         if own_io:
             io = IoContext(export.store, buffer_bytes, buffer_bytes)
         export.store.cuda.cuCtxSetCurrent(export.store.ctx)
-        why = Transmission(sock, export, io, stats, label).run()
+        tx = Transmission(sock, export, io, stats, label)
+        if os.environ.get("NBD_VRAM_PROFILE"):
+            # Development aid (bench/profile-worker.sh): one cProfile file per connection.
+            import cProfile
+            prof = cProfile.Profile()
+            try:
+                why = prof.runcall(tx.run)
+            finally:
+                prof.dump_stats(os.path.join(os.environ["NBD_VRAM_PROFILE"], f"{os.getpid()}-{time.monotonic_ns()}.prof"))
+        else:
+            why = tx.run()
         log.debug("%s: %s", label, why)
     except ProtocolError as e:
         log.warning("%s: %s; closing this connection", label, e)

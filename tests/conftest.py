@@ -29,7 +29,11 @@ def nv():
 
 @pytest.fixture(scope="session")
 def fakecuda(tmp_path_factory):
-    """Path of the fake libcuda.so.1, compiled once per test run."""
+    """Path of the fake libcuda.so.1, compiled once per test run.
+
+    NBD_VRAM_TEST_LIBCUDA=libcuda.so.1 runs the same tests on the real driver instead (on the GPU machine)."""
+    if os.environ.get("NBD_VRAM_TEST_LIBCUDA"):
+        return os.environ["NBD_VRAM_TEST_LIBCUDA"]
     if not shutil.which("gcc"):
         pytest.skip("needs gcc to build the fake libcuda")
     out = tmp_path_factory.mktemp("fakecuda") / "libcuda.so.1"

@@ -38,3 +38,8 @@ FK_SAME(fk_alloc_prop, CUmemAllocationProp, allocFlags)
 _Static_assert(sizeof(struct fk_access_desc) == sizeof(CUmemAccessDesc), "CUmemAccessDesc size");
 FK_SAME(fk_access_desc, CUmemAccessDesc, location)
 FK_SAME(fk_access_desc, CUmemAccessDesc, flags)
+_Static_assert(sizeof(struct fk_memcpy_attributes) == sizeof(CUmemcpyAttributes), "CUmemcpyAttributes size");
+FK_SAME(fk_memcpy_attributes, CUmemcpyAttributes, srcAccessOrder)
+FK_SAME(fk_memcpy_attributes, CUmemcpyAttributes, srcLocHint)
+FK_SAME(fk_memcpy_attributes, CUmemcpyAttributes, dstLocHint)
+FK_SAME(fk_memcpy_attributes, CUmemcpyAttributes, flags)

@@ -116,7 +116,8 @@
     X(CU_MEMHOSTREGISTER_PORTABLE, 1)                                        \
     X(CU_MEMHOSTREGISTER_DEVICEMAP, 2)                                       \
     X(CU_MEMHOSTREGISTER_IOMEMORY, 4)                                        \
-    X(CU_MEMHOSTREGISTER_READ_ONLY, 8)
+    X(CU_MEMHOSTREGISTER_READ_ONLY, 8)                                       \
+    X(CU_MEMCPY_SRC_ACCESS_ORDER_STREAM, 1)
 
 /* CU_DEVICE_ATTRIBUTE_MAX of CUDA 13.0; grows with every release, so it is not
  * checked against cuda.h.  Attribute numbers >= this are CUDA_ERROR_INVALID_VALUE. */
@@ -137,6 +138,12 @@ struct fk_alloc_prop {                                         /* CUmemAllocatio
     } allocFlags;
 };
 struct fk_access_desc { struct fk_mem_location location; int flags; }; /* CUmemAccessDesc, 12 bytes */
+struct fk_memcpy_attributes {                                  /* CUmemcpyAttributes, 24 bytes */
+    int srcAccessOrder;                                        /* CUmemcpySrcAccessOrder */
+    struct fk_mem_location srcLocHint;
+    struct fk_mem_location dstLocHint;
+    unsigned int flags;
+};
 
 #ifndef __cuda_cuda_h__
 /* Standalone build: our own definitions, ABI-identical to cuda.h. */
@@ -153,6 +160,7 @@ typedef int CUmemAllocationGranularity_flags;
 typedef unsigned long long CUmemGenericAllocationHandle;
 typedef struct fk_alloc_prop CUmemAllocationProp;
 typedef struct fk_access_desc CUmemAccessDesc;
+typedef struct fk_memcpy_attributes CUmemcpyAttributes;
 #ifndef CU_UUID_HAS_BEEN_DEFINED
 #define CU_UUID_HAS_BEEN_DEFINED
 typedef struct CUuuid_st { char bytes[16]; } CUuuid;
@@ -805,6 +813,32 @@ CUresult cuMemsetD8Async(CUdeviceptr dstDevice, unsigned char uc, size_t N, CUst
     API_BEGIN();
     NEED_CTX(dev);
     return memset_body(dstDevice, uc, N, hStream, 1);
+}
+
+/* cuMemcpyBatchAsync_v2 (CUDA 12.8+): count copies in one call, each direction
+ * told apart by which side lies in device memory, in reverse order (see below).  FAKECUDA_NO_BATCH=1 answers
+ * CUDA_ERROR_NOT_SUPPORTED, as a driver that has the symbol but not the feature. */
+CUresult cuMemcpyBatchAsync_v2(CUdeviceptr *dsts, CUdeviceptr *srcs, size_t *sizes, size_t count,
+                               CUmemcpyAttributes *attrs, size_t *attrsIdxs, size_t numAttrs, CUstream hStream)
+{
+    API_BEGIN();
+    NEED_CTX(dev);
+    if (getenv("FAKECUDA_NO_BATCH") && atoi(getenv("FAKECUDA_NO_BATCH"))) return CUDA_ERROR_NOT_SUPPORTED;
+    if (!dsts || !srcs || !sizes || count == 0 || !attrs || !attrsIdxs || numAttrs == 0 || numAttrs > count
+        || attrsIdxs[0] != 0)
+        return CUDA_ERROR_INVALID_VALUE;
+    for (size_t i = 0; i < numAttrs; i++)
+        if (attrs[i].srcAccessOrder < 1 || attrs[i].srcAccessOrder > 3) return CUDA_ERROR_INVALID_VALUE;
+    /* The driver may run the copies of a batch in any order: run them last to first, so that a
+     * caller who relies on their order (overlapping writes in one batch) fails its tests. */
+    for (size_t j = count; j-- > 0;) {
+        size_t i = j;
+        int dst_dev = dev_range_ok((uintptr_t)dsts[i], sizes[i] ? sizes[i] : 1);
+        int src_dev = dev_range_ok((uintptr_t)srcs[i], sizes[i] ? sizes[i] : 1);
+        CUresult rc = copy_body(DPTR(dsts[i]), DPTR(srcs[i]), sizes[i], dst_dev, src_dev, hStream, 1);
+        if (rc != CUDA_SUCCESS) return rc;
+    }
+    return CUDA_SUCCESS;
 }
 
 /* ------------------------------------------------------------------------ */

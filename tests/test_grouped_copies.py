@@ -1,0 +1,70 @@
+"""Small copies are grouped into one cuMemcpyBatchAsync call; the group must never reorder what the client
+ordered.  Pipelined writes that overlap (whole pages, partial pages, spanning pages), reads in between, and
+TRIMs, checked against a model of the export, with grouping on, off, and refused by the driver."""
+import queue
+import random
+import struct
+import threading
+
+import pytest
+
+from nbdclient import Client, READ, WRITE, TRIM, REPLY_MAGIC, recv_exact
+
+SIZE = 1 << 20
+
+
+@pytest.mark.parametrize("env", [{}, {"NBD_VRAM_BATCH_COPY": "0"}, {"FAKECUDA_NO_BATCH": "1"}],
+                         ids=["grouped", "ungrouped", "driver-refuses"])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_pipelined_overlapping_requests_keep_their_order(make_server, fakecuda, env, seed):
+    if env.get("FAKECUDA_NO_BATCH") and "fakecuda" not in fakecuda:
+        pytest.skip("the refusing driver is a switch of the fake libcuda")
+    srv = make_server(size="64M", **env)
+    c = Client(srv.sock)
+    c.go()
+    rng = random.Random(seed)
+    model = bytearray(SIZE)
+    expected = queue.Queue()   # per request: (cookie, data expected for a read or None)
+    failures = []
+
+    def check_replies(count):
+        # Replies are read while requests are still being sent: neither side may block the other.
+        for _ in range(count):
+            cookie, want = expected.get()
+            magic, err, got_cookie = struct.unpack("!IIQ", recv_exact(c.sock, 16))
+            if (magic, err, got_cookie) != (REPLY_MAGIC, 0, cookie):
+                failures.append(f"request {cookie}: reply {(hex(magic), err, got_cookie)}")
+                return
+            if want is not None and recv_exact(c.sock, len(want)) != want:
+                failures.append(f"request {cookie}: wrong data")
+                return
+
+    count = 400
+    reader = threading.Thread(target=check_replies, args=(count,))
+    reader.start()
+    for i in range(count):
+        kind = rng.random()
+        page = rng.randrange(0, 16)            # few pages: many overlaps inside one batch
+        off = page * 4096 + rng.choice([0, 0, 0, 100, 4000])
+        length = rng.choice([4096, 4096, 512, 8192, 65536, 70000])
+        length = min(length, SIZE - off)
+        if kind < 0.55:
+            data = bytes([rng.randrange(256)]) * length
+            model[off:off + length] = data
+            expected.put((c.cookie + 1, None))
+            c.request(WRITE, off, length, payload=data)
+        elif kind < 0.9:
+            expected.put((c.cookie + 1, bytes(model[off:off + length])))
+            c.request(READ, off, length)
+        else:
+            model[off:off + length] = bytes(length)
+            expected.put((c.cookie + 1, None))
+            c.request(TRIM, off, length)
+    reader.join(60)
+    assert not reader.is_alive(), "replies stopped coming"
+    assert not failures, failures
+    err, data = c.read(0, SIZE)
+    assert err == 0 and data == bytes(model)
+    c.disconnect()
+    if env.get("FAKECUDA_NO_BATCH"):
+        assert "one driver call per copy" in srv.log()
