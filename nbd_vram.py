@@ -811,7 +811,7 @@ PREFERRED_BLOCK = 4096         # the page size: what swap sends
 MAX_REQUEST = 32 * MiB         # largest READ/WRITE payload (nbdkit's MAX_REQUEST_SIZE, the kernel's max_hw_sectors)
 MAX_OPTION = 64 * 1024         # longest option payload we read (names are at most 4096 bytes)
 MAX_BATCH = 256                # requests answered by one stream sync and one sendmsg (2 iovecs each, IOV_MAX 1024)
-GROUP_COPY_MAX = 64 * 1024     # copies up to this size share one cuMemcpyBatchAsync; larger ones go alone
+GROUP_COPY_MAX = 64 * 1024     # reads up to this size share one cuMemcpyBatchAsync; larger ones go alone
 HANDSHAKE_TIMEOUT_S = 30       # a client that stalls in negotiation is dropped
 
 # S: NBDMAGIC, IHAVEOPT, handshake flags
@@ -1041,10 +1041,8 @@ class Transmission:
         self.iov = []
         self.logged = 0
         self.start = self.end = 0             # rx[start:end] holds received, unparsed bytes
-        self.g_n = 0                          # copies waiting in the group (io.g_dst/g_src/g_size)
-        self.g_kind = 0                       # 1: writes, 2: reads
+        self.g_n = 0                          # reads waiting in the group (io.g_dst/g_src/g_size)
         self.g_first = 0                      # index in this batch of the group's first request
-        self.g_pages = set()                  # 4 KiB pages the grouped writes touch
         # Is more already waiting?  poll(0) answers without raising, unlike a MSG_DONTWAIT recv.
         poller = select.poll()
         poller.register(sock.fileno(), select.POLLIN)
@@ -1054,7 +1052,7 @@ class Transmission:
                     cuda.cuMemsetD8Async, io.rx, io.rx_addr, len(io.rx), io.tx_addr, len(io.tx),
                     export.store.dptr, export.size, self.cookies, self.errors, self.data_off, self.data_len,
                     self.uses_gpu, REQUEST.unpack_from, poller.poll,
-                    (io.g_dst, io.g_src, io.g_size, self.g_pages) if io.batch_copy else None)
+                    (io.g_dst, io.g_src, io.g_size) if io.batch_copy else None)
 
     # -- helpers used outside the fast path ------------------------------------------
 
@@ -1109,7 +1107,7 @@ class Transmission:
         (stats, cuda, stream, htod, dtoh, memset, rx, rx_addr, rx_cap, tx_addr, tx_cap, base, size,
          cookies, errors, data_off, data_len, uses_gpu, unpack, poll, group) = self.hot
         if group is not None:
-            gd, gs, gz, pages = group
+            gd, gs, gz = group
         self.g_first = 0
         n = tx_used = 0
         gpu_work = False
@@ -1151,30 +1149,10 @@ class Transmission:
                 cookies[n], data_len[n], uses_gpu[n] = cookie, 0, False
                 if err:
                     self._invalid(typ, offset, length, why)
-                elif group is not None and length <= GROUP_COPY_MAX:
-                    # Joins the group of small writes issued by one cuMemcpyBatchAsync; copies in
-                    # a group may run in any order, so a write that overlaps one already there
-                    # starts a new group.
-                    first_page, last_page = offset >> 12, (offset + length - 1) >> 12
-                    if first_page == last_page:
-                        overlap = first_page in pages
-                    else:
-                        overlap = not pages.isdisjoint(range(first_page, last_page + 1))
-                    if self.g_kind != 1 or overlap:
-                        if self.g_n:
-                            self._flush(n)
-                        self.g_kind, self.g_first = 1, n
-                    if first_page == last_page:
-                        pages.add(first_page)
-                    else:
-                        pages.update(range(first_page, last_page + 1))
-                    k = self.g_n
-                    gd[k], gs[k], gz[k] = base + offset, payload, length
-                    self.g_n = k + 1
-                    uses_gpu[n] = gpu_work = True
-                    stats.writes += 1
-                    stats.bytes_written += length
                 else:
+                    # Writes are not grouped: on the H100, grouped host-to-device copies from several
+                    # worker processes ran slower than one call each (docs/BENCHMARKS.md).  Reads
+                    # grouped before this write must be issued first, to read what came before it.
                     if self.g_n:
                         self._flush(n)
                     rc = htod(base + offset, payload, length, stream)
@@ -1204,11 +1182,9 @@ class Transmission:
                     self._invalid(typ, offset, length, why)
                 elif group is not None and length <= GROUP_COPY_MAX:
                     # Reads never conflict with each other: only a write or a memset ends their group.
-                    if self.g_kind != 2:
-                        if self.g_n:
-                            self._flush(n)
-                        self.g_kind, self.g_first = 2, n
                     k = self.g_n
+                    if not k:
+                        self.g_first = n
                     gd[k], gs[k], gz[k] = tx_addr + tx_used, base + offset, length
                     self.g_n = k + 1
                     uses_gpu[n] = gpu_work = True
@@ -1293,16 +1269,12 @@ class Transmission:
         raise ProtocolError(after)
 
     def _flush(self, n):
-        """Issue the waiting group of small same-direction copies: one driver call for all of them."""
+        """Issue the waiting group of small reads: one cuMemcpyBatchAsync for all of them."""
         io, k = self.io, self.g_n
         cuda = io.cuda
         if k == 1:      # one copy: the plain call is cheaper
-            if self.g_kind == 1:
-                name, rc = "cuMemcpyHtoDAsync_v2", cuda.cuMemcpyHtoDAsync_v2(io.g_dst[0], io.g_src[0], io.g_size[0],
-                                                                            io.stream)
-            else:
-                name, rc = "cuMemcpyDtoHAsync_v2", cuda.cuMemcpyDtoHAsync_v2(io.g_dst[0], io.g_src[0], io.g_size[0],
-                                                                            io.stream)
+            name, rc = "cuMemcpyDtoHAsync_v2", cuda.cuMemcpyDtoHAsync_v2(io.g_dst[0], io.g_src[0], io.g_size[0],
+                                                                        io.stream)
         else:
             name, rc = "cuMemcpyBatchAsync_v2", cuda.cuMemcpyBatchAsync_v2(
                 io.g_dst, io.g_src, io.g_size, k, io.g_attr_ref, io.g_attr_idx, 1, io.stream)
@@ -1311,11 +1283,9 @@ class Transmission:
                          self.label)
                 io.batch_copy = False
                 self.hot = self.hot[:-1] + (None,)
-                fn = cuda.cuMemcpyHtoDAsync_v2 if self.g_kind == 1 else cuda.cuMemcpyDtoHAsync_v2
-                name = "cuMemcpyHtoDAsync_v2" if self.g_kind == 1 else "cuMemcpyDtoHAsync_v2"
-                rc = 0
+                name, rc = "cuMemcpyDtoHAsync_v2", 0
                 for i in range(k):
-                    rc = rc or fn(io.g_dst[i], io.g_src[i], io.g_size[i], io.stream)
+                    rc = rc or cuda.cuMemcpyDtoHAsync_v2(io.g_dst[i], io.g_src[i], io.g_size[i], io.stream)
         if rc:
             self._gpu_error(name, rc, f"{k} copies")
             errors, data_len, uses_gpu = self.errors, self.data_len, self.uses_gpu
@@ -1323,8 +1293,6 @@ class Transmission:
                 if uses_gpu[i]:
                     errors[i], data_len[i] = NBD_EIO, 0
         self.g_n = 0
-        self.g_kind = 0
-        self.g_pages.clear()
 
     def _reply(self, n):
         hdr, hv, tx = self.hdr, self.hdr_view, self.io.tx
