@@ -10,8 +10,10 @@
 #                 daemon started as the unit's ExecStart, swap at 1500, install.sh --uninstall
 # Needs: run.sh with VRAM_MB=1024 (1 GiB BAR) and a 512 MiB guest; GUEST_FAKECUDA (guest path of the
 # fake libcuda.so.1, default /mnt/libcuda.so.1); GUEST_PARTS (default: all five, in that order).
-set -euo pipefail
+set -eEuo pipefail
+# shellcheck source=/dev/null
 . /mnt/guest.env
+# shellcheck source=guest-lib.sh
 . "$NBD_VRAM_VM/guest-lib.sh"
 REPO=$NBD_VRAM_REPO
 LIB=${GUEST_FAKECUDA:-/mnt/libcuda.so.1}
@@ -45,12 +47,12 @@ pass() { echo "=== $PART: PASS ($(( SECONDS - T0 )) s)"; PART=""; }
 # start_daemon NAME ARGS...: `nbd_vram.py run ARGS` in the background (pid in DPID, log in DLOG),
 # then wait (up to 180 s) until its device is swap; DEV is the device.
 start_daemon() {
-  local name=$1 i; shift
+  local name=$1; shift
   DLOG=/tmp/daemon-$name.log
   python3 "$REPO/nbd_vram.py" run "$@" >"$DLOG" 2>&1 &
   DPID=$!
   DEV=""
-  for i in $(seq 900); do
+  for _ in $(seq 900); do
     kill -0 "$DPID" 2>/dev/null || { wait "$DPID" || true; fail "daemon exited before swapon"; }
     DEV=$(state_key device)
     [ -n "$DEV" ] && grep -q "^$DEV " /proc/swaps && break
@@ -70,9 +72,9 @@ swap_prio() { awk -v d="$1" '$1 == d {print $5}' /proc/swaps; }
 
 # stop_daemon: SIGTERM; it must exit 0 within 300 s, leaving no nbd swap, no connected nbd and no state.
 stop_daemon() {
-  local rc=0 i
+  local rc=0
   kill -TERM "$DPID"
-  for i in $(seq 600); do kill -0 "$DPID" 2>/dev/null || break; sleep 0.5; done
+  for _ in $(seq 600); do kill -0 "$DPID" 2>/dev/null || break; sleep 0.5; done
   kill -0 "$DPID" 2>/dev/null && fail "daemon pid $DPID still runs 300 s after SIGTERM"
   wait "$DPID" || rc=$?
   tail -n 5 "$DLOG"
@@ -86,10 +88,10 @@ stop_daemon() {
 }
 
 check_disconnected() {  # no /dev/nbdN connected (waits up to 10 s for the kernel to let go)
-  local d i
-  for i in $(seq 20); do
-    for d in /sys/block/nbd*; do [ ! -e "$d/pid" ] || continue 2; done
-    return 0
+  local d _
+  for _ in $(seq 20); do
+    ls /sys/block/nbd*/pid >/dev/null 2>&1 || return 0
+    sleep 0.5
   done
   for d in /sys/block/nbd*; do [ ! -e "$d/pid" ] || fail "$(basename "$d") is still connected"; done
 }
@@ -147,28 +149,36 @@ t_ioctl() {
 }
 
 # -- d: kill -9 the worker in the middle of a pressure run -----------------------------------
+# serving_workers: pids of `nbd_vram.py worker` processes, less a spare (--standby) still waiting
+serving_workers() {
+  local p
+  for p in $(pgrep -f 'nbd_vram.py worker' || true); do
+    tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | grep -q -- '--standby' || echo "$p"
+  done
+}
 t_worker_death() {
   part worker_death
-  local ppid wpids wpid i rc=0 killed_at
+  local ppid wpids wpid newpid rc=0 killed_at
   start_daemon worker --size 1G --min-size 256M --connections 2
-  wpids=$(pgrep -f 'nbd_vram.py worker' || true)
-  [ "$(echo "$wpids" | wc -w)" -eq 1 ] || fail "expected one worker process, found: ${wpids:-none}"
-  pressure "${GUEST_DATA_MB:-48}" "${GUEST_HOG_MB:-700}" > /tmp/pressure-wd.log 2>&1 &
+  wpids=$(serving_workers)
+  [ "$(echo "$wpids" | wc -w)" -eq 1 ] || fail "expected one serving worker process, found: ${wpids:-none}"
+  (trap - ERR; pressure "${GUEST_DATA_MB:-48}" "${GUEST_HOG_MB:-700}") > /tmp/pressure-wd.log 2>&1 &
   ppid=$!
   # Kill once the hog is pushing pages out (swap used >= 150 MiB): requests are in flight.
-  for i in $(seq 1500); do
+  for _ in $(seq 1500); do
     [ "$(swap_used_mb)" -ge "${GUEST_KILL_AT_MB:-150}" ] && break
     kill -0 "$ppid" 2>/dev/null || break
     sleep 0.2
   done
   kill -0 "$ppid" 2>/dev/null || { cat /tmp/pressure-wd.log; fail "pressure ended before the worker was killed"; }
   killed_at=$(swap_used_mb)
-  wpid=$(pgrep -f 'nbd_vram.py worker')
+  wpid=$(serving_workers)
   echo "worker_death: kill -9 $wpid with $killed_at MiB swapped out (uptime $(cut -d' ' -f1 /proc/uptime) s)"
   kill -9 "$wpid"
-  for i in $(seq 1200); do kill -0 "$ppid" 2>/dev/null || break; sleep 0.5; done
+  for _ in $(seq 1200); do kill -0 "$ppid" 2>/dev/null || break; sleep 0.5; done
   if kill -0 "$ppid" 2>/dev/null; then
-    echo "--- pressure still runs 600 s after the kill; its kernel stack:"; cat /proc/"$ppid"/stack 2>/dev/null || true
+    echo "--- pressure still runs 600 s after the kill; blocked tasks (sysrq-w):"
+    sysctl -qw kernel.sysrq=1; echo w > /proc/sysrq-trigger; sleep 1; dmesg | tail -n 150
     cat /tmp/pressure-wd.log
     fail "pressure hung after the worker was killed"
   fi
@@ -176,12 +186,14 @@ t_worker_death() {
   cat /tmp/pressure-wd.log
   [ "$rc" -eq 0 ] || fail "pressure exited $rc after the worker was killed"
   grep -q 'MiB verified' /tmp/pressure-wd.log || fail "pressure printed no 'verified' line"
-  grep -E 'worker 1 .*exited|restarted' "$DLOG"
+  grep -E 'worker 1 .*exited|restarted|RECONFIGURE' "$DLOG" || true
   grep -q 'worker 1 restarted' "$DLOG" || fail "the daemon's log does not show worker 1 restarted"
   ! grep -q 'RECONFIGURE.*failed' "$DLOG" || fail "NBD_CMD_RECONFIGURE failed"
   kill -0 "$DPID" || fail "the daemon died"
-  wpids=$(pgrep -f 'nbd_vram.py worker' || true)
-  [ -n "$wpids" ] && [ "$wpids" != "$wpid" ] || fail "no new worker process (pids: ${wpids:-none})"
+  newpid=$(sed -n 's/.*worker 1 restarted (pid \([0-9]*\)).*/\1/p' "$DLOG" | tail -n 1)
+  if [ -z "$newpid" ] || [ "$newpid" = "$wpid" ] || ! kill -0 "$newpid"; then
+    fail "worker 1's replacement (pid ${newpid:-?}) is not running"
+  fi
   python3 "$REPO/nbd_vram.py" status
   echo "--- nbd lines in the kernel log:"; dmesg | grep -i nbd | tail -n 20 || true
   kernel_clean
@@ -237,7 +249,7 @@ t_install() {
   # shellcheck disable=SC2086  # ExecStart is a command line
   env PYTHONMALLOC=malloc FAKECUDA_BACKING="$BAR" $exec_start >"$DLOG" 2>&1 &
   DPID=$!
-  for i in $(seq 900); do
+  for _ in $(seq 900); do
     kill -0 "$DPID" 2>/dev/null || { cat "$DLOG"; fail "installed daemon exited before swapon"; }
     grep -q '^/dev/nbd' /proc/swaps && break
     sleep 0.2
