@@ -1793,8 +1793,10 @@ class NbdNetlink(GenericNetlink):
             raise NbdKernelError("the kernel accepted NBD_CMD_CONNECT but named no device (check dmesg)")
         return struct.unpack_from("=I", reply[NbdAttr.INDEX])[0]
 
-    def reconfigure(self, index, socks, dead_conn_timeout_s=None):
+    def reconfigure(self, index, socks, dead_conn_timeout_s=None, backend=None):
         attrs = [_nla_u32(NbdAttr.INDEX, index)]
+        if backend:     # the kernel refuses (EINVAL, "must specify backend") without the one given at connect
+            attrs.append(_nla(NbdAttr.BACKEND_IDENTIFIER, backend.encode() + b"\0"))
         if dead_conn_timeout_s is not None:
             attrs.append(_nla_u64(NbdAttr.DEAD_CONN_TIMEOUT, dead_conn_timeout_s))
         attrs.append(_nest(NbdAttr.SOCKETS, *(_nest(NBD_SOCK_ITEM, _nla_u32(NBD_SOCK_FD, s.fileno())) for s in socks)))
@@ -2494,7 +2496,7 @@ class Daemon:
     def _attach(self, socks):
         cfg, size = self.cfg, self.export.size
         flags = self.export.flags
-        backend = f"nbd-vram:{os.getpid()}:{self.gpu['uuid']}"
+        backend = self.backend = f"nbd-vram:{os.getpid()}:{self.gpu['uuid']}"
         if cfg["attach"] in ("auto", "netlink"):
             try:
                 nl = NbdNetlink()
@@ -2578,7 +2580,7 @@ class Daemon:
         while True:
             nl = NbdNetlink()
             try:
-                nl.reconfigure(self.index, [k for _, k in pairs])
+                nl.reconfigure(self.index, [k for _, k in pairs], backend=self.backend)
                 break
             except OSError as e:
                 # ENOSPC: the kernel has not yet marked the old sockets dead; try again shortly.
