@@ -7,7 +7,7 @@
 #        by host files in /dev/shm: memory outside guest RAM, the stand-in for VRAM (see
 #        guest-lib.sh bar_enable). VM_TIMEOUT (s, default 900) bounds the whole run.
 #        GUEST_* variables are passed to the guest script, via OUTDIR/guest.env, which also sets
-#        NBD_VRAM_REPO (checkout root), NBD_VRAM_VM (this dir) and NBD_VRAM_OUT=/mnt.
+#        NBD_VRAM_REPO (a copy of the checkout, /mnt/repo), NBD_VRAM_VM (its tests/vm) and NBD_VRAM_OUT=/mnt.
 # Exit status: the guest script's (from OUTDIR/rc); 124 on timeout, 1 if the guest died without one.
 # The serial console is shown and saved in OUTDIR/console.log.
 set -euo pipefail
@@ -24,8 +24,15 @@ esac
 case "$script" in *[[:space:]]*) die "SCRIPT path must not contain spaces" ;; esac
 
 rm -f "$out/rc"
+# The guest sees the host root, but with tmpfs over /tmp, /run, /var/tmp and /var/lib: a checkout
+# there (CI clones anywhere) would be invisible.  So the checkout travels in OUTDIR, at /mnt/repo.
+repo=$(realpath "$HERE/../..")
+rm -rf "$out/repo" && mkdir -p "$out/repo"
+tar -C "$repo" --exclude=./.git --exclude=./.anchors --exclude=__pycache__ --exclude=.pytest_cache \
+    --exclude=.hypothesis -cf - . | tar -C "$out/repo" -xf -
+case "$script" in "$repo"/*) script=/mnt/repo/${script#"$repo"/} ;; esac
 {
-  printf 'export NBD_VRAM_REPO=%q NBD_VRAM_VM=%q NBD_VRAM_OUT=/mnt\n' "$(realpath "$HERE/../..")" "$HERE"
+  printf 'export NBD_VRAM_REPO=/mnt/repo NBD_VRAM_VM=/mnt/repo/tests/vm NBD_VRAM_OUT=/mnt\n'
   while IFS= read -r v; do printf 'export %s=%q\n' "$v" "${!v}"; done < <(compgen -v GUEST_ || true)
 } > "$out/guest.env"
 
