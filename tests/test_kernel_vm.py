@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +24,9 @@ pytestmark = pytest.mark.vm
 ROOT = Path(__file__).resolve().parent.parent
 VM = ROOT / "tests" / "vm"
 LAB = Path(os.environ.get("NBD_VRAM_VMLAB", "/var/tmp/nbd-vram-vmlab"))
+# The guests' /mnt dirs (console.log, run.out, the fake libcuda): not under pytest's basetemp, which
+# another pytest session on this host may rotate away while a guest still runs.  The last 3 of each kind stay.
+RUNS = LAB / "runs"
 
 # Measured on this 2-core Debian 12 host (guest: 512 MiB, 2 vCPUs, 1 GiB BAR; one VM at a time):
 # 5 pressure runs in one boot: 1011 s for the first four at host load 2-3 (pressure 118-249 s a run,
@@ -64,13 +68,16 @@ def guest():
 
 
 @pytest.fixture(scope="session")
-def outdir_with_fake(tmp_path_factory):
-    """A fresh guest /mnt per test, with the fake libcuda.so.1 built into it."""
+def outdir_with_fake():
+    """A fresh guest /mnt per test (under RUNS), with the fake libcuda.so.1 built into it."""
     if not shutil.which("gcc"):
         pytest.skip("needs gcc to build the fake libcuda")
 
     def make(name):
-        d = tmp_path_factory.mktemp(name)
+        RUNS.mkdir(parents=True, exist_ok=True)
+        for old in sorted(RUNS.glob(f"{name}-*"))[:-2]:
+            shutil.rmtree(old, ignore_errors=True)
+        d = Path(tempfile.mkdtemp(prefix=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-", dir=RUNS))
         subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(d / "libcuda.so.1"),
                         str(ROOT / "tests" / "fakecuda" / "fakecuda.c"), "-lpthread"], check=True)
         return d

@@ -13,7 +13,7 @@
 set -eEuo pipefail
 # shellcheck source=/dev/null
 . /mnt/guest.env
-# shellcheck source=guest-lib.sh
+# shellcheck source=/dev/null
 . "$NBD_VRAM_VM/guest-lib.sh"
 REPO=$NBD_VRAM_REPO
 LIB=${GUEST_FAKECUDA:-/mnt/libcuda.so.1}
@@ -29,6 +29,7 @@ dmesg -n 1
 # On any failure: say which part, show the daemon's log and state, the kernel log's tail.
 on_err() {
   local rc=$? line=$1
+  [ "$BASH_SUBSHELL" -eq 0 ] || exit "$rc"      # a subshell's failure is reported by the main shell
   trap - ERR
   set +e
   echo "=== ${PART:-setup}: FAIL (exit $rc at line $line: $BASH_COMMAND)"
@@ -234,11 +235,17 @@ t_install() {
   mirror /run/orig-usrlocal /tmp/usrlocal && mount --bind /tmp/usrlocal /usr/local
   mkdir -p /usr/local/lib && cp "$LIB" /usr/local/lib/libcuda.so.1 && ldconfig
   ldconfig -p | grep 'libcuda\.so\.1'
+  # An nvidia-smi stub (GPU 0: 1 GiB, no display): install.sh's driver check needs it, because its
+  # `ldconfig -p | grep -q libcuda.so.1` under pipefail fails at random (ldconfig gets SIGPIPE, 141).
+  mkdir -p /usr/local/bin
+  printf '%s\n' '#!/bin/sh' 'case "$*" in *--query-gpu*) echo "1024, Disabled" ;; esac' 'exit 0' \
+    > /usr/local/bin/nvidia-smi
+  chmod +x /usr/local/bin/nvidia-smi
   [ ! -e /etc/nbd-vram.conf ] || fail "/etc/nbd-vram.conf exists before install"
   # The installed daemon finds libcuda.so.1 through ldconfig, and reads /etc/nbd-vram.conf.
   unset NBD_VRAM_LIBCUDA NBD_VRAM_CONFIG
   # --size 1G, not 512M: install.sh checks the size against the default min_size (1G).
-  (cd "$REPO" && ./install.sh --yes --size 1G) </dev/null
+  "$REPO/install.sh" --yes --size 1G </dev/null
   for f in /usr/local/bin/nbd_vram.py /etc/systemd/system/vram-swap-nbd.service \
            /etc/systemd/system/vram-swap-nbd-sleep.service /etc/nbd-vram.conf; do
     [ -f "$f" ] || fail "install.sh did not install $f"
@@ -268,12 +275,13 @@ t_install() {
   [ "$(swap_prio "$DEV")" = 1500 ] || fail "$DEV is not swap at priority 1500: $(cat /proc/swaps)"
   /usr/local/bin/nbd_vram.py status
   stop_daemon
-  (cd "$REPO" && ./install.sh --uninstall) </dev/null
+  "$REPO/install.sh" --uninstall </dev/null
   for f in /usr/local/bin/nbd_vram.py /etc/systemd/system/vram-swap-nbd.service \
            /etc/systemd/system/vram-swap-nbd-sleep.service /usr/local/share/doc/nbd-vram/README.md; do
     [ ! -e "$f" ] || fail "install.sh --uninstall left $f"
   done
   [ -f /etc/nbd-vram.conf ] || fail "install.sh --uninstall removed /etc/nbd-vram.conf (it must keep it)"
+  grep -q '^size = 1G' /etc/nbd-vram.conf || fail "install.sh --uninstall changed /etc/nbd-vram.conf"
   umount /usr/local /run/orig-usrlocal /etc
   export NBD_VRAM_LIBCUDA=$LIB NBD_VRAM_CONFIG=/tmp/nbd-vram.conf
   pass
