@@ -2192,7 +2192,8 @@ def default_workers(connections):
     return max(1, min(connections, (os.cpu_count() or 2) // 2, 8))
 
 
-def spawn_worker(store, libcuda, buffer_bytes, socks=(), lock=False, debug=False, index=0, max_connections=256):
+def spawn_worker(store, libcuda, buffer_bytes, socks=(), lock=False, debug=False, index=0, max_connections=256,
+                 standby=0):
     """Start `nbd_vram.py worker`; returns (Popen, parent's end of its control socket)."""
     ctl, child_ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     fds = [store.fd, child_ctl.fileno()] + [s.fileno() for s in socks]
@@ -2203,6 +2204,8 @@ def spawn_worker(store, libcuda, buffer_bytes, socks=(), lock=False, debug=False
         argv += ["--libcuda", libcuda]
     for s in socks:
         argv += ["--sock-fd", str(s.fileno())]
+    if standby:
+        argv += ["--standby", str(standby)]
     if lock:
         argv.append("--lock")
     if debug:
@@ -2259,12 +2262,12 @@ def cmd_worker(args):
     cuda.call("cuCtxSetCurrent", ctx)
     store = VramStore.import_fd(cuda, dev, ctx, args.vram_fd, args.vram_size)
     export = Export(store)
-    label = f"worker {args.index}"
+    label = "spare worker" if args.standby else f"worker {args.index}"
     threads = []
     try:
-        if args.sock_fd:
+        if args.sock_fd or args.standby:
             # Kernel mode: everything allocated and locked before we say ready.
-            ios = [IoContext(store, args.buffer_size, args.buffer_size) for _ in args.sock_fd]
+            ios = [IoContext(store, args.buffer_size, args.buffer_size) for _ in args.sock_fd or range(args.standby)]
             if args.lock:
                 if lock_memory(libc):
                     log.info("%s: memory locked: %d KiB", label, locked_kib())
@@ -2273,6 +2276,27 @@ def cmd_worker(args):
                 gc.collect()
                 gc.freeze()
                 gc.disable()
+
+            if args.standby:
+                # A spare: ready now; the parent sends the sockets of a worker that died (one "F" + fd
+                # each), then "G" and our index.  Starting a process then would need memory that, under
+                # pressure, only the swap on the dead connections could free.
+                ctl.sendall(WORKER_READY)
+                fds = []
+                while True:
+                    fd = recv_fd(ctl)
+                    if fd is None:
+                        return EXIT_OK      # the parent closed ctl: not needed
+                    if fd < 0:
+                        break
+                    fds.append(fd)
+                args.sock_fd = fds
+                args.index = struct.unpack("=I", recv_exact(ctl, 4, "worker index"))[0]
+                label = f"worker {args.index}"
+                for io in ios[len(fds):]:
+                    io.close()
+                ios = ios[:len(fds)]
+                log.info("%s: spare worker (pid %d) serving %d connections", label, os.getpid(), len(fds))
 
             def serve_kernel(fd, io, name):
                 if args.lock:
@@ -2284,7 +2308,8 @@ def cmd_worker(args):
                 t = threading.Thread(target=serve_kernel, args=(fd, io, f"{label} connection {i}"), daemon=True)
                 t.start()
                 threads.append(t)
-            ctl.sendall(WORKER_READY)
+            if not args.standby:
+                ctl.sendall(WORKER_READY)
             counters = _map_counters(args.index)
             while True:
                 alive = [t for t in threads if t.is_alive()]
@@ -2406,6 +2431,7 @@ class Daemon:
         self.workers = []
         self.swap_on = False
         self.sysctl_saved = {}
+        self.spare = None
 
     # -- startup ------------------------------------------------------------------------
 
@@ -2433,22 +2459,24 @@ class Daemon:
         pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(cfg["connections"])]
         self._open_counters()
         nworkers = min(cfg["workers"] or default_workers(cfg["connections"]), cfg["connections"])
+        # Locked like a worker even when workers serve: this process must be able to replace a dead
+        # worker while memory is full and the swap on that worker's connections is stalled.
+        prepare_memory(self.libc)
         if store.fd is not None:
             self._start_workers([ours for ours, _ in pairs], nworkers)
+            self.spare = self._spawn_spare()
+            self.undo.append(("stop the spare worker", self._stop_spare))
         else:
             log.info("no exportable VRAM (cuMemAlloc): serving every connection from this process")
-            prepare_memory(self.libc)
             self._start_threads([ours for ours, _ in pairs])
 
         set_oom_score_adj(-1000)
-        if not self.workers:
-            # This process serves swap itself: the same guarantees as a worker's.
-            if lock_memory(self.libc):
-                log.info("memory locked: %d KiB", locked_kib())
-            set_io_flusher(self.libc)
-            gc.collect()
-            gc.freeze()
-            gc.disable()   # no collector pauses or heap growth while serving; nothing here makes cycles
+        if lock_memory(self.libc):
+            log.info("memory locked: %d KiB", locked_kib())
+        set_io_flusher(self.libc)
+        gc.collect()
+        gc.freeze()
+        gc.disable()   # no collector pauses or heap growth while serving; nothing here makes cycles
 
         self._attach([k for _, k in pairs])
         for _, k in pairs:
@@ -2568,6 +2596,29 @@ class Daemon:
         wait_worker_ready(proc, ctl)
         return proc, ctl, len(socks)
 
+    def _spawn_spare(self):
+        """A worker that is ready (VRAM imported, memory locked) before any worker dies."""
+        n = max(nsocks for _, _, nsocks in self.workers)
+        proc, ctl = spawn_worker(self.export.store, self.cfg["libcuda"], self.cfg["buffer_size"], lock=True,
+                                 debug=self.cfg["debug"], index=0, standby=n)
+        try:
+            wait_worker_ready(proc, ctl)
+        except Fatal as e:
+            log.warning("no spare worker (%s): a dead worker will be replaced by a new process", e)
+            proc.kill()
+            proc.wait()
+            ctl.close()
+            return None
+        log.info("spare worker ready: pid %d", proc.pid)
+        return proc, ctl, n
+
+    def _stop_spare(self):
+        if self.spare:
+            proc, ctl, _ = self.spare
+            self.spare = None
+            ctl.close()             # it exits on EOF
+            proc.wait(60)
+
     def _respawn(self, w):
         """A worker died: give the kernel new sockets for its connections (NBD_CMD_RECONFIGURE) and a new worker."""
         proc, ctl, nsocks = self.workers[w]
@@ -2575,7 +2626,19 @@ class Daemon:
                   w + 1, proc.pid, proc.returncode, nsocks, "" if nsocks == 1 else "s")
         ctl.close()
         pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(nsocks)]
-        self.workers[w] = self._spawn(w, [ours for ours, _ in pairs])
+        spare, self.spare = self.spare, None
+        if spare and spare[0].poll() is None and spare[2] >= nsocks:
+            # The spare takes over: no new process (and no memory) needed while swap is stalled.
+            for ours, _ in pairs:
+                send_fd(spare[1], ours.fileno())
+                ours.close()
+            spare[1].sendall(b"G" + struct.pack("=I", w + 1))
+            self.workers[w] = (spare[0], spare[1], nsocks)
+        else:
+            if spare:
+                spare[1].close()
+                spare[0].wait(10)
+            self.workers[w] = self._spawn(w, [ours for ours, _ in pairs])
         deadline = time.monotonic() + 30
         while True:
             nl = NbdNetlink()
@@ -2594,6 +2657,7 @@ class Daemon:
             k.close()
         log.info("worker %d restarted (pid %d); %s has its connections back", w + 1, self.workers[w][0].pid,
                  self.device)
+        self.spare = self._spawn_spare()     # swap works again: a new process can get its memory
 
     def _join_workers(self):
         for proc, ctl, _ in self.workers:
@@ -2660,6 +2724,11 @@ class Daemon:
                 for w, (proc, _, _) in enumerate(self.workers):
                     if proc.poll() is not None:
                         self._respawn(w)
+                if self.spare and self.spare[0].poll() is not None:
+                    log.warning("the spare worker (pid %d) exited with %s: starting another", self.spare[0].pid,
+                                self.spare[0].returncode)
+                    self.spare[1].close()
+                    self.spare = self._spawn_spare()
                 dead = [t.name for t in self.threads if not t.is_alive()]
                 if dead and len(dead) == len(self.threads):
                     log.error("every connection to the kernel has closed; %s is no longer served", self.device)
@@ -2928,6 +2997,7 @@ def build_parser():
     w.add_argument("--max-connections", type=int, default=256)
     w.add_argument("--libcuda", default=None)
     w.add_argument("--lock", action="store_true")
+    w.add_argument("--standby", type=int, default=0)
     w.add_argument("--debug", action="store_true")
 
     d = sub.add_parser("detach", allow_abbrev=False, help="disconnect an nbd device left behind (refuses live swap)")
