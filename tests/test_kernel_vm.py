@@ -29,9 +29,10 @@ LAB = Path(os.environ.get("NBD_VRAM_VMLAB", "/var/tmp/nbd-vram-vmlab"))
 RUNS = LAB / "runs"
 
 # Measured on this 2-core Debian 12 host (guest: 512 MiB, 2 vCPUs, 1 GiB BAR; one VM at a time):
-# 5 pressure runs in one boot: 1011 s for the first four at host load 2-3 (pressure 118-249 s a run,
-# ~421-428 MiB swapped out, 48 MiB verified each), so ~1250 s for five; see tests/vm/README.md for the
-# full-run numbers.  TCG speed follows host load, so both limits leave about 2x headroom.
+# 5 pressure runs in one boot took 986 s at host load ~1.5 (pressure 115-231 s a run, 486-491 MiB
+# swapped out, 48 MiB verified each); the integration script 538 s.  An earlier pressure boot at load
+# 2-3 needed 1011 s for four runs, i.e. ~1250 s for five: TCG speed follows host load, so the limits
+# leave about 2x headroom (time spent waiting for another session's VM is not counted).
 PRESSURE_RUNS = 5
 PRESSURE_TIMEOUT_S = 2400
 INTEGRATION_TIMEOUT_S = 1800
@@ -136,7 +137,7 @@ def test_integration(guest, outdir_with_fake, capsys, record_property):
     record_property("console_log", str(out / "console.log"))
     rc, text, wall = boot(out, VM / "guest-integration.sh", INTEGRATION_TIMEOUT_S)
     lines = [l for l in text.splitlines()
-             if re.search(r"^=== |swap used under pressure|MiB verified|worker_death: kill|worker 1 restarted", l)]
+             if re.search(r"^=== |swap used under pressure|MiB verified|worker_death: |worker 1 restarted", l)]
     say(capsys, "", f"test_kernel_vm: guest-integration.sh: exit {rc} after {wall:.0f} s "
         f"(console: {out / 'console.log'})", *("  " + l for l in lines))
     missing = [p for p in INTEGRATION_PARTS if not re.search(rf"^=== {p}: PASS", text, re.M)]

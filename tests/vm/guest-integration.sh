@@ -25,6 +25,9 @@ PART=""
 DPID=""
 DLOG=""
 dmesg -n 1
+# TCG: a vCPU the busy host does not run for a while looks like a soft lockup (seen once: "BUG: soft
+# lockup - CPU#0 stuck for 47s! [kcompactd0]" under the hog): report only past 120 s (2 x thresh).
+sysctl -qw kernel.watchdog_thresh=60
 
 # On any failure: say which part, show the daemon's log and state, the kernel log's tail.
 on_err() {
@@ -159,7 +162,7 @@ serving_workers() {
 }
 t_worker_death() {
   part worker_death
-  local ppid wpids wpid newpid n killed rc=0 killed_at
+  local ppid wpids wpid newpid n live killed rc=0 killed_at
   # dead_conn_timeout 120 s (default 600): if the worker is not replaced, the kernel fails the held
   # I/O after 2 minutes (the guest may then panic: init's pages are on this swap) instead of 10.
   start_daemon worker --size 1G --min-size 256M --connections 2 --dead-conn-timeout 120
@@ -204,6 +207,11 @@ t_worker_death() {
     fail "worker 1's replacement (pid ${newpid:-?}) is not running"
   fi
   python3 "$REPO/nbd_vram.py" status
+  # Known gap (reported, not yet failed on): a request the replacement takes > 30 s to answer (the
+  # block layer's default timeout; TCG under the hog) makes the kernel mark that healthy connection
+  # dead, and the daemon only notices a worker's exit, so the device stays at 1 of 2 connections.
+  live=$(python3 "$REPO/nbd_vram.py" status --json | python3 -c 'import json, sys; print(json.load(sys.stdin).get("connections_live", "?"))' || true)
+  [ "$live" = 2 ] || echo "worker_death: WARNING: $live of 2 connections live after the replacement"
   echo "--- nbd lines in the kernel log:"; dmesg | grep -i nbd | tail -n 20 || true
   kernel_clean
   stop_daemon
