@@ -30,6 +30,10 @@ for run in $(seq "${GUEST_RUNS:-1}"); do
   cat /tmp/daemon.log
   swapon --show
   grep VmLck /proc/$pid/status
+  # Serving threads are SCHED_RR (realtime = yes): one per connection, in the worker.
+  rr=$(ps -eLo cls=,comm= | awk '$1 == "RR" && $2 == "python3"' | wc -l)
+  echo "serving threads SCHED_RR: $rr"
+  [ "$rr" -ge 2 ] || { ps -eLo pid,tid,cls,rtprio,args; echo "FAIL: expected 2 SCHED_RR serving threads"; exit 1; }
   start_watchdog $pid 10 > /mnt/watchdog-$run.log 2>&1
   wd=$!
   pressure "${GUEST_DATA_MB:-48}" "${GUEST_HOG_MB:-700}"

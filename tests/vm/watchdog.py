@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """watchdog.py PID [INTERVAL_S=5] [MAX_DUMPS=3]: livelock detector for guest scripts (start it in the
-background before the pressure; guest-lib.sh's start_watchdog also enables sysrq and console logging).
+background before the pressure; PID's child processes are watched too; guest-lib.sh's start_watchdog also enables sysrq and console logging).
 Every INTERVAL_S it reads /proc and prints one "WATCHDOG" line to the console when something looks
-stuck: a thread of PID in state R whose system time grows while its user time and page faults are
+stuck: a thread in state R whose system time grows while its user time and page faults are
 frozen, or direct reclaim scanning (pgscan_direct) hard while stealing nothing and swap-out is frozen.
-After three suspicious samples in a row it dumps every thread of PID (state, ticks, faults, syscall,
+After three suspicious samples in a row it dumps every one of those threads (state, ticks, faults, syscall,
 kernel stack), raises the console log level and asks for a backtrace of every CPU (sysrq-l; needs
 kernel.sysrq=1; its "Call Trace" lines make fail_on_kernel_errors fail), at most MAX_DUMPS times. Exits when PID does. It is mlocked, but in a hard livelock it may still need a page and
 stay silent: silence from it is itself a sign."""
@@ -27,9 +27,21 @@ def say(text):
     console.flush()
 
 
+def tasks():
+    """Every thread of PID and of its children (the daemon's worker processes)."""
+    found = glob.glob(f"/proc/{pid}/task/*")
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            if open(stat).read().rsplit(")", 1)[1].split()[1] == pid:
+                found += glob.glob(stat[:-len("stat")] + "task/*")
+        except (OSError, IndexError):
+            pass
+    return found
+
+
 def threads():
     out = {}
-    for task in glob.glob(f"/proc/{pid}/task/*"):
+    for task in tasks():
         try:
             st = open(task + "/stat").read().rsplit(")", 1)[1].split()
             out[task] = (st[0], int(st[11]), int(st[12]), int(st[7]) + int(st[9]))  # state utime stime faults
@@ -45,7 +57,7 @@ def vmstat():
 
 def dump():
     lines = []
-    for task in sorted(glob.glob(f"/proc/{pid}/task/*")):
+    for task in sorted(tasks()):
         try:
             lines.append(f"TASK {task} stat={open(task + '/stat').read().strip()} "
                          f"syscall={open(task + '/syscall').read().strip()}")
