@@ -20,7 +20,8 @@ options:
   --size SIZE               VRAM to use as swap (e.g. 6G), written to the config on first
                             install; default: proposed from the GPU (total minus 1G, minus
                             3G if it drives a display, at least 1G)
-  --power-management yes|no answer to the power-aware management question (default no)
+  --power-management yes|no answer to the power-aware management question (default no):
+                            yes writes "power = ac" (VRAM swap only on AC power)
   -y, --yes                 accept every proposal without asking (also implied when
                             standard input is not a terminal)
   --no-enable               do not enable the units (not started at boot)
@@ -48,6 +49,7 @@ PURGE=0
 DRY=0
 UNIT=vram-swap-nbd.service
 SLEEP_UNIT=vram-swap-nbd-sleep.service
+UDEV_RULE=90-nbd-vram-power.rules
 MARK="# Written by install.sh on first install."
 
 die() { echo "install.sh: error: $*" >&2; exit 1; }
@@ -94,6 +96,7 @@ BIN=$ROOT/usr/local/bin/nbd_vram.py
 UNITDIR=$ROOT/etc/systemd/system
 CONF=$ROOT/etc/nbd-vram.conf
 DOC=$ROOT/usr/local/share/doc/nbd-vram/README.md
+RULE=$ROOT/etc/udev/rules.d/$UDEV_RULE
 RUNDIR=${NBD_VRAM_RUNTIME_DIR:-/run/nbd-vram}
 
 TMP=$(mktemp -d)
@@ -248,7 +251,10 @@ write_first_config() {
             echo "# size: $why."
             echo "size = $size"
         fi
-        echo "# power management: $power (asked by install.sh; this version has no setting for it yet, so this line only records the answer)"
+        if [ "$power" = yes ]; then
+            echo "# power management: asked by install.sh (power = always turns it off)."
+            echo "power = ac"
+        fi
     } >"$out"
     note "first install: size ${size:-7G (the default)}, power management $power"
     run install -D -m 0644 "$out" "$CONF"
@@ -276,6 +282,20 @@ install_config() {
     fi
 }
 
+# The udev rule: every power_supply change (AC plugged or not, battery level) wakes the daemon at
+# once instead of at its next poll.  `nbd_vram.py power-event` signals only a daemon that is up and
+# has its signals blocked, so an event at any moment is harmless.
+write_udev_rule() {
+    cat >"$TMP/$UDEV_RULE" <<EOF
+# nbd-vram (installed by install.sh): tell the daemon the power supply changed.
+SUBSYSTEM=="power_supply", ACTION=="change", RUN+="/usr/local/bin/nbd_vram.py power-event"
+EOF
+}
+
+reload_udev() {
+    if [ -z "$ROOT" ] && command -v udevadm >/dev/null; then run udevadm control --reload || true; fi
+}
+
 systemctl_offline() {  # enable/disable in the staging root
     run systemctl --root="$ROOT" "$@"
 }
@@ -292,6 +312,8 @@ do_uninstall() {
     fi
     remove_file "$UNITDIR/$SLEEP_UNIT"
     remove_file "$UNITDIR/$UNIT"
+    remove_file "$RULE"
+    reload_udev
     remove_file "$BIN"
     remove_file "$DOC"
     if [ -d "$(dirname "$DOC")" ]; then run rmdir --ignore-fail-on-non-empty "$(dirname "$DOC")"; fi
@@ -300,7 +322,8 @@ do_uninstall() {
         systemctl reset-failed "$UNIT" "$SLEEP_UNIT" 2>/dev/null || true
     fi
     if [ -z "$ROOT" ]; then
-        remove_file "$RUNDIR/sleep-stopped"
+        remove_file "$RUNDIR/sleep-stopped"     # left by versions whose sleep unit stopped the service
+        remove_file "$RUNDIR/sleeping"
         local pid
         pid=$(python3 -c 'import json, sys; print(int(json.load(open(sys.argv[1]))["pid"]))' "$RUNDIR/state.json" 2>/dev/null) || pid=""
         if [ -n "$pid" ] && [ -d "/proc/$pid" ]; then
@@ -326,7 +349,8 @@ do_install() {
     for f in mkswap swapon swapoff; do
         command -v "$f" >/dev/null || die "$f is not installed (install util-linux)"
     done
-    if ! { ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1'; } && ! command -v nvidia-smi >/dev/null; then
+    # grep without -q: -q exits at the first match, and ldconfig's SIGPIPE fails the pipeline under pipefail
+    if ! { ldconfig -p 2>/dev/null | grep 'libcuda\.so\.1' >/dev/null; } && ! command -v nvidia-smi >/dev/null; then
         die "no NVIDIA driver: libcuda.so.1 is not in the linker cache (ldconfig -p) and nvidia-smi is not installed; install the NVIDIA driver first"
     fi
     if [ ! -d /sys/module/nbd ] && ! modprobe -n nbd >/dev/null 2>&1; then
@@ -347,6 +371,11 @@ do_install() {
     install_file "$SRC/nbd_vram.py" "$BIN" 0755
     install_file "$SRC/$UNIT" "$UNITDIR/$UNIT" 0644
     install_file "$SRC/$SLEEP_UNIT" "$UNITDIR/$SLEEP_UNIT" 0644
+    write_udev_rule
+    if differs "$TMP/$UDEV_RULE" "$RULE" 0644; then
+        install_file "$TMP/$UDEV_RULE" "$RULE" 0644
+        reload_udev
+    fi
     if [ -f "$SRC/README.md" ]; then install_file "$SRC/README.md" "$DOC" 0644; fi
     CONF_BAD=0
     install_config
@@ -354,10 +383,11 @@ do_install() {
     case $SYSTEMD in
         live)
             run systemctl daemon-reload
-            if (( ENABLE )); then run systemctl enable "$UNIT" "$SLEEP_UNIT"; else note "not enabling the units (--no-enable)"; fi
+            # reenable: an older sleep unit was WantedBy=sleep.target, this one is RequiredBy=
+            if (( ENABLE )); then run systemctl enable "$UNIT" && run systemctl reenable "$SLEEP_UNIT"; else note "not enabling the units (--no-enable)"; fi
             ;;
         offline)
-            if (( ENABLE )); then systemctl_offline enable "$UNIT" "$SLEEP_UNIT"; else note "not enabling the units (--no-enable)"; fi
+            if (( ENABLE )); then systemctl_offline enable "$UNIT" && systemctl_offline reenable "$SLEEP_UNIT"; else note "not enabling the units (--no-enable)"; fi
             ;;
         none)
             if [ -n "$ROOT" ]; then note "systemctl not found: units not enabled in $ROOT"; fi

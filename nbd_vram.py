@@ -27,6 +27,7 @@ What it deliberately does not do: compression, overcommit, or serving
 anything but the one VRAM-backed export.
 """
 
+import collections
 import ctypes
 import ctypes.util
 import enum
@@ -1610,6 +1611,43 @@ def set_io_flusher(libc):
     return True
 
 
+REALTIME_PRIORITY = 1          # SCHED_RR's lowest: above every normal task, below the kernel's own RT threads
+_realtime_warned = False
+
+
+def set_realtime():
+    """SCHED_RR for this thread: the reply it sends must not wait on reclaim.
+
+    Every reply is a sendmsg, and the kernel allocates the socket buffer for it.
+    Under pressure free memory sits at the min watermark; this thread may not do
+    I/O to reclaim (PR_SET_IO_FLUSHER), and the dirty pages waiting to go out are
+    the swap writes only its reply completes: seen in the kernel tests as a thread
+    spinning in direct reclaim inside unix_stream_sendmsg until the kernel's 30 s
+    timeout.  The page allocator lets real-time tasks dip a quarter below the min
+    watermark (ALLOC_HARDER, ALLOC_MIN_RESERVE since 6.3), a reserve the process
+    filling memory cannot take.  The thread blocks in recv when idle, and the
+    kernel's RT throttling leaves the rest of the system 5 % of the CPU even if not.
+    """
+    global _realtime_warned
+    try:
+        os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(REALTIME_PRIORITY))
+        return True
+    except OSError as e:
+        if _realtime_warned:
+            return False
+        _realtime_warned = True
+        log.warning("serving thread not real-time (%s): under heavy memory pressure a reply can wait on "
+                    "reclaim; set realtime = no to silence this, or give the service CAP_SYS_NICE", e.strerror)
+        return False
+
+
+def prepare_serving_thread(libc, realtime):
+    """Call first in every thread that answers the kernel's requests."""
+    set_io_flusher(libc)
+    if realtime:
+        set_realtime()
+
+
 def set_oom_score_adj(value=-1000):
     try:
         with open("/proc/self/oom_score_adj", "w") as f:
@@ -1679,6 +1717,7 @@ class NbdAttr(enum.IntEnum):
 
 NBD_SOCK_ITEM = 1
 NBD_SOCK_FD = 1
+NBD_MAJOR = 43                 # linux/major.h
 BLOCK_SIZE = 4096              # the kernel's logical block size for the device: the page size, what swap uses
 
 _IO = lambda t, nr: (t << 8) | nr    # noqa: E731 (linux/ioctl.h for _IO: no direction, no size)
@@ -2069,9 +2108,20 @@ OPTIONS = [
     Option("workers", "auto", _workers, "auto or 1..32",
            "serving processes (auto: one per two CPUs, at most one per connection and 8)"),
     Option("buffer_size", "2M", _buffer_size, "64K..256M", "pinned staging per connection, each way (the kernel sends at most 1.25M per request)"),
+    Option("realtime", "yes", _parse_bool, "yes or no",
+           "serving threads run SCHED_RR (priority 1), so a reply under memory pressure may use the kernel's "
+           "real-time reserve instead of waiting on reclaim"),
     Option("libcuda", "libcuda.so.1", _text, "a path", "the CUDA driver library", env="NBD_VRAM_LIBCUDA"),
+    Option("power", "always", _choice("always", "ac", "battery"), "always, ac or battery",
+           "power-aware management: always (ignore power), ac (VRAM swap only on AC power), battery (release it "
+           "when the battery drops below battery_threshold); after a release it comes back when AC returns"),
+    Option("battery_threshold", "20", _int_range(1, 99), "1..99 (percent)",
+           "with power = battery: release VRAM swap below this charge"),
+    Option("power_poll", "60", _int_range(1, 3600), "1..3600 seconds",
+           "how often the power supply is read (a udev rule also wakes the daemon on every change)"),
     Option("debug", "no", _parse_bool, "yes or no", "log every decision and invalid request"),
 ]
+POWER_KEYS = ("power", "battery_threshold", "power_poll")     # the settings SIGHUP reloads
 OPTION_BY_KEY = {o.key: o for o in OPTIONS}
 
 
@@ -2161,6 +2211,185 @@ def sample_config():
 
 
 ############################################################################
+# Power policy #############################################################
+############################################################################
+# A dGPU kept awake by swap drains a laptop's battery, and a GPU that powers
+# off under live swap hangs the machine.  Readings come from
+# /sys/class/power_supply (under NBD_VRAM_SYSFS_ROOT in tests); the decision
+# is a pure function of the settings, the readings and what was done before.
+
+POWER_SUPPLY = "/sys/class/power_supply"
+AC_SUPPLY_TYPES = ("Mains", "USB", "USB_C", "USB_PD", "USB_PD_DRP", "Wireless")
+
+
+class PowerReadings(collections.namedtuple("PowerReadings", "ac capacity batteries")):
+    """ac: True, False, or None where no AC adapter nor battery exists (a desktop).
+    capacity: the charge in percent of every system battery together, None if unknown.
+    batteries: [(name, capacity or None, status)]."""
+
+    def describe(self):
+        if self.ac is None:
+            return "no AC adapter or battery found (a desktop)"
+        where = "on AC power" if self.ac else "on battery"
+        if self.capacity is not None:
+            where += f", battery {self.capacity}%"
+        return where
+
+
+def read_power():
+    """The machine's power state from sysfs."""
+    base = POWER_SUPPLY
+    try:
+        names = sorted(os.listdir(os.path.join(sys_root(), base.lstrip("/"))))
+    except OSError:
+        names = []
+    adapters, batteries, energy_now, energy_full = [], [], 0, 0
+    for name in names:
+        d = f"{base}/{name}"
+        if _read(f"{d}/scope", "System") == "Device":
+            continue        # a mouse's or a headset's battery says nothing about the machine
+        kind = _read(f"{d}/type", "")
+        if kind in AC_SUPPLY_TYPES:
+            online = _read(f"{d}/online")
+            if online is not None:
+                adapters.append(online.strip() == "1")
+        elif kind == "Battery":
+            if _read(f"{d}/present", "1") == "0":
+                continue
+            cap = _read(f"{d}/capacity")
+            cap = int(cap) if cap and cap.isdigit() else None
+            batteries.append((name, cap, _read(f"{d}/status", "Unknown")))
+            for now, full in (("energy_now", "energy_full"), ("charge_now", "charge_full")):
+                n, f = _read(f"{d}/{now}"), _read(f"{d}/{full}")
+                if n and f and n.isdigit() and f.isdigit() and int(f) > 0:
+                    energy_now, energy_full = energy_now + int(n), energy_full + int(f)
+                    break
+            else:
+                energy_full = -1        # one battery without the figures: average the percentages instead
+    if adapters:
+        ac = any(adapters)
+    elif batteries:
+        ac = not any(status == "Discharging" for _, _, status in batteries)
+    else:
+        ac = None
+    caps = [c for _, c, _ in batteries if c is not None]
+    if energy_full > 0:
+        capacity = round(100 * energy_now / energy_full)
+    elif caps:
+        capacity = round(sum(caps) / len(caps))
+    else:
+        capacity = None
+    return PowerReadings(ac, capacity, batteries)
+
+
+def power_decision(policy, threshold, readings, released, sleeping=False):
+    """(VRAM swap wanted?, why).  `released`: this daemon gave swap up for power reasons
+    and has not had it back since; such a release lasts until AC returns."""
+    if sleeping:
+        return False, "the system is going to sleep"
+    if policy == "always":
+        return True, "power = always"
+    if readings.ac is None:
+        return True, "no AC adapter or battery found: a desktop, treated as on AC"
+    if readings.ac:
+        return True, "on AC power"
+    if policy == "ac":
+        return False, "on battery (power = ac)"
+    if released:
+        return False, "released on battery; comes back on AC"
+    if readings.capacity is None:
+        return True, "on battery, charge unknown (power = battery releases below a known charge)"
+    if readings.capacity < threshold:
+        return False, f"on battery at {readings.capacity}%, below battery_threshold {threshold}%"
+    return True, f"on battery at {readings.capacity}%, releases below {threshold}%"
+
+
+SLEEP_MARKER = "sleeping"           # in the runtime dir: `nbd_vram.py sleep` made it, `wake` removes it
+RELEASED_ENV = "NBD_VRAM_POWER_RELEASED"   # carried over the daemon's re-exec after a power release
+
+
+def sleep_marker():
+    return os.path.join(runtime_dir(), SLEEP_MARKER)
+
+
+class PowerPolicy:
+    """The daemon's view of power: readings, the decision, and what status shows."""
+
+    def __init__(self, settings):
+        self.cfg = settings
+        self.released = os.environ.get(RELEASED_ENV) == "1"
+        self.readings = None
+        self.sleeping = False
+        self.want, self.why = True, "not yet read"
+        self.checked = 0.0
+        self._desktop_logged = False
+
+    @property
+    def poll_s(self):
+        return float(self.cfg["power_poll"])
+
+    def evaluate(self, swap_on=False):
+        """Read the supplies and decide; logs a change of mind once."""
+        self.readings = read_power()
+        if self.readings.ac is None and not self._desktop_logged and self.cfg["power"] != "always":
+            log.info("power: no AC adapter or battery in %s: a desktop, VRAM swap stays on", POWER_SUPPLY)
+            self._desktop_logged = True
+        self.sleeping = os.path.exists(sleep_marker())
+        want, why = power_decision(self.cfg["power"], self.cfg["battery_threshold"], self.readings,
+                                   self.released, self.sleeping)
+        if (want, why) != (self.want, self.why):
+            log.info("power: %s: VRAM swap %s (%s)", why, "wanted" if want else "not wanted",
+                     self.readings.describe())
+        self.want, self.why, self.checked = want, why, time.monotonic()
+        if want and self.readings.ac:
+            self.released = False
+        return want
+
+    def due(self):
+        return time.monotonic() - self.checked >= self.poll_s
+
+    def reload(self, args, flags):
+        """SIGHUP: the power settings take effect now; the rest need a restart."""
+        try:
+            new, _ = load_config(args.config, flags)
+        except ConfigError as e:
+            log.error("SIGHUP: configuration not reloaded, the old one stays: %s", e)
+            return
+        for key in POWER_KEYS:
+            if new[key] != self.cfg[key]:
+                log.info("SIGHUP: %s = %s (was %s)", key, format_setting(key, new[key]), format_setting(key, self.cfg[key]))
+                self.cfg[key] = new[key]
+        other = [k for k in OPTION_BY_KEY if k not in POWER_KEYS and new[k] != self.cfg[k]]
+        if other:
+            log.info("SIGHUP: %s changed; takes effect at the next restart (systemctl restart vram-swap-nbd)",
+                     ", ".join(other))
+
+    def state(self):
+        r = self.readings
+        return {"policy": self.cfg["power"], "battery_threshold": self.cfg["battery_threshold"],
+                "poll_s": self.cfg["power_poll"], "wanted": self.want, "why": self.why,
+                "released": self.released, "sleeping": self.sleeping,
+                "ac": None if r is None else r.ac, "battery_percent": None if r is None else r.capacity,
+                "readings": None if r is None else r.describe()}
+
+
+def hibernation_resume_warning(device=None):
+    """A line to log if the kernel would resume from hibernation off an nbd device, else None."""
+    targets = []
+    resume = _read("/sys/power/resume", "0:0")
+    if resume and resume not in ("0:0", "") and resume.split(":")[0] == str(NBD_MAJOR):
+        targets.append(f"/sys/power/resume is {resume} (an nbd device)")
+    cmdline = _read("/proc/cmdline", "") or ""
+    for word in cmdline.split():
+        if word.startswith("resume=") and ("/dev/nbd" in word or (device and word == f"resume={device}")):
+            targets.append(f"the kernel command line has {word}")
+    if not targets:
+        return None
+    return ("VRAM swap can never hold a hibernation image (the GPU is off while the machine resumes): "
+            + "; ".join(targets) + "; point resume= at disk swap and update the initramfs")
+
+
+############################################################################
 # Worker processes #########################################################
 ############################################################################
 # One Python process serves about 100k small requests a second: the GIL
@@ -2193,7 +2422,7 @@ def default_workers(connections):
 
 
 def spawn_worker(store, libcuda, buffer_bytes, socks=(), lock=False, debug=False, index=0, max_connections=256,
-                 standby=0):
+                 standby=0, realtime=False):
     """Start `nbd_vram.py worker`; returns (Popen, parent's end of its control socket)."""
     ctl, child_ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     fds = [store.fd, child_ctl.fileno()] + [s.fileno() for s in socks]
@@ -2208,6 +2437,8 @@ def spawn_worker(store, libcuda, buffer_bytes, socks=(), lock=False, debug=False
         argv += ["--standby", str(standby)]
     if lock:
         argv.append("--lock")
+    if realtime:
+        argv.append("--realtime")
     if debug:
         argv.append("--debug")
     env = dict(os.environ, CUDA_DEVICE_ORDER=os.environ.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID"))
@@ -2300,7 +2531,7 @@ def cmd_worker(args):
 
             def serve_kernel(fd, io, name):
                 if args.lock:
-                    set_io_flusher(libc)
+                    prepare_serving_thread(libc, args.realtime)
                 serve_connection(socket.socket(fileno=fd), export, name, io=io, handshake=False)
                 io.close()
 
@@ -2383,6 +2614,10 @@ def _publish_counters(counters, slot, export):
 ############################################################################
 
 SWAPOFF_RETRY_S = 10.0
+# Blocked in every thread from the start of `run` (and kept over its re-execs), taken by the main
+# thread with sigtimedwait.  SIGUSR1 (udev, `nbd_vram.py sleep`): read the power state now.
+DAEMON_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
+RELEASED = "released"       # Daemon.loop: the power policy had swap turned off
 
 
 def pid_alive(pid):
@@ -2402,12 +2637,55 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
+def state_path():
+    return os.path.join(runtime_dir(), "state.json")
+
+
 def read_state():
     try:
-        with open(os.path.join(runtime_dir(), "state.json")) as f:
+        with open(state_path()) as f:
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+def remove_state():
+    try:
+        os.unlink(state_path())
+    except FileNotFoundError:
+        pass
+
+
+def reexec(argv, environ=None):
+    """Replace this process with a fresh `nbd_vram.py ARGV` (same pid, so systemd keeps tracking it)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, os.path.abspath(sys.argv[0])] + list(argv), environ or os.environ)
+
+
+def wait_for_power(power, reload):
+    """Idle until the power policy wants VRAM swap: no CUDA, no device, no GPU handle.
+
+    Returns False when told to stop meanwhile."""
+    if power.evaluate():
+        return True
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
+    log.info("idle, holding no VRAM: %s", power.why)
+    while True:
+        write_json(state_path(), {"pid": os.getpid(), "version": __version__, "mode": "idle", "started": started,
+                                  "power": power.state()})
+        sd_notify("READY=1", f"STATUS=idle, holding no VRAM: {power.why}")
+        info = signal.sigtimedwait(DAEMON_SIGNALS, power.poll_s)
+        if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
+            log.info("%s received while idle: stopping", signal.Signals(info.si_signo).name)
+            remove_state()
+            return False
+        if info is not None and info.si_signo == signal.SIGHUP:
+            reload()
+        if power.evaluate():
+            log.info("power: taking VRAM swap back (%s)", power.why)
+            return True
 
 
 class Daemon:
@@ -2419,8 +2697,12 @@ class Daemon:
     so no handler ever runs in the middle of serving.
     """
 
-    def __init__(self, settings):
+    def __init__(self, settings, power=None, reload=None):
         self.cfg = settings
+        self.power = power or PowerPolicy(settings)
+        self.reload = reload or (lambda: None)      # SIGHUP: re-read the power settings
+        self.release_failed = None                  # (time, why) of the last swapoff the power policy asked for
+        self.started = None
         self.libc = _libc()
         self.undo = []
         self.threads = []
@@ -2438,7 +2720,7 @@ class Daemon:
     def start(self):
         cfg = self.cfg
         threading.stack_size(THREAD_STACK)
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+        signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)
         log.info("nbd-vram %s starting: size %s (min %s), gpu %s, priority %d, %d connections",
                  __version__, format_size(cfg["size"]), format_size(cfg["min_size"]), cfg["gpu"],
                  cfg["priority"], cfg["connections"])
@@ -2590,7 +2872,7 @@ class Daemon:
 
     def _spawn(self, w, socks):
         proc, ctl = spawn_worker(self.export.store, self.cfg["libcuda"], self.cfg["buffer_size"], socks=socks,
-                                 lock=True, debug=self.cfg["debug"], index=w + 1)
+                                 lock=True, debug=self.cfg["debug"], index=w + 1, realtime=self.cfg["realtime"])
         for s in socks:
             s.close()       # the worker has them now
         wait_worker_ready(proc, ctl)
@@ -2600,7 +2882,7 @@ class Daemon:
         """A worker that is ready (VRAM imported, memory locked) before any worker dies."""
         n = max(nsocks for _, _, nsocks in self.workers)
         proc, ctl = spawn_worker(self.export.store, self.cfg["libcuda"], self.cfg["buffer_size"], lock=True,
-                                 debug=self.cfg["debug"], index=0, standby=n)
+                                 debug=self.cfg["debug"], index=0, standby=n, realtime=self.cfg["realtime"])
         try:
             wait_worker_ready(proc, ctl)
         except Fatal as e:
@@ -2640,23 +2922,27 @@ class Daemon:
                 spare[0].wait(10)
             self.workers[w] = self._spawn(w, [ours for ours, _ in pairs])
         deadline = time.monotonic() + 30
-        while True:
+        reconnected = False
+        while not reconnected:
             nl = NbdNetlink()
             try:
                 nl.reconfigure(self.index, [k for _, k in pairs], backend=self.backend)
-                break
+                reconnected = True
             except OSError as e:
                 # ENOSPC: the kernel has not yet marked the old sockets dead; try again shortly.
                 if e.errno != errno.ENOSPC or time.monotonic() > deadline:
-                    log.error("NBD_CMD_RECONFIGURE of %s failed: %s", self.device, e.strerror)
+                    log.error("NBD_CMD_RECONFIGURE of %s failed: %s; worker %d's connections stay dead (the "
+                              "kernel sends their I/O over the others); restart the service when swap is idle",
+                              self.device, e.strerror, w + 1)
                     break
                 time.sleep(0.2)
             finally:
                 nl.close()
         for _, k in pairs:
             k.close()
-        log.info("worker %d restarted (pid %d); %s has its connections back", w + 1, self.workers[w][0].pid,
-                 self.device)
+        if reconnected:
+            log.info("worker %d restarted (pid %d); %s has its connections back", w + 1, self.workers[w][0].pid,
+                     self.device)
         self.spare = self._spawn_spare()     # swap works again: a new process can get its memory
 
     def _join_workers(self):
@@ -2668,7 +2954,7 @@ class Daemon:
             ctl.close()
 
     def _serve_kernel(self, sock, io, label):
-        set_io_flusher(self.libc)
+        prepare_serving_thread(self.libc, self.cfg["realtime"])
         serve_connection(sock, self.export, label, io=io, handshake=False)
 
     def _join_threads(self):
@@ -2703,23 +2989,34 @@ class Daemon:
 
     def _write_state(self):
         store = self.export.store
-        state = {"pid": os.getpid(), "version": __version__, "device": self.device, "index": self.index,
-                 "attach": self.attach_kind, "gpu": self.gpu, "size_bytes": store.size_bytes,
+        if self.started is None:
+            self.started = time.strftime("%Y-%m-%d %H:%M:%S")
+            self.undo.append(("remove state", remove_state))
+        state = {"pid": os.getpid(), "version": __version__, "mode": "serving", "device": self.device,
+                 "index": self.index, "attach": self.attach_kind, "gpu": self.gpu, "size_bytes": store.size_bytes,
                  "size_asked_bytes": self.cfg["size"], "allocation": store.kind,
                  "priority": self.cfg["priority"], "connections": self.cfg["connections"],
-                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        path = os.path.join(runtime_dir(), "state.json")
-        write_json(path, state)
-        self.undo.append(("remove state", lambda: os.unlink(path)))
+                 "started": self.started, "power": self.power.state()}
+        if self.release_failed:
+            state["release_failed"], state["release_error"] = self.release_failed
+        write_json(state_path(), state)
 
     # -- serving ------------------------------------------------------------------------
 
     def loop(self):
-        sigs = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+        """Serve until a stop signal (EXIT_OK), the power policy's release (RELEASED), or the end of every connection."""
         while True:
-            info = signal.sigtimedwait(sigs, STATUS_INTERVAL_S)
+            info = signal.sigtimedwait(DAEMON_SIGNALS, STATUS_INTERVAL_S)
             if not self.workers:
                 self._update_counters()
+            if info is not None and info.si_signo in (signal.SIGHUP, signal.SIGUSR1):
+                if info.si_signo == signal.SIGHUP:
+                    self.reload()
+                if self._power_check():
+                    return RELEASED
+                continue
+            if info is None and self.power.due() and self._power_check():
+                return RELEASED
             if info is None:
                 for w, (proc, _, _) in enumerate(self.workers):
                     if proc.poll() is not None:
@@ -2734,11 +3031,27 @@ class Daemon:
                     log.error("every connection to the kernel has closed; %s is no longer served", self.device)
                     return EXIT_FAILURE
                 continue
-            if info.si_signo == signal.SIGHUP:
-                log.info("SIGHUP: nothing to reload while serving (size, GPU and connections need a restart)")
-                continue
             log.info("%s received: stopping", signal.Signals(info.si_signo).name)
             return EXIT_OK
+
+    def _power_check(self):
+        """Ask the power policy; if it wants VRAM swap gone, swapoff once.  True when swap is off."""
+        if self.power.evaluate(self.swap_on) or not self.swap_on:
+            self._write_state()
+            return False
+        why = self.power.why
+        log.info("power: releasing VRAM swap (%s): swapoff %s", why, self.device)
+        sd_notify(f"STATUS=releasing VRAM swap ({why}): swapoff {self.device}")
+        if swap_disable(self.device):
+            self.swap_on = False
+            self.power.released = not self.power.sleeping
+            return True
+        # Never forced: the pages on VRAM belong to running processes.
+        self.release_failed = (time.time(), f"swapoff {self.device} failed: RAM cannot take the swapped pages back now")
+        log.warning("power: VRAM swap stays on (%s); trying again in %d s", self.release_failed[1], self.power.poll_s)
+        sd_notify(f"STATUS=serving; power wants VRAM swap released ({why}) but swapoff failed; retrying")
+        self._write_state()
+        return False
 
     # -- teardown -----------------------------------------------------------------------
 
@@ -2763,6 +3076,8 @@ class Daemon:
 
 
 def cmd_run(args, flags):
+    # First of all, and inherited over the re-execs below: the default action of these ends the process.
+    signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)
     settings, origin = load_config(args.config, flags)
     setup_logging(settings["debug"])
     if os.geteuid() != 0:
@@ -2774,13 +3089,25 @@ def cmd_run(args, flags):
         # pressure a new arena is a page the serving thread may not get.  glibc's
         # heap can be grown once and kept (prepare_memory), so run on it.
         os.environ["PYTHONMALLOC"] = "malloc"
-        os.execv(sys.executable, [sys.executable, os.path.abspath(__file__)] + args.argv)
-    daemon = Daemon(settings)
+        reexec(args.argv)
+    power = PowerPolicy(settings)
+    warning = hibernation_resume_warning()
+    if warning:
+        log.warning("%s", warning)
+    if not wait_for_power(power, lambda: power.reload(args, flags)):
+        return EXIT_OK
+    daemon = Daemon(settings, power, lambda: power.reload(args, flags))
     try:
         daemon.start()
         rc = daemon.loop()
     finally:
         daemon.stop()
+    if rc == RELEASED:
+        # Swap is off, the device gone, the VRAM scrubbed and freed.  Start over as a fresh process:
+        # only that drops every handle on the GPU (libcuda keeps the device files open after the last
+        # context), so the dGPU can power down while we wait for AC.
+        log.info("power: VRAM swap released (%s); idle until it is wanted again", power.why)
+        reexec(args.argv, dict(os.environ, **{RELEASED_ENV: "1" if power.released else ""}))
     return rc
 
 
@@ -2794,6 +3121,9 @@ def gather_status():
         return {"running": False}
     running = pid_alive(state.get("pid", 0))
     status = dict(state, running=running)
+    if state.get("mode") == "idle":
+        status["healthy"] = running
+        return status
     try:
         with open(os.path.join(runtime_dir(), "counters"), "rb") as f:
             raw = f.read()
@@ -2816,8 +3146,15 @@ def gather_status():
     status["swap"] = ({"active": True, "size_bytes": swap[0] * 1024, "used_bytes": swap[1] * 1024,
                        "priority": swap[2]} if swap else {"active": False})
     c = status.get("counters", {})
-    status["healthy"] = running and swap is not None and not c.get("io_errors")
+    # A connection the kernel marked dead and nobody reconnected: its queue's I/O goes over the others.
+    missing = "connections_live" in status and status["connections_live"] < state.get("connections", 0)
+    status["healthy"] = running and swap is not None and not c.get("io_errors") and not missing
     return status
+
+
+def describe_power(p):
+    line = f"{p['policy']}: {p.get('readings') or 'not read yet'}; VRAM swap {'wanted' if p['wanted'] else 'not wanted'}"
+    return line + (f" ({p['why']})" if p.get("why") else "")
 
 
 def cmd_status(args):
@@ -2828,6 +3165,13 @@ def cmd_status(args):
         if not args.json:
             print("nbd-vram is not running" + (f" (stale state of pid {st['pid']})" if st.get("pid") else ""))
         return EXIT_NOT_RUNNING
+    if not args.json and st.get("mode") == "idle":
+        rows = [("daemon", f"idle, pid {st['pid']}, since {st['started']}, version {st['version']}"),
+                ("swap", f"off, no VRAM held: {st['power']['why']}"),
+                ("power", describe_power(st["power"]))]
+        for k, v in rows:
+            print(f"{k:<8} {v}")
+        return EXIT_OK
     if not args.json:
         c, sw, g = st.get("counters", {}), st["swap"], st["gpu"]
         rows = [
@@ -2843,9 +3187,74 @@ def cmd_status(args):
             ("errors", f"{c.get('io_errors', 0)} GPU I/O errors, {c.get('invalid', 0)} invalid requests"),
             ("health", "healthy" if st["healthy"] else "DEGRADED: see `journalctl -u vram-swap-nbd`"),
         ]
+        if st.get("power"):
+            line = describe_power(st["power"])
+            if st.get("release_failed"):
+                line += f"; last release failed at {time.strftime('%H:%M:%S', time.localtime(st['release_failed']))}: {st['release_error']}"
+            rows.insert(3, ("power", line))
         for k, v in rows:
             print(f"{k:<8} {v}")
     return EXIT_OK if st["healthy"] else EXIT_DEGRADED
+
+
+def signal_daemon(sig=signal.SIGUSR1):
+    """Send SIG to the running daemon; its pid, or None if none runs."""
+    st = read_state()
+    pid = st.get("pid") if st else None
+    if not pid or not pid_alive(pid):
+        return None
+    os.kill(pid, sig)
+    return pid
+
+
+def cmd_sleep(args):
+    """Before the system sleeps: have the daemon release VRAM swap; fail, so that the sleep is refused, if it cannot."""
+    os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
+    with open(sleep_marker(), "w") as f:
+        f.write(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+    asked = time.time()
+    pid = signal_daemon()
+    if pid is None:
+        log.info("sleep: no nbd-vram daemon is running: nothing to release")
+        return EXIT_OK
+    log.info("sleep: asking the daemon (pid %d) to release VRAM swap", pid)
+    deadline = time.monotonic() + args.timeout
+    while True:
+        if not pid_alive(pid):
+            log.info("sleep: the daemon has stopped: nothing to release")
+            return EXIT_OK
+        st = read_state() or {}      # none for a moment while the daemon starts over
+        if st.get("mode") == "idle":
+            log.info("sleep: VRAM swap released; the GPU holds nothing of ours")
+            return EXIT_OK
+        if st.get("release_failed", 0) >= asked:
+            why = st.get("release_error", "swapoff failed")
+            break
+        if time.monotonic() > deadline:
+            why = f"the daemon did not release VRAM swap within {args.timeout} s"
+            break
+        time.sleep(0.2)
+    os.unlink(sleep_marker())
+    signal_daemon()
+    raise Fatal(f"refusing to let the system sleep with swap on the GPU (its pages would be lost when it powers off): "
+                f"{why}; close some programs to free RAM, then try again")
+
+
+def cmd_wake(args):
+    """After resume: let the daemon take VRAM swap back (a daemon someone stopped stays stopped)."""
+    try:
+        os.unlink(sleep_marker())
+    except FileNotFoundError:
+        pass
+    pid = signal_daemon()
+    log.info("wake: %s", f"told the daemon (pid {pid})" if pid else "no nbd-vram daemon is running")
+    return EXIT_OK
+
+
+def cmd_power_event(args):
+    """udev, on every power_supply change: have a running daemon read the power state now."""
+    signal_daemon()
+    return EXIT_OK
 
 
 ############################################################################
@@ -2997,11 +3406,19 @@ def build_parser():
     w.add_argument("--max-connections", type=int, default=256)
     w.add_argument("--libcuda", default=None)
     w.add_argument("--lock", action="store_true")
+    w.add_argument("--realtime", action="store_true")
     w.add_argument("--standby", type=int, default=0)
     w.add_argument("--debug", action="store_true")
 
     d = sub.add_parser("detach", allow_abbrev=False, help="disconnect an nbd device left behind (refuses live swap)")
     d.add_argument("device", help="/dev/nbdN")
+    sl = sub.add_parser("sleep", allow_abbrev=False,
+                        help="before system sleep: release VRAM swap; fails (refusing the sleep) if swapoff cannot")
+    sl.add_argument("--timeout", type=float, default=900.0, metavar="SECONDS",
+                    help="give up (and refuse the sleep) after this long (default 900)")
+    sub.add_parser("wake", allow_abbrev=False, help="after resume: let the daemon take VRAM swap back")
+    sub.add_parser("power-event", allow_abbrev=False,
+                   help="tell the daemon the power supply changed (the udev rule runs this)")
     return p
 
 
@@ -3027,6 +3444,12 @@ def main(argv=None):
             return cmd_status(args)
         if args.command == "detach":
             return cmd_detach(args)
+        if args.command == "sleep":
+            return cmd_sleep(args)
+        if args.command == "wake":
+            return cmd_wake(args)
+        if args.command == "power-event":
+            return cmd_power_event(args)
         if args.command == "worker":
             return cmd_worker(args)
     except Fatal as e:

@@ -65,7 +65,8 @@ def analyze_root(tmp_path, units):
         if os.path.isdir(d) and not os.path.islink(d):
             shutil.copytree(d, root / "usr/lib/systemd/system", symlinks=True, dirs_exist_ok=True)
             break
-    shutil.copy("/bin/sh", root / "usr/bin/sh")
+    for tool in ("sh", "kill"):       # ExecStart=/bin/sh -c, ExecReload=/bin/kill
+        shutil.copy(f"/bin/{tool}", root / "usr/bin" / tool)
     stub = root / "usr/local/bin/nbd_vram.py"
     stub.parent.mkdir(parents=True)
     stub.write_text("#!/bin/sh\nexit 0\n")
@@ -149,44 +150,16 @@ def test_sleep_unit_settings():
     for unit in ("sleep.target", "systemd-suspend.service", "systemd-hibernate.service",
                  "nvidia-suspend.service", "nvidia-hibernate.service"):
         assert unit in before
-    assert "/run/nbd-vram/sleep-stopped" in d[("Service", "ExecStart")]
-    assert "is-active vram-swap-nbd.service" in d[("Service", "ExecStart")]
-    assert "stop vram-swap-nbd.service" in d[("Service", "ExecStart")]
-    assert "/run/nbd-vram/sleep-stopped" in d[("Service", "ExecStop")]
-    assert "start vram-swap-nbd.service" in d[("Service", "ExecStop")]
-    assert d[("Install", "WantedBy")] == "sleep.target"
+    assert d[("Service", "ExecStart")] == "/usr/local/bin/nbd_vram.py sleep"
+    assert d[("Service", "ExecStop")] == "/usr/local/bin/nbd_vram.py wake"
+    # Required: a failed release (swapoff impossible) fails sleep.target, so the machine stays awake.
+    assert d[("Install", "RequiredBy")] == "sleep.target"
+    assert ("Install", "WantedBy") not in d
 
 
-SLEEP_PRE = re.compile(r"ExecStart=/bin/sh -c '(.*)'$", re.M)
-SLEEP_POST = re.compile(r"ExecStop=/bin/sh -c '(.*)'$", re.M)
-
-
-@pytest.mark.parametrize("active", [True, False])
-def test_sleep_unit_scripts(tmp_path, active):
-    """The two shell snippets, run against a fake systemctl: stop only what runs, and start
-    after resume only what was stopped."""
-    text = (ROOT / "vram-swap-nbd-sleep.service").read_text()
-    run_dir = tmp_path / "run"
-    pre = SLEEP_PRE.search(text).group(1).replace("/run/nbd-vram", str(run_dir))
-    post = SLEEP_POST.search(text).group(1).replace("/run/nbd-vram", str(run_dir))
-    stubs = tmp_path / "bin"
-    stubs.mkdir()
-    calls = tmp_path / "calls"
-    (stubs / "systemctl").write_text(
-        f'#!/bin/sh\necho "$*" >>{calls}\n'
-        f'case "$*" in *is-active*) exit {0 if active else 3} ;; esac\nexit 0\n')
-    (stubs / "systemctl").chmod(0o755)
-    env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}")
-    subprocess.run(["/bin/sh", "-c", pre], check=True, env=env)
-    assert (run_dir / "sleep-stopped").exists() == active
-    subprocess.run(["/bin/sh", "-c", post], check=True, env=env)
-    assert not (run_dir / "sleep-stopped").exists()
-    log = calls.read_text().splitlines()
-    if active:
-        assert log == ["-q is-active vram-swap-nbd.service", "stop vram-swap-nbd.service",
-                       "--no-block start vram-swap-nbd.service"]
-    else:
-        assert log == ["-q is-active vram-swap-nbd.service"]
+def test_main_unit_reload_is_sighup():
+    d = {(s, k): v for s, k, v in directives("vram-swap-nbd.service")}
+    assert d[("Service", "ExecReload")] == "/bin/kill -HUP $MAINPID"
 
 
 # -- the shipped configuration ---------------------------------------------------------------
@@ -288,7 +261,7 @@ def test_install_into_staging_root(tmp_path):
     conf = (staging / ETC_CONF).read_text()
     assert conf.startswith(CONF.read_text())
     assert "\nsize = 7G\n" in conf               # 8192 MiB, no display: minus 1 GiB
-    assert "# power management: no" in conf
+    assert "\npower = " not in conf              # not asked (--yes): power = always, the default
     assert not (staging / (ETC_CONF + ".new")).exists()
     c = check_config(staging / ETC_CONF)
     assert c.returncode == 0, c.stderr
@@ -296,7 +269,9 @@ def test_install_into_staging_root(tmp_path):
     assert "+ install" in p.stdout                # each step echoed, ukify style
     if shutil.which("systemctl"):
         assert t.get("etc/systemd/system/multi-user.target.wants/vram-swap-nbd.service", ("",))[0] == "link"
-        assert t.get("etc/systemd/system/sleep.target.wants/vram-swap-nbd-sleep.service", ("",))[0] == "link"
+        assert t.get("etc/systemd/system/sleep.target.requires/vram-swap-nbd-sleep.service", ("",))[0] == "link"
+    rule = (staging / "etc/udev/rules.d/90-nbd-vram-power.rules").read_text()
+    assert 'SUBSYSTEM=="power_supply", ACTION=="change", RUN+="/usr/local/bin/nbd_vram.py power-event"' in rule
 
     again = install(staging, stubs, "--yes", "--no-start")
     assert again.returncode == 0, again.stdout + again.stderr
@@ -317,7 +292,9 @@ def test_install_size_and_power_flags(tmp_path):
     p = install(staging, make_stubs(tmp_path), "--size", "3G", "--power-management", "yes", "--no-start")
     assert p.returncode == 0, p.stdout + p.stderr
     conf = (staging / ETC_CONF).read_text()
-    assert "\nsize = 3G\n" in conf and "# power management: yes" in conf
+    assert "\nsize = 3G\n" in conf and "\npower = ac\n" in conf
+    c = check_config(staging / ETC_CONF)
+    assert c.returncode == 0 and re.search(r"^power\s+= ac\s", c.stdout, re.M), c.stdout + c.stderr
     bad = install(tmp_path / "other", make_stubs(tmp_path), "--size", "lots", "--no-start")
     assert bad.returncode != 0 and "lots" in bad.stderr
     assert not (tmp_path / "other" / ETC_CONF).exists()
@@ -357,10 +334,9 @@ def test_uninstall_keeps_config_unless_purge(tmp_path):
     p = install(staging, stubs, "--uninstall")
     assert p.returncode == 0, p.stdout + p.stderr
     t = tree(staging)
-    for rel in [BIN, *UNIT_PATHS]:
+    for rel in [BIN, *UNIT_PATHS, "etc/udev/rules.d/90-nbd-vram-power.rules"]:
         assert rel not in t
-    assert not [rel for rel in t if rel.endswith(".wants/vram-swap-nbd.service")
-                or rel.endswith(".wants/vram-swap-nbd-sleep.service")]
+    assert not [rel for rel in t if rel.endswith(("/vram-swap-nbd.service", "/vram-swap-nbd-sleep.service"))]
     assert ETC_CONF in t and "kept" in p.stdout
     again = install(staging, stubs, "--uninstall")
     assert again.returncode == 0 and tree(staging) == t
