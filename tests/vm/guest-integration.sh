@@ -198,20 +198,21 @@ t_worker_death() {
   grep -q 'worker 1 restarted' "$DLOG" || fail "the daemon's log does not show worker 1 restarted"
   ! grep -q 'RECONFIGURE.*failed' "$DLOG" || fail "NBD_CMD_RECONFIGURE failed"
   # The kernel answers a RECONFIGURE with no dead slot left with success, dropping the socket:
-  # every connection of the dead worker must have been taken back.
+  # every connection of a replaced worker must have been taken back.  (A replacement that the
+  # kernel later times out on one connection exits and is replaced in turn: 2 sockets each time.)
   n=$(dmesg | grep -c 'reconnected socket' || true)
-  [ "$n" -eq 2 ] || fail "the kernel took $n sockets back (\"reconnected socket\"), not 2"
+  r=$(grep -c 'worker 1 restarted' "$DLOG" || true)
+  echo "worker_death: $r replacement(s), $n sockets reconnected"
+  [ "$n" -eq $(( 2 * r )) ] || fail "the kernel took $n sockets back (\"reconnected socket\"), not $(( 2 * r ))"
   kill -0 "$DPID" || fail "the daemon died"
   newpid=$(sed -n 's/.*worker 1 restarted (pid \([0-9]*\)).*/\1/p' "$DLOG" | tail -n 1)
   if [ -z "$newpid" ] || [ "$newpid" = "$wpid" ] || ! kill -0 "$newpid"; then
     fail "worker 1's replacement (pid ${newpid:-?}) is not running"
   fi
-  python3 "$REPO/nbd_vram.py" status
-  # Known gap (reported, not yet failed on): a request the replacement takes > 30 s to answer (the
-  # block layer's default timeout; TCG under the hog) makes the kernel mark that healthy connection
-  # dead, and the daemon only notices a worker's exit, so the device stays at 1 of 2 connections.
-  live=$(python3 "$REPO/nbd_vram.py" status --json | python3 -c 'import json, sys; print(json.load(sys.stdin).get("connections_live", "?"))' || true)
-  [ "$live" = 2 ] || echo "worker_death: WARNING: $live of 2 connections live after the replacement"
+  # Healthy again, every connection live (status counts a missing one as degraded, exit 10); the
+  # counters are published every 2 s, so give the replacement a moment.
+  for _ in $(seq 30); do python3 "$REPO/nbd_vram.py" status >/dev/null && break; sleep 1; done
+  python3 "$REPO/nbd_vram.py" status || fail "status is not healthy after the replacement"
   echo "--- nbd lines in the kernel log:"; dmesg | grep -i nbd | tail -n 20 || true
   kernel_clean
   stop_daemon
