@@ -1850,12 +1850,17 @@ def sys_root():
     return os.environ.get("NBD_VRAM_SYSFS_ROOT", "/")
 
 
-def _read(path, default=None):
+def read_text(path, default=None):
+    """A sysfs/procfs file's stripped contents, or default if it cannot be read."""
     try:
-        with open(os.path.join(sys_root(), path.lstrip("/"))) as f:
+        with open(path) as f:
             return f.read().strip()
     except OSError:
         return default
+
+
+def _read(path, default=None):
+    return read_text(os.path.join(sys_root(), path.lstrip("/")), default)
 
 
 def nbd_devices():
@@ -2219,6 +2224,12 @@ def sample_config():
 # is a pure function of the settings, the readings and what was done before.
 
 POWER_SUPPLY = "/sys/class/power_supply"
+
+
+def power_supply_dir():
+    """NBD_VRAM_POWER_SUPPLY: a fixture tree in place of the power supplies alone (the kernel tests
+    unplug a pretend AC adapter while the rest of /sys stays real)."""
+    return os.environ.get("NBD_VRAM_POWER_SUPPLY") or os.path.join(sys_root(), POWER_SUPPLY.lstrip("/"))
 AC_SUPPLY_TYPES = ("Mains", "USB", "USB_C", "USB_PD", "USB_PD_DRP", "Wireless")
 
 
@@ -2238,29 +2249,29 @@ class PowerReadings(collections.namedtuple("PowerReadings", "ac capacity batteri
 
 def read_power():
     """The machine's power state from sysfs."""
-    base = POWER_SUPPLY
+    base = power_supply_dir()
     try:
-        names = sorted(os.listdir(os.path.join(sys_root(), base.lstrip("/"))))
+        names = sorted(os.listdir(base))
     except OSError:
         names = []
     adapters, batteries, energy_now, energy_full = [], [], 0, 0
     for name in names:
-        d = f"{base}/{name}"
-        if _read(f"{d}/scope", "System") == "Device":
+        d = os.path.join(base, name)
+        if read_text(f"{d}/scope", "System") == "Device":
             continue        # a mouse's or a headset's battery says nothing about the machine
-        kind = _read(f"{d}/type", "")
+        kind = read_text(f"{d}/type", "")
         if kind in AC_SUPPLY_TYPES:
-            online = _read(f"{d}/online")
+            online = read_text(f"{d}/online")
             if online is not None:
                 adapters.append(online.strip() == "1")
         elif kind == "Battery":
-            if _read(f"{d}/present", "1") == "0":
+            if read_text(f"{d}/present", "1") == "0":
                 continue
-            cap = _read(f"{d}/capacity")
+            cap = read_text(f"{d}/capacity")
             cap = int(cap) if cap and cap.isdigit() else None
-            batteries.append((name, cap, _read(f"{d}/status", "Unknown")))
+            batteries.append((name, cap, read_text(f"{d}/status", "Unknown")))
             for now, full in (("energy_now", "energy_full"), ("charge_now", "charge_full")):
-                n, f = _read(f"{d}/{now}"), _read(f"{d}/{full}")
+                n, f = read_text(f"{d}/{now}"), read_text(f"{d}/{full}")
                 if n and f and n.isdigit() and f.isdigit() and int(f) > 0:
                     energy_now, energy_full = energy_now + int(n), energy_full + int(f)
                     break

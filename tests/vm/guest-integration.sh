@@ -162,7 +162,7 @@ serving_workers() {
 }
 t_worker_death() {
   part worker_death
-  local ppid wpids wpid newpid n live killed rc=0 killed_at
+  local ppid wpids wpid newpid n r killed rc=0 killed_at
   # dead_conn_timeout 120 s (default 600): if the worker is not replaced, the kernel fails the held
   # I/O after 2 minutes (the guest may then panic: init's pages are on this swap) instead of 10.
   start_daemon worker --size 1G --min-size 256M --connections 2 --dead-conn-timeout 120
@@ -296,5 +296,55 @@ t_install() {
   pass
 }
 
-for p in ${GUEST_PARTS:-smoke fill ioctl worker_death install}; do "t_$p"; done
+# -- f: power policy: AC unplugged with data out in VRAM swap, swapoff brings it back ---------
+# A pretend AC adapter and battery (NBD_VRAM_POWER_SUPPLY; the rest of /sys is the kernel's).
+t_power() {
+  part power
+  local ps=/tmp/power_supply hold=/tmp/power-hold ppid used rc=0 st
+  mkdir -p "$ps/AC" "$ps/BAT0"
+  echo Mains >"$ps/AC/type"; echo 1 >"$ps/AC/online"
+  echo Battery >"$ps/BAT0/type"; echo 60 >"$ps/BAT0/capacity"; echo Charging >"$ps/BAT0/status"
+  export NBD_VRAM_POWER_SUPPLY=$ps
+  start_daemon power --size 1G --min-size 256M --connections 2 --power ac --power-poll 2
+  rm -f "$hold"
+  PRESSURE_HOLD=$hold pressure 48 700 >/tmp/pressure-power.log 2>&1 &
+  ppid=$!
+  for _ in $(seq 1800); do grep -q 'pressure: holding' /tmp/pressure-power.log && break
+    kill -0 "$ppid" 2>/dev/null || break; sleep 0.5; done
+  cat /tmp/pressure-power.log
+  grep -q 'pressure: holding' /tmp/pressure-power.log || fail "the pressure did not reach its hold"
+  used=$(awk -v d="$DEV" '$1 == d {print $4}' /proc/swaps)
+  echo "power: ${used:-0} KiB in VRAM swap before the unplug"
+  [ "${used:-0}" -gt 0 ] || fail "nothing in VRAM swap to bring back"
+
+  echo 0 >"$ps/AC/online"; echo Discharging >"$ps/BAT0/status"
+  python3 "$REPO/nbd_vram.py" power-event          # what the udev rule runs
+  for _ in $(seq 600); do [ "$(state_key mode)" = idle ] && break
+    kill -0 "$DPID" 2>/dev/null || fail "the daemon died during the release"; sleep 0.5; done
+  [ "$(state_key mode)" = idle ] || fail "the daemon did not release VRAM swap within 300 s of the unplug"
+  python3 "$REPO/nbd_vram.py" status
+  [ "$(state_key pid)" = "$DPID" ] || fail "the idle daemon is not the same process (pid $(state_key pid), was $DPID)"
+  ! grep -q "^$DEV " /proc/swaps || fail "$DEV is still swap after the release"
+  check_disconnected
+  ! grep -q libcuda "/proc/$DPID/maps" || fail "the idle daemon still maps libcuda"
+  ! pgrep -f 'nbd_vram.py worker' >/dev/null || fail "worker processes outlived the release"
+  touch "$hold"
+  wait "$ppid" || rc=$?
+  cat /tmp/pressure-power.log
+  [ "$rc" -eq 0 ] || fail "data came back from the released swap corrupted (pressure exited $rc)"
+  grep -q 'MiB verified' /tmp/pressure-power.log || fail "pressure printed no 'verified' line"
+
+  echo 1 >"$ps/AC/online"; echo Charging >"$ps/BAT0/status"     # no signal: the 2 s poll sees it
+  for _ in $(seq 600); do st=$(state_key mode); DEV=$(state_key device)
+    [ "$st" = serving ] && [ -n "$DEV" ] && grep -q "^$DEV " /proc/swaps && break; sleep 0.5; done
+  grep -q "^$DEV " /proc/swaps || fail "VRAM swap did not come back within 300 s of AC"
+  echo "power: swap back on $DEV at priority $(swap_prio "$DEV")"
+  grep -E 'power: ' "$DLOG" || true
+  kernel_clean
+  stop_daemon
+  unset NBD_VRAM_POWER_SUPPLY
+  pass
+}
+
+for p in ${GUEST_PARTS:-smoke fill ioctl worker_death install power}; do "t_$p"; done
 echo "=== integration: PASS (${GUEST_PARTS:-smoke fill ioctl worker_death install})"

@@ -46,6 +46,8 @@ start_watchdog() {
 # blocks, then touch a HOG_MB MiB hog (well past RAM) so the data is pushed out to swap, print
 # "swap used under pressure (MiB): X", free the hog, verify every checksum and print
 # "swap round-trip: N MiB verified". Non-zero exit on corruption.
+# With PRESSURE_HOLD=FILE it prints "pressure: holding" once the hog is freed (the data still out
+# in swap) and waits for FILE to exist before it verifies.
 pressure() {
   local data=${1:-32} hog=${2:-$(( $(meminfo_kb MemTotal) * 3 / 2 / 1024 ))}
   python3 - "$data" "$hog" <<'PY'
@@ -63,6 +65,11 @@ m = meminfo()
 print("pressure: %d MiB hog touched after %.0f s, MemFree %d MiB" % (hog_mb, time.time() - t0, m["MemFree"] >> 10))
 print("swap used under pressure (MiB):", (m["SwapTotal"] - m["SwapFree"]) >> 10, flush=True)
 del hog
+hold = os.environ.get("PRESSURE_HOLD")
+if hold:
+    print("pressure: holding until %s exists" % hold, flush=True)
+    while not os.path.exists(hold):
+        time.sleep(0.5)
 bad = [i for i, b in enumerate(blocks) if hashlib.sha256(b).digest() != want[i]]
 if bad:
     print("DATA CORRUPTED: %d of %d MiB blocks differ (first: %s)" % (len(bad), data_mb, bad[:8]), flush=True)
