@@ -8,6 +8,7 @@ import ctypes
 import hashlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -170,3 +171,47 @@ def test_fio_verify_on_real_vram(tmp_path, bs):
         assert srv.wait(30) == 0
         log.close()
     assert "Traceback" not in (tmp_path / "serve.log").read_text()
+
+
+def _compute_pids():
+    """Pids with a CUDA context on any GPU, per nvidia-smi (None where there is no nvidia-smi: the fake)."""
+    if LIB != "libcuda.so.1" or not shutil.which("nvidia-smi"):
+        return None
+    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"],
+                         capture_output=True, text=True, check=True).stdout
+    return {int(x) for x in out.split() if x.strip().isdigit()}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="run needs root")
+def test_power_release_leaves_nothing_on_the_gpu(tmp_path):
+    """`run` under tests/power_harness.py (the kernel's part played by the test): on AC its
+    processes hold the GPU; unplugged, the daemon swaps off, frees the VRAM and re-executes
+    itself: no process of ours keeps a CUDA context, libcuda is no longer mapped."""
+    from test_power import Harness
+    h = Harness(tmp_path, LIB, policy="ac")
+    try:
+        h.wait_mode("serving", timeout=120)
+        ours = {h.proc.pid, *h.children()}
+        pids = _compute_pids()
+        if pids is not None:
+            assert pids & ours, f"nvidia-smi shows none of our processes while serving: {pids} vs {ours}"
+        print(f"serving: our pids {sorted(ours)}, nvidia-smi compute pids {sorted(pids) if pids is not None else '-'}")
+        h.ac(False)
+        h.proc.send_signal(signal.SIGUSR1)
+        h.wait_mode("idle", timeout=120)
+        assert "libcuda" not in h.maps() and h.children() == []
+        pids = _compute_pids()
+        if pids is not None:
+            deadline = time.monotonic() + 10
+            while pids & ours and time.monotonic() < deadline:     # the driver lets go of exited processes
+                time.sleep(0.5)
+                pids = _compute_pids()
+            assert not pids & ours, f"nvidia-smi still shows our processes after the release: {pids & ours}"
+        print(f"released: nvidia-smi compute pids {sorted(pids) if pids is not None else '-'}; "
+              f"pid {h.proc.pid} idle, libcuda not mapped")
+        h.ac(True)
+        h.wait_mode("serving", timeout=120)
+        assert h.stop() == 0
+    finally:
+        h.stop()
+        h.log.close()
