@@ -160,6 +160,28 @@ def sd_notify(*lines, fds=()):
     return True
 
 
+SD_LISTEN_FDS_START = 3
+
+
+def sd_listen_fds():
+    """The fds systemd passed us, {FDNAME: fd}: after a restart, those stored with FDSTORE=1."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return {}
+    try:
+        n = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        n = 0
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(key, None)       # not for our children
+    fds = {}
+    for i in range(n):
+        fd = SD_LISTEN_FDS_START + i
+        os.set_inheritable(fd, False)
+        fds[names[i] if i < len(names) and names[i] else f"fd{i}"] = fd
+    return fds
+
+
 ############################################################################
 # Sizes ####################################################################
 ############################################################################
@@ -2642,6 +2664,7 @@ SWAPOFF_RETRY_S = 10.0
 # thread with sigtimedwait.  SIGUSR1 (udev, `nbd_vram.py sleep`): read the power state now.
 DAEMON_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
 RELEASED = "released"       # Daemon.loop: the power policy had swap turned off
+VRAM_FDNAME = "vram"        # the exported VRAM fd's name in systemd's fd store
 
 
 def pid_alive(pid):
@@ -2721,8 +2744,9 @@ class Daemon:
     so no handler ever runs in the middle of serving.
     """
 
-    def __init__(self, settings, power=None, reload=None):
+    def __init__(self, settings, power=None, reload=None, stored_fds=None):
         self.cfg = settings
+        self.stored_fds = dict(stored_fds or {})     # from systemd's fd store: a restart after a crash
         self.power = power or PowerPolicy(settings)
         self.reload = reload or (lambda: None)      # SIGHUP: re-read the power settings
         self.release_failed = None                  # (time, why) of the last swapoff the power policy asked for
@@ -2750,19 +2774,34 @@ class Daemon:
                  cfg["priority"], cfg["connections"])
         os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
         load_nbd_module()
-        self._check_stale()
+        adopt = self._adoptable()
+        if adopt is None:
+            self._check_stale()
 
         cuda = Cuda(cfg["libcuda"])
-        dev, ctx = VramStore.open_device(cuda, cfg["gpu"])
+        dev, ctx = VramStore.open_device(cuda, adopt["gpu"]["uuid"] if adopt else cfg["gpu"])
         self.gpu = cuda.device_info(dev)
         log.info("GPU %d: %s (%s, %s), %s", dev, self.gpu["name"], self.gpu["uuid"], self.gpu["pci_bus_id"],
                  format_size(self.gpu["total_bytes"]))
-        store = VramStore.allocate(cuda, dev, ctx, cfg["size"], cfg["min_size"])
+        if adopt:
+            store = VramStore.import_fd(cuda, dev, ctx, self.stored_fds.pop(VRAM_FDNAME), adopt["size_bytes"])
+            store.imported = False      # ours now: scrubbed and released on stop
+            log.info("took back %s of VRAM from systemd's fd store, with the swapped pages in it",
+                     format_size(store.size_bytes))
+        else:
+            store = VramStore.allocate(cuda, dev, ctx, cfg["size"], cfg["min_size"])
         self.undo.append(("free VRAM", store.free))
         self.export = Export(store)
+        if store.fd is not None and sd_notify("FDSTORE=1", f"FDNAME={VRAM_FDNAME}", fds=[store.fd]):
+            # systemd keeps a reference: if this process dies, the memory and the pages in it
+            # survive, and the restarted daemon gets the fd back (LISTEN_FDS) and reattaches.
+            self.undo.append(("drop the stored VRAM fd", lambda: sd_notify("FDSTOREREMOVE=1", f"FDNAME={VRAM_FDNAME}")))
+        if adopt:
+            self._stop_orphans(adopt)
 
         # Everything the serving side will use, allocated now, before the kernel sends a request.
-        pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(cfg["connections"])]
+        nconn = adopt["connections"] if adopt else cfg["connections"]
+        pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(nconn)]
         self._open_counters()
         nworkers = min(cfg["workers"] or default_workers(cfg["connections"]), cfg["connections"])
         # Locked like a worker even when workers serve: this process must be able to replace a dead
@@ -2784,19 +2823,29 @@ class Daemon:
         gc.freeze()
         gc.disable()   # no collector pauses or heap growth while serving; nothing here makes cycles
 
-        self._attach([k for _, k in pairs])
+        if adopt:
+            self._reattach(adopt, [k for _, k in pairs])
+        else:
+            self._attach([k for _, k in pairs])
         for _, k in pairs:
             k.close()      # the kernel holds its own references now
-        self._write_state()
+        if adopt:
+            self.sysctl_saved = dict(adopt.get("sysctl_saved") or {})    # what to restore is what was there first
         for key in ("swappiness", "min_free_kbytes", "page_cluster"):
             if cfg[key] is not None:
-                self.sysctl_saved[key] = sysctl_set(key, cfg[key])
+                old = sysctl_set(key, cfg[key])
+                self.sysctl_saved.setdefault(key, old)
         if self.sysctl_saved:
             self.undo.append(("restore sysctls", self._restore_sysctls))
-        swap_enable(self.device, cfg["priority"], cfg["discard"])
+        self._write_state()
+        if self.device in active_swaps():
+            log.info("%s is still swap: nothing lost", self.device)
+        else:
+            swap_enable(self.device, cfg["priority"], cfg["discard"])
         self.swap_on = True
+        self._write_state()
         status = (f"serving {format_size(store.size_bytes)} of VRAM on {self.device}, swap priority {cfg['priority']}, "
-                  f"{cfg['connections']} connections")
+                  f"{nconn} connections")
         sd_notify("READY=1", f"STATUS={status}")
         log.info("ready: %s", status)
 
@@ -2826,6 +2875,68 @@ class Daemon:
                 nl.disconnect(index)
             finally:
                 nl.close()
+
+    def _adoptable(self):
+        """After a crash: the state of the daemon that died, if systemd gave us back its VRAM and its
+        device still waits for it (dead_conn_timeout); else None (and a stored fd is let go)."""
+        fd = self.stored_fds.get(VRAM_FDNAME)
+        if fd is None:
+            return None
+        old = read_state() or {}
+        index, why = old.get("index"), None
+        backend = _read(f"/sys/block/nbd{index}/backend", "") if index is not None else ""
+        if old.get("mode") != "serving" or old.get("attach") != "netlink":
+            why = "no state of a daemon that served over netlink"
+        elif pid_alive(old.get("pid", 0)) and old.get("pid") != os.getpid():
+            why = f"its daemon (pid {old['pid']}) still runs"
+        elif not nbd_connected(index) or not (backend or "").startswith("nbd-vram:"):
+            why = f"/dev/nbd{index} is no longer attached (dead_conn_timeout ran out?)"
+        if why:
+            log.warning("systemd handed back a stored VRAM fd, but %s: releasing it and starting afresh", why)
+            os.close(self.stored_fds.pop(VRAM_FDNAME))
+            sd_notify("FDSTOREREMOVE=1", f"FDNAME={VRAM_FDNAME}")
+            return None
+        old["backend"] = backend
+        log.warning("the daemon before this one (pid %s) died with %s as swap; taking it over: same VRAM, "
+                    "new connections", old.get("pid"), old["device"])
+        return old
+
+    def _stop_orphans(self, old):
+        """The dead daemon's workers may still serve its sockets: end them, so the kernel marks those dead."""
+        for pid in old.get("worker_pids", []):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"worker" not in argv or not any(a.endswith(b"nbd_vram.py") for a in argv):
+                continue        # the pid was reused
+            os.kill(pid, signal.SIGKILL)     # workers ignore SIGTERM: a stray one must not end live swap
+            for _ in range(100):
+                if not os.path.exists(f"/proc/{pid}"):
+                    break
+                time.sleep(0.05)
+            log.info("stopped worker pid %d of the daemon that died", pid)
+
+    def _reattach(self, old, socks):
+        """NBD_CMD_RECONFIGURE: new sockets for the device the dead daemon served."""
+        self.index, self.device, self.backend, self.attach_kind = old["index"], old["device"], old["backend"], "netlink"
+        deadline = time.monotonic() + 60
+        while True:
+            nl = NbdNetlink()
+            try:
+                nl.reconfigure(self.index, socks, backend=self.backend)
+                break
+            except OSError as e:
+                # ENOSPC: the kernel has not yet seen the old sockets close.
+                if e.errno != errno.ENOSPC or time.monotonic() > deadline:
+                    raise NbdKernelError(f"reattach {self.device}: NBD_CMD_RECONFIGURE failed: {e.strerror}; its swap "
+                                         f"waits for dead_conn_timeout, then fails") from None
+                time.sleep(0.2)
+            finally:
+                nl.close()
+        self.undo.append((f"disconnect {self.device}", self._detach_netlink))
+        log.info("reattached %s with %d new connections", self.device, len(socks))
 
     def _attach(self, socks):
         cfg, size = self.cfg, self.export.size
@@ -2968,6 +3079,7 @@ class Daemon:
             log.info("worker %d restarted (pid %d); %s has its connections back", w + 1, self.workers[w][0].pid,
                      self.device)
         self.spare = self._spawn_spare()     # swap works again: a new process can get its memory
+        self._write_state()                  # the worker pids a restart after a crash must stop
 
     def _join_workers(self):
         for proc, ctl, _ in self.workers:
@@ -3021,6 +3133,8 @@ class Daemon:
                  "size_asked_bytes": self.cfg["size"], "allocation": store.kind,
                  "priority": self.cfg["priority"], "connections": self.cfg["connections"],
                  "started": self.started, "power": self.power.state()}
+        state["worker_pids"] = [proc.pid for proc, _, _ in self.workers] + ([self.spare[0].pid] if self.spare else [])
+        state["sysctl_saved"] = self.sysctl_saved
         if self.release_failed:
             state["release_failed"], state["release_error"] = self.release_failed
         write_json(state_path(), state)
@@ -3050,6 +3164,7 @@ class Daemon:
                                 self.spare[0].returncode)
                     self.spare[1].close()
                     self.spare = self._spawn_spare()
+                    self._write_state()
                 dead = [t.name for t in self.threads if not t.is_alive()]
                 if dead and len(dead) == len(self.threads):
                     log.error("every connection to the kernel has closed; %s is no longer served", self.device)
@@ -3114,13 +3229,17 @@ def cmd_run(args, flags):
         # heap can be grown once and kept (prepare_memory), so run on it.
         os.environ["PYTHONMALLOC"] = "malloc"
         reexec(args.argv)
+    stored = sd_listen_fds()
+    for name in [n for n in stored if n != VRAM_FDNAME]:
+        log.warning("systemd passed an fd named %r that this version does not use: closing it", name)
+        os.close(stored.pop(name))
     power = PowerPolicy(settings)
     warning = hibernation_resume_warning()
     if warning:
         log.warning("%s", warning)
-    if not wait_for_power(power, lambda: power.reload(args, flags)):
-        return EXIT_OK
-    daemon = Daemon(settings, power, lambda: power.reload(args, flags))
+    if VRAM_FDNAME not in stored and not wait_for_power(power, lambda: power.reload(args, flags)):
+        return EXIT_OK      # (after a crash, live swap is taken back first; the power policy decides next)
+    daemon = Daemon(settings, power, lambda: power.reload(args, flags), stored)
     try:
         daemon.start()
         rc = daemon.loop()

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """`nbd_vram.py run` with the kernel's part played by this script, for tests of the power policy
-on machines without the nbd driver (this CPU machine with the fake libcuda, the GPU machine with
+and of a restart after a crash, on machines without the nbd driver (this CPU machine with the fake libcuda, the GPU machine with
 the real one).  Everything else is the daemon's own code: config, power readings, VRAM, worker
 processes, sd_notify, the re-exec that drops the GPU, status.  The kernel tests
 (tests/vm/guest-power.sh) run the same policy against the real nbd driver.
@@ -9,6 +9,9 @@ Stand-ins:
 - attach: keeps the kernel's ends of the socketpairs and answers nothing on them; it can send one
   NBD write and read back the pattern through a worker (HARNESS_PROBE=1) to show that VRAM is served;
   "disconnect" closes them, so the workers see the end of the stream and exit, as with the kernel.
+  Under NBD_VRAM_SYSFS_ROOT it writes sys/block/nbd99/{pid,backend}, as the kernel shows a device.
+- reattach (NBD_CMD_RECONFIGURE after a crash): takes the new sockets and reads back, through the
+  new worker, the pattern the first probe wrote ("probe kept ok": the VRAM outlived the daemon).
 - mkswap/swapon/swapoff: a line each in HARNESS_EVENTS; swapoff fails while the file
   HARNESS_SWAPOFF_FAILS exists (RAM that cannot take the pages back).
 Re-execs run this script again (the daemon re-executes sys.argv[0]), so the stand-ins stay in place.
@@ -23,6 +26,9 @@ import nbd_vram as nv  # noqa: E402
 EVENTS = os.environ["HARNESS_EVENTS"]
 SWAPOFF_FAILS = os.environ.get("HARNESS_SWAPOFF_FAILS", "")
 DEVICE = "/dev/nbd-harness"
+INDEX = 99
+PATTERN = EVENTS + ".pattern"
+SYSROOT = os.environ.get("NBD_VRAM_SYSFS_ROOT")
 
 
 def event(text):
@@ -30,18 +36,25 @@ def event(text):
         f.write(f"{os.getpid()} {text}\n")
 
 
-def probe(sock, size):
-    """One NBD write and read at the end of the device, through a worker; the pattern must come back."""
-    pattern = os.urandom(4096)
-    offset = size - 4096
-    sock.sendall(nv.REQUEST.pack(nv.NBD_REQUEST_MAGIC, 0, nv.Cmd.WRITE, 1, offset, 4096) + pattern)
-    sock.sendall(nv.REQUEST.pack(nv.NBD_REQUEST_MAGIC, 0, nv.Cmd.READ, 2, offset, 4096))
+def recv_replies(sock, nbytes):
     got = b""
-    while len(got) < 2 * nv.SIMPLE_REPLY.size + 4096:
+    while len(got) < nbytes:
         chunk = sock.recv(65536)
         if not chunk:
             raise RuntimeError("worker closed the connection during the probe")
         got += chunk
+    return got
+
+
+def probe(sock, size):
+    """One NBD write and read at the end of the device, through a worker; the pattern must come back."""
+    pattern = os.urandom(4096)
+    offset = size - 4096
+    with open(PATTERN, "wb") as f:
+        f.write(pattern)
+    sock.sendall(nv.REQUEST.pack(nv.NBD_REQUEST_MAGIC, 0, nv.Cmd.WRITE, 1, offset, 4096) + pattern)
+    sock.sendall(nv.REQUEST.pack(nv.NBD_REQUEST_MAGIC, 0, nv.Cmd.READ, 2, offset, 4096))
+    got = recv_replies(sock, 2 * nv.SIMPLE_REPLY.size + 4096)
     magic1, err1, cookie1 = nv.SIMPLE_REPLY.unpack_from(got, 0)
     magic2, err2, cookie2 = nv.SIMPLE_REPLY.unpack_from(got, nv.SIMPLE_REPLY.size)
     data = got[2 * nv.SIMPLE_REPLY.size:]
@@ -49,22 +62,74 @@ def probe(sock, size):
     event(f"probe {'ok' if ok else 'BAD'}")
 
 
+def probe_kept(sock, size):
+    """Read back what probe() wrote before the crash."""
+    with open(PATTERN, "rb") as f:
+        pattern = f.read()
+    sock.sendall(nv.REQUEST.pack(nv.NBD_REQUEST_MAGIC, 0, nv.Cmd.READ, 3, size - 4096, 4096))
+    got = recv_replies(sock, nv.SIMPLE_REPLY.size + 4096)
+    _, err, cookie = nv.SIMPLE_REPLY.unpack_from(got, 0)
+    ok = (err, cookie) == (0, 3) and got[nv.SIMPLE_REPLY.size:] == pattern
+    event(f"probe kept {'ok' if ok else 'BAD'}")
+
+
+def sysfs(name, text=None):
+    """Write (or with None remove) sys/block/nbd99/NAME under the fixture root."""
+    if not SYSROOT:
+        return
+    path = os.path.join(SYSROOT, f"sys/block/nbd{INDEX}", name)
+    if text is None:
+        if os.path.exists(path):
+            os.unlink(path)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text + "\n")
+
+
 def attach(self, socks):
     self.kernel_ends = [socket.socket(fileno=os.dup(s.fileno())) for s in socks]
-    self.index, self.attach_kind, self.backend, self.device = 99, "harness", "harness", DEVICE
+    # "netlink", so that a restart after a crash may take the device over, as with the kernel.
+    self.index, self.attach_kind, self.device = INDEX, "netlink", DEVICE
+    self.backend = f"nbd-vram:{os.getpid()}:{self.gpu['uuid']}"
+    sysfs("pid", str(os.getpid()))
+    sysfs("backend", self.backend)
     self.undo.append(("disconnect " + DEVICE, lambda: disconnect(self)))
     event(f"attach {len(socks)}")
     if os.environ.get("HARNESS_PROBE") == "1":
         probe(self.kernel_ends[0], self.export.size)
 
 
+def reattach(self, old, socks):
+    self.kernel_ends = [socket.socket(fileno=os.dup(s.fileno())) for s in socks]
+    self.index, self.device, self.backend, self.attach_kind = old["index"], old["device"], old["backend"], "netlink"
+    self.undo.append(("disconnect " + DEVICE, lambda: disconnect(self)))
+    event(f"reattach {len(socks)}")
+    if os.environ.get("HARNESS_PROBE") == "1":
+        probe_kept(self.kernel_ends[0], self.export.size)
+
+
 def disconnect(self):
     for s in self.kernel_ends:
         s.close()
+    sysfs("pid")
+    sysfs("backend")
     event("disconnect")
 
 
+def proc_swaps(dev=None):
+    """The fixture's /proc/swaps: the header, and DEV if it is swap."""
+    if not SYSROOT:
+        return
+    os.makedirs(os.path.join(SYSROOT, "proc"), exist_ok=True)
+    with open(os.path.join(SYSROOT, "proc/swaps"), "w") as f:
+        f.write("Filename\tType\tSize\tUsed\tPriority\n")
+        if dev:
+            f.write(f"{dev}\tpartition\t65532\t0\t1500\n")
+
+
 def swap_enable(dev, priority, discard):
+    proc_swaps(dev)
     event(f"swapon {dev} {priority}")
 
 
@@ -72,6 +137,7 @@ def swap_disable(dev):
     if SWAPOFF_FAILS and os.path.exists(SWAPOFF_FAILS):
         event(f"swapoff {dev} failed")
         return False
+    proc_swaps()
     event(f"swapoff {dev}")
     return True
 
@@ -79,6 +145,7 @@ def swap_disable(dev):
 nv.load_nbd_module = lambda: None
 nv.Daemon._check_stale = lambda self: None
 nv.Daemon._attach = attach
+nv.Daemon._reattach = reattach
 nv.swap_enable = swap_enable
 nv.swap_disable = swap_disable
 

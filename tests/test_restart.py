@@ -1,0 +1,130 @@
+"""A daemon killed with SIGKILL under a service manager that keeps its fds (tests/fdstore.py does
+what systemd does with FDSTORE=1): the restarted daemon takes the same VRAM back, stops the dead
+one's workers and gives the kernel new connections; what was written before is read back intact.
+tests/power_harness.py plays the kernel; tests/vm/guest-integration.sh (part "restart") does the
+same against the real nbd driver, with swap under load."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, fake_env
+
+HARNESS = ROOT / "tests" / "power_harness.py"
+FDSTORE = ROOT / "tests" / "fdstore.py"
+
+
+class Supervised:
+    def __init__(self, tmp_path, fakecuda):
+        self.tmp, self.run, self.events = tmp_path, tmp_path / "run", tmp_path / "events"
+        self.sys = tmp_path / "sysroot"
+        (self.sys / "sys/block").mkdir(parents=True)
+        conf = tmp_path / "nbd-vram.conf"
+        conf.write_text("size = 64M\nmin_size = 64M\nconnections = 2\nworkers = 2\nbuffer_size = 256K\n")
+        self.env = fake_env(fakecuda, NBD_VRAM_CONFIG=str(conf), NBD_VRAM_SYSFS_ROOT=str(self.sys),
+                            NBD_VRAM_RUNTIME_DIR=str(self.run), HARNESS_EVENTS=str(self.events), HARNESS_PROBE="1",
+                            NBD_VRAM_POWER_SUPPLY=str(tmp_path / "no-power-supply"),
+                            PYTHONMALLOC="malloc")       # as the unit sets it: no re-exec at start
+        self.env.pop("NOTIFY_SOCKET", None)
+        self.log = open(tmp_path / "out.log", "w")
+        self.proc = subprocess.Popen([sys.executable, str(FDSTORE), str(tmp_path / "fdstore"), "--",
+                                      sys.executable, str(HARNESS), "run"], env=self.env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def text(self):
+        return (self.tmp / "out.log").read_text()
+
+    def lines(self):
+        return [l.split(" ", 1)[1] for l in self.events.read_text().splitlines()] if self.events.exists() else []
+
+    def state(self):
+        try:
+            return json.loads((self.run / "state.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def wait_serving(self, not_pid=None, timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.text()
+            st = self.state()
+            if st.get("mode") == "serving" and st.get("pid") not in (None, not_pid) and "swapon" in " ".join(
+                    self.lines()) and st.get("worker_pids") and Path(self.tmp / "fdstore/ready").exists():
+                return st
+            time.sleep(0.1)
+        raise AssertionError(f"not serving after {timeout} s: {self.state()}\n{self.text()}")
+
+    def stop(self):
+        st = self.state()
+        if st.get("pid"):
+            try:
+                os.kill(st["pid"], signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        try:
+            return self.proc.wait(60)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.log.close()
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="run needs root")
+def test_sigkill_then_restart_keeps_the_vram_and_its_data(tmp_path, fakecuda):
+    s = Supervised(tmp_path, fakecuda)
+    try:
+        first = s.wait_serving()
+        assert "fdstore: stored 'vram'" in s.text()
+        assert s.lines() == ["exec", "attach 2", "probe ok", "swapon /dev/nbd-harness 1500"]
+        workers = first["worker_pids"]
+        os.kill(first["pid"], signal.SIGKILL)
+        time.sleep(0.3)
+        assert all(alive(p) for p in workers), "workers died with the daemon (they must keep swap served)"
+        second = s.wait_serving(not_pid=first["pid"])
+        assert "with 1 stored fd(s) ['vram']" in s.text()
+        # Taken over: no new allocation, no mkswap, the old workers stopped, the data still there.
+        assert s.lines()[4:] == ["exec", "reattach 2", "probe kept ok"], s.lines()
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(p) for p in workers), "the dead daemon's workers still run"
+        assert set(second["worker_pids"]).isdisjoint(workers)
+        log = s.text()
+        assert "took back 64 MiB of VRAM from systemd's fd store" in log
+        assert "/dev/nbd-harness is still swap: nothing lost" in log
+    finally:
+        rc = s.stop()
+    assert rc == 0, s.text()
+    assert s.lines()[-2:] == ["swapoff /dev/nbd-harness", "disconnect"]
+    assert "fdstore: removed 'vram'" in s.text()
+    assert not (s.run / "state.json").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="run needs root")
+def test_stored_fd_without_a_device_is_released(tmp_path, fakecuda):
+    """The fd comes back but the device is gone (dead_conn_timeout ran out): start afresh, clearly."""
+    s = Supervised(tmp_path, fakecuda)
+    try:
+        first = s.wait_serving()
+        os.kill(first["pid"], signal.SIGKILL)
+        for name in ("pid", "backend"):        # the kernel gave up on the device meanwhile
+            (s.sys / "sys/block/nbd99" / name).unlink()
+        (s.sys / "proc/swaps").write_text("Filename\tType\tSize\tUsed\tPriority\n")
+        s.wait_serving(not_pid=first["pid"])
+        assert "no longer attached (dead_conn_timeout ran out?): releasing it and starting afresh" in s.text()
+        assert s.lines()[4:7] == ["exec", "attach 2", "probe ok"], s.lines()
+    finally:
+        assert s.stop() == 0
