@@ -130,6 +130,11 @@ unit_active() {  # active, or on its way (activating, deactivating, reloading)
 }
 
 # Stop the service: its stop is a swapoff, which can take minutes and is never forced.
+# state_key KEY: KEY from the running daemon's state.json ("" if none)
+state_key() {
+    python3 -c 'import json, sys; print(json.load(open(sys.argv[1])).get(sys.argv[2], ""))' "$RUNDIR/state.json" "$1" 2>/dev/null || true
+}
+
 stop_service() {
     unit_active || return 0
     note "stopping $UNIT: a full swapoff, every page on VRAM comes back to RAM (can take minutes)"
@@ -362,11 +367,19 @@ do_install() {
     note "installing nbd-vram from $SRC${ROOT:+ into $ROOT}"
 
     stop_stray_daemon
-    local changed=0
-    if differs "$SRC/nbd_vram.py" "$BIN" 0755 || differs "$SRC/$UNIT" "$UNITDIR/$UNIT" 0644 \
-        || differs "$SRC/$SLEEP_UNIT" "$UNITDIR/$SLEEP_UNIT" 0644; then
+    local changed=0 inplace=0
+    if differs "$SRC/$UNIT" "$UNITDIR/$UNIT" 0644 || differs "$SRC/$SLEEP_UNIT" "$UNITDIR/$SLEEP_UNIT" 0644; then
         changed=1
         stop_service
+    elif differs "$SRC/nbd_vram.py" "$BIN" 0755; then
+        # Only the program changed: a running daemon that can re-execute itself keeps swap on
+        # (`nbd_vram.py upgrade`); anything else is stopped (a full swapoff) and started again.
+        if unit_active && (( START )) && [ "$(state_key handover)" = True ]; then
+            inplace=1
+        else
+            changed=1
+            stop_service
+        fi
     fi
     install_file "$SRC/nbd_vram.py" "$BIN" 0755
     install_file "$SRC/$UNIT" "$UNITDIR/$UNIT" 0644
@@ -396,6 +409,9 @@ do_install() {
 
     if [ "$SYSTEMD" != live ]; then
         if [ -n "$ROOT" ]; then note "staging root: nothing started or stopped"; fi
+    elif (( inplace )); then
+        note "upgrading the running daemon in place: swap stays on, the new version takes its VRAM over"
+        run "$BIN" upgrade || die "the in-place upgrade failed (see above and journalctl -u $UNIT); systemctl restart $UNIT starts the new version after a full swapoff"
     elif (( ! START )); then
         if (( changed )); then
             note "not starting $UNIT (--no-start); if it was running, it is now stopped"

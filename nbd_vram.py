@@ -65,7 +65,7 @@ GiB = 1 << 30
 EXIT_OK = 0
 EXIT_FAILURE = 1        # anything not listed below
 EXIT_USAGE = 2          # bad command line
-EXIT_NOT_RUNNING = 3    # status: no daemon is running
+EXIT_NOT_RUNNING = 3    # status, upgrade: no daemon is running
 EXIT_CONFIG = 4         # bad configuration file or value
 EXIT_NO_DRIVER = 5      # libcuda.so.1 missing or too old
 EXIT_NO_GPU = 6         # no usable NVIDIA GPU, or --gpu names none
@@ -78,7 +78,7 @@ EXIT_CODES_HELP = """exit status:
   0   success
   1   failure not listed below
   2   bad command line
-  3   status: no daemon is running
+  3   status, upgrade: no daemon is running
   4   bad configuration
   5   the NVIDIA driver (libcuda.so.1) is missing or too old
   6   no usable NVIDIA GPU, or --gpu names none
@@ -2662,8 +2662,11 @@ def _publish_counters(counters, slot, export):
 SWAPOFF_RETRY_S = 10.0
 # Blocked in every thread from the start of `run` (and kept over its re-execs), taken by the main
 # thread with sigtimedwait.  SIGUSR1 (udev, `nbd_vram.py sleep`): read the power state now.
-DAEMON_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
+# SIGUSR2 (`nbd_vram.py upgrade`): re-execute the file on disk, which takes the VRAM and the device over.
+DAEMON_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
 RELEASED = "released"       # Daemon.loop: the power policy had swap turned off
+HANDOVER = "handover"       # Daemon.loop: SIGUSR2
+HANDOVER_ENV = "NBD_VRAM_HANDOVER_FD"   # the VRAM fd, kept open over that re-exec
 VRAM_FDNAME = "vram"        # the exported VRAM fd's name in systemd's fd store
 
 
@@ -2682,6 +2685,14 @@ def write_json(path, obj):
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(tmp, path)
+
+
+def _reap(pid):
+    """True if PID was an exited child of this process (now reaped)."""
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:
+        return False
 
 
 def state_path():
@@ -2751,6 +2762,7 @@ class Daemon:
         self.reload = reload or (lambda: None)      # SIGHUP: re-read the power settings
         self.release_failed = None                  # (time, why) of the last swapoff the power policy asked for
         self.started = None
+        self.adopted_at = None          # when this daemon took a dead (or re-executed) one's device over
         self.libc = _libc()
         self.undo = []
         self.threads = []
@@ -2825,6 +2837,7 @@ class Daemon:
 
         if adopt:
             self._reattach(adopt, [k for _, k in pairs])
+            self.adopted_at = time.time()
         else:
             self._attach([k for _, k in pairs])
         for _, k in pairs:
@@ -2897,23 +2910,32 @@ class Daemon:
             sd_notify("FDSTOREREMOVE=1", f"FDNAME={VRAM_FDNAME}")
             return None
         old["backend"] = backend
-        log.warning("the daemon before this one (pid %s) died with %s as swap; taking it over: same VRAM, "
-                    "new connections", old.get("pid"), old["device"])
+        if old.get("pid") == os.getpid():
+            log.info("upgrade in place: taking %s over: same VRAM, new workers and connections", old["device"])
+        else:
+            log.warning("the daemon before this one (pid %s) died with %s as swap; taking it over: same VRAM, "
+                        "new connections", old.get("pid"), old["device"])
         return old
 
     def _stop_orphans(self, old):
         """The dead daemon's workers may still serve its sockets: end them, so the kernel marks those dead."""
         for pid in old.get("worker_pids", []):
+            if _reap(pid):
+                continue        # our child (an upgrade re-executes the same process) that already exited
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     argv = f.read().split(b"\0")
             except OSError:
                 continue
             if b"worker" not in argv or not any(a.endswith(b"nbd_vram.py") for a in argv):
-                continue        # the pid was reused
-            os.kill(pid, signal.SIGKILL)     # workers ignore SIGTERM: a stray one must not end live swap
+                log.debug("pid %d is no longer a worker of ours (%r): left alone", pid, argv[:3])
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)     # workers ignore SIGTERM: a stray one must not end live swap
+            except ProcessLookupError:
+                continue
             for _ in range(100):
-                if not os.path.exists(f"/proc/{pid}"):
+                if _reap(pid) or not os.path.exists(f"/proc/{pid}"):
                     break
                 time.sleep(0.05)
             log.info("stopped worker pid %d of the daemon that died", pid)
@@ -3134,7 +3156,10 @@ class Daemon:
                  "priority": self.cfg["priority"], "connections": self.cfg["connections"],
                  "started": self.started, "power": self.power.state()}
         state["worker_pids"] = [proc.pid for proc, _, _ in self.workers] + ([self.spare[0].pid] if self.spare else [])
+        state["handover"] = self.export.store.fd is not None and self.attach_kind == "netlink"
         state["sysctl_saved"] = self.sysctl_saved
+        if self.adopted_at:
+            state["adopted_at"] = self.adopted_at
         if self.release_failed:
             state["release_failed"], state["release_error"] = self.release_failed
         write_json(state_path(), state)
@@ -3147,6 +3172,14 @@ class Daemon:
             info = signal.sigtimedwait(DAEMON_SIGNALS, STATUS_INTERVAL_S)
             if not self.workers:
                 self._update_counters()
+            if info is not None and info.si_signo == signal.SIGUSR2:
+                if self.export.store.fd is None or self.attach_kind != "netlink":
+                    log.error("SIGUSR2: an upgrade in place needs exportable VRAM and a netlink attach; this "
+                              "daemon has neither: use systemctl restart (a full swapoff)")
+                    continue
+                log.info("SIGUSR2: re-executing %s; the new version takes %s and its VRAM over", sys.argv[0],
+                         self.device)
+                return HANDOVER
             if info is not None and info.si_signo in (signal.SIGHUP, signal.SIGUSR1):
                 if info.si_signo == signal.SIGHUP:
                     self.reload()
@@ -3230,6 +3263,9 @@ def cmd_run(args, flags):
         os.environ["PYTHONMALLOC"] = "malloc"
         reexec(args.argv)
     stored = sd_listen_fds()
+    if os.environ.get(HANDOVER_ENV, "").isdigit():
+        stored[VRAM_FDNAME] = int(os.environ.pop(HANDOVER_ENV))
+        os.set_inheritable(stored[VRAM_FDNAME], False)
     for name in [n for n in stored if n != VRAM_FDNAME]:
         log.warning("systemd passed an fd named %r that this version does not use: closing it", name)
         os.close(stored.pop(name))
@@ -3243,8 +3279,17 @@ def cmd_run(args, flags):
     try:
         daemon.start()
         rc = daemon.loop()
-    finally:
+    except BaseException:
         daemon.stop()
+        raise
+    if rc == HANDOVER:
+        # An upgrade in place: no teardown.  Swap stays on, the workers serve on until the new
+        # version stops them, and the VRAM fd stays open over the exec (and in systemd's store).
+        daemon._write_state()
+        fd = daemon.export.store.fd
+        os.set_inheritable(fd, True)
+        reexec(args.argv, dict(os.environ, **{HANDOVER_ENV: str(fd)}))
+    daemon.stop()
     if rc == RELEASED:
         # Swap is off, the device gone, the VRAM scrubbed and freed.  Start over as a fresh process:
         # only that drops every handle on the GPU (libcuda keeps the device files open after the last
@@ -3392,6 +3437,31 @@ def cmd_wake(args):
     pid = signal_daemon()
     log.info("wake: %s", f"told the daemon (pid {pid})" if pid else "no nbd-vram daemon is running")
     return EXIT_OK
+
+
+def cmd_upgrade(args):
+    """After a new nbd_vram.py is in place: have the running daemon re-execute it, keeping swap."""
+    st = read_state()
+    if not st or not pid_alive(st.get("pid", 0)):
+        log.error("upgrade: no nbd-vram daemon is running: nothing to upgrade")
+        return EXIT_NOT_RUNNING
+    if st.get("mode") != "serving" or not st.get("handover"):
+        raise Fatal(f"the running daemon (pid {st['pid']}, version {st.get('version')}) cannot be upgraded in place "
+                    f"({'it is idle' if st.get('mode') == 'idle' else 'it predates that, or serves without an exportable VRAM fd or netlink'}): "
+                    "use systemctl restart vram-swap-nbd (a full swapoff first)")
+    pid, started = st["pid"], time.time()
+    os.kill(pid, signal.SIGUSR2)
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = read_state() or {}
+        if not pid_alive(pid):
+            raise Fatal(f"the daemon (pid {pid}) exited during the upgrade: see journalctl -u vram-swap-nbd")
+        if now.get("mode") == "serving" and now.get("adopted_at", 0) >= started:
+            log.info("upgraded: pid %d runs version %s, %s kept as swap", pid, now.get("version"), now.get("device"))
+            return EXIT_OK
+    raise Fatal(f"the daemon (pid {pid}) did not report the upgrade within {args.timeout:.0f} s: "
+                "see journalctl -u vram-swap-nbd")
 
 
 def cmd_power_event(args):
@@ -3562,6 +3632,10 @@ def build_parser():
     sub.add_parser("wake", allow_abbrev=False, help="after resume: let the daemon take VRAM swap back")
     sub.add_parser("power-event", allow_abbrev=False,
                    help="tell the daemon the power supply changed (the udev rule runs this)")
+    u = sub.add_parser("upgrade", allow_abbrev=False,
+                       help="have the running daemon re-execute nbd_vram.py from disk, keeping swap and VRAM")
+    u.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="how long to wait for the new version to report (default 120)")
     return p
 
 
@@ -3593,6 +3667,8 @@ def main(argv=None):
             return cmd_wake(args)
         if args.command == "power-event":
             return cmd_power_event(args)
+        if args.command == "upgrade":
+            return cmd_upgrade(args)
         if args.command == "worker":
             return cmd_worker(args)
     except Fatal as e:

@@ -128,3 +128,44 @@ def test_stored_fd_without_a_device_is_released(tmp_path, fakecuda):
         assert s.lines()[4:7] == ["exec", "attach 2", "probe ok"], s.lines()
     finally:
         assert s.stop() == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="run needs root")
+def test_upgrade_in_place_keeps_the_vram_and_its_data(tmp_path, fakecuda):
+    """`nbd_vram.py upgrade` (SIGUSR2): the same process re-executes the file on disk, takes its own
+    device over with the same VRAM, and stops the workers it had."""
+    s = Supervised(tmp_path, fakecuda)
+    try:
+        first = s.wait_serving()
+        p = subprocess.run([sys.executable, str(ROOT / "nbd_vram.py"), "upgrade"], env=s.env, capture_output=True,
+                           text=True, timeout=180)
+        assert p.returncode == 0, p.stderr + s.text()
+        assert "upgraded: pid" in p.stderr
+        second = s.state()
+        assert second["pid"] == first["pid"]                      # systemd's MAINPID stays valid
+        assert s.lines()[4:] == ["exec", "reattach 2", "probe kept ok"], s.lines()
+        assert set(second["worker_pids"]).isdisjoint(first["worker_pids"])
+        assert not any(alive(p) for p in first["worker_pids"])
+        assert "fdstore: started" in s.text() and s.text().count("fdstore: started") == 1   # no restart
+    finally:
+        rc = s.stop()
+    assert rc == 0, s.text()
+    assert s.lines()[-2:] == ["swapoff /dev/nbd-harness", "disconnect"]
+
+
+def test_upgrade_refuses_what_it_cannot_do(tmp_path, fakecuda):
+    env = fake_env(fakecuda, NBD_VRAM_RUNTIME_DIR=str(tmp_path / "run"))
+    p = subprocess.run([sys.executable, str(ROOT / "nbd_vram.py"), "upgrade"], env=env, capture_output=True, text=True)
+    assert p.returncode == 3 and "no nbd-vram daemon is running" in p.stderr
+    (tmp_path / "run").mkdir()
+    # A daemon of an older version (no "handover" in its state) must not get a SIGUSR2: it would die of it.
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp_path / "run/state.json").write_text(json.dumps({"pid": sleeper.pid, "mode": "serving", "version": "0.0.9"}))
+        p = subprocess.run([sys.executable, str(ROOT / "nbd_vram.py"), "upgrade"], env=env, capture_output=True,
+                           text=True)
+        assert p.returncode == 1 and "cannot be upgraded in place" in p.stderr and "systemctl restart" in p.stderr
+        assert sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
