@@ -36,7 +36,7 @@ RUNS = LAB / "runs"
 PRESSURE_RUNS = 5
 PRESSURE_TIMEOUT_S = 2400
 INTEGRATION_TIMEOUT_S = 1800
-INTEGRATION_PARTS = ("smoke", "fill", "ioctl", "worker_death", "install", "power")
+INTEGRATION_PARTS = ("smoke", "fill", "ioctl", "worker_death", "install", "power", "restart")
 
 
 def say(capsys, *lines):
@@ -137,7 +137,7 @@ def test_integration(guest, outdir_with_fake, capsys, record_property):
     record_property("console_log", str(out / "console.log"))
     rc, text, wall = boot(out, VM / "guest-integration.sh", INTEGRATION_TIMEOUT_S)
     lines = [l for l in text.splitlines()
-             if re.search(r"^=== |swap used under pressure|MiB verified|worker_death: |worker 1 restarted|^power: ", l)]
+             if re.search(r"^=== |swap used under pressure|MiB verified|worker_death: |worker 1 restarted|^power: |^restart: ", l)]
     say(capsys, "", f"test_kernel_vm: guest-integration.sh: exit {rc} after {wall:.0f} s "
         f"(console: {out / 'console.log'})", *("  " + l for l in lines))
     missing = [p for p in INTEGRATION_PARTS if not re.search(rf"^=== {p}: PASS", text, re.M)]

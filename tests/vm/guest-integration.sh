@@ -346,5 +346,74 @@ t_power() {
   pass
 }
 
-for p in ${GUEST_PARTS:-smoke fill ioctl worker_death install power}; do "t_$p"; done
+# -- g: the daemon SIGKILLed under swap load and restarted with its stored VRAM fd, then an
+# upgrade in place under load: nothing lost, no I/O error.  tests/fdstore.py does what systemd
+# does with FDSTORE=1 (the guest has no systemd).
+# wait_swapped MIB: until DEV holds at least MIB MiB of swapped pages (the pressure is under way)
+wait_swapped() {
+  local used=0
+  for _ in $(seq 1200); do
+    used=$(awk -v d="$DEV" '$1 == d {print int($4 / 1024)}' /proc/swaps)
+    [ "${used:-0}" -ge "$1" ] && return 0
+    sleep 0.25
+  done
+  fail "$DEV never held $1 MiB of swap (${used:-0} MiB)"
+}
+t_restart() {
+  part restart
+  local fs=/tmp/fdstore sup ppid rc=0 old
+  rm -rf "$fs"
+  DLOG=/tmp/daemon-restart.log
+  python3 "$REPO/tests/fdstore.py" "$fs" -- python3 "$REPO/nbd_vram.py" run --size 1G --min-size 256M \
+    --connections 2 >"$DLOG" 2>&1 &
+  sup=$!
+  for _ in $(seq 900); do DEV=$(state_key device)
+    [ -e "$fs/ready" ] && [ -n "$DEV" ] && grep -q "^$DEV " /proc/swaps && break
+    kill -0 "$sup" 2>/dev/null || fail "the daemon (under fdstore.py) exited before swapon"; sleep 0.2; done
+  [ -e "$fs/ready" ] || fail "no READY=1 from the daemon within 180 s"
+  grep -q "stored 'vram'" "$DLOG" || fail "the daemon did not store its VRAM fd (FDSTORE=1)"
+  old=$(state_key pid)
+  echo "restart: daemon pid $old serves $DEV; its VRAM fd is in the store"
+
+  pressure 48 700 >/tmp/pressure-restart.log 2>&1 &
+  ppid=$!
+  wait_swapped 64
+  echo "restart: kill -9 $old with $(awk -v d="$DEV" '$1 == d {print int($4 / 1024)}' /proc/swaps) MiB in VRAM swap"
+  kill -KILL "$old"
+  for _ in $(seq 900); do [ "$(state_key pid)" != "$old" ] && [ -n "$(state_key adopted_at)" ] && break; sleep 0.2; done
+  [ -n "$(state_key adopted_at)" ] || fail "no restarted daemon took the device over within 180 s"
+  echo "restart: pid $(state_key pid) took $DEV over"
+  wait "$ppid" || rc=$?
+  cat /tmp/pressure-restart.log
+  [ "$rc" -eq 0 ] || fail "pressure exited $rc across the daemon's death"
+  grep -q 'MiB verified' /tmp/pressure-restart.log || fail "pressure printed no 'verified' line"
+  grep -E 'took back|taking it over|reattached|stopped worker|still swap' "$DLOG" || true
+  kernel_clean
+
+  pressure 48 700 >/tmp/pressure-upgrade.log 2>&1 &
+  ppid=$!
+  wait_swapped 64
+  old=$(state_key pid)
+  python3 "$REPO/nbd_vram.py" upgrade --timeout 300 || fail "nbd_vram.py upgrade failed"
+  [ "$(state_key pid)" = "$old" ] || fail "the upgrade changed the daemon's pid ($old -> $(state_key pid))"
+  rc=0; wait "$ppid" || rc=$?
+  cat /tmp/pressure-upgrade.log
+  [ "$rc" -eq 0 ] || fail "pressure exited $rc across the upgrade"
+  grep -q 'MiB verified' /tmp/pressure-upgrade.log || fail "pressure printed no 'verified' line"
+  kernel_clean
+
+  DPID=$(state_key pid)
+  kill -TERM "$DPID"
+  rc=0; wait "$sup" || rc=$?
+  tail -n 8 "$DLOG"
+  [ "$rc" -eq 0 ] || fail "fdstore.py exited $rc: the daemon did not stop cleanly"
+  ! grep -q '^/dev/nbd' /proc/swaps || fail "nbd swap still on after the daemon exited"
+  check_disconnected
+  [ ! -e "$NBD_VRAM_RUNTIME_DIR/state.json" ] || fail "state.json left behind"
+  ! grep -q Traceback "$DLOG" || fail "Traceback in the daemon's log"
+  DPID=""
+  pass
+}
+
+for p in ${GUEST_PARTS:-smoke fill ioctl worker_death install power restart}; do "t_$p"; done
 echo "=== integration: PASS (${GUEST_PARTS:-smoke fill ioctl worker_death install})"
