@@ -2636,6 +2636,20 @@ def cmd_worker(args):
             store.free(scrub=False)     # unmap only: the parent owns, scrubs and frees the memory
 
 
+def sum_counters(raw):
+    """The counters file's slots added up: ({field: total}, live connections, newest update in ms)."""
+    totals, conns, newest = dict.fromkeys(Stats.FIELDS, 0), 0, 0
+    for off in range(0, len(raw) - COUNTERS.size + 1, COUNTERS.size):
+        magic, updated_ms, live, *values = COUNTERS.unpack_from(raw, off)
+        if magic != COUNTERS_MAGIC:
+            continue
+        conns += live
+        newest = max(newest, updated_ms)
+        for k, v in zip(Stats.FIELDS, values):
+            totals[k] += v
+    return totals, conns, newest
+
+
 def _map_counters(slot):
     path = os.path.join(runtime_dir(), "counters")
     try:
@@ -2666,6 +2680,7 @@ SWAPOFF_RETRY_S = 10.0
 DAEMON_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
 RELEASED = "released"       # Daemon.loop: the power policy had swap turned off
 HANDOVER = "handover"       # Daemon.loop: SIGUSR2
+GPU_FAILED = "gpu-failed"   # Daemon.loop: GPU I/O errors, swap moved off the GPU
 HANDOVER_ENV = "NBD_VRAM_HANDOVER_FD"   # the VRAM fd, kept open over that re-exec
 VRAM_FDNAME = "vram"        # the exported VRAM fd's name in systemd's fd store
 
@@ -2763,6 +2778,8 @@ class Daemon:
         self.release_failed = None                  # (time, why) of the last swapoff the power policy asked for
         self.started = None
         self.adopted_at = None          # when this daemon took a dead (or re-executed) one's device over
+        self.io_errors_seen = 0         # GPU I/O errors counted so far (the counters file)
+        self.fault_swapoff_at = None    # when to try swapoff again after GPU errors
         self.libc = _libc()
         self.undo = []
         self.threads = []
@@ -3188,6 +3205,8 @@ class Daemon:
                 continue
             if info is None and self.power.due() and self._power_check():
                 return RELEASED
+            if info is None and self._gpu_fault_check():
+                return GPU_FAILED
             if info is None:
                 for w, (proc, _, _) in enumerate(self.workers):
                     if proc.poll() is not None:
@@ -3205,6 +3224,28 @@ class Daemon:
                 continue
             log.info("%s received: stopping", signal.Signals(info.si_signo).name)
             return EXIT_OK
+
+    def _gpu_fault_check(self):
+        """CUDA errors on I/O (each already an EIO to its request): move swap off this GPU while RAM
+        allows.  True once swap is off: the daemon then stops, and systemd starts it again afresh."""
+        errors = sum_counters(self.counters)[0]["io_errors"]
+        new, self.io_errors_seen = errors > self.io_errors_seen, errors    # a replaced worker's slot restarts at 0
+        if not (new or self.fault_swapoff_at) or not self.swap_on:
+            return False
+        if self.fault_swapoff_at and time.monotonic() < self.fault_swapoff_at:
+            return False
+        log.error("%d GPU I/O errors on %s (the requests got EIO; see the lines above): moving swap off the GPU, "
+                  "back into RAM (swapoff)", errors, self.device)
+        sd_notify(f"STATUS=GPU I/O errors: swapoff {self.device}")
+        if swap_disable(self.device):
+            self.swap_on = False
+            log.error("swap is off %s; stopping: systemd starts the service again with a new CUDA context "
+                      "(if the GPU is gone, it stays stopped with the reason in the journal)", self.device)
+            return True
+        self.fault_swapoff_at = time.monotonic() + SWAPOFF_RETRY_S
+        log.error("swapoff %s failed (RAM cannot take the pages back now); retrying every %d s; pages on the "
+                  "failing GPU fail their page-in with an I/O error", self.device, SWAPOFF_RETRY_S)
+        return False
 
     def _power_check(self):
         """Ask the power policy; if it wants VRAM swap gone, swapoff once.  True when swap is off."""
@@ -3282,6 +3323,9 @@ def cmd_run(args, flags):
     except BaseException:
         daemon.stop()
         raise
+    if rc == GPU_FAILED:
+        daemon.stop()
+        return EXIT_FAILURE
     if rc == HANDOVER:
         # An upgrade in place: no teardown.  Swap stays on, the workers serve on until the new
         # version stops them, and the VRAM fd stays open over the exec (and in systemd's store).
@@ -3314,16 +3358,7 @@ def gather_status():
         return status
     try:
         with open(os.path.join(runtime_dir(), "counters"), "rb") as f:
-            raw = f.read()
-        totals, conns, newest = dict.fromkeys(Stats.FIELDS, 0), 0, 0
-        for off in range(0, len(raw) - COUNTERS.size + 1, COUNTERS.size):
-            magic, updated_ms, live, *values = COUNTERS.unpack_from(raw, off)
-            if magic != COUNTERS_MAGIC:
-                continue
-            conns += live
-            newest = max(newest, updated_ms)
-            for k, v in zip(Stats.FIELDS, values):
-                totals[k] += v
+            totals, conns, newest = sum_counters(f.read())
         if newest:
             status["connections_live"] = conns
             status["counters"] = totals

@@ -37,9 +37,10 @@ def event(text):
 
 
 def recv_replies(sock, nbytes):
+    """Exactly nbytes from the worker."""
     got = b""
     while len(got) < nbytes:
-        chunk = sock.recv(65536)
+        chunk = sock.recv(nbytes - len(got))
         if not chunk:
             raise RuntimeError("worker closed the connection during the probe")
         got += chunk
@@ -54,10 +55,9 @@ def probe(sock, size):
         f.write(pattern)
     sock.sendall(nv.REQUEST.pack(nv.NBD_REQUEST_MAGIC, 0, nv.Cmd.WRITE, 1, offset, 4096) + pattern)
     sock.sendall(nv.REQUEST.pack(nv.NBD_REQUEST_MAGIC, 0, nv.Cmd.READ, 2, offset, 4096))
-    got = recv_replies(sock, 2 * nv.SIMPLE_REPLY.size + 4096)
-    magic1, err1, cookie1 = nv.SIMPLE_REPLY.unpack_from(got, 0)
-    magic2, err2, cookie2 = nv.SIMPLE_REPLY.unpack_from(got, nv.SIMPLE_REPLY.size)
-    data = got[2 * nv.SIMPLE_REPLY.size:]
+    _, err1, cookie1 = nv.SIMPLE_REPLY.unpack(recv_replies(sock, nv.SIMPLE_REPLY.size))
+    _, err2, cookie2 = nv.SIMPLE_REPLY.unpack(recv_replies(sock, nv.SIMPLE_REPLY.size))
+    data = recv_replies(sock, 4096) if err2 == 0 else b""      # an error reply carries no data
     ok = (err1, err2, cookie1, cookie2) == (0, 0, 1, 2) and data == pattern
     event(f"probe {'ok' if ok else 'BAD'}")
 

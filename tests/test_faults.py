@@ -1,0 +1,45 @@
+"""GPU faults under the daemon (`run` under tests/power_harness.py, the fake libcuda's fault switches):
+a failing copy is an EIO for that request only, is counted, and makes the daemon move swap off the
+GPU (swapoff) and stop, so that systemd starts it afresh; never zeros served as data."""
+import os
+import re
+import time
+
+import pytest
+
+from test_power import Harness, harness  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="run needs root")
+
+
+def test_gpu_copy_failure_moves_swap_off_and_stops(harness):   # noqa: F811
+    # Copy 1 is the probe's write, copy 2 its read: that read fails.
+    h = harness(policy="always", FAKECUDA_FAIL_COPY_N="2")
+    deadline = time.monotonic() + 60
+    while h.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert h.proc.returncode == 1, h.text()
+    assert h.lines() == ["exec", "exec", "attach 2", "probe BAD", "swapon /dev/nbd-harness 1500",
+                         "swapoff /dev/nbd-harness", "disconnect"]
+    text = h.text()
+    assert "GPU I/O error, replying EIO" in text and "CUDA_ERROR_ILLEGAL_ADDRESS" in text
+    assert re.search(r"\d+ GPU I/O errors on /dev/nbd-harness .*moving swap off the GPU", text), text
+    assert "swap is off /dev/nbd-harness; stopping" in text
+    assert "Traceback" not in text
+
+
+def test_gpu_fault_with_failing_swapoff_keeps_serving_and_retries(harness):   # noqa: F811
+    h = harness(policy="always", FAKECUDA_FAIL_COPY_N="2")
+    h.fails.touch()
+    deadline = time.monotonic() + 60
+    while h.lines().count("swapoff /dev/nbd-harness failed") < 2 and time.monotonic() < deadline:
+        assert h.proc.poll() is None, h.text()
+        time.sleep(0.2)
+    assert h.lines().count("swapoff /dev/nbd-harness failed") >= 2     # retried, never forced
+    assert "disconnect" not in h.lines()
+    assert "retrying every 10 s" in h.text()
+    h.fails.unlink()
+    deadline = time.monotonic() + 30
+    while h.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert h.proc.returncode == 1 and h.lines()[-2:] == ["swapoff /dev/nbd-harness", "disconnect"]
