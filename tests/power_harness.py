@@ -11,6 +11,8 @@ Stand-ins:
   "disconnect" closes them, so the workers see the end of the stream and exit, as with the kernel.
 - mkswap/swapon/swapoff: a line each in HARNESS_EVENTS; swapoff fails while the file
   HARNESS_SWAPOFF_FAILS exists (RAM that cannot take the pages back).
+- With HARNESS_FREE_EVENT=1, freeing the VRAM is a line too ("free VRAM"), for tests of the
+  teardown order.  (cryptsetup, for encrypt = yes, is whatever the PATH has: tests put a stub there.)
 Re-execs run this script again (the daemon re-executes sys.argv[0]), so the stand-ins stay in place.
 """
 import os
@@ -76,11 +78,20 @@ def swap_disable(dev):
     return True
 
 
+def free_with_event(free):
+    def wrapped(self, scrub=True):
+        free(self, scrub)
+        event("free VRAM")
+    return wrapped
+
+
 nv.load_nbd_module = lambda: None
 nv.Daemon._check_stale = lambda self: None
 nv.Daemon._attach = attach
 nv.swap_enable = swap_enable
 nv.swap_disable = swap_disable
+if os.environ.get("HARNESS_FREE_EVENT") == "1":
+    nv.VramStore.free = free_with_event(nv.VramStore.free)
 
 if __name__ == "__main__":
     event("exec")
