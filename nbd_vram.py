@@ -41,6 +41,7 @@ import re
 import select
 import selectors
 import shlex
+import shutil
 import signal
 import socket
 import stat
@@ -73,6 +74,7 @@ EXIT_NO_VRAM = 7        # not even the minimum size could be allocated
 EXIT_NO_NBD = 8         # the kernel has no nbd driver, or no free device
 EXIT_NOT_ROOT = 9       # run needs root
 EXIT_DEGRADED = 10      # status: running, but I/O errors were seen
+EXIT_NO_CRYPT = 11      # encrypt = yes, but cryptsetup or the kernel's dm-crypt is missing
 
 EXIT_CODES_HELP = """exit status:
   0   success
@@ -85,7 +87,8 @@ EXIT_CODES_HELP = """exit status:
   7   not even the minimum size of VRAM could be allocated
   8   the kernel has no nbd driver, or no free /dev/nbdX
   9   run needs root
-  10  status: running, but GPU or I/O errors were seen"""
+  10  status: running, but GPU or I/O errors were seen
+  11  encrypt = yes, but cryptsetup or the kernel's dm-crypt is missing"""
 
 ############################################################################
 # Errors and logging #######################################################
@@ -117,6 +120,10 @@ class NoVramError(Fatal):
 
 class NbdKernelError(Fatal):
     exit_code = EXIT_NO_NBD
+
+
+class NoCryptError(Fatal):
+    exit_code = EXIT_NO_CRYPT
 
 
 class CudaError(Fatal):
@@ -1975,15 +1982,18 @@ class IoctlAttach:
 
 
 ############################################################################
-# Swap manager (mkswap / swapon / swapoff) #################################
+# Swap manager (dm-crypt / mkswap / swapon / swapoff) ######################
 ############################################################################
+
+PROVIDED_BY = {"cryptsetup": "cryptsetup-bin"}      # Debian packages of the commands not in util-linux
+
 
 def run_cmd(argv, *, check=True):
     log.debug("+ %s", shlex.join(argv))
     try:
         p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     except FileNotFoundError:
-        raise Fatal(f"{argv[0]}: command not found (install util-linux)") from None
+        raise Fatal(f"{argv[0]}: command not found (install {PROVIDED_BY.get(argv[0], 'util-linux')})") from None
     if check and p.returncode != 0:
         why = f"exit code {p.returncode}" if p.returncode > 0 else f"signal {-p.returncode}"
         raise Fatal(f"{argv[0]} failed ({why}): {p.stderr.strip() or p.stdout.strip() or 'no output'}")
@@ -1999,9 +2009,35 @@ def swap_enable(dev, priority, discard):
     log.info("swap on %s at priority %d%s", dev, priority, " with discard" if discard else "")
 
 
+def find_swap(*paths, swaps=None):
+    """The /proc/swaps entry (path, (size KiB, used KiB, priority)) of the device at any of PATHS, or None.
+
+    The kernel lists the path that swapon opened with its links resolved: a dm-crypt mapping is
+    /dev/dm-N where udev made /dev/mapper/NAME a link to it, /dev/mapper/NAME where libdevmapper
+    made the node itself (no udev).  So device numbers are compared too."""
+    swaps = active_swaps() if swaps is None else swaps
+    for p in paths:
+        if p in swaps:
+            return p, swaps[p]
+    want = {st.st_rdev for st in map(_stat_block, paths) if st}
+    for p, entry in swaps.items():
+        st = _stat_block(p)
+        if st and st.st_rdev in want:
+            return p, entry
+    return None
+
+
+def _stat_block(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st if stat.S_ISBLK(st.st_mode) else None
+
+
 def swap_disable(dev):
     """swapoff; True on success or when it was not active."""
-    if dev not in active_swaps():
+    if find_swap(dev) is None:
         return True
     p = run_cmd(["swapoff", dev], check=False)
     if p.returncode == 0:
@@ -2010,6 +2046,93 @@ def swap_disable(dev):
     log.error("swapoff %s failed: %s; keeping the device: disconnecting live swap would kill every process "
               "with pages on it", dev, p.stderr.strip() or f"exit code {p.returncode}")
     return False
+
+
+# Encrypted swap (encrypt = yes), set up as /etc/crypttab's `swap` option does: a dm-crypt plain
+# mapping (no header: nothing on the device but ciphertext) whose key cryptsetup reads from
+# /dev/urandom and hands to the kernel.  The key lives in the kernel's dm table until the mapping
+# is closed and is never written anywhere: a new one at every start, so pages left in VRAM are
+# unreadable once the mapping is gone.
+CRYPT_PREFIX = "nbd-vram-"      # mapping names: nbd-vram-N over /dev/nbdN
+CRYPT_CIPHER = "aes-xts-plain64"
+CRYPT_KEY_BITS = 512            # XTS splits it in two: AES-256
+
+
+def crypt_name(index):
+    return f"{CRYPT_PREFIX}{index}"
+
+
+def crypt_open_argv(device, name, discard):
+    """cryptsetup's command line that maps NAME over DEVICE with a random key."""
+    argv = ["cryptsetup", "open", "--type", "plain", "--cipher", CRYPT_CIPHER, "--key-size", str(CRYPT_KEY_BITS),
+            # plain mode reads exactly key-size bits from a key file, unhashed
+            "--key-file", "/dev/urandom",
+            # one IV per 4 KiB page, the device's block size, instead of eight (plain mode: cryptsetup >= 2.0)
+            "--sector-size", str(BLOCK_SIZE)]
+    if discard:
+        # so that swapon --discard reaches VRAM: it shows which slots are free, never what they held
+        argv.append("--allow-discards")
+    return argv + [device, name]
+
+
+def crypt_close_argv(name):
+    return ["cryptsetup", "close", name]
+
+
+def check_crypt_support(load=True):
+    """encrypt = yes: cryptsetup on PATH and dm-crypt in the kernel, else one NoCryptError saying what to do.
+
+    With load=False (check-config) nothing is loaded: `modprobe --dry-run` only looks for the module."""
+    if not shutil.which("cryptsetup"):
+        raise NoCryptError("encrypt = yes needs cryptsetup, which is not installed (not on PATH): "
+                           "install it (apt install cryptsetup-bin) or set encrypt = no")
+    if os.path.isdir(os.path.join(sys_root(), "sys/module/dm_crypt")):
+        return
+    argv = ["modprobe"] + ([] if load else ["--dry-run"]) + ["dm_crypt"]
+    try:
+        p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        ok, why = p.returncode == 0, " ".join((p.stderr or "").split()) or f"exit code {p.returncode}"
+    except FileNotFoundError:
+        ok, why = False, "modprobe not found"
+    if not ok:     # rc 0 with no /sys/module/dm_crypt: built into the kernel
+        raise NoCryptError(f"encrypt = yes needs the kernel's dm-crypt (`{shlex.join(argv)}` failed: {why}); "
+                           "it needs CONFIG_DM_CRYPT: install your distribution's kernel modules or set encrypt = no")
+
+
+def crypt_open(device, name, discard):
+    """Map NAME over DEVICE with a new random key; returns the path of the plaintext side."""
+    run_cmd(crypt_open_argv(device, name, discard))
+    path = f"/dev/mapper/{name}"
+    log.info("encrypted swap: %s over %s (dm-crypt plain %s, a new %d-bit key from /dev/urandom, never stored)",
+             path, device, CRYPT_CIPHER, CRYPT_KEY_BITS)
+    return path
+
+
+def crypt_close(name):
+    run_cmd(crypt_close_argv(name))
+    log.info("closed the dm-crypt mapping %s: its key is gone", name)
+
+
+def crypt_mappings():
+    """{nbd index: (mapping name, "dm-N")} of the mappings that nbd-vram made (nbd-vram-N) over /dev/nbdN."""
+    found = {}
+    block = os.path.join(sys_root(), "sys/block")
+    try:
+        names = sorted(n for n in os.listdir(block) if n.startswith("dm-"))
+    except OSError:
+        return found
+    for dm in names:
+        name = _read(f"/sys/block/{dm}/dm/name", "") or ""
+        if not name.startswith(CRYPT_PREFIX):
+            continue
+        try:
+            slaves = os.listdir(os.path.join(block, dm, "slaves"))
+        except OSError:
+            continue
+        for s in slaves:
+            if re.fullmatch(r"nbd\d+", s):
+                found[int(s[3:])] = (name, dm)
+    return found
 
 
 SYSCTLS = {"swappiness": "vm/swappiness", "min_free_kbytes": "vm/min_free_kbytes", "page_cluster": "vm/page-cluster"}
@@ -2122,6 +2245,9 @@ OPTIONS = [
            "sockets handed to the kernel: one blk-mq queue and one serving thread each",
            env="VRAM_NBD_CONNECTIONS"),
     Option("discard", "yes", _parse_bool, "yes or no", "swapon --discard: freed swap slots are TRIMmed"),
+    Option("encrypt", "no", _parse_bool, "yes or no",
+           "swap on a dm-crypt plain mapping (/dev/mapper/nbd-vram-N) over the nbd device, with a new random key "
+           "at every start: VRAM holds only ciphertext; needs cryptsetup"),
     Option("swappiness", "keep", _optional(_int_range(0, 200)), "0..200 or keep",
            "vm.swappiness while the daemon runs (restored on stop)"),
     Option("min_free_kbytes", "keep", _optional(_int_range(1024, 4 << 20)), "1024..4194304 or keep",
@@ -2783,7 +2909,9 @@ class Daemon:
         self.libc = _libc()
         self.undo = []
         self.threads = []
-        self.device = None
+        self.device = None          # /dev/nbdN
+        self.swap_device = None     # what swapon got: the nbd device, or its dm-crypt mapping (encrypt = yes)
+        self.crypt = None           # the mapping's name
         self.index = None
         self.export = None
         self.counters = None
@@ -2861,20 +2989,32 @@ class Daemon:
             k.close()      # the kernel holds its own references now
         if adopt:
             self.sysctl_saved = dict(adopt.get("sysctl_saved") or {})    # what to restore is what was there first
+        self.swap_device = self.device
+        if cfg["encrypt"] or (adopt and adopt.get("encrypted")):
+            name = crypt_name(self.index)
+            if adopt and os.path.exists(f"/dev/mapper/{name}"):
+                # The dead daemon's mapping, its key still in the kernel: the swapped pages read back through it.
+                self.swap_device = f"/dev/mapper/{name}"
+            else:
+                self.swap_device = crypt_open(self.device, name, cfg["discard"])
+            self.crypt = name
+            # Pushed after the disconnect, so run before it: swapoff, close, disconnect, free.
+            self.undo.append((f"close the dm-crypt mapping {name}", lambda: crypt_close(name)))
+        self._write_state()
         for key in ("swappiness", "min_free_kbytes", "page_cluster"):
             if cfg[key] is not None:
                 old = sysctl_set(key, cfg[key])
                 self.sysctl_saved.setdefault(key, old)
         if self.sysctl_saved:
             self.undo.append(("restore sysctls", self._restore_sysctls))
-        self._write_state()
-        if self.device in active_swaps():
-            log.info("%s is still swap: nothing lost", self.device)
+        if adopt and find_swap(self.swap_device):
+            log.info("%s is still swap: nothing lost", self.swap_device)
         else:
-            swap_enable(self.device, cfg["priority"], cfg["discard"])
+            swap_enable(self.swap_device, cfg["priority"], cfg["discard"])
         self.swap_on = True
         self._write_state()
-        status = (f"serving {format_size(store.size_bytes)} of VRAM on {self.device}, swap priority {cfg['priority']}, "
+        on = f"{self.device} (encrypted: swap on {self.swap_device})" if self.crypt else self.device
+        status = (f"serving {format_size(store.size_bytes)} of VRAM on {on}, swap priority {cfg['priority']}, "
                   f"{nconn} connections")
         sd_notify("READY=1", f"STATUS={status}")
         log.info("ready: %s", status)
@@ -2886,15 +3026,21 @@ class Daemon:
             raise Fatal(f"another nbd-vram daemon (pid {old['pid']}) is serving {old.get('device')}; "
                         "stop it first (systemctl stop vram-swap-nbd)")
         swaps = active_swaps()
+        mappings = crypt_mappings()
         for index in nbd_devices():
             backend = _read(f"/sys/block/nbd{index}/backend", "") or ""
-            if not backend.startswith("nbd-vram:") or not nbd_connected(index):
+            ours = backend.startswith("nbd-vram:") and nbd_connected(index)
+            if not ours and index not in mappings:
                 continue
             dev = f"/dev/nbd{index}"
-            owner = int(backend.split(":")[1]) if backend.split(":")[1].isdigit() else 0
+            owner = int(backend.split(":")[1]) if ours and backend.split(":")[1].isdigit() else 0
             if owner and pid_alive(owner):
                 raise Fatal(f"{dev} is served by another nbd-vram daemon (pid {owner}); stop it first")
-            if dev in swaps:
+            if index in mappings:
+                self._close_stale_mapping(dev, owner, *mappings[index], swaps)
+            if not ours:
+                continue
+            if find_swap(dev, swaps=swaps):
                 raise Fatal(f"{dev} is still active swap from an nbd-vram daemon (pid {owner}) that died; "
                             f"refusing to start over it: run `swapoff {dev}` (it fails if the pages are lost), "
                             f"then `nbd_vram.py detach {dev}`")
@@ -2976,6 +3122,21 @@ class Daemon:
                 nl.close()
         self.undo.append((f"disconnect {self.device}", self._detach_netlink))
         log.info("reattached %s with %d new connections", self.device, len(socks))
+
+    @staticmethod
+    def _close_stale_mapping(dev, owner, name, dm, swaps):
+        """A dm-crypt mapping that a dead daemon left over DEV: refuse if it is swap, else close it."""
+        mapper = f"/dev/mapper/{name}"
+        by = f"an nbd-vram daemon (pid {owner}) that died" if owner else "an nbd-vram daemon that is gone"
+        if find_swap(mapper, f"/dev/{dm}", swaps=swaps):
+            raise Fatal(f"{mapper} (dm-crypt over {dev}) is still active swap from {by}; refusing to start over it: "
+                        f"run `swapoff {mapper}` (it fails if the pages are lost), `cryptsetup close {name}`, "
+                        f"then `nbd_vram.py detach {dev}`")
+        if not shutil.which("cryptsetup"):
+            raise Fatal(f"{mapper} (dm-crypt over {dev}) was left by {by}, and cryptsetup is not installed "
+                        f"to close it: run `dmsetup remove {name}`")
+        log.warning("%s (dm-crypt over %s) was left by %s, and is not swap: closing it", mapper, dev, by)
+        crypt_close(name)
 
     def _attach(self, socks):
         cfg, size = self.cfg, self.export.size
@@ -3168,6 +3329,9 @@ class Daemon:
             self.started = time.strftime("%Y-%m-%d %H:%M:%S")
             self.undo.append(("remove state", remove_state))
         state = {"pid": os.getpid(), "version": __version__, "mode": "serving", "device": self.device,
+                 "swap_device": self.swap_device, "encrypted": bool(self.crypt),
+                 "encryption": {"mapping": self.crypt, "cipher": CRYPT_CIPHER, "key_bits": CRYPT_KEY_BITS,
+                                "sector_bytes": BLOCK_SIZE} if self.crypt else None,
                  "index": self.index, "attach": self.attach_kind, "gpu": self.gpu, "size_bytes": store.size_bytes,
                  "size_asked_bytes": self.cfg["size"], "allocation": store.kind,
                  "priority": self.cfg["priority"], "connections": self.cfg["connections"],
@@ -3253,14 +3417,15 @@ class Daemon:
             self._write_state()
             return False
         why = self.power.why
-        log.info("power: releasing VRAM swap (%s): swapoff %s", why, self.device)
-        sd_notify(f"STATUS=releasing VRAM swap ({why}): swapoff {self.device}")
-        if swap_disable(self.device):
+        log.info("power: releasing VRAM swap (%s): swapoff %s", why, self.swap_device)
+        sd_notify(f"STATUS=releasing VRAM swap ({why}): swapoff {self.swap_device}")
+        if swap_disable(self.swap_device):
             self.swap_on = False
             self.power.released = not self.power.sleeping
-            return True
+            return True     # stop() then closes the mapping, disconnects and frees
         # Never forced: the pages on VRAM belong to running processes.
-        self.release_failed = (time.time(), f"swapoff {self.device} failed: RAM cannot take the swapped pages back now")
+        self.release_failed = (time.time(),
+                               f"swapoff {self.swap_device} failed: RAM cannot take the swapped pages back now")
         log.warning("power: VRAM swap stays on (%s); trying again in %d s", self.release_failed[1], self.power.poll_s)
         sd_notify(f"STATUS=serving; power wants VRAM swap released ({why}) but swapoff failed; retrying")
         self._write_state()
@@ -3269,11 +3434,11 @@ class Daemon:
     # -- teardown -----------------------------------------------------------------------
 
     def stop(self):
-        """Strictly in reverse: swapoff (retried until it succeeds), then disconnect, then free VRAM."""
+        """Strictly in reverse: swapoff (retried until it succeeds), close the mapping, disconnect, free VRAM."""
         if self.swap_on:
-            sd_notify("STOPPING=1", f"STATUS=swapoff {self.device}")
-            while not swap_disable(self.device):
-                sd_notify(f"STATUS=swapoff {self.device} failed; retrying every {SWAPOFF_RETRY_S:.0f} s")
+            sd_notify("STOPPING=1", f"STATUS=swapoff {self.swap_device}")
+            while not swap_disable(self.swap_device):
+                sd_notify(f"STATUS=swapoff {self.swap_device} failed; retrying every {SWAPOFF_RETRY_S:.0f} s")
                 signal.sigtimedwait({signal.SIGTERM, signal.SIGINT}, SWAPOFF_RETRY_S)
             self.swap_on = False
         while self.undo:
@@ -3310,6 +3475,8 @@ def cmd_run(args, flags):
     for name in [n for n in stored if n != VRAM_FDNAME]:
         log.warning("systemd passed an fd named %r that this version does not use: closing it", name)
         os.close(stored.pop(name))
+    if settings["encrypt"]:
+        check_crypt_support()       # before anything is allocated, and while idle on battery too
     power = PowerPolicy(settings)
     warning = hibernation_resume_warning()
     if warning:
@@ -3365,9 +3532,12 @@ def gather_status():
             status["counters_age_s"] = round(time.time() - newest / 1000, 1)
     except OSError:
         pass
-    swap = active_swaps().get(state.get("device"))
+    swap_device = state.get("swap_device") or state.get("device")
+    found = find_swap(swap_device) if swap_device else None
+    swap = found[1] if found else None
     status["swap"] = ({"active": True, "size_bytes": swap[0] * 1024, "used_bytes": swap[1] * 1024,
                        "priority": swap[2]} if swap else {"active": False})
+    status["swap"].update(device=swap_device, encrypted=bool(state.get("encrypted")))
     c = status.get("counters", {})
     # A connection the kernel marked dead and nobody reconnected: its queue's I/O goes over the others.
     missing = "connections_live" in status and status["connections_live"] < state.get("connections", 0)
@@ -3397,11 +3567,18 @@ def cmd_status(args):
         return EXIT_OK
     if not args.json:
         c, sw, g = st.get("counters", {}), st["swap"], st["gpu"]
+        enc = st.get("encryption") or {}
+        crypt = (f"{sw['device']}, encrypted (dm-crypt {enc.get('cipher')}, a {enc.get('key_bits')}-bit key for this "
+                 "run only)" if sw["encrypted"] else "")
+        if sw["active"]:
+            swap_line = (f"on, {crypt + ', ' if crypt else ''}priority {sw['priority']}, "
+                         f"{format_size(sw['used_bytes'])} used of {format_size(sw['size_bytes'])}")
+        else:
+            swap_line = "off" + (f" ({crypt})" if crypt else "")
         rows = [
             ("daemon", f"running, pid {st['pid']}, since {st['started']}, version {st['version']}"),
             ("device", f"{st['device']} ({st['attach']}, {st.get('connections_live', '?')} of {st['connections']} connections)"),
-            ("swap", f"on, priority {sw['priority']}, {format_size(sw['used_bytes'])} used of {format_size(sw['size_bytes'])}"
-             if sw["active"] else "off"),
+            ("swap", swap_line),
             ("gpu", f"{g['index']}: {g['name']} ({g['uuid']}, {g['pci_bus_id']})"),
             ("vram", f"{format_size(st['size_bytes'])} ({format_size(st['size_asked_bytes'])} asked, {st['allocation']})"),
             ("reads", f"{c.get('reads', 0)} ({format_size(c.get('bytes_read', 0))})"),
@@ -3570,6 +3747,10 @@ def cmd_check_config(args, flags):
     settings, origin = load_config(args.config, flags)
     for o in OPTIONS:
         print(f"{o.key:<16} = {format_setting(o.key, settings[o.key]):<14} # {origin[o.key]}")
+    if settings["encrypt"]:
+        # A setting that run would refuse on this machine: fail here too (exit 11), touching nothing.
+        sys.stdout.flush()
+        check_crypt_support(load=False)
     return EXIT_OK
 
 
@@ -3579,9 +3760,15 @@ def cmd_detach(args):
     if not m:
         raise ConfigError(f"detach: {args.device!r} is not an nbd device (e.g. /dev/nbd0)")
     dev = f"/dev/nbd{m.group(1)}"
-    if dev in active_swaps():
+    if find_swap(dev):
         raise Fatal(f"{dev} is active swap; run `swapoff {dev}` first (disconnecting live swap kills "
                     "every process with pages on it)")
+    mapping = crypt_mappings().get(int(m.group(1)))
+    if mapping:
+        name, dm = mapping
+        mapper = f"/dev/mapper/{name}"
+        first = f"`swapoff {mapper}`, then " if find_swap(mapper, f"/dev/{dm}") else ""
+        raise Fatal(f"{dev} holds the encrypted swap mapping {mapper}; run {first}`cryptsetup close {name}` first")
     if not nbd_connected(int(m.group(1))):
         print(f"{dev} is not connected")
         return EXIT_OK

@@ -54,6 +54,12 @@ fi
 if awk -v d="$DEV" '$1 == d {f = 1} END {exit !f}' /proc/mounts; then
     fail "$DEV is mounted"
 fi
+# A device-mapper device on top (encrypt = yes: the swap is /dev/mapper/nbd-vram-N, not $DEV)
+# would be overwritten under its feet, live swap included.
+HOLDERS=$(ls "/sys/block/${DEV#/dev/}/holders" 2>/dev/null || true)
+if [ -n "$HOLDERS" ]; then
+    fail "$DEV is in use by ${HOLDERS//$'\n'/ } (such as the encrypted swap /dev/mapper/nbd-vram-N): refusing to overwrite it"
+fi
 SIZE=$(blockdev --getsize64 "$DEV")
 (( SIZE >= 4 << 20 )) || skip "$DEV has $SIZE bytes: not connected, or smaller than one 4 MiB block"
 

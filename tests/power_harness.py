@@ -14,6 +14,8 @@ Stand-ins:
   new worker, the pattern the first probe wrote ("probe kept ok": the VRAM outlived the daemon).
 - mkswap/swapon/swapoff: a line each in HARNESS_EVENTS; swapoff fails while the file
   HARNESS_SWAPOFF_FAILS exists (RAM that cannot take the pages back).
+- With HARNESS_FREE_EVENT=1, freeing the VRAM is a line too ("free VRAM"), for tests of the
+  teardown order.  (cryptsetup, for encrypt = yes, is whatever the PATH has: tests put a stub there.)
 Re-execs run this script again (the daemon re-executes sys.argv[0]), so the stand-ins stay in place.
 """
 import os
@@ -142,12 +144,21 @@ def swap_disable(dev):
     return True
 
 
+def free_with_event(free):
+    def wrapped(self, scrub=True):
+        free(self, scrub)
+        event("free VRAM")
+    return wrapped
+
+
 nv.load_nbd_module = lambda: None
 nv.Daemon._check_stale = lambda self: None
 nv.Daemon._attach = attach
 nv.Daemon._reattach = reattach
 nv.swap_enable = swap_enable
 nv.swap_disable = swap_disable
+if os.environ.get("HARNESS_FREE_EVENT") == "1":
+    nv.VramStore.free = free_with_event(nv.VramStore.free)
 
 if __name__ == "__main__":
     event("exec")

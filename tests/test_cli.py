@@ -85,7 +85,7 @@ def test_help_lists_exit_codes():
     assert p.returncode == 0
     for code, words in [(0, "success"), (2, "bad command line"), (3, "no daemon is running"), (4, "configuration"),
                         (5, "libcuda.so.1"), (6, "no usable NVIDIA GPU"), (7, "minimum size"), (8, "nbd"),
-                        (9, "root"), (10, "errors were seen")]:
+                        (9, "root"), (10, "errors were seen"), (11, "cryptsetup")]:
         assert any(line.split()[:1] == [str(code)] and words in line for line in p.stdout.splitlines()), (code, words)
     for command in ("serve", "run", "check-config", "status", "detach"):
         assert command in p.stdout

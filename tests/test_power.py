@@ -115,9 +115,10 @@ def test_decision_table(nv, policy, ac, capacity, released, sleeping, want):
 # -- the daemon -------------------------------------------------------------------------------------
 
 class Harness:
-    """`nbd_vram.py run` under tests/power_harness.py, with a power_supply fixture tree."""
+    """`nbd_vram.py run` under tests/power_harness.py, with a power_supply fixture tree; conf_lines are
+    added to its configuration file, extra to its environment."""
 
-    def __init__(self, tmp_path, fakecuda, policy="ac", **extra):
+    def __init__(self, tmp_path, fakecuda, policy="ac", conf_lines="", **extra):
         self.tmp = tmp_path
         self.sys = tmp_path / "sysroot"
         self.run = tmp_path / "run"
@@ -127,7 +128,7 @@ class Harness:
         supply(self.sys, "BAT0", type="Battery", capacity=80, status="Discharging")
         conf = tmp_path / "nbd-vram.conf"
         conf.write_text(f"size = 64M\nmin_size = 64M\nconnections = 2\nworkers = 2\npower = {policy}\n"
-                        f"power_poll = 1\nbuffer_size = 256K\n")
+                        f"power_poll = 1\nbuffer_size = 256K\n{conf_lines}")
         self.env = fake_env(fakecuda, NBD_VRAM_CONFIG=str(conf), NBD_VRAM_SYSFS_ROOT=str(self.sys),
                             NBD_VRAM_RUNTIME_DIR=str(self.run), HARNESS_EVENTS=str(self.events),
                             HARNESS_SWAPOFF_FAILS=str(self.fails), HARNESS_PROBE="1", **extra)

@@ -8,8 +8,12 @@
 #                 no I/O error in the kernel log; clean stop
 #   install       install.sh --yes in writable copies of /etc and /usr/local, the installed
 #                 daemon started as the unit's ExecStart, swap at 1500, install.sh --uninstall
+#   power         AC unplugged with data out in VRAM swap: released, data back intact; AC back: swap back
+#   encrypt       --encrypt yes: swap on /dev/mapper/nbd-vram-N over the nbd device, data verified under
+#                 pressure, a marker swapped out is nowhere in the BAR as plaintext; the mapping is closed
 # Needs: run.sh with VRAM_MB=1024 (1 GiB BAR) and a 512 MiB guest; GUEST_FAKECUDA (guest path of the
-# fake libcuda.so.1, default /mnt/libcuda.so.1); GUEST_PARTS (default: all five, in that order).
+# fake libcuda.so.1, default /mnt/libcuda.so.1); GUEST_PARTS (default: all of them, in that order);
+# cryptsetup on the host (the guest runs the host's userland) for encrypt.
 set -eEuo pipefail
 # shellcheck source=/dev/null
 . /mnt/guest.env
@@ -49,21 +53,38 @@ part() { PART=$1; echo; echo "=== $PART: start (uptime $(cut -d' ' -f1 /proc/upt
 pass() { echo "=== $PART: PASS ($(( SECONDS - T0 )) s)"; PART=""; }
 
 # start_daemon NAME ARGS...: `nbd_vram.py run ARGS` in the background (pid in DPID, log in DLOG),
-# then wait (up to 180 s) until its device is swap; DEV is the device.
+# then wait (up to 180 s) until its swap device is swap; DEV is the nbd device, SWAPDEV the swap
+# device (DEV, or its dm-crypt mapping with --encrypt yes).
 start_daemon() {
   local name=$1; shift
   DLOG=/tmp/daemon-$name.log
   python3 "$REPO/nbd_vram.py" run "$@" >"$DLOG" 2>&1 &
   DPID=$!
   DEV=""
+  SWAPDEV=""
   for _ in $(seq 900); do
     kill -0 "$DPID" 2>/dev/null || { wait "$DPID" || true; fail "daemon exited before swapon"; }
     DEV=$(state_key device)
-    [ -n "$DEV" ] && grep -q "^$DEV " /proc/swaps && break
+    SWAPDEV=$(state_key swap_device)
+    SWAPDEV=${SWAPDEV:-$DEV}
+    [ -n "$DEV" ] && is_swap "$SWAPDEV" && break
     sleep 0.2
   done
-  grep -q "^$DEV " /proc/swaps || fail "no nbd swap 180 s after starting the daemon"
-  echo "daemon pid $DPID: $DEV is swap after $(( SECONDS - T0 )) s"
+  is_swap "$SWAPDEV" || fail "no nbd swap 180 s after starting the daemon"
+  echo "daemon pid $DPID: $SWAPDEV is swap after $(( SECONDS - T0 )) s"
+}
+
+# is_swap DEV: DEV is active swap, under whichever name /proc/swaps gives it (a dm mapping is
+# /dev/dm-N where udev links /dev/mapper/NAME to it, /dev/mapper/NAME where nothing runs udev)
+is_swap() {
+  local want name _
+  grep -q "^$1 " /proc/swaps && return 0
+  [ -b "$1" ] || return 1
+  want=$(stat -Lc '%t:%T' "$1")
+  while read -r name _; do
+    [ -b "$name" ] && [ "$(stat -Lc '%t:%T' "$name")" = "$want" ] && return 0
+  done < <(tail -n +2 /proc/swaps)
+  return 1
 }
 
 # state_key KEY: KEY from the running daemon's state.json (empty if none)
@@ -84,6 +105,8 @@ stop_daemon() {
   tail -n 5 "$DLOG"
   [ "$rc" -eq 0 ] || fail "daemon exited $rc after SIGTERM (expected 0)"
   ! grep -q '^/dev/nbd' /proc/swaps || fail "nbd swap still on after the daemon exited"
+  ! grep -Eq '^/dev/(dm-|mapper/nbd-vram-)' /proc/swaps || fail "dm swap still on after the daemon exited"
+  if grep -qs '^nbd-vram-' /sys/block/dm-*/dm/name; then fail "a dm-crypt mapping nbd-vram-* is left: $(dmsetup ls)"; fi
   check_disconnected
   [ ! -e "$NBD_VRAM_RUNTIME_DIR/state.json" ] || fail "state.json left behind"
   ! grep -q Traceback "$DLOG" || fail "Traceback in the daemon's log"
@@ -415,5 +438,147 @@ t_restart() {
   pass
 }
 
-for p in ${GUEST_PARTS:-smoke fill ioctl worker_death install power restart}; do "t_$p"; done
-echo "=== integration: PASS (${GUEST_PARTS:-smoke fill ioctl worker_death install})"
+# -- g: encrypt = yes: swap on a dm-crypt mapping, VRAM holds only ciphertext ----------------
+# dm_named NAME: the dm-N device of the mapping NAME (nothing if there is none)
+dm_named() {
+  local d
+  for d in /sys/block/dm-*; do [ "$(cat "$d/dm/name" 2>/dev/null)" != "$1" ] || basename "$d"; done
+}
+
+# hold_marker TOKEN MB HOLD: MB MiB of pages filled with TOKEN, held in memory; prints "marker: ready,
+# pid PID", waits for the file HOLD, then checks every page: "marker: N MiB intact" (exit 1 if any differs).
+hold_marker() {
+  python3 - "$@" <<'PY'
+import os, sys, time
+token, mb, hold = sys.argv[1].encode(), int(sys.argv[2]), sys.argv[3]
+block = (token * (4096 // len(token) + 1))[:4096] * 256
+blocks = [bytearray(block) for _ in range(mb)]
+print("marker: ready, pid %d" % os.getpid(), flush=True)
+while not os.path.exists(hold):
+    time.sleep(0.5)
+bad = sum(b != block for b in blocks)
+print("marker: %d MiB intact" % (mb - bad) if not bad else "marker: %d of %d MiB CHANGED" % (bad, mb), flush=True)
+sys.exit(1 if bad else 0)
+PY
+}
+
+# crypt_check MAPPER NBD BAR TOKEN: TOKEN is on the plaintext side (MAPPER, read O_DIRECT); the same
+# 4 KiB of the ciphertext side (NBD) differ, are not zeros, hold no TOKEN and are found in the BAR
+# (so the BAR is where this device's bytes live); and TOKEN is nowhere in the BAR.
+crypt_check() {
+  python3 - "$@" <<'PY'
+import mmap, os, sys
+mapper, nbd, bar, token = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].encode()
+PAGE, CHUNK = 4096, 4 << 20
+
+def find_direct(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        size, buf = os.lseek(fd, 0, os.SEEK_END), mmap.mmap(-1, CHUNK)
+        for off in range(0, size, CHUNK):
+            n = os.preadv(fd, [buf], off)
+            i = buf.find(token, 0, n)
+            if i >= 0:
+                return off + i
+        return -1
+    finally:
+        os.close(fd)
+
+def read_direct(path, off):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, PAGE)
+        return bytes(buf[:os.preadv(fd, [buf], off)])
+    finally:
+        os.close(fd)
+
+at = find_direct(mapper)
+if at < 0:
+    sys.exit("crypt_check: the marker is not on the plaintext side %s: nothing to look for" % mapper)
+page = at - at % PAGE
+plain, cipher = read_direct(mapper, page), read_direct(nbd, page)
+print("crypt_check: marker at byte %d of %s" % (at, mapper))
+bad = []
+if len(cipher) != PAGE or cipher == plain or token in cipher or cipher == bytes(PAGE):
+    bad.append("byte %d of %s is not ciphertext of that page" % (page, nbd))
+fd = os.open(bar, os.O_RDWR)
+try:
+    vram = mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED, mmap.PROT_READ)
+finally:
+    os.close(fd)
+where = vram.find(cipher)
+print("crypt_check: the page's ciphertext is at byte %d of the BAR" % where)
+if where < 0:
+    bad.append("the ciphertext is not in the BAR %s: not the VRAM of this device?" % bar)
+leak = vram.find(token)
+print("crypt_check: the marker is %s" % ("at byte %d of the BAR" % leak if leak >= 0
+                                          else "nowhere in the BAR's %d MiB" % (len(vram) >> 20)))
+if leak >= 0:
+    bad.append("PLAINTEXT IN VRAM")
+sys.exit("crypt_check: FAIL: " + "; ".join(bad) if bad else 0)
+PY
+}
+
+t_encrypt() {
+  part encrypt
+  local name dm nbd token hold=/tmp/encrypt-hold job mpid swapped rc=0 order
+  command -v cryptsetup >/dev/null || fail "cryptsetup is not installed on the host (apt-get install cryptsetup-bin)"
+  start_daemon encrypt --size 1G --min-size 256M --connections 2 --encrypt yes
+  nbd=${DEV#/dev/}
+  name=nbd-vram-${nbd#nbd}
+  [ "$SWAPDEV" = "/dev/mapper/$name" ] || fail "the swap device is '$SWAPDEV', not /dev/mapper/$name"
+  [ "$(state_key encrypted)" = True ] || fail "state.json does not say encrypted"
+  dm=$(dm_named "$name")
+  [ -n "$dm" ] || fail "no dm device is named $name"
+  [ -e "/sys/block/$dm/slaves/$nbd" ] || fail "$dm ($name) does not sit on $DEV: $(ls "/sys/block/$dm/slaves")"
+  ! grep -q "^$DEV " /proc/swaps || fail "$DEV itself is swap: the plaintext would go to VRAM"
+  swapon --show
+  echo "encrypt: swap on $SWAPDEV ($dm over $nbd)"
+  cryptsetup status "$name" | tee /tmp/cryptsetup-status
+  for want in 'type: +PLAIN' 'cipher: +aes-xts-plain64' 'keysize: +512 bits' 'sector size: +4096' \
+              'device: +/dev/nbd' 'flags: .*discards'; do
+    grep -Eq "$want" /tmp/cryptsetup-status || fail "cryptsetup status $name does not show '$want'"
+  done
+  python3 "$REPO/nbd_vram.py" status | tee /tmp/status-encrypt
+  grep -q "$SWAPDEV, encrypted (dm-crypt aes-xts-plain64" /tmp/status-encrypt || fail "status does not show the encryption"
+  python3 "$REPO/nbd_vram.py" status --json | python3 -c 'import json, sys
+s = json.load(sys.stdin)["swap"]
+sys.exit(not (s["active"] and s["encrypted"] and s["device"] == sys.argv[1]))' "$SWAPDEV" \
+    || fail "status --json does not show the encrypted swap active on $SWAPDEV"
+
+  # A marker pushed out to swap along with the pressure's checksummed data.
+  token=NBDVRAM-PLAINTEXT-$(od -An -tx1 -N12 /dev/urandom | tr -d ' \n')
+  rm -f "$hold"
+  hold_marker "$token" 16 "$hold" >/tmp/marker.log 2>&1 &
+  job=$!
+  for _ in $(seq 100); do grep -q 'marker: ready' /tmp/marker.log && break; sleep 0.2; done
+  mpid=$(sed -n 's/^marker: ready, pid //p' /tmp/marker.log)
+  [ -n "$mpid" ] || { cat /tmp/marker.log; fail "the marker process did not start"; }
+  pressure 48 700 >/tmp/pressure-encrypt.log 2>&1 || rc=$?
+  cat /tmp/pressure-encrypt.log
+  [ "$rc" -eq 0 ] || fail "pressure exited $rc: data through the encrypted swap came back wrong"
+  grep -q 'MiB verified' /tmp/pressure-encrypt.log || fail "pressure printed no 'verified' line"
+  swapped=$(awk '$1 == "VmSwap:" {print $2}' "/proc/$mpid/status")
+  echo "encrypt: ${swapped:-0} KiB of the 16 MiB marker are in swap"
+  [ "${swapped:-0}" -ge 4096 ] || fail "less than 4 MiB of the marker reached swap"
+  crypt_check "$SWAPDEV" "$DEV" "$BAR" "$token"
+  touch "$hold"
+  rc=0; wait "$job" || rc=$?
+  cat /tmp/marker.log
+  [ "$rc" -eq 0 ] || fail "the marker came back from the encrypted swap changed"
+
+  kernel_clean
+  stop_daemon
+  if [ -n "$(dm_named "$name")" ] || [ -e "/dev/mapper/$name" ]; then fail "the mapping $name outlived the daemon"; fi
+  # Teardown strictly in reverse: swapoff the mapping, close it, disconnect, free.
+  order=$(awk -v s="swap off on $SWAPDEV" -v c="closed the dm-crypt mapping $name" -v d="disconnected $DEV" '
+    index($0, s) {print "swapoff"} index($0, c) {print "close"} index($0, d) {print "disconnect"}
+    / freed [0-9.]+ [KMGT]?i?B of VRAM/ {print "free"}' "$DLOG" | tr '\n' ' ')
+  echo "encrypt: teardown in the daemon's log: $order"
+  [ "$order" = "swapoff close disconnect free " ] || fail "teardown order: '$order'"
+  pass
+}
+
+PARTS=${GUEST_PARTS:-smoke fill ioctl worker_death install power restart encrypt}
+for p in $PARTS; do "t_$p"; done
+echo "=== integration: PASS ($PARTS)"
