@@ -43,3 +43,18 @@ def test_gpu_fault_with_failing_swapoff_keeps_serving_and_retries(harness):   # 
     while h.proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert h.proc.returncode == 1 and h.lines()[-2:] == ["swapoff /dev/nbd-harness", "disconnect"]
+
+
+def test_lost_device_is_an_error_never_zeros(harness):   # noqa: F811
+    """The GPU falls off the bus after the first copy (FAKECUDA_LOST_AFTER_COPIES): the read that
+    follows is an EIO, never data; swap moves off and the daemon stops, freeing what it can."""
+    h = harness(policy="always", FAKECUDA_LOST_AFTER_COPIES="1")
+    deadline = time.monotonic() + 60
+    while h.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert h.proc.returncode == 1, h.text()
+    assert h.lines() == ["exec", "exec", "attach 2", "probe BAD", "swapon /dev/nbd-harness 1500",
+                         "swapoff /dev/nbd-harness", "disconnect"]
+    text = h.text()
+    assert "CUDA_ERROR_DEVICE_UNAVAILABLE" in text and "replying EIO" in text
+    assert "Traceback" not in text
