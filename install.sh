@@ -209,8 +209,12 @@ propose_size() {
     note "proposed size: $PROPOSED ($PROPOSED_WHY)"
 }
 
-valid_size() {  # the daemon's own parser decides
-    python3 "$SRC/nbd_vram.py" check-config --config /dev/null --size "$1" >/dev/null
+valid_size() {  # the daemon's own parser decides (with the least min_size: see below_min_size)
+    python3 "$SRC/nbd_vram.py" check-config --config /dev/null --size "$1" --min-size 64M >/dev/null
+}
+
+below_min_size() {  # SIZE is smaller than min_size's default (1G): the config then needs min_size = SIZE
+    ! python3 "$SRC/nbd_vram.py" check-config --config /dev/null --size "$1" >/dev/null 2>&1
 }
 
 # config_is_current: CONF is the shipped file, plus at most the block install.sh appended.
@@ -255,6 +259,9 @@ write_first_config() {
         if [ -n "$size" ]; then
             echo "# size: $why."
             echo "size = $size"
+            if below_min_size "$size"; then
+                echo "min_size = $size"
+            fi
         fi
         if [ "$power" = yes ]; then
             echo "# power management: asked by install.sh (power = always turns it off)."

@@ -300,6 +300,17 @@ def test_install_size_and_power_flags(tmp_path):
     assert not (tmp_path / "other" / ETC_CONF).exists()
 
 
+def test_install_small_size_sets_min_size(tmp_path):
+    """A size under min_size's default (1G) would make the config invalid: install.sh adds min_size."""
+    staging = tmp_path / "staging"
+    p = install(staging, make_stubs(tmp_path), "--size", "512M", "--no-start")
+    assert p.returncode == 0, p.stdout + p.stderr
+    conf = (staging / ETC_CONF).read_text()
+    assert "\nsize = 512M\nmin_size = 512M\n" in conf
+    c = check_config(staging / ETC_CONF)
+    assert c.returncode == 0, c.stdout + c.stderr
+
+
 def test_install_keeps_existing_config(tmp_path):
     staging = tmp_path / "staging"
     (staging / "etc").mkdir(parents=True)
