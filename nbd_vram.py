@@ -2953,8 +2953,6 @@ class Daemon:
             # systemd keeps a reference: if this process dies, the memory and the pages in it
             # survive, and the restarted daemon gets the fd back (LISTEN_FDS) and reattaches.
             self.undo.append(("drop the stored VRAM fd", lambda: sd_notify("FDSTOREREMOVE=1", f"FDNAME={VRAM_FDNAME}")))
-        if adopt:
-            self._stop_orphans(adopt)
 
         # Everything the serving side will use, allocated now, before the kernel sends a request.
         nconn = adopt["connections"] if adopt else cfg["connections"]
@@ -2981,6 +2979,9 @@ class Daemon:
         gc.disable()   # no collector pauses or heap growth while serving; nothing here makes cycles
 
         if adopt:
+            # Only now, with the new workers ready and locked: until here the old ones serve the swap
+            # (starting processes needs memory that only that swap may be able to free).
+            self._stop_orphans(adopt)
             self._reattach(adopt, [k for _, k in pairs])
             self.adopted_at = time.time()
         else:
