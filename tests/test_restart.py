@@ -20,15 +20,16 @@ FDSTORE = ROOT / "tests" / "fdstore.py"
 
 
 class Supervised:
-    def __init__(self, tmp_path, fakecuda):
+    def __init__(self, tmp_path, fakecuda, conf_lines=""):
         self.tmp, self.run, self.events = tmp_path, tmp_path / "run", tmp_path / "events"
         self.sys = tmp_path / "sysroot"
         (self.sys / "sys/block").mkdir(parents=True)
+        self.power_supply = tmp_path / "power_supply"
         conf = tmp_path / "nbd-vram.conf"
-        conf.write_text("size = 64M\nmin_size = 64M\nconnections = 2\nworkers = 2\nbuffer_size = 256K\n")
+        conf.write_text("size = 64M\nmin_size = 64M\nconnections = 2\nworkers = 2\nbuffer_size = 256K\n" + conf_lines)
         self.env = fake_env(fakecuda, NBD_VRAM_CONFIG=str(conf), NBD_VRAM_SYSFS_ROOT=str(self.sys),
                             NBD_VRAM_RUNTIME_DIR=str(self.run), HARNESS_EVENTS=str(self.events), HARNESS_PROBE="1",
-                            NBD_VRAM_POWER_SUPPLY=str(tmp_path / "no-power-supply"),
+                            NBD_VRAM_POWER_SUPPLY=str(self.power_supply),
                             PYTHONMALLOC="malloc")       # as the unit sets it: no re-exec at start
         self.env.pop("NOTIFY_SOCKET", None)
         self.log = open(tmp_path / "out.log", "w")
@@ -169,3 +170,27 @@ def test_upgrade_refuses_what_it_cannot_do(tmp_path, fakecuda):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="run needs root")
+def test_power_release_takes_the_vram_out_of_the_fd_store(tmp_path, fakecuda):
+    """Else systemd's copy of the fd would keep the VRAM allocated (and the GPU awake) while idle."""
+    s = Supervised(tmp_path, fakecuda, conf_lines="power = ac\npower_poll = 1\n")
+    ac = s.power_supply / "AC"
+    ac.mkdir(parents=True)
+    (ac / "type").write_text("Mains\n")
+    (ac / "online").write_text("1\n")
+    try:
+        s.wait_serving()
+        assert "fdstore: stored 'vram'" in s.text()
+        (ac / "online").write_text("0\n")
+        deadline = time.monotonic() + 30
+        while s.state().get("mode") != "idle" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert s.state().get("mode") == "idle", s.text()
+        assert "fdstore: removed 'vram'" in s.text()
+        (ac / "online").write_text("1\n")
+        s.wait_serving()
+        assert s.text().count("fdstore: stored 'vram'") == 2
+    finally:
+        assert s.stop() == 0
