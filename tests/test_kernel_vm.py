@@ -37,7 +37,7 @@ PRESSURE_RUNS = 5
 PRESSURE_TIMEOUT_S = 2400
 # The integration script took 538-656 s before the parts power, restart and encrypt (three more
 # pressure runs); see tests/vm/README.md for the measured time with them.
-INTEGRATION_TIMEOUT_S = 3000
+INTEGRATION_TIMEOUT_S = 3600
 INTEGRATION_PARTS = ("smoke", "fill", "ioctl", "worker_death", "install", "power", "restart", "encrypt")
 
 
