@@ -2166,7 +2166,7 @@ def load_config(path=None, flags=None, environ=None, require_file=False):
         if require_file:
             raise ConfigError(f"{path}: no such file") from None
         file_values = {}
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+    except (OSError, UnicodeDecodeError) as e:      # a directory, no permission, ENOTDIR, ELOOP, ENAMETOOLONG, EIO
         raise ConfigError(f"{path}: cannot read it: {e}") from None
     for key, (text, lineno) in file_values.items():
         o = OPTION_BY_KEY[key]
