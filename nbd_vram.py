@@ -2130,11 +2130,17 @@ POWER_KEYS = ("power", "battery_threshold", "power_poll")     # the settings SIG
 OPTION_BY_KEY = {o.key: o for o in OPTIONS}
 
 
+CONFIG_MAX_CHARS = 1 << 20      # a configuration is a few KiB; this much is none (--config /dev/zero never ends)
+
+
 def read_config_file(path):
     """key = value lines; '#' starts a comment.  Returns {key: (value text, line number)}."""
     values = {}
     with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, raw in enumerate(f, 1):
+        text = f.read(CONFIG_MAX_CHARS + 1)
+        if len(text) > CONFIG_MAX_CHARS:
+            raise ConfigError(f"{path}: longer than {CONFIG_MAX_CHARS >> 20} MiB: not a configuration file")
+        for lineno, raw in enumerate(text.split("\n"), 1):
             line = raw.split(" #", 1)[0].split("\t#", 1)[0].strip()
             if not line or line.startswith("#"):
                 continue

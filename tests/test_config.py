@@ -150,6 +150,23 @@ BAD_PATHS = {
 }
 
 
+@pytest.mark.parametrize("path", ["/dev/zero", "big"])
+def test_config_longer_than_the_limit(tmp_path, path):
+    """An endless or huge file is refused after 1 MiB: /dev/zero used to grow one line until memory ran out."""
+    if path == "big":
+        path = tmp_path / "big.conf"
+        path.write_text("# padding\n" * (nv.CONFIG_MAX_CHARS // 10) + "size = 2G\n")
+    with pytest.raises(nv.ConfigError, match="longer than 1 MiB"):
+        nv.load_config(str(path), environ={})
+
+
+def test_config_just_under_the_limit(tmp_path):
+    path = tmp_path / "long.conf"
+    path.write_text("#" * (nv.CONFIG_MAX_CHARS - 20) + "\r\nsize = 2G\r\n")       # one long comment line
+    s, origin = nv.load_config(str(path), environ={})
+    assert s["size"] == 2 << 30 and origin["size"] == f"{path}:2"
+
+
 @pytest.mark.parametrize("make", BAD_PATHS.values(), ids=BAD_PATHS.keys())
 def test_config_path_that_cannot_be_opened(tmp_path, make):
     path = make(tmp_path)
