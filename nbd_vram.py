@@ -1139,7 +1139,11 @@ class Transmission:
                         if n == 0:
                             after = "large-write" if need > rx_cap else "compact"
                         break
-                    recv_into_exact(self.sock, rx[self.end:self.start + need], "write payload")
+                    try:
+                        recv_into_exact(self.sock, rx[self.end:self.start + need], "write payload")
+                    except ProtocolError as e:
+                        after = str(e)      # the client hung up mid-payload: answer what came before, then close
+                        break
                     self.end = self.start + need
                 if flags & ~NBD_CMD_FLAG_FUA or not 0 < length <= MAX_REQUEST or offset > size - length:
                     err, why = check_request(typ, flags, offset, length, size)
