@@ -226,16 +226,16 @@ def expect(stream, shadow, max_request, max_option, handshake=True):
         if typ == WRITE:
             payload = s.take(length)
             if payload is None:
-                if 0 in allowed:
+                if 0 in allowed and length:
                     e.uncertain.append((offset, length))
                 e.end, e.why = "drop", f"stream ended in the payload of a {length}-byte write"
                 return e
         data = None
-        if 0 in allowed:
-            if typ == WRITE:
+        if 0 in allowed:            # (a zero-length request, allowed to succeed, changes nothing)
+            if typ == WRITE and length:
                 shadow.write(offset, payload)
                 e.written.append((offset, length))
-            elif typ in (TRIM, WRITE_ZEROES):
+            elif typ in (TRIM, WRITE_ZEROES) and length:
                 shadow.zero(offset, length)                                   # (policy) TRIM reads back zeroes
                 e.written.append((offset, length))
             elif typ == READ:
