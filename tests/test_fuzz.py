@@ -1,6 +1,6 @@
 """Hostile input, fuzzed: the handshake and the transmission phase of a real `serve` (fake libcuda), and
-configuration files.  Bounded for CI (well under two minutes on 2 cores); NBD_VRAM_FUZZ_EXAMPLES=N runs N
-cases per fuzz test instead (docs/FUZZING.md).
+configuration files.  Bounded for CI (about 40 s on 2 cores); NBD_VRAM_FUZZ_SCALE=K runs K times as many
+cases in every fuzz test, for a longer run on demand (docs/FUZZING.md).
 
 The oracle for the NBD cases is tests/nbdmodel.py, a model of the protocol written from proto.md: every
 byte the server sends must be what the model allows (magic, option echoed, a reply for each request with a
@@ -38,11 +38,12 @@ PAYLOAD_CAP = MAX_REQUEST + 64 * 1024   # write payloads up to this are sent who
 CASE_TIMEOUT_S = 20             # no byte and no close for this long: the server hangs
 CANARY = [(8 * MiB + 12345, 65536), (40 * MiB, 4096), (SIZE - 4096, 4096)]   # written once, checked every case
 
-EXAMPLES = int(os.environ.get("NBD_VRAM_FUZZ_EXAMPLES", "0"))
+SCALE = float(os.environ.get("NBD_VRAM_FUZZ_SCALE", "1"))
 
 
-def examples(default):
-    return EXAMPLES or default
+def examples(ci):
+    """Cases for one fuzz test: its CI count, times NBD_VRAM_FUZZ_SCALE."""
+    return max(1, round(ci * SCALE))
 
 
 def say(capsys, line):
