@@ -1168,7 +1168,11 @@ class Transmission:
                         if n == 0:
                             after = "large-write" if need > rx_cap else "compact"
                         break
-                    recv_into_exact(self.sock, rx[self.end:self.start + need], "write payload")
+                    try:
+                        recv_into_exact(self.sock, rx[self.end:self.start + need], "write payload")
+                    except ProtocolError as e:
+                        after = str(e)      # the client hung up mid-payload: answer what came before, then close
+                        break
                     self.end = self.start + need
                 if flags & ~NBD_CMD_FLAG_FUA or not 0 < length <= MAX_REQUEST or offset > size - length:
                     err, why = check_request(typ, flags, offset, length, size)
@@ -2278,11 +2282,17 @@ POWER_KEYS = ("power", "battery_threshold", "power_poll")     # the settings SIG
 OPTION_BY_KEY = {o.key: o for o in OPTIONS}
 
 
+CONFIG_MAX_CHARS = 1 << 20      # a configuration is a few KiB; this much is none (--config /dev/zero never ends)
+
+
 def read_config_file(path):
     """key = value lines; '#' starts a comment.  Returns {key: (value text, line number)}."""
     values = {}
     with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, raw in enumerate(f, 1):
+        text = f.read(CONFIG_MAX_CHARS + 1)
+        if len(text) > CONFIG_MAX_CHARS:
+            raise ConfigError(f"{path}: longer than {CONFIG_MAX_CHARS >> 20} MiB: not a configuration file")
+        for lineno, raw in enumerate(text.split("\n"), 1):
             line = raw.split(" #", 1)[0].split("\t#", 1)[0].strip()
             if not line or line.startswith("#"):
                 continue
@@ -2314,7 +2324,7 @@ def load_config(path=None, flags=None, environ=None, require_file=False):
         if require_file:
             raise ConfigError(f"{path}: no such file") from None
         file_values = {}
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+    except (OSError, UnicodeDecodeError) as e:      # a directory, no permission, ENOTDIR, ELOOP, ENAMETOOLONG, EIO
         raise ConfigError(f"{path}: cannot read it: {e}") from None
     for key, (text, lineno) in file_values.items():
         o = OPTION_BY_KEY[key]

@@ -141,6 +141,40 @@ def test_config_is_a_directory(tmp_path):
         nv.load_config(str(tmp_path), environ={})
 
 
+# Paths that open() fails on with an OSError other than FileNotFoundError: each was a traceback from
+# check-config (and would have escaped the daemon's SIGHUP reload, which catches only ConfigError).
+BAD_PATHS = {
+    "not-a-dir": lambda d: (d / "file").write_text("") or d / "file" / "x.conf",    # ENOTDIR
+    "name-too-long": lambda d: d / ("x" * 300),                                     # ENAMETOOLONG
+    "symlink-loop": lambda d: (d / "loop").symlink_to(d / "loop") or d / "loop",    # ELOOP
+}
+
+
+@pytest.mark.parametrize("path", ["/dev/zero", "big"])
+def test_config_longer_than_the_limit(tmp_path, path):
+    """An endless or huge file is refused after 1 MiB: /dev/zero used to grow one line until memory ran out."""
+    if path == "big":
+        path = tmp_path / "big.conf"
+        path.write_text("# padding\n" * (nv.CONFIG_MAX_CHARS // 10) + "size = 2G\n")
+    with pytest.raises(nv.ConfigError, match="longer than 1 MiB"):
+        nv.load_config(str(path), environ={})
+
+
+def test_config_just_under_the_limit(tmp_path):
+    path = tmp_path / "long.conf"
+    path.write_text("#" * (nv.CONFIG_MAX_CHARS - 20) + "\r\nsize = 2G\r\n")       # one long comment line
+    s, origin = nv.load_config(str(path), environ={})
+    assert s["size"] == 2 << 30 and origin["size"] == f"{path}:2"
+
+
+@pytest.mark.parametrize("make", BAD_PATHS.values(), ids=BAD_PATHS.keys())
+def test_config_path_that_cannot_be_opened(tmp_path, make):
+    path = make(tmp_path)
+    with pytest.raises(nv.ConfigError, match="cannot read it") as e:
+        nv.load_config(str(path), environ={})
+    assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
+
+
 # -- check-config as a command ----------------------------------------------------------------------------
 
 def check_config(*args, env=None):
@@ -168,6 +202,13 @@ def test_check_config_bad_file(conf, text):
     assert p.returncode == 4, (p.stdout, p.stderr)
     assert "Traceback" not in p.stderr and p.stdout == ""
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+@pytest.mark.parametrize("make", BAD_PATHS.values(), ids=BAD_PATHS.keys())
+def test_check_config_path_that_cannot_be_opened(tmp_path, make):
+    p = check_config("--config", str(make(tmp_path)))
+    assert p.returncode == 4 and "Traceback" not in p.stderr, p.stderr
+    assert p.stdout == "" and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
 # -- random text as a configuration file ------------------------------------------------------------------

@@ -441,6 +441,26 @@ def test_disconnect_in_write_payload(server, length, sent):
     keep.disconnect()
 
 
+def test_requests_before_a_cut_off_write_are_answered(server):
+    """A READ, then a WRITE whose payload the client never finishes (it shuts down its side): the READ, already
+    carried out, is answered before the connection closes.  Its reply used to be lost (found by test_fuzz.py)."""
+    c = connect(server)
+    data = pattern(31, 4096)
+    assert c.write(MiB, data) == 0
+    c.sock.sendall(struct.pack("!IHHQQI", REQUEST_MAGIC, 0, READ, 41, MiB, 4096)
+                   + struct.pack("!IHHQQI", REQUEST_MAGIC, 0, WRITE, 42, 0, 10000) + b"x" * 5000)
+    c.sock.shutdown(socket.SHUT_WR)
+    err, cookie, got = c.reply(4096)
+    assert (err, cookie, got) == (0, 41, data)
+    assert wait_closed(c)
+    c.close()
+    assert "write payload" in server.log()
+    other = connect(server)
+    assert other.read(0, 10000) == (0, bytes(10000))        # nothing of the cut-off write landed
+    check_usable(other)
+    other.disconnect()
+
+
 def test_garbage_instead_of_handshake(server):
     for seed in range(5):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
