@@ -3410,16 +3410,16 @@ class Daemon:
         if self.fault_swapoff_at and time.monotonic() < self.fault_swapoff_at:
             return False
         log.error("%d GPU I/O errors on %s (the requests got EIO; see the lines above): moving swap off the GPU, "
-                  "back into RAM (swapoff)", errors, self.device)
-        sd_notify(f"STATUS=GPU I/O errors: swapoff {self.device}")
-        if swap_disable(self.device):
+                  "back into RAM (swapoff)", errors, self.swap_device)
+        sd_notify(f"STATUS=GPU I/O errors: swapoff {self.swap_device}")
+        if swap_disable(self.swap_device):
             self.swap_on = False
             log.error("swap is off %s; stopping: systemd starts the service again with a new CUDA context "
-                      "(if the GPU is gone, it stays stopped with the reason in the journal)", self.device)
+                      "(if the GPU is gone, it stays stopped with the reason in the journal)", self.swap_device)
             return True
         self.fault_swapoff_at = time.monotonic() + SWAPOFF_RETRY_S
         log.error("swapoff %s failed (RAM cannot take the pages back now); retrying every %d s; pages on the "
-                  "failing GPU fail their page-in with an I/O error", self.device, SWAPOFF_RETRY_S)
+                  "failing GPU fail their page-in with an I/O error", self.swap_device, SWAPOFF_RETRY_S)
         return False
 
     def _power_check(self):
