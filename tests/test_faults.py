@@ -11,16 +11,23 @@ from test_power import Harness, harness  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="run needs root")
 
+# The probe's read fails; swap is then moved off the GPU and the device disconnected.
+AFTER_A_FAULT = ["exec", "exec", "attach 2", "probe BAD", "swapon /dev/nbd-harness 1500",
+                 "swapoff /dev/nbd-harness", "disconnect"]
+
+
+def wait_exit(h, timeout=60):
+    deadline = time.monotonic() + timeout
+    while h.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return h.proc.returncode
+
 
 def test_gpu_copy_failure_moves_swap_off_and_stops(harness):   # noqa: F811
     # Copy 1 is the probe's write, copy 2 its read: that read fails.
     h = harness(policy="always", FAKECUDA_FAIL_COPY_N="2")
-    deadline = time.monotonic() + 60
-    while h.proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert h.proc.returncode == 1, h.text()
-    assert h.lines() == ["exec", "exec", "attach 2", "probe BAD", "swapon /dev/nbd-harness 1500",
-                         "swapoff /dev/nbd-harness", "disconnect"]
+    assert wait_exit(h) == 1, h.text()
+    assert h.lines() == AFTER_A_FAULT
     text = h.text()
     assert "GPU I/O error, replying EIO" in text and "CUDA_ERROR_ILLEGAL_ADDRESS" in text
     assert re.search(r"\d+ GPU I/O errors on /dev/nbd-harness .*moving swap off the GPU", text), text
@@ -39,22 +46,15 @@ def test_gpu_fault_with_failing_swapoff_keeps_serving_and_retries(harness):   # 
     assert "disconnect" not in h.lines()
     assert "retrying every 10 s" in h.text()
     h.fails.unlink()
-    deadline = time.monotonic() + 30
-    while h.proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert h.proc.returncode == 1 and h.lines()[-2:] == ["swapoff /dev/nbd-harness", "disconnect"]
+    assert wait_exit(h, 30) == 1 and h.lines()[-2:] == ["swapoff /dev/nbd-harness", "disconnect"]
 
 
 def test_lost_device_is_an_error_never_zeros(harness):   # noqa: F811
     """The GPU falls off the bus after the first copy (FAKECUDA_LOST_AFTER_COPIES): the read that
     follows is an EIO, never data; swap moves off and the daemon stops, freeing what it can."""
     h = harness(policy="always", FAKECUDA_LOST_AFTER_COPIES="1")
-    deadline = time.monotonic() + 60
-    while h.proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert h.proc.returncode == 1, h.text()
-    assert h.lines() == ["exec", "exec", "attach 2", "probe BAD", "swapon /dev/nbd-harness 1500",
-                         "swapoff /dev/nbd-harness", "disconnect"]
+    assert wait_exit(h) == 1, h.text()
+    assert h.lines() == AFTER_A_FAULT
     text = h.text()
     assert "CUDA_ERROR_DEVICE_UNAVAILABLE" in text and "replying EIO" in text
     assert "Traceback" not in text
