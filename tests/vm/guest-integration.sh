@@ -81,10 +81,13 @@ is_swap() {
   grep -q "^$1 " /proc/swaps && return 0
   [ -b "$1" ] || return 1
   want=$(stat -Lc '%t:%T' "$1")
-  while read -r name _; do
-    [ -b "$name" ] && [ "$(stat -Lc '%t:%T' "$name")" = "$want" ] && return 0
-  done < <(tail -n +2 /proc/swaps)
-  return 1
+  # (a pipe, not < <(...): the guest has no /dev/fd)
+  tail -n +2 /proc/swaps | {
+    while read -r name _; do
+      [ -b "$name" ] && [ "$(stat -Lc '%t:%T' "$name")" = "$want" ] && exit 0
+    done
+    exit 1
+  }
 }
 
 # state_key KEY: KEY from the running daemon's state.json (empty if none)
