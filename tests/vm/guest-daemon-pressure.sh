@@ -32,7 +32,7 @@ for run in $(seq "${GUEST_RUNS:-1}"); do
   grep VmLck /proc/$pid/status
   # Serving threads are SCHED_RR (realtime = yes): one per connection, in the worker.  Each thread
   # switches itself when it starts, which under TCG may be a moment after swapon.
-  for i in $(seq 60); do
+  for _ in $(seq 60); do
     rr=$(ps -eLo cls=,comm= | awk '$1 == "RR" && $2 == "python3"' | wc -l)
     [ "$rr" -ge 2 ] && break
     sleep 0.5
