@@ -2885,6 +2885,7 @@ def wait_for_power(power, reload):
             reload()
         if power.evaluate():
             log.info("power: taking VRAM swap back (%s)", power.why)
+            remove_state()      # the daemon writes its own once it serves; a failed start leaves none
             return True
 
 

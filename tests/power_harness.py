@@ -17,6 +17,8 @@ Stand-ins:
 - With HARNESS_FREE_EVENT=1, freeing the VRAM is a line too ("free VRAM"), for tests of the
   teardown order.  (cryptsetup, for encrypt = yes, is whatever the PATH has: tests put a stub there.)
 Re-execs run this script again (the daemon re-executes sys.argv[0]), so the stand-ins stay in place.
+HARNESS_OOM_AFTER_RELEASE=1: after a power release every VRAM allocation fails (another program
+took the memory).
 """
 import os
 import socket
@@ -161,5 +163,9 @@ if os.environ.get("HARNESS_FREE_EVENT") == "1":
     nv.VramStore.free = free_with_event(nv.VramStore.free)
 
 if __name__ == "__main__":
+    # Out of VRAM in the middle of the daemon's life: once it has released for power, another
+    # program holds the GPU's memory (the fake reads this at cuInit, so only the new process sees it).
+    if os.environ.get(nv.RELEASED_ENV) == "1" and os.environ.get("HARNESS_OOM_AFTER_RELEASE") == "1":
+        os.environ["FAKECUDA_FAIL_ALLOC_ABOVE"] = "1"
     event("exec")
     sys.exit(nv.main())

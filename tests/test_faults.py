@@ -58,3 +58,20 @@ def test_lost_device_is_an_error_never_zeros(harness):   # noqa: F811
     text = h.text()
     assert "CUDA_ERROR_DEVICE_UNAVAILABLE" in text and "replying EIO" in text
     assert "Traceback" not in text
+
+
+def test_out_of_vram_when_taking_swap_back(harness):   # noqa: F811
+    """Out of memory in the middle of the daemon's life: released on battery, AC back, but another
+    program now holds the VRAM.  Nothing is swapped there (it was released), so nothing is lost:
+    one clear line and exit 7 (systemd retries a few times: it is not in RestartPreventExitStatus)."""
+    h = harness(policy="ac", HARNESS_OOM_AFTER_RELEASE="1")
+    h.wait_mode("serving")
+    h.ac(False)
+    h.wait_mode("idle")
+    h.ac(True)
+    assert wait_exit(h) == 7, h.text()
+    text = h.text()
+    assert "Traceback" not in text
+    err = [l for l in text.splitlines() if "ERROR" in l]
+    assert len(err) == 1 and "VRAM" in err[0], err
+    assert not (h.run / "state.json").exists()
