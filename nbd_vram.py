@@ -1878,6 +1878,23 @@ class NbdNetlink(GenericNetlink):
         self._transact(self.family_id, NbdCmd.DISCONNECT, NBD_GENL_VERSION, _nla_u32(NbdAttr.INDEX, index))
 
 
+def reconfigure(index, socks, backend, timeout_s):
+    """NBD_CMD_RECONFIGURE, retried while the kernel answers ENOSPC (it has not yet seen the old
+    sockets close, so no slot is free); raises the last OSError after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nl = NbdNetlink()
+        try:
+            nl.reconfigure(index, socks, backend=backend)
+            return
+        except OSError as e:
+            if e.errno != errno.ENOSPC or time.monotonic() > deadline:
+                raise
+        finally:
+            nl.close()
+        time.sleep(0.2)
+
+
 def sys_root():
     """Prefix for /proc and /sys reads, so tests can use fixture trees."""
     return os.environ.get("NBD_VRAM_SYSFS_ROOT", "/")
@@ -3109,20 +3126,11 @@ class Daemon:
     def _reattach(self, old, socks):
         """NBD_CMD_RECONFIGURE: new sockets for the device the dead daemon served."""
         self.index, self.device, self.backend, self.attach_kind = old["index"], old["device"], old["backend"], "netlink"
-        deadline = time.monotonic() + 60
-        while True:
-            nl = NbdNetlink()
-            try:
-                nl.reconfigure(self.index, socks, backend=self.backend)
-                break
-            except OSError as e:
-                # ENOSPC: the kernel has not yet seen the old sockets close.
-                if e.errno != errno.ENOSPC or time.monotonic() > deadline:
-                    raise NbdKernelError(f"reattach {self.device}: NBD_CMD_RECONFIGURE failed: {e.strerror}; its swap "
-                                         f"waits for dead_conn_timeout, then fails") from None
-                time.sleep(0.2)
-            finally:
-                nl.close()
+        try:
+            reconfigure(self.index, socks, self.backend, timeout_s=60)
+        except OSError as e:
+            raise NbdKernelError(f"reattach {self.device}: NBD_CMD_RECONFIGURE failed: {e.strerror}; its swap "
+                                 f"waits for dead_conn_timeout, then fails") from None
         self.undo.append((f"disconnect {self.device}", self._detach_netlink))
         log.info("reattached %s with %d new connections", self.device, len(socks))
 
@@ -3259,23 +3267,14 @@ class Daemon:
                 spare[1].close()
                 spare[0].wait(10)
             self.workers[w] = self._spawn(w, [ours for ours, _ in pairs])
-        deadline = time.monotonic() + 30
         reconnected = False
-        while not reconnected:
-            nl = NbdNetlink()
-            try:
-                nl.reconfigure(self.index, [k for _, k in pairs], backend=self.backend)
-                reconnected = True
-            except OSError as e:
-                # ENOSPC: the kernel has not yet marked the old sockets dead; try again shortly.
-                if e.errno != errno.ENOSPC or time.monotonic() > deadline:
-                    log.error("NBD_CMD_RECONFIGURE of %s failed: %s; worker %d's connections stay dead (the "
-                              "kernel sends their I/O over the others); restart the service when swap is idle",
-                              self.device, e.strerror, w + 1)
-                    break
-                time.sleep(0.2)
-            finally:
-                nl.close()
+        try:
+            reconfigure(self.index, [k for _, k in pairs], self.backend, timeout_s=30)
+            reconnected = True
+        except OSError as e:
+            log.error("NBD_CMD_RECONFIGURE of %s failed: %s; worker %d's connections stay dead (the "
+                      "kernel sends their I/O over the others); restart the service when swap is idle",
+                      self.device, e.strerror, w + 1)
         for _, k in pairs:
             k.close()
         if reconnected:
