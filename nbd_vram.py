@@ -50,6 +50,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 __version__ = "0.1.0"
 
@@ -501,6 +502,20 @@ class Cuda:
         free, total = _size_t(), _size_t()
         self.call("cuMemGetInfo_v2", ctypes.byref(free), ctypes.byref(total))
         return free.value, total.value
+
+
+############################################################################
+# NVML (temporary stand-in, replaced by the NVML section) ##################
+############################################################################
+
+class NvmlError(Exception):
+    pass
+
+
+class Nvml:
+    @classmethod
+    def open(cls, path=None):
+        return None
 
 
 ############################################################################
@@ -2240,6 +2255,30 @@ def _text(text):
     return str(text).strip()
 
 
+def _off_or(parse):
+    """'off' (or '') turns the feature off: None."""
+    def wrapped(text):
+        return None if str(text).strip().lower() in ("", "off", "no") else parse(text)
+    return wrapped
+
+
+def _reserve(text):
+    v = parse_size(text)
+    if v < 0:
+        raise ValueError(f"{text!r} is negative")
+    return v
+
+
+def _gpus(text):
+    t = str(text).strip()
+    if t.lower() == "all":
+        return "all"
+    specs = [x.strip() for x in t.split(",")]
+    if not t or not all(specs):
+        raise ValueError(f"{text!r} is not a GPU list")
+    return ",".join(specs)
+
+
 class Option:
     """One setting: its config key (also the --flag), parser, default and help."""
 
@@ -2254,16 +2293,29 @@ class Option:
 
 OPTIONS = [
     Option("size", "7G", _size, "a size such as 512M, 8G, or MiB as a number",
-           "VRAM to use: a ceiling; on out-of-memory it backs off by 512M down to min_size",
+           "VRAM to use on each GPU: a ceiling; what a GPU cannot give (or would leave under the reserve) is "
+           "not taken",
            env="VRAM_SETUP_SIZE_MB", env_parse=_mib),
-    Option("min_size", "1G", _size, "a size such as 1G", "the least VRAM worth starting with"),
-    Option("gpu", "0", _text, "an index (0), a UUID (GPU-...) or a PCI bus id (0000:01:00.0)",
-           "which GPU to use (see nvidia-smi -L)"),
+    Option("min_size", "1G", _size, "a size such as 1G", "the least VRAM worth starting with (all GPUs together)"),
+    Option("gpus", "0", _gpus, "all, or a comma-separated list of indexes (0), UUIDs (GPU-...) or PCI bus ids "
+           "(0000:01:00.0)", "which GPUs to use (see nvidia-smi -L); each gets its own slices"),
+    Option("slice_size", "1G", _size, "a size such as 1G, at least 64M",
+           "VRAM swap is served as slices of this size, one nbd device and swap priority each, so that one "
+           "can be given back alone"),
+    Option("reserve", "off", _off_or(_reserve), "a size such as 2G, or off",
+           "VRAM kept free for other GPU programs: below it the emptiest slice is released, one at a time"),
+    Option("reclaim_after", "300", _int_range(0, 86400), "0..86400 seconds",
+           "how long VRAM must have had room for a slice above the reserve before the slice is taken back"),
+    Option("vram_poll", "5", _int_range(1, 3600), "1..3600 seconds", "how often free VRAM is read"),
+    Option("memory_clock_max", "off", _off_or(_int_range(100, 100000)), "MHz, or off",
+           "cap the GPU's memory clock (NVML locked clocks, where the GPU allows it) while the daemon runs: a "
+           "cooler laptop, slower swap"),
     Option("priority", "1500", _int_range(-1, 32767), "-1..32767",
-           "swap priority: above zram (100) and disk swap, so VRAM fills first after RAM",
+           "swap priority of slice 0 (each next slice one lower): above zram (100) and disk swap, so VRAM fills "
+           "first after RAM",
            env="VRAM_SWAP_PRIORITY"),
     Option("connections", "4", _int_range(1, 64), "1..64",
-           "sockets handed to the kernel: one blk-mq queue and one serving thread each",
+           "sockets handed to the kernel for each slice: one blk-mq queue and one serving thread each",
            env="VRAM_NBD_CONNECTIONS"),
     Option("discard", "yes", _parse_bool, "yes or no", "swapon --discard: freed swap slots are TRIMmed"),
     Option("encrypt", "no", _parse_bool, "yes or no",
@@ -2297,6 +2349,8 @@ OPTIONS = [
 ]
 POWER_KEYS = ("power", "battery_threshold", "power_poll")     # the settings SIGHUP reloads
 OPTION_BY_KEY = {o.key: o for o in OPTIONS}
+OPTION_ALIASES = {"gpu": "gpus"}        # the key's name before several GPUs
+OFF_KEYS = ("reserve", "memory_clock_max")
 
 
 CONFIG_MAX_CHARS = 1 << 20      # a configuration is a few KiB; this much is none (--config /dev/zero never ends)
@@ -2317,6 +2371,7 @@ def read_config_file(path):
                 raise ConfigError(f"{path}:{lineno}: expected 'key = value', got {raw.strip()!r}")
             key, value = (s.strip() for s in line.split("=", 1))
             key = key.replace("-", "_").lower()
+            key = OPTION_ALIASES.get(key, key)
             if key not in OPTION_BY_KEY:
                 raise ConfigError(f"{path}:{lineno}: unknown key {key!r} (known keys: {', '.join(OPTION_BY_KEY)})")
             if key in values:
@@ -2374,10 +2429,10 @@ def load_config(path=None, flags=None, environ=None, require_file=False):
 
 def format_setting(key, value):
     if value is None:
-        return "keep"
+        return "off" if key in OFF_KEYS else "keep"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if key in ("size", "min_size", "buffer_size"):
+    if key in ("size", "min_size", "buffer_size", "slice_size", "reserve"):
         return format_size(value).replace(" ", "").replace("iB", "")
     return str(value)
 
@@ -2596,6 +2651,9 @@ WORKER_READY = b"R"
 # (ms since the epoch), live connections, then Stats.FIELDS.
 COUNTERS = struct.Struct("=8sQQ" + "Q" * len(Stats.FIELDS))
 COUNTERS_MAGIC = b"nbdvram1"
+MAX_GPUS = 16
+WORKER_SLOTS = 40           # counter slots a GPU: its slot 0 (threads of the daemon) and workers 1..32
+COUNTERS_BYTES = 1 << 16    # 682 slots: 1 + MAX_GPUS * WORKER_SLOTS fit
 STATUS_INTERVAL_S = 2.0
 
 
@@ -2608,13 +2666,22 @@ def default_workers(connections):
 
 
 def spawn_worker(store, libcuda, buffer_bytes, socks=(), lock=False, debug=False, index=0, max_connections=256,
-                 standby=0, realtime=False):
-    """Start `nbd_vram.py worker`; returns (Popen, parent's end of its control socket)."""
-    ctl, child_ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    fds = [store.fd, child_ctl.fileno()] + [s.fileno() for s in socks]
-    argv = [sys.executable, os.path.abspath(__file__), "worker", "--vram-fd", str(store.fd),
-            "--vram-size", str(store.size_bytes), "--gpu", str(store.device), "--ctl-fd", str(child_ctl.fileno()),
+                 standby=0, realtime=False, gpu=None, slot=None):
+    """Start `nbd_vram.py worker`; returns (Popen, parent's end of its control socket).
+
+    With a store it serves that one export to the clients `serve` passes it; with store=None it is a
+    kernel-mode worker (gpu names the GPU by UUID) that takes its slices and sockets over the control
+    socket (KernelWorker)."""
+    # SOCK_SEQPACKET: each control message arrives whole, with its fds.
+    ctl, child_ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fds = [child_ctl.fileno()] + [s.fileno() for s in socks]
+    argv = [sys.executable, os.path.abspath(__file__), "worker", "--ctl-fd", str(child_ctl.fileno()),
             "--buffer-size", str(buffer_bytes), "--index", str(index), "--max-connections", str(max_connections)]
+    if store is not None:
+        fds.append(store.fd)
+        argv += ["--vram-fd", str(store.fd), "--vram-size", str(store.size_bytes), "--gpu", str(store.device)]
+    else:
+        argv += ["--kernel", "--gpu", gpu, "--slot", str(index if slot is None else slot)]
     if libcuda:
         argv += ["--libcuda", libcuda]
     for s in socks:
@@ -2662,6 +2729,166 @@ def recv_fd(ctl):
     return -1
 
 
+def _received_fds(anc):
+    fds = []
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            n = len(data) // struct.calcsize("i")
+            fds += struct.unpack(f"{n}i", data[:n * struct.calcsize("i")])
+    return fds
+
+
+# The control channel of a kernel-mode worker: the daemon sends one message (a tag, its fields,
+# fds attached) and waits for CTL_OK, or CTL_ERROR and one line of text.
+CTL_IMPORT = b"V"      # slice id, size; fd: map that slice's VRAM
+CTL_SERVE = b"C"       # slice id, count; fds: serve these kernel connections on it
+CTL_DROP = b"X"        # slice id: its device is disconnected; end its connections and unmap it
+CTL_BECOME = b"G"      # index, counters slot: the spare takes a dead worker's place
+CTL_POOL = b"P"        # count: keep this many buffer sets allocated and locked (the spare)
+CTL_FIELDS = {CTL_IMPORT: struct.Struct("=IQ"), CTL_SERVE: struct.Struct("=II"), CTL_DROP: struct.Struct("=I"),
+              CTL_BECOME: struct.Struct("=II"), CTL_POOL: struct.Struct("=I")}
+CTL_OK, CTL_ERROR = b"k", b"e"
+CTL_MAX_FDS = 64       # connections of one slice (the connections setting's limit)
+
+
+def ctl_call(ctl, tag, *fields, fds=(), timeout_s=60.0, who="worker"):
+    """One request to a kernel-mode worker; raises Fatal with the worker's reason if it fails."""
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
+    ctl.settimeout(timeout_s)
+    try:
+        ctl.sendmsg([tag + CTL_FIELDS[tag].pack(*fields)], anc)
+        answer = ctl.recv(4096)
+    except socket.timeout:
+        answer = b"e" + f"no answer in {timeout_s:.0f} s".encode()
+    except OSError as e:
+        answer = b"e" + f"its control socket failed: {e.strerror}".encode()
+    finally:
+        ctl.settimeout(None)
+    if answer == CTL_OK:
+        return
+    why = answer[1:].decode(errors="replace") if answer.startswith(CTL_ERROR) else "it exited"
+    raise Fatal(f"{who}: {tag.decode()} request failed: {why}")
+
+
+class KernelWorker:
+    """`worker --kernel`: serves the kernel's connections to every slice of one GPU.
+
+    The daemon hands it slices (the VRAM fd of each, imported and mapped here)
+    and sockets over the control channel; each connection gets a thread and a
+    buffer set (IoContext) from a pool allocated before it says ready, so that a
+    spare can take a dead worker's connections without allocating.  It ends
+    when the daemon closes the control socket and its connections have ended;
+    until then a connection the kernel gave up on just ends (status shows the
+    device degraded) and the others go on serving.
+    """
+
+    def __init__(self, args, cuda, ctx, libc, ctl):
+        self.args, self.cuda, self.ctx, self.libc, self.ctl = args, cuda, ctx, libc, ctl
+        self.gpu = types.SimpleNamespace(cuda=cuda, ctx=ctx)     # what IoContext needs of a store
+        self.exports = {}       # slice id -> Export of the mapped slice
+        self.conns = {}         # slice id -> [(thread, IoContext)]
+        self.pool = []          # idle IoContexts
+        self.slot = args.slot if not args.standby else None
+        self.label = "spare worker" if args.standby else f"worker {args.index}"
+
+    def _buffers(self):
+        return IoContext(self.gpu, self.args.buffer_size, self.args.buffer_size)
+
+    def run(self):
+        args = self.args
+        self.pool = [self._buffers() for _ in range(args.standby)]
+        if args.lock:
+            if lock_memory(self.libc):
+                log.info("%s: memory locked: %d KiB", self.label, locked_kib())
+            set_oom_score_adj(-1000)
+            set_io_flusher(self.libc)
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+        self.ctl.sendall(WORKER_READY)
+        counters = _map_counters()
+        sel = selectors.DefaultSelector()
+        sel.register(self.ctl, selectors.EVENT_READ)
+        while True:
+            if counters is not None and self.slot is not None:
+                _publish_counters(counters, self.slot, list(self.exports.values()))
+            if not sel.select(STATUS_INTERVAL_S):
+                continue
+            msg, anc, _flags, _addr = self.ctl.recvmsg(64, socket.CMSG_SPACE(CTL_MAX_FDS * 4))
+            fds = _received_fds(anc)
+            if not msg:
+                break
+            try:
+                self._handle(msg[:1], CTL_FIELDS[msg[:1]].unpack(msg[1:]), fds)
+            except (Fatal, KeyError, struct.error, OSError) as e:
+                for fd in fds:
+                    os.close(fd)
+                text = e if not isinstance(e, (KeyError, struct.error)) else f"bad control message {msg!r}"
+                log.error("%s: %s", self.label, text)
+                self.ctl.sendall(CTL_ERROR + str(text).encode()[:4000])
+            else:
+                self.ctl.sendall(CTL_OK)
+        # The daemon stopped, or died: serve on until the kernel ends these connections (after a
+        # crash the restarted daemon stops this process once its own workers are ready).
+        sel.close()
+        while True:
+            alive = [t for ts in self.conns.values() for t, _ in ts if t.is_alive()]
+            if counters is not None and self.slot is not None:
+                _publish_counters(counters, self.slot, list(self.exports.values()))
+            if not alive:
+                break
+            alive[0].join(STATUS_INTERVAL_S)
+        log.debug("%s: every connection closed; exiting", self.label)
+        for sid in list(self.exports):
+            self.exports.pop(sid).store.free(scrub=False)
+        return EXIT_OK
+
+    def _handle(self, tag, fields, fds):
+        if tag == CTL_IMPORT:
+            sid, size = fields
+            if sid in self.exports:
+                raise Fatal(f"slice {sid} is already mapped")
+            store = VramStore.import_fd(self.cuda, self.args.gpu_dev, self.ctx, fds[0], size)
+            self.exports[sid] = Export(store)
+            log.debug("%s: mapped slice %d (%s)", self.label, sid, format_size(size))
+        elif tag == CTL_SERVE:
+            sid, n = fields
+            if sid not in self.exports or len(fds) != n:
+                raise Fatal(f"slice {sid}: {'not mapped' if sid not in self.exports else f'{len(fds)} fds for {n} connections'}")
+            conns = self.conns.setdefault(sid, [])
+            for fd in fds:
+                io = self.pool.pop() if self.pool else self._buffers()
+                name = f"{self.label} slice {sid} connection {len(conns)}"
+                t = threading.Thread(target=self._serve, args=(fd, io, self.exports[sid], name), daemon=True)
+                t.start()
+                conns.append((t, io))
+        elif tag == CTL_DROP:
+            (sid,) = fields
+            for t, io in self.conns.get(sid, []):
+                t.join(30)
+                if t.is_alive():
+                    raise Fatal(f"slice {sid}: a connection still serves 30 s after the disconnect; VRAM left mapped")
+            for _, io in self.conns.pop(sid, []):
+                self.pool.append(io)
+            export = self.exports.pop(sid, None)
+            if export is not None:
+                export.store.free(scrub=False)      # unmap only: the daemon owns, scrubs and frees it
+        elif tag == CTL_POOL:
+            (n,) = fields
+            while len(self.pool) < n:
+                self.pool.append(self._buffers())
+        elif tag == CTL_BECOME:
+            self.args.index, self.slot = fields
+            self.label = f"worker {self.args.index}"
+            log.info("%s: spare worker (pid %d) now serving %d connections", self.label, os.getpid(),
+                     sum(len(c) for c in self.conns.values()))
+
+    def _serve(self, fd, io, export, name):
+        if self.args.lock:
+            prepare_serving_thread(self.libc, self.args.realtime)
+        serve_connection(socket.socket(fileno=fd), export, name, io=io, handshake=False)
+
+
 def cmd_worker(args):
     """A serving process: imports the parent's VRAM and serves the sockets it is given."""
     setup_logging(args.debug)
@@ -2677,70 +2904,15 @@ def cmd_worker(args):
     ctx = CUcontext()
     cuda.call("cuDevicePrimaryCtxRetain", ctypes.byref(ctx), dev)
     cuda.call("cuCtxSetCurrent", ctx)
+    if args.kernel:
+        args.gpu_dev = dev
+        return KernelWorker(args, cuda, ctx, libc, ctl).run()
+    if args.vram_fd is None or args.vram_size is None:
+        raise Fatal("worker: --vram-fd and --vram-size are needed without --kernel")
     store = VramStore.import_fd(cuda, dev, ctx, args.vram_fd, args.vram_size)
     export = Export(store)
-    label = "spare worker" if args.standby else f"worker {args.index}"
-    threads = []
+    label = f"worker {args.index}"
     try:
-        if args.sock_fd or args.standby:
-            # Kernel mode: everything allocated and locked before we say ready.
-            ios = [IoContext(store, args.buffer_size, args.buffer_size) for _ in args.sock_fd or range(args.standby)]
-            if args.lock:
-                if lock_memory(libc):
-                    log.info("%s: memory locked: %d KiB", label, locked_kib())
-                set_oom_score_adj(-1000)
-                set_io_flusher(libc)
-                gc.collect()
-                gc.freeze()
-                gc.disable()
-
-            if args.standby:
-                # A spare: ready now; the parent sends the sockets of a worker that died (one "F" + fd
-                # each), then "G" and our index.  Starting a process then would need memory that, under
-                # pressure, only the swap on the dead connections could free.
-                ctl.sendall(WORKER_READY)
-                fds = []
-                while True:
-                    fd = recv_fd(ctl)
-                    if fd is None:
-                        return EXIT_OK      # the parent closed ctl: not needed
-                    if fd < 0:
-                        break
-                    fds.append(fd)
-                args.sock_fd = fds
-                args.index = struct.unpack("=I", recv_exact(ctl, 4, "worker index"))[0]
-                label = f"worker {args.index}"
-                for io in ios[len(fds):]:
-                    io.close()
-                ios = ios[:len(fds)]
-                log.info("%s: spare worker (pid %d) serving %d connections", label, os.getpid(), len(fds))
-
-            def serve_kernel(fd, io, name):
-                if args.lock:
-                    prepare_serving_thread(libc, args.realtime)
-                serve_connection(socket.socket(fileno=fd), export, name, io=io, handshake=False)
-                io.close()
-
-            for i, (fd, io) in enumerate(zip(args.sock_fd, ios)):
-                t = threading.Thread(target=serve_kernel, args=(fd, io, f"{label} connection {i}"), daemon=True)
-                t.start()
-                threads.append(t)
-            if not args.standby:
-                ctl.sendall(WORKER_READY)
-            counters = _map_counters(args.index)
-            # A connection the kernel gave up on (a request it timed out) just ends here; the others
-            # go on serving, and status shows the device degraded.  (Exiting so that the daemon
-            # reconnects them all was tried: under pressure each exit costs a new process, and in
-            # the kernel tests replacements cascaded.)
-            while True:
-                alive = [t for t in threads if t.is_alive()]
-                if counters is not None:
-                    _publish_counters(counters, args.index, export)
-                if not alive:
-                    break
-                alive[0].join(STATUS_INTERVAL_S)
-            log.debug("%s: every connection closed; exiting", label)
-            return EXIT_OK
         # Serve mode: the parent passes accepted client sockets; it closes ctl to stop us.
         ctl.sendall(WORKER_READY)
         clients = {}
@@ -2776,14 +2948,15 @@ def cmd_worker(args):
             t.join(10)
         return EXIT_OK
     finally:
-        if not any(t.is_alive() for t in threads):
-            store.free(scrub=False)     # unmap only: the parent owns, scrubs and frees the memory
+        store.free(scrub=False)     # unmap only: the parent owns, scrubs and frees the memory
 
 
-def sum_counters(raw):
-    """The counters file's slots added up: ({field: total}, live connections, newest update in ms)."""
+def sum_counters(raw, slots=None):
+    """The counters file's slots (or those in SLOTS) added up: ({field: total}, live connections, newest update in ms)."""
     totals, conns, newest = dict.fromkeys(Stats.FIELDS, 0), 0, 0
-    for off in range(0, len(raw) - COUNTERS.size + 1, COUNTERS.size):
+    for i, off in enumerate(range(0, len(raw) - COUNTERS.size + 1, COUNTERS.size)):
+        if slots is not None and i not in slots:
+            continue
         magic, updated_ms, live, *values = COUNTERS.unpack_from(raw, off)
         if magic != COUNTERS_MAGIC:
             continue
@@ -2794,23 +2967,27 @@ def sum_counters(raw):
     return totals, conns, newest
 
 
-def _map_counters(slot):
+def _map_counters():
     path = os.path.join(runtime_dir(), "counters")
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError:
         return None
     try:
-        return mmap.mmap(fd, mmap.PAGESIZE)
+        return mmap.mmap(fd, COUNTERS_BYTES)
+    except (OSError, ValueError):
+        return None
     finally:
         os.close(fd)
 
 
-def _publish_counters(counters, slot, export):
-    t = export.totals()
-    COUNTERS.pack_into(counters, slot * COUNTERS.size, COUNTERS_MAGIC, int(time.time() * 1000), export.connections,
-                       *(getattr(t, f) for f in Stats.FIELDS))
-
+def _publish_counters(counters, slot, exports):
+    total, live = Stats(), 0
+    for export in exports:
+        total.add(export.totals())
+        live += export.connections
+    COUNTERS.pack_into(counters, slot * COUNTERS.size, COUNTERS_MAGIC, int(time.time() * 1000), live,
+                       *(getattr(total, f) for f in Stats.FIELDS))
 
 
 ############################################################################
@@ -2826,7 +3003,7 @@ RELEASED = "released"       # Daemon.loop: the power policy had swap turned off
 HANDOVER = "handover"       # Daemon.loop: SIGUSR2
 GPU_FAILED = "gpu-failed"   # Daemon.loop: GPU I/O errors, swap moved off the GPU
 HANDOVER_ENV = "NBD_VRAM_HANDOVER_FD"   # the VRAM fd, kept open over that re-exec
-VRAM_FDNAME = "vram"        # the exported VRAM fd's name in systemd's fd store
+LEGACY_FDNAME = "vram"      # a slice's VRAM fd in systemd's fd store is named vram-GPU_UUID-NUMBER; before slices, "vram"
 
 
 def pid_alive(pid):
@@ -2906,13 +3083,367 @@ def wait_for_power(power, reload):
             return True
 
 
+def elastic_decision(reserve, free, held, ceiling, next_bytes, calm_since, now, reclaim_after):
+    """What one GPU's slices should do now: (action, calm_since).
+
+    action: "release" (one slice: a manual shrink lowered the ceiling, or another program left
+    less than the reserve free), "grow" (one slice: there is room for it above the reserve, and
+    there has been for reclaim_after seconds), or None.  reserve None: only the ceiling counts.
+    calm_since: since when there has been room for one more slice (None: there is none now);
+    the caller keeps it for the next call.
+    """
+    if held > ceiling:
+        return "release", None
+    if reserve is not None and free < reserve and held > 0:
+        return "release", None
+    if held < ceiling and free - next_bytes >= (reserve or 0):
+        calm_since = now if calm_since is None else calm_since
+        if now - calm_since >= reclaim_after:
+            return "grow", None
+        return None, calm_since
+    return None, None
+
+
+def slice_sizes(size, slice_size, align=SIZE_ALIGN):
+    """The sizes of one GPU's slices: size cut into slice_size pieces, the last one the rest."""
+    sizes, left = [], size // align * align
+    while left >= align:
+        sizes.append(min(slice_size, left))
+        left -= sizes[-1]
+    return sizes
+
+
+def slice_priority(base, number):
+    """Slice 0 at the configured priority, each next one a step lower, so the kernel fills them in
+    order and the last stay empty longest; slice N of every GPU shares a priority (the kernel
+    stripes swap over devices of equal priority)."""
+    return max(base - number, min(base, 0))
+
+
+class WorkerProc:
+    """A kernel-mode worker as the daemon sees it: its process, control socket and connections."""
+
+    def __init__(self, proc, ctl, index, slot):
+        self.proc, self.ctl, self.index, self.slot = proc, ctl, index, slot
+        self.conns = {}         # slice number -> how many of its connections this worker serves
+        self.pool = 0           # a spare's buffer sets
+
+    @property
+    def nconns(self):
+        return sum(self.conns.values())
+
+
+class Slice:
+    """One piece of VRAM swap: its own allocation, nbd device and swap priority.
+
+    Released alone: swapoff moves only its pages; then its undo steps run in
+    reverse (close the mapping, disconnect, end its connections, scrub and free).
+    """
+
+    def __init__(self, gpu, number, store):
+        self.gpu, self.number, self.store = gpu, number, store
+        self.export = Export(store)
+        self.priority = slice_priority(gpu.daemon.cfg["priority"], number)
+        self.fdname = f"vram-{gpu.info['uuid']}-{number}"
+        self.index = self.device = self.swap_device = self.crypt = self.backend = self.attach_kind = None
+        self.swap_on = False
+        self.undo = []
+        self.threads = []       # without workers: (thread, IoContext) of each connection
+
+    @property
+    def name(self):
+        return f"slice {self.number} of GPU {self.gpu.info['index']}"
+
+    def used_kib(self, swaps):
+        found = find_swap(self.swap_device, swaps=swaps) if self.swap_device else None
+        return found[1][1] if found else 0
+
+    def run_undo(self):
+        while self.undo:
+            what, fn = self.undo.pop()
+            try:
+                fn()
+            except Exception as e:
+                log.error("%s: %s failed: %s", self.name, what, e)
+                if what.startswith("end the connections"):
+                    log.error("%s: leaving its VRAM allocated; the driver reclaims it when the daemon exits", self.name)
+                    self.undo = [u for u in self.undo if not u[0].startswith("free")]
+
+    def describe(self, swaps=None):
+        d = {"gpu": self.gpu.info["uuid"], "gpu_index": self.gpu.info["index"], "number": self.number,
+             "fdname": self.fdname, "index": self.index, "device": self.device, "swap_device": self.swap_device,
+             "size_bytes": self.store.size_bytes, "priority": self.priority, "encrypted": bool(self.crypt), "mapping": self.crypt,
+             "backend": self.backend, "attach": self.attach_kind, "swap_on": self.swap_on,
+             "connections": self.gpu.daemon.cfg["connections"], "allocation": self.store.kind}
+        if swaps is not None:
+            d["used_bytes"] = self.used_kib(swaps) * 1024
+        return d
+
+
+class GpuShare:
+    """One GPU's part of the daemon: its context, worker processes (or threads) and slices."""
+
+    def __init__(self, daemon, ordinal, cuda, dev, ctx):
+        self.daemon, self.ordinal, self.cuda, self.dev, self.ctx = daemon, ordinal, cuda, dev, ctx
+        self.info = cuda.device_info(dev)
+        self.vmm = (cuda.has_vmm and cuda.attribute(CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED, dev)
+                    and cuda.attribute(CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED, dev))
+        cfg = daemon.cfg
+        self.sizes = slice_sizes(cfg["size"], cfg["slice_size"])
+        self.ceiling = len(self.sizes)      # most slices allowed now (shrink/grow move it)
+        self.slices = {}                    # number -> Slice
+        self.workers, self.spare = [], None
+        self.calm_since = None
+        self.free_bytes = None
+        self.failed = None                  # why this GPU was given up
+        self.io_errors_seen = 0
+        self.fault_swapoff_at = None
+        self.last_action = None
+        self.undo = []
+
+    @property
+    def label(self):
+        return f"GPU {self.info['index']}"
+
+    @property
+    def slots(self):
+        return range(1 + self.ordinal * WORKER_SLOTS, 1 + (self.ordinal + 1) * WORKER_SLOTS)
+
+    def held_bytes(self):
+        return sum(s.store.size_bytes for s in self.slices.values())
+
+    def mem_free(self):
+        self.cuda.call("cuCtxSetCurrent", self.ctx)
+        self.free_bytes = self.cuda.mem_info()[0]
+        return self.free_bytes
+
+    def free_number(self):
+        """The lowest slice number not in use (a slice taken back gets the place of one released)."""
+        return next(n for n in range(len(self.sizes) + 1) if n not in self.slices)
+
+    # -- VRAM -----------------------------------------------------------------------------
+
+    def allocate(self, number, reserve=None):
+        """A new slice's VRAM, or None (logged) if the GPU cannot give it (above the reserve)."""
+        want = self.sizes[number]
+        if reserve is not None and self.mem_free() - want < reserve:
+            log.info("%s: slice %d (%s) not taken: %s free, the reserve is %s", self.label, number,
+                     format_size(want), format_size(self.free_bytes), format_size(reserve))
+            return None
+        try:
+            return VramStore.allocate(self.cuda, self.dev, self.ctx, want, want, use_vmm=bool(self.vmm))
+        except NoVramError:
+            log.info("%s: slice %d (%s) not taken: out of VRAM (%s free)", self.label, number, format_size(want),
+                     format_size(self.mem_free()))
+            return None
+
+    # -- serving processes ----------------------------------------------------------------
+
+    def start_workers(self):
+        """The worker processes that will serve every slice of this GPU, and a spare; ready on return."""
+        cfg = self.daemon.cfg
+        if not self.vmm:
+            log.info("%s: no exportable VRAM (cuMemAlloc): serving every connection from this process", self.label)
+            return
+        n = min(cfg["workers"] or default_workers(cfg["connections"]), cfg["connections"])
+        self.workers = [self._spawn(w + 1) for w in range(n)]
+        self.undo.append((f"stop the workers of {self.label}", self._join_workers))
+        log.info("%s: %d worker process%s: pids %s", self.label, n, "" if n == 1 else "es",
+                 " ".join(str(w.proc.pid) for w in self.workers))
+
+    def _spawn(self, index, standby=0):
+        cfg = self.daemon.cfg
+        proc, ctl = spawn_worker(None, cfg["libcuda"], cfg["buffer_size"], lock=True, debug=cfg["debug"], index=index,
+                                 standby=standby, realtime=cfg["realtime"], gpu=self.info["uuid"],
+                                 slot=self.slots[index])
+        try:
+            wait_worker_ready(proc, ctl)
+        except Fatal:
+            proc.kill()
+            proc.wait()
+            ctl.close()
+            raise
+        return WorkerProc(proc, ctl, index, self.slots[index])
+
+    def spawn_spare(self):
+        """A worker with every slice mapped and buffers for the busiest worker's connections, ready
+        before any worker dies: taking over then needs no new process and no memory."""
+        if not self.workers:
+            return
+        n = max([w.nconns for w in self.workers] + [self.daemon.cfg["connections"]])
+        try:
+            spare = self._spawn(0, standby=n)
+            for sl in self.slices.values():
+                ctl_call(spare.ctl, CTL_IMPORT, sl.number, sl.store.size_bytes, fds=[sl.store.fd], who="spare worker")
+        except Fatal as e:
+            log.warning("%s: no spare worker (%s): a dead worker will be replaced by a new process", self.label, e)
+            if "spare" in locals():
+                spare.ctl.close()
+                spare.proc.kill()
+                spare.proc.wait()
+            return
+        spare.pool = n
+        self.spare = spare
+        log.info("%s: spare worker ready: pid %d", self.label, spare.proc.pid)
+
+    def stop_spare(self):
+        if self.spare:
+            spare, self.spare = self.spare, None
+            spare.ctl.close()           # it exits on EOF: it serves nothing
+            try:
+                spare.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                spare.proc.kill()
+                spare.proc.wait()
+
+    def _join_workers(self):
+        self.stop_spare()
+        for w in self.workers:
+            w.ctl.close()               # with no connection left, it exits
+        for w in self.workers:
+            try:
+                w.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                raise Fatal(f"worker {w.proc.pid} did not exit after the devices were disconnected") from None
+        self.workers = []
+
+    def serve(self, sl, socks):
+        """Have the workers (or threads of this process) serve SL's connections SOCKS."""
+        if not self.workers:
+            for i, s in enumerate(socks):
+                io = IoContext(sl.store, self.daemon.cfg["buffer_size"], self.daemon.cfg["buffer_size"])
+                t = threading.Thread(target=self.daemon._serve_kernel, args=(s, io, sl.export, f"{sl.name} connection {i}"),
+                                     name=f"nbd-vram {sl.number}.{i}", daemon=True)
+                t.start()
+                sl.threads.append((t, io))
+            sl.undo.append((f"end the connections of {sl.name}", lambda: self._end_threads(sl)))
+            return
+        for w in self.workers + ([self.spare] if self.spare else []):
+            ctl_call(w.ctl, CTL_IMPORT, sl.number, sl.store.size_bytes, fds=[sl.store.fd], who=f"worker pid {w.proc.pid}")
+        for k, w in enumerate(self.workers):
+            mine = socks[k::len(self.workers)]
+            if mine:
+                ctl_call(w.ctl, CTL_SERVE, sl.number, len(mine), fds=[s.fileno() for s in mine],
+                         who=f"worker {w.index}")
+                w.conns[sl.number] = len(mine)
+        for s in socks:
+            s.close()           # the workers have them now
+        busiest = max(w.nconns for w in self.workers)
+        if self.spare and busiest > self.spare.pool:
+            try:
+                ctl_call(self.spare.ctl, CTL_POOL, busiest, who="spare worker")
+                self.spare.pool = busiest
+            except Fatal as e:
+                log.warning("%s: %s", self.label, e)
+        sl.undo.append((f"end the connections of {sl.name}", lambda: self._drop(sl)))
+
+    def _drop(self, sl):
+        """After the disconnect: every worker unmaps the slice (its connections have ended)."""
+        for w in self.workers + ([self.spare] if self.spare else []):
+            if w.proc.poll() is None:
+                ctl_call(w.ctl, CTL_DROP, sl.number, who=f"worker pid {w.proc.pid}")
+            w.conns.pop(sl.number, None)
+
+    def _end_threads(self, sl):
+        for t, _ in sl.threads:
+            t.join(30)
+        alive = [t.name for t, _ in sl.threads if t.is_alive()]
+        if alive:
+            raise Fatal(f"serving threads did not stop: {', '.join(alive)}")
+        for _, io in sl.threads:
+            io.close()
+        sl.threads = []
+
+    def respawn(self, k):
+        """Worker k died: new sockets for its connections (NBD_CMD_RECONFIGURE), served by the spare or a new process."""
+        d, dead = self.daemon, self.workers[k]
+        log.error("%s: worker %d (pid %d) exited with %s; its %d connection%s to the kernel died: starting a new one",
+                  self.label, dead.index, dead.proc.pid, dead.proc.returncode, dead.nconns, "" if dead.nconns == 1 else "s")
+        dead.ctl.close()
+        pairs = {sid: [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(n)]
+                 for sid, n in dead.conns.items() if sid in self.slices}
+        spare, self.spare = self.spare, None
+        new = None
+        if spare and spare.proc.poll() is None:
+            # The spare takes over: no new process (and no memory) needed while swap is stalled.
+            try:
+                for sid, ps in pairs.items():
+                    ctl_call(spare.ctl, CTL_SERVE, sid, len(ps), fds=[o.fileno() for o, _ in ps], who="spare worker")
+                ctl_call(spare.ctl, CTL_BECOME, dead.index, dead.slot, who="spare worker")
+                new = WorkerProc(spare.proc, spare.ctl, dead.index, dead.slot)
+            except Fatal as e:
+                log.error("%s: %s; starting a new worker instead", self.label, e)
+                spare.ctl.close()
+                spare.proc.kill()
+                spare.proc.wait()
+                pairs = {sid: [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in ps]
+                         for sid, ps in pairs.items()}
+        if new is None:
+            new = self._spawn(dead.index)
+            for sl in self.slices.values():
+                ctl_call(new.ctl, CTL_IMPORT, sl.number, sl.store.size_bytes, fds=[sl.store.fd], who=f"worker {dead.index}")
+            for sid, ps in pairs.items():
+                ctl_call(new.ctl, CTL_SERVE, sid, len(ps), fds=[o.fileno() for o, _ in ps], who=f"worker {dead.index}")
+        new.conns = {sid: len(ps) for sid, ps in pairs.items()}
+        self.workers[k] = new
+        for ps in pairs.values():
+            for ours, _ in ps:
+                ours.close()
+        for sid, ps in pairs.items():
+            sl = self.slices[sid]
+            try:
+                reconfigure(sl.index, [kernel for _, kernel in ps], sl.backend, timeout_s=30)
+                log.info("%s: worker %d restarted (pid %d); %s has its connections back", self.label, new.index,
+                         new.proc.pid, sl.device)
+            except OSError as e:
+                log.error("NBD_CMD_RECONFIGURE of %s failed: %s; worker %d's connections stay dead (the kernel "
+                          "sends their I/O over the others); restart the service when swap is idle",
+                          sl.device, e.strerror, new.index)
+            for _, kernel in ps:
+                kernel.close()
+        self.spawn_spare()      # swap works again: a new process can get its memory
+        d._write_state()        # the worker pids a restart after a crash must stop
+
+    def check_workers(self):
+        for k, w in enumerate(self.workers):
+            if w.proc.poll() is not None:
+                self.respawn(k)
+        if self.spare and self.spare.proc.poll() is not None:
+            log.warning("%s: the spare worker (pid %d) exited with %s: starting another", self.label,
+                        self.spare.proc.pid, self.spare.proc.returncode)
+            self.spare.ctl.close()
+            self.spare = None
+            self.spawn_spare()
+            self.daemon._write_state()
+
+    def stop(self):
+        """After its slices are gone: the workers' undo steps."""
+        while self.undo:
+            what, fn = self.undo.pop()
+            try:
+                fn()
+            except Exception as e:
+                log.error("stopping: %s failed: %s", what, e)
+
+    def worker_pids(self):
+        return [w.proc.pid for w in self.workers] + ([self.spare.proc.pid] if self.spare else [])
+
+    def describe(self):
+        return dict(self.info, ordinal=self.ordinal, free_bytes=self.free_bytes, ceiling=self.ceiling,
+                    max_slices=len(self.sizes), held_bytes=self.held_bytes(), failed=self.failed,
+                    last_action=self.last_action, worker_pids=self.worker_pids())
+
+
 class Daemon:
     """`run`: VRAM -> kernel nbd -> swap, and back again on SIGTERM.
 
-    Startup in a fixed order, each step logged once; every step that must be
-    undone pushes its undo, and stop() runs them in reverse.  Signals are
-    blocked in every thread and taken by the main thread with sigtimedwait,
-    so no handler ever runs in the middle of serving.
+    The VRAM of each GPU is served as slices, each its own allocation and nbd
+    device with its own swap priority, so that a slice can be given back alone
+    when another program needs the memory.  Startup in a fixed order, each step
+    logged once; every step that must be undone pushes its undo (a slice's on
+    its own list), and stop() runs them in reverse.  Signals are blocked in
+    every thread and taken by the main thread with sigtimedwait, so no handler
+    ever runs in the middle of serving.
     """
 
     def __init__(self, settings, power=None, reload=None, stored_fds=None):
@@ -2922,22 +3453,24 @@ class Daemon:
         self.reload = reload or (lambda: None)      # SIGHUP: re-read the power settings
         self.release_failed = None                  # (time, why) of the last swapoff the power policy asked for
         self.started = None
-        self.adopted_at = None          # when this daemon took a dead (or re-executed) one's device over
-        self.io_errors_seen = 0         # GPU I/O errors counted so far (the counters file)
-        self.fault_swapoff_at = None    # when to try swapoff again after GPU errors
+        self.adopted_at = None          # when this daemon took a dead (or re-executed) one's devices over
         self.libc = _libc()
         self.undo = []
-        self.threads = []
-        self.device = None          # /dev/nbdN
-        self.swap_device = None     # what swapon got: the nbd device, or its dm-crypt mapping (encrypt = yes)
-        self.crypt = None           # the mapping's name
-        self.index = None
-        self.export = None
+        self.gpus = []
         self.counters = None
-        self.workers = []
-        self.swap_on = False
         self.sysctl_saved = {}
-        self.spare = None
+        self.nvml = None
+        self.next_elastic = 0.0
+        self.elastic_retry_at = 0.0
+        self.request = None             # the last shrink/grow request and its result
+
+    @property
+    def slices(self):
+        return [sl for g in self.gpus for sl in sorted(g.slices.values(), key=lambda s: s.number)]
+
+    @property
+    def swap_on(self):
+        return any(sl.swap_on for sl in self.slices)
 
     # -- startup ------------------------------------------------------------------------
 
@@ -2945,49 +3478,52 @@ class Daemon:
         cfg = self.cfg
         threading.stack_size(THREAD_STACK)
         signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)
-        log.info("nbd-vram %s starting: size %s (min %s), gpu %s, priority %d, %d connections",
-                 __version__, format_size(cfg["size"]), format_size(cfg["min_size"]), cfg["gpu"],
-                 cfg["priority"], cfg["connections"])
+        log.info("nbd-vram %s starting: size %s a GPU (min %s) in slices of %s, gpus %s, priority %d, "
+                 "%d connections a slice, reserve %s", __version__, format_size(cfg["size"]), format_size(cfg["min_size"]),
+                 format_size(cfg["slice_size"]), cfg["gpus"], cfg["priority"], cfg["connections"],
+                 format_size(cfg["reserve"]) if cfg["reserve"] is not None else "off")
         os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
         load_nbd_module()
-        adopt = self._adoptable()
-        if adopt is None:
+        old, adopt = self._adoptable()
+        if not adopt:
             self._check_stale()
 
         cuda = Cuda(cfg["libcuda"])
-        dev, ctx = VramStore.open_device(cuda, adopt["gpu"]["uuid"] if adopt else cfg["gpu"])
-        self.gpu = cuda.device_info(dev)
-        log.info("GPU %d: %s (%s, %s), %s", dev, self.gpu["name"], self.gpu["uuid"], self.gpu["pci_bus_id"],
-                 format_size(self.gpu["total_bytes"]))
-        if adopt:
-            store = VramStore.import_fd(cuda, dev, ctx, self.stored_fds.pop(VRAM_FDNAME), adopt["size_bytes"])
-            store.imported = False      # ours now: scrubbed and released on stop
-            log.info("took back %s of VRAM from systemd's fd store, with the swapped pages in it",
-                     format_size(store.size_bytes))
-        else:
-            store = VramStore.allocate(cuda, dev, ctx, cfg["size"], cfg["min_size"])
-        self.undo.append(("free VRAM", store.free))
-        self.export = Export(store)
-        if store.fd is not None and sd_notify("FDSTORE=1", f"FDNAME={VRAM_FDNAME}", fds=[store.fd]):
-            # systemd keeps a reference: if this process dies, the memory and the pages in it
-            # survive, and the restarted daemon gets the fd back (LISTEN_FDS) and reattaches.
-            self.undo.append(("drop the stored VRAM fd", lambda: sd_notify("FDSTOREREMOVE=1", f"FDNAME={VRAM_FDNAME}")))
-
-        # Everything the serving side will use, allocated now, before the kernel sends a request.
-        nconn = adopt["connections"] if adopt else cfg["connections"]
-        pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(nconn)]
+        cuda.init()
+        self.nvml = Nvml.open()
+        self._open_gpus(cuda, [s["gpu"] for s in adopt])
         self._open_counters()
-        nworkers = min(cfg["workers"] or default_workers(cfg["connections"]), cfg["connections"])
         # Locked like a worker even when workers serve: this process must be able to replace a dead
         # worker while memory is full and the swap on that worker's connections is stalled.
         prepare_memory(self.libc)
-        if store.fd is not None:
-            self._start_workers([ours for ours, _ in pairs], nworkers)
-            self.spare = self._spawn_spare()
-            self.undo.append(("stop the spare worker", self._stop_spare))
-        else:
-            log.info("no exportable VRAM (cuMemAlloc): serving every connection from this process")
-            self._start_threads([ours for ours, _ in pairs])
+
+        prepared = []      # (slice, the kernel's ends of its sockets, the old state to take over or None)
+        for g in self.gpus:
+            g.start_workers()
+            mine = [s for s in adopt if s["gpu"] == g.info["uuid"]]
+            for s in mine:
+                store = VramStore.import_fd(cuda, g.dev, g.ctx, self.stored_fds.pop(s["fdname"]), s["size_bytes"])
+                store.imported = False      # ours now: scrubbed and released on stop
+                log.info("%s: took back slice %d (%s of VRAM) from systemd's fd store, with the swapped pages in it",
+                         g.label, s["number"], format_size(store.size_bytes))
+                prepared.append((self._prepare_slice(g, s["number"], store), s))
+            if old and "ceilings" in old:
+                g.ceiling = min(old["ceilings"].get(g.info["uuid"], g.ceiling), len(g.sizes))
+            if not adopt:
+                for number in range(g.ceiling):
+                    store = g.allocate(number, cfg["reserve"])
+                    if store is None:
+                        break
+                    prepared.append((self._prepare_slice(g, number, store), None))
+            g.spawn_spare()
+        total = sum(sl.store.size_bytes for (sl, _), _ in prepared)
+        if not adopt and total < cfg["min_size"]:
+            free = sum(g.mem_free() for g in self.gpus)
+            raise NoVramError(f"could not allocate even {format_size(cfg['min_size'])} of VRAM (got {format_size(total)}); "
+                              f"{format_size(free)} is free: close GPU programs (see `nvidia-smi`) "
+                              "or lower the size / min_size" + (" / reserve" if cfg["reserve"] else ""))
+        for g in [g for g in self.gpus if not g.slices]:
+            log.warning("%s: no slice could be allocated: serving from the other GPUs", g.label)
 
         set_oom_score_adj(-1000)
         if lock_memory(self.libc):
@@ -3000,44 +3536,133 @@ class Daemon:
         if adopt:
             # Only now, with the new workers ready and locked: until here the old ones serve the swap
             # (starting processes needs memory that only that swap may be able to free).
-            self._stop_orphans(adopt)
-            self._reattach(adopt, [k for _, k in pairs])
+            self._stop_orphans(old)
+            self.sysctl_saved = dict(old.get("sysctl_saved") or {})    # what to restore is what was there first
             self.adopted_at = time.time()
-        else:
-            self._attach([k for _, k in pairs])
-        for _, k in pairs:
-            k.close()      # the kernel holds its own references now
-        if adopt:
-            self.sysctl_saved = dict(adopt.get("sysctl_saved") or {})    # what to restore is what was there first
-        self.swap_device = self.device
-        if cfg["encrypt"] or (adopt and adopt.get("encrypted")):
-            name = crypt_name(self.index)
-            if adopt and os.path.exists(f"/dev/mapper/{name}"):
-                # The dead daemon's mapping, its key still in the kernel: the swapped pages read back through it.
-                self.swap_device = f"/dev/mapper/{name}"
+        for (sl, kernel_ends), s in prepared:
+            if s:
+                self._reattach(sl, s, kernel_ends)
             else:
-                self.swap_device = crypt_open(self.device, name, cfg["discard"])
-            self.crypt = name
-            # Pushed after the disconnect, so run before it: swapoff, close, disconnect, free.
-            self.undo.append((f"close the dm-crypt mapping {name}", lambda: crypt_close(name)))
+                self._attach(sl, kernel_ends)
+            for k in kernel_ends:
+                k.close()      # the kernel holds its own references now
         self._write_state()
         for key in ("swappiness", "min_free_kbytes", "page_cluster"):
             if cfg[key] is not None:
-                old = sysctl_set(key, cfg[key])
-                self.sysctl_saved.setdefault(key, old)
+                old_value = sysctl_set(key, cfg[key])
+                self.sysctl_saved.setdefault(key, old_value)
         if self.sysctl_saved:
             self.undo.append(("restore sysctls", self._restore_sysctls))
-        if adopt and find_swap(self.swap_device):
-            log.info("%s is still swap: nothing lost", self.swap_device)
-        else:
-            swap_enable(self.swap_device, cfg["priority"], cfg["discard"])
-        self.swap_on = True
+        for (sl, _), s in prepared:
+            self._swap_on(sl, s)
+        self._memory_clock_cap()
         self._write_state()
-        on = f"{self.device} (encrypted: swap on {self.swap_device})" if self.crypt else self.device
-        status = (f"serving {format_size(store.size_bytes)} of VRAM on {on}, swap priority {cfg['priority']}, "
-                  f"{nconn} connections")
+        status = self._status_line()
         sd_notify("READY=1", f"STATUS={status}")
         log.info("ready: %s", status)
+
+    def _status_line(self):
+        parts = []
+        for g in self.gpus:
+            if g.slices:
+                devs = ", ".join(sl.swap_device for sl in sorted(g.slices.values(), key=lambda s: s.number))
+                parts.append(f"{format_size(g.held_bytes())} of {g.label} on {devs}")
+        enc = " (encrypted)" if any(sl.crypt for sl in self.slices) else ""
+        return (f"serving {'; '.join(parts) or 'nothing'}{enc}, swap priority {self.cfg['priority']} and down, "
+                f"{self.cfg['connections']} connections a slice")
+
+    def _open_gpus(self, cuda, adopted_uuids):
+        specs = gpu_specs(self.cfg["gpus"], cuda.device_count())
+        devs = []
+        for spec in specs + [u for u in adopted_uuids if u not in specs]:
+            dev = cuda.select_device(spec)
+            if dev not in devs:
+                devs.append(dev)
+        for dev in devs:
+            ctx = CUcontext()
+            cuda.call("cuDevicePrimaryCtxRetain", ctypes.byref(ctx), dev)
+            cuda.call("cuCtxSetCurrent", ctx)
+            g = GpuShare(self, len(self.gpus), cuda, dev, ctx)
+            self.gpus.append(g)
+            log.info("%s: %s (%s, %s), %s", g.label, g.info["name"], g.info["uuid"], g.info["pci_bus_id"],
+                     format_size(g.info["total_bytes"]))
+        if len(self.gpus) > MAX_GPUS:
+            raise ConfigError(f"gpus: {len(self.gpus)} GPUs; at most {MAX_GPUS} are supported")
+
+    def _prepare_slice(self, g, number, store):
+        """Everything of a slice that comes before the kernel: fd stored, workers serving its sockets.
+        Returns (slice, the kernel's ends of the socketpairs)."""
+        sl = Slice(g, number, store)
+        g.slices[number] = sl
+        sl.undo.append((f"free the VRAM of {sl.name}", store.free))
+        if store.fd is not None and sd_notify("FDSTORE=1", f"FDNAME={sl.fdname}", fds=[store.fd]):
+            # systemd keeps a reference: if this process dies, the memory and the pages in it
+            # survive, and the restarted daemon gets the fd back (LISTEN_FDS) and reattaches.
+            sl.undo.append((f"drop the stored fd of {sl.name}",
+                            lambda: sd_notify("FDSTOREREMOVE=1", f"FDNAME={sl.fdname}")))
+        pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(self.cfg["connections"])]
+        g.serve(sl, [ours for ours, _ in pairs])
+        return sl, [k for _, k in pairs]
+
+    def _swap_on(self, sl, old=None):
+        """dm-crypt (encrypt = yes) and swapon, for a slice attached to the kernel."""
+        cfg = self.cfg
+        sl.swap_device = sl.device
+        if cfg["encrypt"] or (old and old.get("encrypted")):
+            name = crypt_name(sl.index)
+            if old and os.path.exists(f"/dev/mapper/{name}"):
+                # The dead daemon's mapping, its key still in the kernel: the swapped pages read back through it.
+                sl.swap_device = f"/dev/mapper/{name}"
+            else:
+                sl.swap_device = crypt_open(sl.device, name, cfg["discard"])
+            sl.crypt = name
+            # Pushed after the disconnect, so run before it: swapoff, close, disconnect, free.
+            sl.undo.append((f"close the dm-crypt mapping {name}", lambda: crypt_close(name)))
+        if old and find_swap(sl.swap_device):
+            log.info("%s is still swap: nothing lost", sl.swap_device)
+        else:
+            swap_enable(sl.swap_device, sl.priority, cfg["discard"])
+        sl.swap_on = True
+
+    def _add_slice(self, g):
+        """Take one more slice on G (the reserve allows it): allocate, serve, attach, swapon."""
+        number = g.free_number()
+        store = g.allocate(number, self.cfg["reserve"])
+        if store is None:
+            return False
+        sl, kernel_ends = self._prepare_slice(g, number, store)
+        try:
+            self._attach(sl, kernel_ends)
+            self._swap_on(sl)
+        except Exception:
+            for k in kernel_ends:
+                k.close()
+            sl.run_undo()
+            del g.slices[number]
+            raise
+        for k in kernel_ends:
+            k.close()
+        g.last_action = f"{time.strftime('%H:%M:%S')} took slice {number} ({format_size(store.size_bytes)}) on {sl.swap_device}"
+        log.info("%s: took slice %d back: %s on %s, swap priority %d", g.label, number,
+                 format_size(store.size_bytes), sl.swap_device, sl.priority)
+        return True
+
+    def _release_slice(self, sl, why):
+        """swapoff (never forced), then the slice's undo steps.  False if swapoff failed."""
+        g = sl.gpu
+        if sl.swap_on:
+            log.info("%s: releasing %s (%s): swapoff %s", g.label, sl.name, why, sl.swap_device)
+            if not swap_disable(sl.swap_device):
+                log.warning("%s: swapoff %s failed (RAM cannot take its pages back now); %s stays", g.label,
+                            sl.swap_device, sl.name)
+                return False
+            sl.swap_on = False
+        sl.run_undo()
+        del g.slices[sl.number]
+        g.last_action = f"{time.strftime('%H:%M:%S')} released slice {sl.number} ({why})"
+        log.info("%s: %s released (%s); %s of VRAM still swap on this GPU", g.label, sl.name, why,
+                 format_size(g.held_bytes()))
+        return True
 
     def _check_stale(self):
         """Refuse to start over a device an earlier daemon left behind, and never reuse live swap."""
@@ -3073,32 +3698,56 @@ class Daemon:
                 nl.close()
 
     def _adoptable(self):
-        """After a crash: the state of the daemon that died, if systemd gave us back its VRAM and its
-        device still waits for it (dead_conn_timeout); else None (and a stored fd is let go)."""
-        fd = self.stored_fds.get(VRAM_FDNAME)
-        if fd is None:
-            return None
+        """After a crash (or an upgrade in place): (the old state, its slices that can be taken over).
+
+        A slice can if systemd gave us back its VRAM fd and its device still waits for it
+        (dead_conn_timeout); a stored fd that cannot be used is let go."""
+        if not self.stored_fds:
+            return None, []
         old = read_state() or {}
-        index, why = old.get("index"), None
-        backend = _read(f"/sys/block/nbd{index}/backend", "") if index is not None else ""
+        slices = old.get("slices")
+        if slices is None and old.get("device"):
+            # The state of a version before slices: one device, its fd stored as "vram".
+            slices = [{"gpu": (old.get("gpu") or {}).get("uuid"), "number": 0, "fdname": LEGACY_FDNAME,
+                       "index": old.get("index"), "device": old.get("device"), "swap_device": old.get("swap_device"),
+                       "size_bytes": old.get("size_bytes"), "encrypted": old.get("encrypted")}]
+        why_all = None
         if old.get("mode") != "serving" or old.get("attach") != "netlink":
-            why = "no state of a daemon that served over netlink"
+            why_all = "no state of a daemon that served over netlink"
         elif pid_alive(old.get("pid", 0)) and old.get("pid") != os.getpid():
-            why = f"its daemon (pid {old['pid']}) still runs"
-        elif not nbd_connected(index) or not (backend or "").startswith("nbd-vram:"):
-            why = f"/dev/nbd{index} is no longer attached (dead_conn_timeout ran out?)"
-        if why:
-            log.warning("systemd handed back a stored VRAM fd, but %s: releasing it and starting afresh", why)
-            os.close(self.stored_fds.pop(VRAM_FDNAME))
-            sd_notify("FDSTOREREMOVE=1", f"FDNAME={VRAM_FDNAME}")
-            return None
-        old["backend"] = backend
-        if old.get("pid") == os.getpid():
-            log.info("upgrade in place: taking %s over: same VRAM, new workers and connections", old["device"])
-        else:
-            log.warning("the daemon before this one (pid %s) died with %s as swap; taking it over: same VRAM, "
-                        "new connections", old.get("pid"), old["device"])
-        return old
+            why_all = f"its daemon (pid {old['pid']}) still runs"
+        kept = []
+        for s in slices or []:
+            if s.get("fdname") not in self.stored_fds:
+                continue
+            index, why = s.get("index"), why_all
+            backend = _read(f"/sys/block/nbd{index}/backend", "") if index is not None else ""
+            if not why and (not nbd_connected(index) or not (backend or "").startswith("nbd-vram:")):
+                why = f"{s.get('device')} is no longer attached (dead_conn_timeout ran out?)"
+            if why:
+                log.warning("systemd handed back the stored VRAM fd of %s, but %s: releasing it", s.get("device"), why)
+                self._let_go(s["fdname"])
+                continue
+            s["backend"] = backend
+            kept.append(s)
+        kept_names = {s["fdname"] for s in kept}
+        for name in [n for n in self.stored_fds if n not in kept_names]:
+            log.warning("systemd handed back a stored fd %r that no slice of the last daemon names: releasing it", name)
+            self._let_go(name)
+        if kept:
+            devices = ", ".join(s["device"] for s in kept)
+            if old.get("pid") == os.getpid():
+                log.info("upgrade in place: taking %s over: same VRAM, new workers and connections", devices)
+            else:
+                log.warning("the daemon before this one (pid %s) died with %s as swap; taking over: same VRAM, "
+                            "new connections", old.get("pid"), devices)
+        return old, kept
+
+    def _let_go(self, name):
+        fd = self.stored_fds.pop(name, None)
+        if fd is not None:
+            os.close(fd)
+        sd_notify("FDSTOREREMOVE=1", f"FDNAME={name}")
 
     def _stop_orphans(self, old):
         """The dead daemon's workers may still serve its sockets: end them, so the kernel marks those dead."""
@@ -3123,16 +3772,16 @@ class Daemon:
                 time.sleep(0.05)
             log.info("stopped worker pid %d of the daemon that died", pid)
 
-    def _reattach(self, old, socks):
+    def _reattach(self, sl, old, socks):
         """NBD_CMD_RECONFIGURE: new sockets for the device the dead daemon served."""
-        self.index, self.device, self.backend, self.attach_kind = old["index"], old["device"], old["backend"], "netlink"
+        sl.index, sl.device, sl.backend, sl.attach_kind = old["index"], old["device"], old["backend"], "netlink"
         try:
-            reconfigure(self.index, socks, self.backend, timeout_s=60)
+            reconfigure(sl.index, socks, sl.backend, timeout_s=60)
         except OSError as e:
-            raise NbdKernelError(f"reattach {self.device}: NBD_CMD_RECONFIGURE failed: {e.strerror}; its swap "
+            raise NbdKernelError(f"reattach {sl.device}: NBD_CMD_RECONFIGURE failed: {e.strerror}; its swap "
                                  f"waits for dead_conn_timeout, then fails") from None
-        self.undo.append((f"disconnect {self.device}", self._detach_netlink))
-        log.info("reattached %s with %d new connections", self.device, len(socks))
+        sl.undo.append((f"disconnect {sl.device}", lambda: self._detach_netlink(sl)))
+        log.info("reattached %s with %d new connections", sl.device, len(socks))
 
     @staticmethod
     def _close_stale_mapping(dev, owner, name, dm, swaps):
@@ -3149,10 +3798,9 @@ class Daemon:
         log.warning("%s (dm-crypt over %s) was left by %s, and is not swap: closing it", mapper, dev, by)
         crypt_close(name)
 
-    def _attach(self, socks):
-        cfg, size = self.cfg, self.export.size
-        flags = self.export.flags
-        backend = self.backend = f"nbd-vram:{os.getpid()}:{self.gpu['uuid']}"
+    def _attach(self, sl, socks):
+        cfg, size, flags = self.cfg, sl.export.size, sl.export.flags
+        backend = sl.backend = f"nbd-vram:{os.getpid()}:{sl.gpu.info['uuid']}:{sl.number}"
         if cfg["attach"] in ("auto", "netlink"):
             try:
                 nl = NbdNetlink()
@@ -3162,145 +3810,43 @@ class Daemon:
                 log.info("netlink nbd is missing; attaching with the classic ioctls")
             else:
                 try:
-                    self.index = nl.connect(socks, size, flags, dead_conn_timeout_s=cfg["dead_conn_timeout"],
-                                            backend=backend)
+                    sl.index = nl.connect(socks, size, flags, dead_conn_timeout_s=cfg["dead_conn_timeout"],
+                                          backend=backend)
                 except OSError as e:
                     raise NbdKernelError(f"attach: NBD_CMD_CONNECT failed: {e.strerror} "
                                          f"({'are you root?' if e.errno == errno.EPERM else 'check dmesg'})") from None
                 finally:
                     nl.close()
-                self.attach_kind = "netlink"
-                self.undo.append((f"disconnect /dev/nbd{self.index}", self._detach_netlink))
-        if self.index is None:
+                sl.attach_kind = "netlink"
+                sl.undo.append((f"disconnect /dev/nbd{sl.index}", lambda: self._detach_netlink(sl)))
+        if sl.index is None:
             ia = IoctlAttach()
-            self.index = ia.connect(socks, size, flags)
-            self.attach_kind = "ioctl"
-            self.undo.append((f"disconnect /dev/nbd{self.index}", ia.disconnect))
-        self.device = f"/dev/nbd{self.index}"
+            sl.index = ia.connect(socks, size, flags)
+            sl.attach_kind = "ioctl"
+            sl.undo.append((f"disconnect /dev/nbd{sl.index}", ia.disconnect))
+        sl.device = f"/dev/nbd{sl.index}"
         want = str(size // 512)
         deadline = time.monotonic() + 10
-        while _read(f"/sys/block/nbd{self.index}/size") != want or not os.path.exists(self.device):
+        while _read(f"/sys/block/nbd{sl.index}/size") != want or not os.path.exists(sl.device):
             if time.monotonic() > deadline:
-                raise NbdKernelError(f"attach {self.device}: the kernel did not show the device's size in 10 s "
+                raise NbdKernelError(f"attach {sl.device}: the kernel did not show the device's size in 10 s "
                                      "(check dmesg)")
             time.sleep(0.05)
-        log.info("attached %s (%s, %s, %d connections)", self.device, format_size(size), self.attach_kind,
-                 len(socks))
+        log.info("attached %s (%s, %s, %d connections): %s", sl.device, format_size(size), sl.attach_kind,
+                 len(socks), sl.name)
 
-    def _detach_netlink(self):
+    @staticmethod
+    def _detach_netlink(sl):
         nl = NbdNetlink()
         try:
-            nl.disconnect(self.index)
+            nl.disconnect(sl.index)
         finally:
             nl.close()
-        log.info("disconnected %s", self.device)
+        log.info("disconnected %s", sl.device)
 
-    def _start_threads(self, socks):
-        """Serve every connection from threads of this process (no exportable VRAM, so no workers)."""
-        for i, ours in enumerate(socks):
-            io = IoContext(self.export.store, self.cfg["buffer_size"], self.cfg["buffer_size"])
-            self.undo.append((f"free buffers of connection {i}", io.close))
-            t = threading.Thread(target=self._serve_kernel, args=(ours, io, f"connection {i}"),
-                                 name=f"nbd-vram conn {i}", daemon=True)
-            t.start()
-            self.threads.append(t)
-        self.undo.append(("stop serving threads", self._join_threads))
-
-    def _start_workers(self, socks, nworkers):
-        """Worker w serves connections w, w+nworkers, ...; each is ready (VRAM imported, memory locked) on return."""
-        self.workers = []
-        for w in range(nworkers):
-            mine = socks[w::nworkers]
-            self.workers.append(self._spawn(w, mine))
-        self.undo.append(("stop workers", self._join_workers))
-        log.info("%d worker process%s serve %d connections: pids %s", nworkers, "" if nworkers == 1 else "es",
-                 len(socks), " ".join(str(p.pid) for p, _, _ in self.workers))
-
-    def _spawn(self, w, socks):
-        proc, ctl = spawn_worker(self.export.store, self.cfg["libcuda"], self.cfg["buffer_size"], socks=socks,
-                                 lock=True, debug=self.cfg["debug"], index=w + 1, realtime=self.cfg["realtime"])
-        for s in socks:
-            s.close()       # the worker has them now
-        wait_worker_ready(proc, ctl)
-        return proc, ctl, len(socks)
-
-    def _spawn_spare(self):
-        """A worker that is ready (VRAM imported, memory locked) before any worker dies."""
-        n = max(nsocks for _, _, nsocks in self.workers)
-        proc, ctl = spawn_worker(self.export.store, self.cfg["libcuda"], self.cfg["buffer_size"], lock=True,
-                                 debug=self.cfg["debug"], index=0, standby=n, realtime=self.cfg["realtime"])
-        try:
-            wait_worker_ready(proc, ctl)
-        except Fatal as e:
-            log.warning("no spare worker (%s): a dead worker will be replaced by a new process", e)
-            proc.kill()
-            proc.wait()
-            ctl.close()
-            return None
-        log.info("spare worker ready: pid %d", proc.pid)
-        return proc, ctl, n
-
-    def _stop_spare(self):
-        if self.spare:
-            proc, ctl, _ = self.spare
-            self.spare = None
-            ctl.close()             # it exits on EOF
-            proc.wait(60)
-
-    def _respawn(self, w):
-        """A worker died: give the kernel new sockets for its connections (NBD_CMD_RECONFIGURE) and a new worker."""
-        proc, ctl, nsocks = self.workers[w]
-        log.error("worker %d (pid %d) exited with %s; its %d connection%s to the kernel died: starting a new one",
-                  w + 1, proc.pid, proc.returncode, nsocks, "" if nsocks == 1 else "s")
-        ctl.close()
-        pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(nsocks)]
-        spare, self.spare = self.spare, None
-        if spare and spare[0].poll() is None and spare[2] >= nsocks:
-            # The spare takes over: no new process (and no memory) needed while swap is stalled.
-            for ours, _ in pairs:
-                send_fd(spare[1], ours.fileno())
-                ours.close()
-            spare[1].sendall(b"G" + struct.pack("=I", w + 1))
-            self.workers[w] = (spare[0], spare[1], nsocks)
-        else:
-            if spare:
-                spare[1].close()
-                spare[0].wait(10)
-            self.workers[w] = self._spawn(w, [ours for ours, _ in pairs])
-        reconnected = False
-        try:
-            reconfigure(self.index, [k for _, k in pairs], self.backend, timeout_s=30)
-            reconnected = True
-        except OSError as e:
-            log.error("NBD_CMD_RECONFIGURE of %s failed: %s; worker %d's connections stay dead (the "
-                      "kernel sends their I/O over the others); restart the service when swap is idle",
-                      self.device, e.strerror, w + 1)
-        for _, k in pairs:
-            k.close()
-        if reconnected:
-            log.info("worker %d restarted (pid %d); %s has its connections back", w + 1, self.workers[w][0].pid,
-                     self.device)
-        self.spare = self._spawn_spare()     # swap works again: a new process can get its memory
-        self._write_state()                  # the worker pids a restart after a crash must stop
-
-    def _join_workers(self):
-        for proc, ctl, _ in self.workers:
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                raise Fatal(f"worker {proc.pid} did not exit after the device was disconnected") from None
-            ctl.close()
-
-    def _serve_kernel(self, sock, io, label):
+    def _serve_kernel(self, sock, io, export, label):
         prepare_serving_thread(self.libc, self.cfg["realtime"])
-        serve_connection(sock, self.export, label, io=io, handshake=False)
-
-    def _join_threads(self):
-        for t in self.threads:
-            t.join(30)
-        alive = [t.name for t in self.threads if t.is_alive()]
-        if alive:
-            raise Fatal(f"serving threads did not stop: {', '.join(alive)}")
+        serve_connection(sock, export, label, io=io, handshake=False)
 
     def _restore_sysctls(self):
         for key, old in self.sysctl_saved.items():
@@ -3309,150 +3855,315 @@ class Daemon:
             except OSError as e:
                 log.warning("could not restore vm.%s to %s: %s", key, old, e.strerror)
 
+    def _memory_clock_cap(self):
+        mhz = self.cfg["memory_clock_max"]
+        if mhz is None:
+            return
+        if self.nvml is None:
+            log.warning("memory_clock_max = %d: NVML (libnvidia-ml.so.1) is not available, so the memory clock "
+                        "is not capped; install the driver's NVML library or set memory_clock_max = off", mhz)
+            return
+        for g in self.gpus:
+            try:
+                got = self.nvml.lock_memory_clock(g.info["uuid"], mhz)
+            except NvmlError as e:
+                log.warning("%s: memory clock not capped: %s", g.label, e)
+                continue
+            g.clock_cap = got
+            log.info("%s: memory clock capped at %d MHz (memory_clock_max = %d)", g.label, got, mhz)
+            self.undo.append((f"reset the memory clock of {g.label}", lambda g=g: self.nvml.reset_memory_clock(g.info["uuid"])))
+
     def _open_counters(self):
         path = os.path.join(runtime_dir(), "counters")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            os.write(fd, bytes(mmap.PAGESIZE))
-            self.counters = mmap.mmap(fd, mmap.PAGESIZE)
+            os.write(fd, bytes(COUNTERS_BYTES))
+            self.counters = mmap.mmap(fd, COUNTERS_BYTES)
         finally:
             os.close(fd)
         self.undo.append(("remove counters", lambda: os.unlink(path)))
-        self._update_counters()
 
     def _update_counters(self):
-        t = self.export.totals()
-        COUNTERS.pack_into(self.counters, 0, COUNTERS_MAGIC, int(time.time() * 1000), self.export.connections,
-                           *(getattr(t, f) for f in Stats.FIELDS))
+        """Slices served from threads of this process (no workers): their counters, one slot a GPU."""
+        for g in self.gpus:
+            if not g.workers:
+                _publish_counters(self.counters, g.slots[0], [sl.export for sl in g.slices.values()])
 
     def _write_state(self):
-        store = self.export.store
         if self.started is None:
             self.started = time.strftime("%Y-%m-%d %H:%M:%S")
             self.undo.append(("remove state", remove_state))
-        state = {"pid": os.getpid(), "version": __version__, "mode": "serving", "device": self.device,
-                 "swap_device": self.swap_device, "encrypted": bool(self.crypt),
-                 "encryption": {"mapping": self.crypt, "cipher": CRYPT_CIPHER, "key_bits": CRYPT_KEY_BITS,
-                                "sector_bytes": BLOCK_SIZE} if self.crypt else None,
-                 "index": self.index, "attach": self.attach_kind, "gpu": self.gpu, "size_bytes": store.size_bytes,
-                 "size_asked_bytes": self.cfg["size"], "allocation": store.kind,
-                 "priority": self.cfg["priority"], "connections": self.cfg["connections"],
+        swaps = active_swaps()
+        slices = [sl.describe(swaps) for sl in self.slices]
+        first = slices[0] if slices else {}
+        cfg = self.cfg
+        state = {"pid": os.getpid(), "version": __version__, "mode": "serving",
+                 "device": first.get("device"), "swap_device": first.get("swap_device"),
+                 "attach": first.get("attach") or ("netlink" if cfg["attach"] != "ioctl" else "ioctl"),
+                 "encrypted": any(s["encrypted"] for s in slices),
+                 "encryption": {"mapping": first.get("mapping"), "cipher": CRYPT_CIPHER, "key_bits": CRYPT_KEY_BITS,
+                                "sector_bytes": BLOCK_SIZE} if any(s["encrypted"] for s in slices) else None,
+                 "size_bytes": sum(s["size_bytes"] for s in slices), "size_asked_bytes": cfg["size"],
+                 "slice_bytes": cfg["slice_size"], "reserve_bytes": cfg["reserve"], "reclaim_after_s": cfg["reclaim_after"],
+                 "priority": cfg["priority"], "connections": cfg["connections"],
+                 "slices": slices, "gpus": [g.describe() for g in self.gpus],
+                 "ceilings": {g.info["uuid"]: g.ceiling for g in self.gpus},
                  "started": self.started, "power": self.power.state()}
-        state["worker_pids"] = [proc.pid for proc, _, _ in self.workers] + ([self.spare[0].pid] if self.spare else [])
-        state["handover"] = self.export.store.fd is not None and self.attach_kind == "netlink"
+        state["gpu"] = state["gpus"][0] if state["gpus"] else None
+        state["worker_pids"] = [pid for g in self.gpus for pid in g.worker_pids()]
+        state["handover"] = bool(slices) and all(sl.store.fd is not None and sl.attach_kind == "netlink"
+                                                 for sl in self.slices)
         state["sysctl_saved"] = self.sysctl_saved
         if self.adopted_at:
             state["adopted_at"] = self.adopted_at
         if self.release_failed:
             state["release_failed"], state["release_error"] = self.release_failed
+        if self.request:
+            state["request"] = self.request
         write_json(state_path(), state)
 
     # -- serving ------------------------------------------------------------------------
 
     def loop(self):
-        """Serve until a stop signal (EXIT_OK), the power policy's release (RELEASED), or the end of every connection."""
+        """Serve until a stop signal (EXIT_OK), the power policy's release (RELEASED), GPU failures
+        (GPU_FAILED) or an upgrade (HANDOVER)."""
         while True:
             info = signal.sigtimedwait(DAEMON_SIGNALS, STATUS_INTERVAL_S)
-            if not self.workers:
-                self._update_counters()
+            self._update_counters()
             if info is not None and info.si_signo == signal.SIGUSR2:
-                if self.export.store.fd is None or self.attach_kind != "netlink":
+                if not all(sl.store.fd is not None and sl.attach_kind == "netlink" for sl in self.slices):
                     log.error("SIGUSR2: an upgrade in place needs exportable VRAM and a netlink attach; this "
                               "daemon has neither: use systemctl restart (a full swapoff)")
                     continue
-                log.info("SIGUSR2: re-executing %s; the new version takes %s and its VRAM over", sys.argv[0],
-                         self.device)
+                log.info("SIGUSR2: re-executing %s; the new version takes the devices and their VRAM over",
+                         sys.argv[0])
                 return HANDOVER
             if info is not None and info.si_signo in (signal.SIGHUP, signal.SIGUSR1):
                 if info.si_signo == signal.SIGHUP:
                     self.reload()
+                else:
+                    self._take_request()
                 if self._power_check():
                     return RELEASED
                 continue
-            if info is None and self.power.due() and self._power_check():
+            if info is not None:
+                log.info("%s received: stopping", signal.Signals(info.si_signo).name)
+                return EXIT_OK
+            if self.power.due() and self._power_check():
                 return RELEASED
-            if info is None and self._gpu_fault_check():
+            if self._gpu_fault_check():
                 return GPU_FAILED
-            if info is None:
-                for w, (proc, _, _) in enumerate(self.workers):
-                    if proc.poll() is not None:
-                        self._respawn(w)
-                if self.spare and self.spare[0].poll() is not None:
-                    log.warning("the spare worker (pid %d) exited with %s: starting another", self.spare[0].pid,
-                                self.spare[0].returncode)
-                    self.spare[1].close()
-                    self.spare = self._spawn_spare()
-                    self._write_state()
-                dead = [t.name for t in self.threads if not t.is_alive()]
-                if dead and len(dead) == len(self.threads):
-                    log.error("every connection to the kernel has closed; %s is no longer served", self.device)
-                    return EXIT_FAILURE
+            for g in self.gpus:
+                g.check_workers()
+            if time.monotonic() >= self.next_elastic:
+                self.next_elastic = time.monotonic() + self.cfg["vram_poll"]
+                self._elastic()
+            dead = [t.name for sl in self.slices for t, _ in sl.threads if not t.is_alive()]
+            if dead and len(dead) == sum(len(sl.threads) for sl in self.slices):
+                log.error("every connection to the kernel has closed; nothing is served any more")
+                return EXIT_FAILURE
+
+    # -- elastic VRAM ---------------------------------------------------------------------
+
+    def _elastic(self, hurry=False):
+        """One step for every GPU: give a slice back if the reserve or a shrink asks, take one if allowed.
+
+        Returns a list of what was done (for a shrink/grow request)."""
+        cfg, done = self.cfg, []
+        if not self.power.want or (time.monotonic() < self.elastic_retry_at and not hurry):
+            return done
+        for g in self.gpus:
+            if g.failed:
                 continue
-            log.info("%s received: stopping", signal.Signals(info.si_signo).name)
-            return EXIT_OK
+            try:
+                free = g.mem_free()
+            except CudaError as e:
+                log.warning("%s: cuMemGetInfo failed: %s", g.label, e)
+                continue
+            number = g.free_number()
+            next_bytes = g.sizes[number] if number < len(g.sizes) else 0
+            action, g.calm_since = elastic_decision(cfg["reserve"], free, len(g.slices), g.ceiling, next_bytes,
+                                                    g.calm_since, time.monotonic(),
+                                                    0 if hurry else cfg["reclaim_after"])
+            if action == "release":
+                if len(g.slices) > g.ceiling:
+                    why = f"shrink to {g.ceiling} slice{'' if g.ceiling == 1 else 's'}"
+                else:
+                    why = f"{format_size(free)} of VRAM free, below the reserve of {format_size(cfg['reserve'])}"
+                    self._log_gpu_users(g)
+                swaps = active_swaps()
+                sl = min(g.slices.values(), key=lambda s: (s.used_kib(swaps), -s.number))
+                if self._release_slice(sl, why):
+                    done.append(f"released {sl.name}")
+                else:
+                    self.elastic_retry_at = time.monotonic() + SWAPOFF_RETRY_S * 6
+                    done.append(f"could not release {sl.name}: swapoff failed (RAM cannot take its pages back now)")
+                self._write_state()
+            elif action == "grow":
+                try:
+                    ok = self._add_slice(g)
+                except Fatal as e:
+                    log.error("%s: taking a slice back failed: %s", g.label, e)
+                    ok = False
+                done.append(f"took slice {number} of {g.label}" if ok else f"could not take a slice on {g.label}")
+                if not ok:
+                    g.calm_since = None
+                self._write_state()
+        return done
+
+    def _log_gpu_users(self, g):
+        if self.nvml is None:
+            return
+        try:
+            users = [p for p in self.nvml.processes(g.info["uuid"]) if p[0] not in set(g.worker_pids()) | {os.getpid()}]
+        except NvmlError as e:
+            log.debug("NVML: %s", e)
+            return
+        if users:
+            log.info("%s: other programs on the GPU: %s", g.label, ", ".join(
+                f"{name} (pid {pid}{', ' + format_size(used) if used else ''})" for pid, used, name in users))
+
+    def _take_request(self):
+        """`nbd_vram.py shrink/grow SIZE`: move the ceilings, then release or take slices until they hold."""
+        path = request_path()
+        try:
+            with open(path) as f:
+                req = json.load(f)
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            log.warning("ignoring an unreadable shrink/grow request %s: %s", path, e)
+            return
+        op, nbytes = req.get("op"), int(req.get("bytes") or 0)
+        units = max(1, -(-nbytes // self.cfg["slice_size"]))
+        live = [g for g in self.gpus if not g.failed]
+        for _ in range(units):
+            if op == "shrink":
+                cands = [g for g in live if min(g.ceiling, len(g.slices)) > 0]
+                if not cands:
+                    break
+                g = max(cands, key=lambda g: (len(g.slices), -g.ordinal))
+                g.ceiling = min(g.ceiling, len(g.slices)) - 1
+            elif op == "grow":
+                cands = [g for g in live if max(g.ceiling, len(g.slices)) < len(g.sizes)]
+                if not cands:
+                    break
+                g = min(cands, key=lambda g: (len(g.slices), g.ordinal))
+                g.ceiling = max(g.ceiling, len(g.slices)) + 1
+        log.info("%s %s requested: slices allowed now %s", op, format_size(nbytes),
+                 ", ".join(f"{g.label} {g.ceiling} of {len(g.sizes)}" for g in self.gpus))
+        done = []
+        for _ in range(units * len(self.gpus) + len(self.gpus)):
+            step = self._elastic(hurry=True)
+            done += step
+            if not step or any(s.startswith("could not") for s in step):
+                break
+        held = sum(g.held_bytes() for g in self.gpus)
+        ok = all(len(g.slices) == g.ceiling for g in live)
+        failed = [s for s in done if s.startswith("could not")]
+        if not ok and not failed:
+            failed = ["not every GPU reached its new size (out of VRAM, or the reserve)"]
+        self.request = {"id": req.get("id"), "op": op, "bytes": nbytes, "ok": ok, "done": done, "held_bytes": held,
+                        "result": "; ".join([f"{format_size(held)} of VRAM is swap now"] + failed)}
+        self._write_state()
 
     def _gpu_fault_check(self):
-        """CUDA errors on I/O (each already an EIO to its request): move swap off this GPU while RAM
-        allows.  True once swap is off: the daemon then stops, and systemd starts it again afresh."""
-        errors = sum_counters(self.counters)[0]["io_errors"]
-        new, self.io_errors_seen = errors > self.io_errors_seen, errors    # a replaced worker's slot restarts at 0
-        if not (new or self.fault_swapoff_at) or not self.swap_on:
-            return False
-        if self.fault_swapoff_at and time.monotonic() < self.fault_swapoff_at:
-            return False
-        log.error("%d GPU I/O errors on %s (the requests got EIO; see the lines above): moving swap off the GPU, "
-                  "back into RAM (swapoff)", errors, self.swap_device)
-        sd_notify(f"STATUS=GPU I/O errors: swapoff {self.swap_device}")
-        if swap_disable(self.swap_device):
-            self.swap_on = False
-            log.error("swap is off %s; stopping: systemd starts the service again with a new CUDA context "
-                      "(if the GPU is gone, it stays stopped with the reason in the journal)", self.swap_device)
-            return True
-        self.fault_swapoff_at = time.monotonic() + SWAPOFF_RETRY_S
-        log.error("swapoff %s failed (RAM cannot take the pages back now); retrying every %d s; pages on the "
-                  "failing GPU fail their page-in with an I/O error", self.swap_device, SWAPOFF_RETRY_S)
-        return False
+        """CUDA errors on I/O (each already an EIO to its request): move swap off that GPU while RAM
+        allows, and give the GPU up; the others serve on.  True once no GPU is left."""
+        for g in self.gpus:
+            if g.failed:
+                continue
+            errors = sum_counters(self.counters, set(g.slots))[0]["io_errors"]
+            new, g.io_errors_seen = errors > g.io_errors_seen, errors    # a replaced worker's slot restarts at 0
+            if not (new or g.fault_swapoff_at) or not g.slices:
+                continue
+            if g.fault_swapoff_at and time.monotonic() < g.fault_swapoff_at:
+                continue
+            log.error("%s: %d GPU I/O errors (the requests got EIO; see the lines above): moving its swap off "
+                      "the GPU, back into RAM (swapoff)", g.label, errors)
+            sd_notify(f"STATUS=GPU I/O errors on {g.label}: swapoff")
+            for sl in sorted(g.slices.values(), key=lambda s: -s.number):
+                if not self._release_slice(sl, "GPU I/O errors"):
+                    g.fault_swapoff_at = time.monotonic() + SWAPOFF_RETRY_S
+                    log.error("%s: swapoff failed (RAM cannot take the pages back now); retrying every %d s; pages "
+                              "on the failing GPU fail their page-in with an I/O error", g.label, SWAPOFF_RETRY_S)
+                    break
+            else:
+                g.failed = f"GPU I/O errors at {time.strftime('%H:%M:%S')}"
+                g.ceiling = 0
+                g.stop()
+                log.error("%s: swap is off this GPU; it is given up until the service restarts%s", g.label,
+                          "" if any(not h.failed for h in self.gpus) else
+                          "; no GPU is left: stopping (systemd starts the service again with new CUDA contexts)")
+            self._write_state()
+        return bool(self.gpus) and all(g.failed for g in self.gpus)
 
     def _power_check(self):
-        """Ask the power policy; if it wants VRAM swap gone, swapoff once.  True when swap is off."""
+        """Ask the power policy; if it wants VRAM swap gone, swapoff every slice.  True when all are off."""
         if self.power.evaluate(self.swap_on) or not self.swap_on:
             self._write_state()
             return False
         why = self.power.why
-        log.info("power: releasing VRAM swap (%s): swapoff %s", why, self.swap_device)
-        sd_notify(f"STATUS=releasing VRAM swap ({why}): swapoff {self.swap_device}")
-        if swap_disable(self.swap_device):
-            self.swap_on = False
-            self.power.released = not self.power.sleeping
-            return True     # stop() then closes the mapping, disconnects and frees
-        # Never forced: the pages on VRAM belong to running processes.
-        self.release_failed = (time.time(),
-                               f"swapoff {self.swap_device} failed: RAM cannot take the swapped pages back now")
-        log.warning("power: VRAM swap stays on (%s); trying again in %d s", self.release_failed[1], self.power.poll_s)
-        sd_notify(f"STATUS=serving; power wants VRAM swap released ({why}) but swapoff failed; retrying")
-        self._write_state()
-        return False
+        log.info("power: releasing VRAM swap (%s)", why)
+        sd_notify(f"STATUS=releasing VRAM swap ({why})")
+        for sl in sorted(self.slices, key=lambda s: -s.priority):
+            if sl.swap_on and not swap_disable(sl.swap_device):
+                # Never forced: the pages on VRAM belong to running processes.
+                self.release_failed = (time.time(),
+                                       f"swapoff {sl.swap_device} failed: RAM cannot take the swapped pages back now")
+                log.warning("power: VRAM swap stays on (%s); trying again in %d s", self.release_failed[1],
+                            self.power.poll_s)
+                sd_notify(f"STATUS=serving; power wants VRAM swap released ({why}) but swapoff failed; retrying")
+                self._write_state()
+                return False
+            sl.swap_on = False
+        self.power.released = not self.power.sleeping
+        return True     # stop() then closes the mappings, disconnects and frees
 
     # -- teardown -----------------------------------------------------------------------
 
     def stop(self):
-        """Strictly in reverse: swapoff (retried until it succeeds), close the mapping, disconnect, free VRAM."""
-        if self.swap_on:
-            sd_notify("STOPPING=1", f"STATUS=swapoff {self.swap_device}")
-            while not swap_disable(self.swap_device):
-                sd_notify(f"STATUS=swapoff {self.swap_device} failed; retrying every {SWAPOFF_RETRY_S:.0f} s")
-                signal.sigtimedwait({signal.SIGTERM, signal.SIGINT}, SWAPOFF_RETRY_S)
-            self.swap_on = False
+        """Strictly in reverse: swapoff (retried until it succeeds), close the mappings, disconnect, free VRAM."""
+        for sl in sorted(self.slices, key=lambda s: s.priority):
+            if sl.swap_on:
+                sd_notify("STOPPING=1", f"STATUS=swapoff {sl.swap_device}")
+                while not swap_disable(sl.swap_device):
+                    sd_notify(f"STATUS=swapoff {sl.swap_device} failed; retrying every {SWAPOFF_RETRY_S:.0f} s")
+                    signal.sigtimedwait({signal.SIGTERM, signal.SIGINT}, SWAPOFF_RETRY_S)
+                sl.swap_on = False
+        for sl in reversed(self.slices):
+            sl.run_undo()
+            del sl.gpu.slices[sl.number]
+        for g in self.gpus:
+            g.stop()
         while self.undo:
             what, fn = self.undo.pop()
             try:
                 fn()
             except Exception as e:
                 log.error("stopping: %s failed: %s", what, e)
-                if what in ("stop serving threads", "stop workers"):
-                    # Something still serves from this VRAM: freeing it now could serve garbage.
-                    log.error("leaving VRAM allocated; the process exits and the driver reclaims it")
-                    self.undo = []
+        if self.nvml is not None:
+            self.nvml.close()
+            self.nvml = None
+
+    def stored_fds_for_handover(self):
+        """{fd name: fd} of every slice, kept open over an upgrade's exec."""
+        return {sl.fdname: sl.store.fd for sl in self.slices}
+
+
+def request_path():
+    return os.path.join(runtime_dir(), "request.json")
+
+
+def gpu_specs(text, count):
+    """The gpus setting as a list of --gpu specs: 'all' is every index."""
+    text = str(text).strip()
+    if text.lower() == "all":
+        if count == 0:
+            raise NoGpuError("no NVIDIA GPU found: check `nvidia-smi`")
+        return [str(i) for i in range(count)]
+    return [s.strip() for s in text.split(",") if s.strip()]
 
 
 def cmd_run(args, flags):
@@ -3470,11 +4181,14 @@ def cmd_run(args, flags):
         # heap can be grown once and kept (prepare_memory), so run on it.
         os.environ["PYTHONMALLOC"] = "malloc"
         reexec(args.argv)
-    stored = sd_listen_fds()
-    if os.environ.get(HANDOVER_ENV, "").isdigit():
-        stored[VRAM_FDNAME] = int(os.environ.pop(HANDOVER_ENV))
-        os.set_inheritable(stored[VRAM_FDNAME], False)
-    for name in [n for n in stored if n != VRAM_FDNAME]:
+    stored = {name: fd for name, fd in sd_listen_fds().items()}
+    handed = os.environ.pop(HANDOVER_ENV, "")
+    for item in filter(None, handed.split(",")):
+        name, _, fd = item.rpartition("=")
+        if fd.isdigit():
+            stored[name or LEGACY_FDNAME] = int(fd)         # a bare number: a version before slices
+            os.set_inheritable(int(fd), False)
+    for name in [n for n in stored if not n.startswith(LEGACY_FDNAME)]:
         log.warning("systemd passed an fd named %r that this version does not use: closing it", name)
         os.close(stored.pop(name))
     if settings["encrypt"]:
@@ -3483,7 +4197,7 @@ def cmd_run(args, flags):
     warning = hibernation_resume_warning()
     if warning:
         log.warning("%s", warning)
-    if VRAM_FDNAME not in stored and not wait_for_power(power, lambda: power.reload(args, flags)):
+    if not stored and not wait_for_power(power, lambda: power.reload(args, flags)):
         return EXIT_OK      # (after a crash, live swap is taken back first; the power policy decides next)
     daemon = Daemon(settings, power, lambda: power.reload(args, flags), stored)
     try:
@@ -3497,14 +4211,15 @@ def cmd_run(args, flags):
         return EXIT_FAILURE
     if rc == HANDOVER:
         # An upgrade in place: no teardown.  Swap stays on, the workers serve on until the new
-        # version stops them, and the VRAM fd stays open over the exec (and in systemd's store).
+        # version stops them, and the VRAM fds stay open over the exec (and in systemd's store).
         daemon._write_state()
-        fd = daemon.export.store.fd
-        os.set_inheritable(fd, True)
-        reexec(args.argv, dict(os.environ, **{HANDOVER_ENV: str(fd)}))
+        fds = daemon.stored_fds_for_handover()
+        for fd in fds.values():
+            os.set_inheritable(fd, True)
+        reexec(args.argv, dict(os.environ, **{HANDOVER_ENV: ",".join(f"{n}={fd}" for n, fd in fds.items())}))
     daemon.stop()
     if rc == RELEASED:
-        # Swap is off, the device gone, the VRAM scrubbed and freed.  Start over as a fresh process:
+        # Swap is off, the devices gone, the VRAM scrubbed and freed.  Start over as a fresh process:
         # only that drops every handle on the GPU (libcuda keeps the device files open after the last
         # context), so the dGPU can power down while we wait for AC.
         log.info("power: VRAM swap released (%s); idle until it is wanted again", power.why)
@@ -3534,16 +4249,24 @@ def gather_status():
             status["counters_age_s"] = round(time.time() - newest / 1000, 1)
     except OSError:
         pass
-    swap_device = state.get("swap_device") or state.get("device")
-    found = find_swap(swap_device) if swap_device else None
-    swap = found[1] if found else None
-    status["swap"] = ({"active": True, "size_bytes": swap[0] * 1024, "used_bytes": swap[1] * 1024,
-                       "priority": swap[2]} if swap else {"active": False})
-    status["swap"].update(device=swap_device, encrypted=bool(state.get("encrypted")))
+    swaps = active_swaps()
+    slices = state.get("slices") or []
+    for sl in slices:
+        found = find_swap(sl["swap_device"], swaps=swaps) if sl.get("swap_device") else None
+        sl["swap"] = ({"active": True, "size_bytes": found[1][0] * 1024, "used_bytes": found[1][1] * 1024,
+                       "priority": found[1][2]} if found else {"active": False})
+    active = [sl["swap"] for sl in slices if sl["swap"]["active"]]
+    status["swap"] = {"active": bool(active), "slices": len(slices), "active_slices": len(active),
+                      "size_bytes": sum(a["size_bytes"] for a in active), "used_bytes": sum(a["used_bytes"] for a in active),
+                      "priority": max((a["priority"] for a in active), default=None),
+                      "device": state.get("swap_device"), "encrypted": bool(state.get("encrypted"))}
     c = status.get("counters", {})
     # A connection the kernel marked dead and nobody reconnected: its queue's I/O goes over the others.
-    missing = "connections_live" in status and status["connections_live"] < state.get("connections", 0)
-    status["healthy"] = running and swap is not None and not c.get("io_errors") and not missing
+    want = state.get("connections", 0) * len(slices)
+    missing = "connections_live" in status and status["connections_live"] < want
+    failed = [g for g in state.get("gpus") or [] if g.get("failed")]
+    status["healthy"] = (running and len(active) == len(slices) and (bool(slices) or bool(state.get("gpus")))
+                         and not c.get("io_errors") and not missing and not failed)
     return status
 
 
@@ -3568,21 +4291,34 @@ def cmd_status(args):
             print(f"{k:<8} {v}")
         return EXIT_OK
     if not args.json:
-        c, sw, g = st.get("counters", {}), st["swap"], st["gpu"]
+        c, sw = st.get("counters", {}), st["swap"]
         enc = st.get("encryption") or {}
-        crypt = (f"{sw['device']}, encrypted (dm-crypt {enc.get('cipher')}, a {enc.get('key_bits')}-bit key for this "
-                 "run only)" if sw["encrypted"] else "")
-        if sw["active"]:
-            swap_line = (f"on, {crypt + ', ' if crypt else ''}priority {sw['priority']}, "
-                         f"{format_size(sw['used_bytes'])} used of {format_size(sw['size_bytes'])}")
-        else:
-            swap_line = "off" + (f" ({crypt})" if crypt else "")
+        crypt = (f"encrypted (dm-crypt {enc.get('cipher')}, a {enc.get('key_bits')}-bit key for this run only), "
+                 if sw["encrypted"] else "")
+        reserve = st.get("reserve_bytes")
         rows = [
             ("daemon", f"running, pid {st['pid']}, since {st['started']}, version {st['version']}"),
-            ("device", f"{st['device']} ({st['attach']}, {st.get('connections_live', '?')} of {st['connections']} connections)"),
-            ("swap", swap_line),
-            ("gpu", f"{g['index']}: {g['name']} ({g['uuid']}, {g['pci_bus_id']})"),
-            ("vram", f"{format_size(st['size_bytes'])} ({format_size(st['size_asked_bytes'])} asked, {st['allocation']})"),
+            ("swap", f"{'on' if sw['active'] else 'off'}, {crypt}{sw['active_slices']} of {sw['slices']} slices, "
+                     f"{format_size(sw['used_bytes'])} used of {format_size(sw['size_bytes'])}"),
+            ("elastic", f"slices of {format_size(st.get('slice_bytes') or 0)}, reserve "
+                        f"{format_size(reserve) if reserve is not None else 'off'}, taken back after "
+                        f"{st.get('reclaim_after_s')} s with room"),
+        ]
+        for g in st.get("gpus") or []:
+            free = f", {format_size(g['free_bytes'])} free" if g.get("free_bytes") is not None else ""
+            state = f"FAILED ({g['failed']})" if g.get("failed") else (
+                f"{format_size(g['held_bytes'])} as swap, {g['ceiling']} of {g['max_slices']} slices allowed")
+            rows.append((f"gpu {g['index']}", f"{g['name']} ({g['uuid']}, {g['pci_bus_id']}): {state}{free}"
+                         + (f"; last: {g['last_action']}" if g.get("last_action") else "")))
+        for sl in st.get("slices") or []:
+            sw1 = sl["swap"]
+            use = (f"priority {sw1['priority']}, {format_size(sw1['used_bytes'])} used" if sw1["active"] else "NOT swap")
+            rows.append((f"slice {sl['gpu_index']}.{sl['number']}",
+                         f"{sl['swap_device']}{' on ' + sl['device'] if sl['swap_device'] != sl['device'] else ''} "
+                         f"({format_size(sl['size_bytes'])}, {sl['attach']}): {use}"))
+        rows += [
+            ("links", f"{st.get('connections_live', '?')} of {st['connections'] * len(st.get('slices') or [])} "
+                      f"connections ({st['connections']} a slice)"),
             ("reads", f"{c.get('reads', 0)} ({format_size(c.get('bytes_read', 0))})"),
             ("writes", f"{c.get('writes', 0)} ({format_size(c.get('bytes_written', 0))})"),
             ("trims", f"{c.get('trims', 0)} trims, {c.get('zeroes', 0)} zeroes, {c.get('flushes', 0)} flushes"),
@@ -3593,10 +4329,39 @@ def cmd_status(args):
             line = describe_power(st["power"])
             if st.get("release_failed"):
                 line += f"; last release failed at {time.strftime('%H:%M:%S', time.localtime(st['release_failed']))}: {st['release_error']}"
-            rows.insert(3, ("power", line))
+            rows.insert(2, ("power", line))
         for k, v in rows:
-            print(f"{k:<8} {v}")
+            print(f"{k:<10} {v}")
     return EXIT_OK if st["healthy"] else EXIT_DEGRADED
+
+
+def cmd_resize(args):
+    """shrink / grow SIZE: ask the running daemon to give back or take more VRAM, and wait for its answer."""
+    try:
+        nbytes = parse_size(args.size)
+    except ValueError as e:
+        raise ConfigError(f"{args.command}: {e}") from None
+    if nbytes <= 0:
+        raise ConfigError(f"{args.command}: the size must be more than 0")
+    st = read_state()
+    if not st or not pid_alive(st.get("pid", 0)) or st.get("mode") != "serving":
+        log.error("%s: no nbd-vram daemon is serving: nothing to %s", args.command, args.command)
+        return EXIT_NOT_RUNNING
+    rid = time.time()
+    write_json(request_path(), {"id": rid, "op": args.command, "bytes": nbytes})
+    os.kill(st["pid"], signal.SIGUSR1)
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = read_state() or {}
+        req = now.get("request") or {}
+        if req.get("id") == rid:
+            (log.info if req["ok"] else log.warning)("%s %s: %s", args.command, format_size(nbytes), req["result"])
+            return EXIT_OK if req["ok"] else EXIT_FAILURE
+        if not pid_alive(st["pid"]):
+            raise Fatal(f"the daemon (pid {st['pid']}) exited: see journalctl -u vram-swap-nbd")
+    raise Fatal(f"the daemon did not answer the {args.command} request within {args.timeout:.0f} s (a swapoff can "
+                "take long: see `nbd_vram.py status` and journalctl -u vram-swap-nbd)")
 
 
 def signal_daemon(sig=signal.SIGUSR1):
@@ -3825,7 +4590,8 @@ def build_parser():
         q.add_argument("--config", default=None, help=f"configuration file (default {DEFAULT_CONFIG})")
         for o in OPTIONS:
             boolean = o.parse is _parse_bool     # --debug alone means --debug=yes
-            q.add_argument(o.flag, dest="opt_" + o.key, default=None, metavar="VALUE",
+            aliases = [f"--{a}" for a, k in OPTION_ALIASES.items() if k == o.key]
+            q.add_argument(o.flag, *aliases, dest="opt_" + o.key, default=None, metavar="VALUE",
                            nargs="?" if boolean else None, const="yes" if boolean else None,
                            help=f"{o.help} ({o.allowed}; default {o.default})")
 
@@ -3833,9 +4599,11 @@ def build_parser():
     st.add_argument("--json", action="store_true", help="machine-readable output")
 
     w = sub.add_parser("worker", allow_abbrev=False, help="(internal) a serving process started by serve and run")
-    w.add_argument("--vram-fd", type=int, required=True)
-    w.add_argument("--vram-size", type=int, required=True)
+    w.add_argument("--vram-fd", type=int, default=None)
+    w.add_argument("--vram-size", type=int, default=None)
     w.add_argument("--gpu", required=True)
+    w.add_argument("--kernel", action="store_true")
+    w.add_argument("--slot", type=int, default=None)
     w.add_argument("--ctl-fd", type=int, required=True)
     w.add_argument("--sock-fd", type=int, action="append", default=[])
     w.add_argument("--buffer-size", type=int, required=True)
@@ -3856,6 +4624,14 @@ def build_parser():
     sub.add_parser("wake", allow_abbrev=False, help="after resume: let the daemon take VRAM swap back")
     sub.add_parser("power-event", allow_abbrev=False,
                    help="tell the daemon the power supply changed (the udev rule runs this)")
+    for op, what in (("shrink", "give SIZE of VRAM back to GPU programs now (the emptiest slices: swapoff, "
+                                "then free)"),
+                     ("grow", "take SIZE of VRAM back as swap (up to size a GPU, above the reserve)")):
+        rs = sub.add_parser(op, allow_abbrev=False, help=what, description=what[0].upper() + what[1:] + ". Rounded "
+                            "up to whole slices; stays in force until the next grow/shrink or restart.")
+        rs.add_argument("size", metavar="SIZE", help="e.g. 2G")
+        rs.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                        help="how long to wait for the daemon's answer (default 600)")
     u = sub.add_parser("upgrade", allow_abbrev=False,
                        help="have the running daemon re-execute nbd_vram.py from disk, keeping swap and VRAM")
     u.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
@@ -3893,6 +4669,8 @@ def main(argv=None):
             return cmd_power_event(args)
         if args.command == "upgrade":
             return cmd_upgrade(args)
+        if args.command in ("shrink", "grow"):
+            return cmd_resize(args)
         if args.command == "worker":
             return cmd_worker(args)
     except Fatal as e:

@@ -77,11 +77,11 @@ def probe_kept(sock, size):
     event(f"probe kept {'ok' if ok else 'BAD'}")
 
 
-def sysfs(name, text=None):
-    """Write (or with None remove) sys/block/nbd99/NAME under the fixture root."""
+def sysfs(index, name, text=None):
+    """Write (or with None remove) sys/block/nbdINDEX/NAME under the fixture root."""
     if not SYSROOT:
         return
-    path = os.path.join(SYSROOT, f"sys/block/nbd{INDEX}", name)
+    path = os.path.join(SYSROOT, f"sys/block/nbd{index}", name)
     if text is None:
         if os.path.exists(path):
             os.unlink(path)
@@ -91,49 +91,66 @@ def sysfs(name, text=None):
         f.write(text + "\n")
 
 
-def attach(self, socks):
-    self.kernel_ends = [socket.socket(fileno=os.dup(s.fileno())) for s in socks]
+def device_of(sl):
+    """Slice 0 of the first GPU is /dev/nbd-harness (index 99), the others /dev/nbd-harnessG.N (98, 97, ...)."""
+    if sl.gpu.ordinal == 0 and sl.number == 0:
+        return INDEX, DEVICE
+    return INDEX - 1 - sl.gpu.ordinal * 16 - sl.number, f"{DEVICE}{sl.gpu.ordinal}.{sl.number}"
+
+
+def attach(self, sl, socks):
+    sl.kernel_ends = [socket.socket(fileno=os.dup(s.fileno())) for s in socks]
     # "netlink", so that a restart after a crash may take the device over, as with the kernel.
-    self.index, self.attach_kind, self.device = INDEX, "netlink", DEVICE
-    self.backend = f"nbd-vram:{os.getpid()}:{self.gpu['uuid']}"
-    sysfs("pid", str(os.getpid()))
-    sysfs("backend", self.backend)
-    self.undo.append(("disconnect " + DEVICE, lambda: disconnect(self)))
-    event(f"attach {len(socks)}")
-    if os.environ.get("HARNESS_PROBE") == "1":
-        probe(self.kernel_ends[0], self.export.size)
+    (sl.index, sl.device), sl.attach_kind = device_of(sl), "netlink"
+    sl.backend = f"nbd-vram:{os.getpid()}:{sl.gpu.info['uuid']}:{sl.number}"
+    sysfs(sl.index, "pid", str(os.getpid()))
+    sysfs(sl.index, "backend", sl.backend)
+    sl.undo.append(("disconnect " + sl.device, lambda: disconnect(sl)))
+    event(f"attach {len(socks)}" + ("" if sl.device == DEVICE else f" {sl.device}"))
+    if os.environ.get("HARNESS_PROBE") == "1" and sl.device == DEVICE:
+        probe(sl.kernel_ends[0], sl.export.size)
 
 
-def reattach(self, old, socks):
-    self.kernel_ends = [socket.socket(fileno=os.dup(s.fileno())) for s in socks]
-    self.index, self.device, self.backend, self.attach_kind = old["index"], old["device"], old["backend"], "netlink"
-    self.undo.append(("disconnect " + DEVICE, lambda: disconnect(self)))
-    event(f"reattach {len(socks)}")
-    if os.environ.get("HARNESS_PROBE") == "1":
-        probe_kept(self.kernel_ends[0], self.export.size)
+def reattach(self, sl, old, socks):
+    sl.kernel_ends = [socket.socket(fileno=os.dup(s.fileno())) for s in socks]
+    sl.index, sl.device, sl.backend, sl.attach_kind = old["index"], old["device"], old["backend"], "netlink"
+    sl.undo.append(("disconnect " + sl.device, lambda: disconnect(sl)))
+    event(f"reattach {len(socks)}" + ("" if sl.device == DEVICE else f" {sl.device}"))
+    if os.environ.get("HARNESS_PROBE") == "1" and sl.device == DEVICE:
+        probe_kept(sl.kernel_ends[0], sl.export.size)
 
 
-def disconnect(self):
-    for s in self.kernel_ends:
+def disconnect(sl):
+    for s in sl.kernel_ends:
         s.close()
-    sysfs("pid")
-    sysfs("backend")
-    event("disconnect")
+    sysfs(sl.index, "pid")
+    sysfs(sl.index, "backend")
+    event("disconnect" + ("" if sl.device == DEVICE else f" {sl.device}"))
 
 
-def proc_swaps(dev=None):
-    """The fixture's /proc/swaps: the header, and DEV if it is swap."""
+def proc_swaps(add=None, remove=None):
+    """The fixture's /proc/swaps: the header and the devices swapon was given (Used 0: tests that
+    need a slice to look full edit the file)."""
     if not SYSROOT:
         return
     os.makedirs(os.path.join(SYSROOT, "proc"), exist_ok=True)
-    with open(os.path.join(SYSROOT, "proc/swaps"), "w") as f:
+    path = os.path.join(SYSROOT, "proc/swaps")
+    try:
+        with open(path) as f:
+            rows = [l.split("\t") for l in f.read().splitlines()[1:]]
+    except FileNotFoundError:
+        rows = []
+    rows = [r for r in rows if r[0] != remove]
+    if add:
+        rows.append([add[0], "partition", "65532", "0", str(add[1])])
+    with open(path, "w") as f:
         f.write("Filename\tType\tSize\tUsed\tPriority\n")
-        if dev:
-            f.write(f"{dev}\tpartition\t65532\t0\t1500\n")
+        for r in rows:
+            f.write("\t".join(r) + "\n")
 
 
 def swap_enable(dev, priority, discard):
-    proc_swaps(dev)
+    proc_swaps(add=(dev, priority))
     event(f"swapon {dev} {priority}")
 
 
@@ -141,7 +158,7 @@ def swap_disable(dev):
     if SWAPOFF_FAILS and os.path.exists(SWAPOFF_FAILS):
         event(f"swapoff {dev} failed")
         return False
-    proc_swaps()
+    proc_swaps(remove=dev)
     event(f"swapoff {dev}")
     return True
 

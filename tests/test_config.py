@@ -23,7 +23,7 @@ def conf(tmp_path):
 def test_defaults(tmp_path):
     settings_, origin = nv.load_config(str(tmp_path / "absent.conf"), environ={})
     assert settings_["size"] == 7 * GiB and settings_["min_size"] == GiB
-    assert settings_["gpu"] == "0" and settings_["priority"] == 1500 and settings_["connections"] == 4
+    assert settings_["gpus"] == "0" and settings_["priority"] == 1500 and settings_["connections"] == 4
     assert settings_["discard"] is True and settings_["swappiness"] is None and settings_["attach"] == "auto"
     assert settings_["buffer_size"] == 2 * MiB and settings_["debug"] is False
     assert set(origin.values()) == {"default"} and set(origin) == set(nv.OPTION_BY_KEY)
@@ -39,7 +39,7 @@ def test_file_values(conf):
                 "swappiness = 180\nattach = ioctl\ngpu = GPU-facec0da\n")
     s, origin = nv.load_config(path, environ={})
     assert (s["size"], s["min_size"], s["priority"], s["discard"]) == (2 * GiB, 512 * MiB, 10, False)
-    assert (s["swappiness"], s["attach"], s["gpu"]) == (180, "ioctl", "GPU-facec0da")
+    assert (s["swappiness"], s["attach"], s["gpus"]) == (180, "ioctl", "GPU-facec0da")   # the old key name
     assert origin["size"] == f"{path}:3" and origin["min_size"] == f"{path}:4" and origin["priority"] == f"{path}:5"
     assert origin["connections"] == "default"
 
@@ -114,10 +114,10 @@ def test_bad_environment(conf, var, value):
 
 def test_flags_override_environment(conf):
     path = conf("size = 2G\n")
-    s, origin = nv.load_config(path, flags={"size": "3G", "priority": "5", "gpu": None},
+    s, origin = nv.load_config(path, flags={"size": "3G", "priority": "5", "gpus": None},
                                environ={"VRAM_SETUP_SIZE_MB": "4096", "VRAM_SWAP_PRIORITY": "77"})
     assert (s["size"], s["priority"]) == (3 * GiB, 5)
-    assert origin["size"] == "--size" and origin["priority"] == "--priority" and origin["gpu"] == "default"
+    assert origin["size"] == "--size" and origin["priority"] == "--priority" and origin["gpus"] == "default"
 
 
 def test_bad_flag(conf):
@@ -232,3 +232,24 @@ def test_random_config_text(tmp_path, text):
         assert "\n" not in str(e)
         return
     assert set(s) == set(nv.OPTION_BY_KEY) and s["min_size"] <= s["size"]
+
+
+def test_elastic_keys(conf):
+    path = conf("gpus = all\nslice_size = 512M\nreserve = 2G\nreclaim_after = 30\nvram_poll = 2\n"
+                "memory_clock_max = 5001\n")
+    s, _ = nv.load_config(path, environ={})
+    assert (s["gpus"], s["slice_size"], s["reserve"], s["reclaim_after"], s["vram_poll"], s["memory_clock_max"]) == \
+        ("all", 512 * MiB, 2 * GiB, 30, 2, 5001)
+    d, _ = nv.load_config(conf(""), environ={})
+    assert (d["gpus"], d["slice_size"], d["reserve"], d["memory_clock_max"]) == ("0", GiB, None, None)
+    assert nv.format_setting("reserve", None) == "off" and nv.format_setting("reserve", 2 * GiB) == "2G"
+    s, _ = nv.load_config(conf("gpus = 0, GPU-ab12 ,0000:01:00.0\nreserve = off\n"), environ={})
+    assert s["gpus"] == "0,GPU-ab12,0000:01:00.0" and s["reserve"] is None
+
+
+@pytest.mark.parametrize("line, what", [("gpus = 0,,1", "gpus"), ("slice_size = 1M", "slice_size"),
+                                        ("reserve = lots", "reserve"), ("memory_clock_max = 5", "memory_clock_max"),
+                                        ("gpu = 0\ngpus = 1", "set twice")])
+def test_bad_elastic_keys(conf, line, what):
+    with pytest.raises(nv.ConfigError, match=what):
+        nv.load_config(conf(line + "\n"), environ={})

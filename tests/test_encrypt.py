@@ -197,9 +197,10 @@ def test_swap_goes_on_the_mapping_and_stop_undoes_it_in_reverse(encrypted_harnes
                                       f"{MAPPER}   partition\t65532\t1024\t1500\n")
     out = h.cli("status")
     assert out.returncode in (0, 10), out.stderr
-    rows = {line.split()[0]: line for line in out.stdout.splitlines()}
-    assert rows["device"].split()[1] == "/dev/nbd-harness"
-    assert f"on, {MAPPER}, encrypted (dm-crypt aes-xts-plain64, a 512-bit key for this run only), priority 1500" \
+    rows = {" ".join(line.split()[:2]) if line.startswith("slice") else line.split()[0]: line
+            for line in out.stdout.splitlines()}
+    assert f"{MAPPER} on /dev/nbd-harness (64 MiB, netlink): priority 1500, 1 MiB used" in rows["slice 0.0"], out.stdout
+    assert "on, encrypted (dm-crypt aes-xts-plain64, a 512-bit key for this run only), 1 of 1 slices" \
         in rows["swap"], out.stdout
     js = json.loads(h.cli("status", "--json").stdout)
     assert js["swap"]["active"] is True and js["swap"]["device"] == MAPPER and js["swap"]["encrypted"] is True

@@ -30,8 +30,8 @@ def test_gpu_copy_failure_moves_swap_off_and_stops(harness):   # noqa: F811
     assert h.lines() == AFTER_A_FAULT
     text = h.text()
     assert "GPU I/O error, replying EIO" in text and "CUDA_ERROR_ILLEGAL_ADDRESS" in text
-    assert re.search(r"\d+ GPU I/O errors on /dev/nbd-harness .*moving swap off the GPU", text), text
-    assert "swap is off /dev/nbd-harness; stopping" in text
+    assert re.search(r"GPU 0: \d+ GPU I/O errors .*moving its swap off the GPU", text), text
+    assert "GPU 0: swap is off this GPU; it is given up until the service restarts; no GPU is left: stopping" in text
     assert "Traceback" not in text
 
 
