@@ -19,10 +19,18 @@ Stand-ins:
 Re-execs run this script again (the daemon re-executes sys.argv[0]), so the stand-ins stay in place.
 HARNESS_OOM_AFTER_RELEASE=1: after a power release every VRAM allocation fails (another program
 took the memory).
+HARNESS_NBD_DIR=DIR: every attached slice is also an NBD server on DIR/slice-G.N.sock, for clients
+such as fio (tests of shrink/grow under load): the handshake is answered here, then each client's
+requests go to one of the slice's kernel ends (a client each, never reused) and the worker's
+replies come back; NBD_CMD_DISC is not passed on (it would end the kernel's connection).
+HARNESS_PROBE=all: each slice gets its own pattern at attach, and at every disconnect the patterns
+of all the other slices are read back ("verify ok N" / "verify BAD"): releasing one slice must not
+touch the others.
 """
 import os
 import socket
 import sys
+import threading
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import nbd_vram as nv  # noqa: E402
@@ -77,6 +85,76 @@ def probe_kept(sock, size):
     event(f"probe kept {'ok' if ok else 'BAD'}")
 
 
+ATTACHED = set()                # slices with a pattern (HARNESS_PROBE=all)
+PROBE_LOCK = threading.Lock()
+
+
+def write_read(sock, offset, data, what):
+    """One NBD write then read of DATA at OFFSET through a worker; an event says whether it came back."""
+    with PROBE_LOCK:
+        sock.sendall(nv.REQUEST.pack(nv.NBD_REQUEST_MAGIC, 0, nv.Cmd.WRITE, 11, offset, len(data)) + data)
+        _, err, cookie = nv.SIMPLE_REPLY.unpack(recv_replies(sock, nv.SIMPLE_REPLY.size))
+        ok = (err, cookie) == (0, 11) and read_back(sock, offset, len(data)) == data
+    event(f"{what} {'ok' if ok else 'BAD'}")
+
+
+def read_back(sock, offset, n):
+    sock.sendall(nv.REQUEST.pack(nv.NBD_REQUEST_MAGIC, 0, nv.Cmd.READ, 12, offset, n))
+    got = recv_replies(sock, nv.SIMPLE_REPLY.size + n)
+    _, err, cookie = nv.SIMPLE_REPLY.unpack_from(got, 0)
+    return got[nv.SIMPLE_REPLY.size:] if (err, cookie) == (0, 12) else None
+
+
+def relay(sl):
+    """HARNESS_NBD_DIR: serve the slice to NBD clients through its kernel ends (see the top)."""
+    path = os.path.join(os.environ["HARNESS_NBD_DIR"], f"slice-{sl.gpu.ordinal}.{sl.number}.sock")
+    if os.path.exists(path):
+        os.unlink(path)
+    sl.listener, sl.listener_path = socket.socket(socket.AF_UNIX), path
+    sl.listener.bind(path)
+    sl.listener.listen(8)
+    ends = list(sl.kernel_ends[1:] if os.environ.get("HARNESS_PROBE") == "all" else sl.kernel_ends)
+
+    def pump(src, dst):
+        try:
+            while True:
+                b = src.recv(1 << 20)
+                if not b:
+                    break
+                dst.sendall(b)
+        except OSError:
+            pass
+
+    def client(conn, end):
+        try:
+            if not nv.negotiate(conn, sl.export):
+                return
+            threading.Thread(target=pump, args=(end, conn), daemon=True).start()
+            while True:
+                hdr = nv.recv_exact(conn, nv.REQ_SIZE, "request")
+                _, _, typ, _, _, length = nv.REQUEST.unpack(hdr)
+                if typ == nv.Cmd.DISC:
+                    break
+                end.sendall(hdr + (nv.recv_exact(conn, length, "payload") if typ == nv.Cmd.WRITE else b""))
+        except (OSError, nv.ProtocolError):
+            pass
+        finally:
+            conn.close()
+
+    def accept():
+        while True:
+            try:
+                conn, _ = sl.listener.accept()
+            except OSError:
+                return
+            if not ends:
+                conn.close()        # every kernel end has had its client
+                continue
+            threading.Thread(target=client, args=(conn, ends.pop(0)), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+
+
 def sysfs(index, name, text=None):
     """Write (or with None remove) sys/block/nbdINDEX/NAME under the fixture root."""
     if not SYSROOT:
@@ -109,6 +187,12 @@ def attach(self, sl, socks):
     event(f"attach {len(socks)}" + ("" if sl.device == DEVICE else f" {sl.device}"))
     if os.environ.get("HARNESS_PROBE") == "1" and sl.device == DEVICE:
         probe(sl.kernel_ends[0], sl.export.size)
+    if os.environ.get("HARNESS_PROBE") == "all":
+        sl.pattern = os.urandom(4096)
+        write_read(sl.kernel_ends[0], sl.export.size - 8192, sl.pattern, f"probe {sl.gpu.ordinal}.{sl.number}")
+        ATTACHED.add(sl)
+    if os.environ.get("HARNESS_NBD_DIR"):
+        relay(sl)
 
 
 def reattach(self, sl, old, socks):
@@ -121,6 +205,14 @@ def reattach(self, sl, old, socks):
 
 
 def disconnect(sl):
+    if os.environ.get("HARNESS_PROBE") == "all":
+        ATTACHED.discard(sl)
+        with PROBE_LOCK:
+            bad = [o for o in list(ATTACHED) if read_back(o.kernel_ends[0], o.export.size - 8192, 4096) != o.pattern]
+        event(f"verify BAD {len(bad)}" if bad else f"verify ok {len(ATTACHED)}")
+    if getattr(sl, "listener", None):
+        sl.listener.close()
+        os.unlink(sl.listener_path)
     for s in sl.kernel_ends:
         s.close()
     sysfs(sl.index, "pid")
