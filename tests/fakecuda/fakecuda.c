@@ -92,7 +92,7 @@
  *   long fake_alloc_bytes    device bytes currently allocated (all devices;
  *                            imported VMM handles are not counted)
  *   int  fake_fail_copy_n    writable; same meaning as FAKECUDA_FAIL_COPY_N, 0 = off
- *   int  fake_device_lost    writable; 1 = device lost now
+ *   int  fake_device_lost    writable; 1 = every device lost now (per device: FAKECUDA_LOST_DEVICES)
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
