@@ -505,6 +505,239 @@ class Cuda:
 
 
 ############################################################################
+# NVML (libnvidia-ml.so.1 via ctypes), optional ############################
+############################################################################
+
+# Only for what the CUDA driver API does not tell: which processes use a GPU, and
+# its memory clock.  Everything works without it (a box without the library, a
+# container without /dev/nvidiactl access): Nvml.open() then returns None.
+
+NVML_SUCCESS = 0
+NVML_ERROR_INSUFFICIENT_SIZE = 7
+NVML_CLOCK_MEM = 2                       # nvmlClockType_t
+NVML_VALUE_NOT_AVAILABLE = 2**64 - 1     # (unsigned long long)-1, e.g. usedGpuMemory without per-process accounting
+NVML_DEVICE_UUID_V2_BUFFER_SIZE = 96
+
+# nvmlReturn_t values, by name (nvml.h's enum nvmlReturn_enum).
+NVML_ERROR_NAMES = {
+    0: "NVML_SUCCESS", 1: "NVML_ERROR_UNINITIALIZED", 2: "NVML_ERROR_INVALID_ARGUMENT",
+    3: "NVML_ERROR_NOT_SUPPORTED", 4: "NVML_ERROR_NO_PERMISSION", 5: "NVML_ERROR_ALREADY_INITIALIZED",
+    6: "NVML_ERROR_NOT_FOUND", 7: "NVML_ERROR_INSUFFICIENT_SIZE", 8: "NVML_ERROR_INSUFFICIENT_POWER",
+    9: "NVML_ERROR_DRIVER_NOT_LOADED", 10: "NVML_ERROR_TIMEOUT", 11: "NVML_ERROR_IRQ_ISSUE",
+    12: "NVML_ERROR_LIBRARY_NOT_FOUND", 13: "NVML_ERROR_FUNCTION_NOT_FOUND", 14: "NVML_ERROR_CORRUPTED_INFOROM",
+    15: "NVML_ERROR_GPU_IS_LOST", 16: "NVML_ERROR_RESET_REQUIRED", 17: "NVML_ERROR_OPERATING_SYSTEM",
+    18: "NVML_ERROR_LIB_RM_VERSION_MISMATCH", 19: "NVML_ERROR_IN_USE", 20: "NVML_ERROR_MEMORY",
+    21: "NVML_ERROR_NO_DATA", 22: "NVML_ERROR_VGPU_ECC_NOT_ENABLED", 23: "NVML_ERROR_INSUFFICIENT_RESOURCES",
+    24: "NVML_ERROR_FREQ_NOT_SUPPORTED", 25: "NVML_ERROR_ARGUMENT_VERSION_MISMATCH", 26: "NVML_ERROR_DEPRECATED",
+    27: "NVML_ERROR_NOT_READY", 28: "NVML_ERROR_GPU_NOT_FOUND", 29: "NVML_ERROR_INVALID_STATE",
+    999: "NVML_ERROR_UNKNOWN",
+}
+
+nvmlReturn_t = ctypes.c_int
+nvmlDevice_t = ctypes.c_void_p          # opaque handle
+_uint = ctypes.c_uint
+_ull = ctypes.c_ulonglong
+
+
+class nvmlMemory_t(ctypes.Structure):
+    _fields_ = [("total", _ull), ("free", _ull), ("used", _ull)]
+
+
+class nvmlProcessInfo_t(ctypes.Structure):      # nvmlProcessInfo_v2_t, what the _v3 calls fill in
+    _fields_ = [("pid", _uint), ("usedGpuMemory", _ull), ("gpuInstanceId", _uint), ("computeInstanceId", _uint)]
+
+
+_NVML_PROTOTYPES = {
+    # nvmlReturn_t nvmlInit_v2(void);
+    "nvmlInit_v2": (nvmlReturn_t,),
+    # nvmlReturn_t nvmlShutdown(void);
+    "nvmlShutdown": (nvmlReturn_t,),
+    # const char *nvmlErrorString(nvmlReturn_t result);
+    "nvmlErrorString": (ctypes.c_char_p, nvmlReturn_t),
+    # nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *deviceCount);
+    "nvmlDeviceGetCount_v2": (nvmlReturn_t, _p(_uint)),
+    # nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice_t *device);
+    "nvmlDeviceGetHandleByIndex_v2": (nvmlReturn_t, _uint, _p(nvmlDevice_t)),
+    # nvmlReturn_t nvmlDeviceGetHandleByUUID(const char *uuid, nvmlDevice_t *device);
+    "nvmlDeviceGetHandleByUUID": (nvmlReturn_t, ctypes.c_char_p, _p(nvmlDevice_t)),
+    # nvmlReturn_t nvmlDeviceGetHandleByPciBusId_v2(const char *pciBusId, nvmlDevice_t *device);
+    "nvmlDeviceGetHandleByPciBusId_v2": (nvmlReturn_t, ctypes.c_char_p, _p(nvmlDevice_t)),
+    # nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t device, char *uuid, unsigned int length);
+    "nvmlDeviceGetUUID": (nvmlReturn_t, nvmlDevice_t, ctypes.c_char_p, _uint),
+    # nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory);
+    "nvmlDeviceGetMemoryInfo": (nvmlReturn_t, nvmlDevice_t, _p(nvmlMemory_t)),
+    # nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t device, unsigned int *infoCount, nvmlProcessInfo_t *infos);
+    "nvmlDeviceGetComputeRunningProcesses_v3": (nvmlReturn_t, nvmlDevice_t, _p(_uint), _p(nvmlProcessInfo_t)),
+    # nvmlReturn_t nvmlDeviceGetGraphicsRunningProcesses_v3(nvmlDevice_t device, unsigned int *infoCount, nvmlProcessInfo_t *infos);
+    "nvmlDeviceGetGraphicsRunningProcesses_v3": (nvmlReturn_t, nvmlDevice_t, _p(_uint), _p(nvmlProcessInfo_t)),
+    # nvmlReturn_t nvmlDeviceGetClockInfo(nvmlDevice_t device, nvmlClockType_t type, unsigned int *clock);
+    "nvmlDeviceGetClockInfo": (nvmlReturn_t, nvmlDevice_t, ctypes.c_int, _p(_uint)),
+    # nvmlReturn_t nvmlDeviceGetMaxClockInfo(nvmlDevice_t device, nvmlClockType_t type, unsigned int *clock);
+    "nvmlDeviceGetMaxClockInfo": (nvmlReturn_t, nvmlDevice_t, ctypes.c_int, _p(_uint)),
+    # nvmlReturn_t nvmlDeviceGetSupportedMemoryClocks(nvmlDevice_t device, unsigned int *count, unsigned int *clocksMHz);
+    "nvmlDeviceGetSupportedMemoryClocks": (nvmlReturn_t, nvmlDevice_t, _p(_uint), _p(_uint)),
+    # nvmlReturn_t nvmlDeviceSetMemoryLockedClocks(nvmlDevice_t device, unsigned int minMemClockMHz, unsigned int maxMemClockMHz);
+    "nvmlDeviceSetMemoryLockedClocks": (nvmlReturn_t, nvmlDevice_t, _uint, _uint),
+    # nvmlReturn_t nvmlDeviceResetMemoryLockedClocks(nvmlDevice_t device);
+    "nvmlDeviceResetMemoryLockedClocks": (nvmlReturn_t, nvmlDevice_t),
+}
+
+
+class NvmlError(Exception):
+    """A failed NVML call; .name is the NVML_ERROR_* name.  str() is one line, with what to do if known."""
+
+    def __init__(self, func, code, text="", hint=""):
+        self.func, self.code = func, code
+        self.name = NVML_ERROR_NAMES.get(code, f"NVML error {code}")
+        super().__init__(f"{func}: {self.name} ({code})" + (f": {text}" if text else "") + (f"; {hint}" if hint else ""))
+
+
+class Nvml:
+    """libnvidia-ml.so.1 through ctypes: optional, only for what the CUDA driver API does not tell.
+
+    Devices are named by the UUID strings ("GPU-...") that Cuda.device_info()
+    gives; handles are looked up with nvmlDeviceGetHandleByUUID and cached.
+    """
+
+    def __init__(self, lib, path):
+        self._lib, self.path = lib, path
+        self._handles = {}
+        self.closed = False
+
+    @classmethod
+    def open(cls, path=None):
+        """The library, initialised; None (and a debug line) if it is absent or nvmlInit_v2 fails."""
+        path = path or os.environ.get("NBD_VRAM_LIBNVML") or "libnvidia-ml.so.1"
+        try:
+            lib = ctypes.CDLL(path)
+            for name, (restype, *argtypes) in _NVML_PROTOTYPES.items():
+                fn = getattr(lib, name)
+                fn.restype, fn.argtypes = restype, argtypes
+        except (OSError, AttributeError) as e:
+            log.debug("NVML not used: cannot load %s: %s", path, e)
+            return None
+        self = cls(lib, path)
+        for name in _NVML_PROTOTYPES:
+            setattr(self, name, getattr(lib, name))
+        rc = self.nvmlInit_v2()
+        if rc != NVML_SUCCESS:
+            log.debug("NVML not used: %s", self.error("nvmlInit_v2", rc))
+            return None
+        return self
+
+    def error(self, func, rc, hint=""):
+        text = self.nvmlErrorString(rc)
+        return NvmlError(func, rc, (text or b"").decode(errors="replace"), hint)
+
+    def call(self, name, *args, hint=""):
+        """Call a bound function by name and raise NvmlError on failure."""
+        rc = getattr(self, name)(*args)
+        if rc != NVML_SUCCESS:
+            raise self.error(name, rc, hint)
+
+    def _device(self, uuid):
+        dev = self._handles.get(uuid)
+        if dev is None:
+            dev = nvmlDevice_t()
+            self.call("nvmlDeviceGetHandleByUUID", uuid.encode(), ctypes.byref(dev))
+            self._handles[uuid] = dev
+        return dev
+
+    def _process_list(self, name, dev):
+        """One of the *RunningProcesses_v3 lists, grown until it fits (processes come and go meanwhile)."""
+        count = _uint(0)
+        for _ in range(5):
+            infos = (nvmlProcessInfo_t * max(count.value, 1))()
+            count.value = len(infos)
+            rc = getattr(self, name)(dev, ctypes.byref(count), infos)
+            if rc == NVML_SUCCESS:
+                return infos[:count.value]
+            if rc != NVML_ERROR_INSUFFICIENT_SIZE:
+                raise self.error(name, rc)
+            count.value += 8
+        raise self.error(name, NVML_ERROR_INSUFFICIENT_SIZE)
+
+    def processes(self, uuid):
+        """[(pid, used_bytes or None, name)] of the compute and graphics processes on one GPU, one entry per pid."""
+        dev = self._device(uuid)
+        seen = {}
+        for name in ("nvmlDeviceGetComputeRunningProcesses_v3", "nvmlDeviceGetGraphicsRunningProcesses_v3"):
+            for p in self._process_list(name, dev):
+                used = None if p.usedGpuMemory == NVML_VALUE_NOT_AVAILABLE else p.usedGpuMemory
+                if p.pid not in seen or seen[p.pid] is None:
+                    seen[p.pid] = used
+        out = []
+        for pid, used in seen.items():
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    comm = f.read().strip() or "?"
+            except OSError:
+                comm = "?"              # gone, or in another pid namespace
+            out.append((pid, used, comm))
+        return out
+
+    def memory_info(self, uuid):
+        """(free, total) bytes, as NVML counts them (all processes)."""
+        mem = nvmlMemory_t()
+        self.call("nvmlDeviceGetMemoryInfo", self._device(uuid), ctypes.byref(mem))
+        return mem.free, mem.total
+
+    def memory_clock(self, uuid):
+        """(current, max) memory clock in MHz."""
+        dev, cur, top = self._device(uuid), _uint(), _uint()
+        self.call("nvmlDeviceGetClockInfo", dev, NVML_CLOCK_MEM, ctypes.byref(cur))
+        self.call("nvmlDeviceGetMaxClockInfo", dev, NVML_CLOCK_MEM, ctypes.byref(top))
+        return cur.value, top.value
+
+    def supported_memory_clocks(self, uuid):
+        """The memory clocks (MHz) the GPU can be locked to, highest first."""
+        dev, count = self._device(uuid), _uint(0)
+        rc = self.nvmlDeviceGetSupportedMemoryClocks(dev, ctypes.byref(count), None)
+        if rc not in (NVML_SUCCESS, NVML_ERROR_INSUFFICIENT_SIZE):
+            raise self.error("nvmlDeviceGetSupportedMemoryClocks", rc)
+        clocks = (_uint * max(count.value, 1))()
+        count.value = len(clocks)
+        self.call("nvmlDeviceGetSupportedMemoryClocks", dev, ctypes.byref(count), clocks)
+        return sorted(set(clocks[:count.value]), reverse=True)
+
+    @staticmethod
+    def _clock_hint(rc):
+        if NVML_ERROR_NAMES.get(rc) == "NVML_ERROR_NOT_SUPPORTED":
+            return "this GPU or driver cannot lock its memory clock: leave the memory clock cap unset"
+        if NVML_ERROR_NAMES.get(rc) == "NVML_ERROR_NO_PERMISSION":
+            return "locking GPU clocks needs root: run nbd-vram as root, or leave the memory clock cap unset"
+        return ""
+
+    def lock_memory_clock(self, uuid, max_mhz):
+        """Lock the memory clock to [lowest supported, highest supported <= max_mhz]; returns that highest MHz."""
+        clocks = self.supported_memory_clocks(uuid)
+        if not clocks:
+            raise NvmlError("nvmlDeviceGetSupportedMemoryClocks", 3, "no memory clocks listed",
+                            self._clock_hint(3))
+        fits = [c for c in clocks if c <= max_mhz]
+        if not fits:
+            raise NvmlError("nvmlDeviceSetMemoryLockedClocks", 2, f"no supported memory clock is at most {max_mhz} MHz",
+                            f"the lowest this GPU supports is {clocks[-1]} MHz")
+        rc = self.nvmlDeviceSetMemoryLockedClocks(self._device(uuid), clocks[-1], fits[0])
+        if rc != NVML_SUCCESS:
+            raise self.error("nvmlDeviceSetMemoryLockedClocks", rc, self._clock_hint(rc))
+        return fits[0]
+
+    def reset_memory_clock(self, uuid):
+        """Undo lock_memory_clock(): the driver picks the memory clock again."""
+        rc = self.nvmlDeviceResetMemoryLockedClocks(self._device(uuid))
+        if rc != NVML_SUCCESS:
+            raise self.error("nvmlDeviceResetMemoryLockedClocks", rc, self._clock_hint(rc))
+
+    def close(self):
+        """nvmlShutdown; the library stays loaded (ctypes cannot unload it)."""
+        if not self.closed:
+            self.closed = True
+            self._handles.clear()
+            self.nvmlShutdown()
+
+
+############################################################################
 # VRAM store ###############################################################
 ############################################################################
 

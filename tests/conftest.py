@@ -1,4 +1,4 @@
-"""Shared fixtures: the fake libcuda (built with gcc), nbd_vram imported by path, a running `serve`."""
+"""Shared fixtures: the fake libcuda and fake NVML (built with gcc), nbd_vram imported by path, a running `serve`."""
 import importlib.util
 import os
 import shutil
@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "nbd_vram.py"
 FAKE_SRC = ROOT / "tests" / "fakecuda" / "fakecuda.c"
+FAKE_NVML_SRC = ROOT / "tests" / "fakenvml" / "fakenvml.c"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
@@ -39,6 +40,17 @@ def fakecuda(tmp_path_factory):
     out = tmp_path_factory.mktemp("fakecuda") / "libcuda.so.1"
     subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", "-o", str(out), str(FAKE_SRC),
                     "-lpthread"], check=True)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def fakenvml(tmp_path_factory):
+    """Path of the fake libnvidia-ml.so.1, compiled once per test run (its GPUs are the fake libcuda's)."""
+    if not shutil.which("gcc"):
+        pytest.skip("needs gcc to build the fake NVML")
+    out = tmp_path_factory.mktemp("fakenvml") / "libnvidia-ml.so.1"
+    subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", "-o", str(out),
+                    str(FAKE_NVML_SRC)], check=True)
     return str(out)
 
 

@@ -19,14 +19,34 @@
  *    as with the real driver, the memory survives the creating process as long
  *    as someone holds an exported fd.  New mappings are PROT_NONE until
  *    cuMemSetAccess (as documented for the real driver).
- *  - Memory is accounted per device against FAKECUDA_TOTAL_MB (not allocated).
+ *  - Memory is accounted per device against FAKECUDA_TOTAL_MB (not allocated),
+ *    less what FAKECUDA_OTHER_USAGE says other processes use.
+ *  - Device i has UUID GPU-facec0da-0000-4000-0000-0000000000NN (NN = i+1, hex)
+ *    and PCI bus id 0000:NN:00.0; the fake NVML (tests/fakenvml) reports the same.
  *
  * Environment (read once, at the first cuInit):
- *   FAKECUDA_DEVICES=N            number of devices (default 1, max 16)
- *   FAKECUDA_TOTAL_MB=N           memory per device (default 8192)
- *   FAKECUDA_BACKING=PATH         device memory is a MAP_SHARED mapping of PATH
- *                                 (regular file or PCI BAR resource file); see
- *                                 "backing mode" below
+ *   FAKECUDA_DEVICES=N            number of devices (default: the number of
+ *                                 FAKECUDA_BACKING paths, else 1; max 16)
+ *   FAKECUDA_TOTAL_MB=N           memory per device (default 8192) of devices
+ *                                 without a backing file
+ *   FAKECUDA_BACKING=P0:P1:...    device i's memory is a MAP_SHARED mapping of Pi
+ *                                 (regular file or PCI BAR resource file; no ':'
+ *                                 in a path); see "backing mode" below
+ *   FAKECUDA_OTHER_USAGE=PATH     "other processes" use device memory: line i of
+ *                                 PATH is MiB used on device i (missing file or
+ *                                 line = 0).  Read again at every cuMemGetInfo_v2,
+ *                                 cuMemAlloc_v2 and cuMemCreate: free memory is
+ *                                 reduced by it, and an allocation that does not
+ *                                 fit in what is left returns CUDA_ERROR_OUT_OF_MEMORY.
+ *   FAKECUDA_LOST_DEVICES=PATH    PATH lists device indices (whitespace separated)
+ *                                 that are lost: copies and memsets touching their
+ *                                 memory, calls made in their context (cleanup calls
+ *                                 still free), cuDevicePrimaryCtxRetain and
+ *                                 cuMemCreate on them return CUDA_ERROR_DEVICE_UNAVAILABLE;
+ *                                 device queries, cuCtxSetCurrent/cuCtxGetCurrent
+ *                                 and other devices work on.  Re-read at most every
+ *                                 50 ms (CLOCK_MONOTONIC_COARSE): a change takes
+ *                                 effect within ~50 ms; a missing file = none lost.
  *   FAKECUDA_NO_DEVICE=1          cuInit returns CUDA_ERROR_NO_DEVICE
  *   FAKECUDA_INIT_FAILS=N         the first N cuInit calls return CUDA_ERROR_UNKNOWN
  *   FAKECUDA_FAIL_ALLOC_ABOVE=B   cuMemAlloc_v2/cuMemCreate of more than B bytes
@@ -40,14 +60,22 @@
  *                                 CUDA_ERROR_NOT_SUPPORTED
  *   FAKECUDA_LOG=PATH             append one line per API call (its symbol name)
  *
- * Backing mode (FAKECUDA_BACKING): the file is mapped once and shared by all
- * devices (meant for FAKECUDA_DEVICES=1); cuMemAlloc_v2 and
- * cuMemCreate carve blocks from it with a bump allocator from offset 0 (freeing
- * the most recent block rolls the bump pointer back; nothing more).  Total and
- * free memory are derived from the backing size.  A cuMemCreate handle is
- * {backing fd, offset, size}; exporting it returns a dup of the *backing* fd, and
- * importing any fd maps it from offset 0 with its fstat (or lseek) size, i.e. the
- * importer sees the whole backing file, not just the exported block.
+ * Backing mode (FAKECUDA_BACKING): each path is mapped once and is the memory of
+ * one device (devices beyond the paths, if FAKECUDA_DEVICES says more, have no
+ * backing file).  cuMemAlloc_v2 (page aligned) and cuMemCreate (2 MiB aligned)
+ * carve blocks from the device's file, first fit; freed blocks are coalesced with
+ * their free neighbours, so freeing a middle block makes its space allocatable
+ * again.  A device's total memory is its file's size.  A cuMemCreate handle is
+ * {backing fd, offset, size}; exporting it returns a new open file description of
+ * the backing file (open of /proc/self/fd/N, else of the path) whose file position
+ * is the block's offset.  The position travels with the fd (fork, SCM_RIGHTS), so
+ * the importer - this process or another with the same FAKECUDA_BACKING - reads
+ * the offset with lseek(fd, 0, SEEK_CUR) and cuMemMap maps [offset, offset+size).
+ * An fd of device i's file imports as memory of device i.  An importing process
+ * keeps its own allocator off the imported block while it is mapped (if that block
+ * is free in it), so a restarted creator does not hand the same block out twice;
+ * processes do not otherwise share allocation state.  Memfd fds (no backing) have
+ * position 0: the whole memfd.
  *
  * Injected copy failures are transient: the failing call returns 700, and for an
  * async call the error is also latched on the stream and returned (once) by the
@@ -64,7 +92,7 @@
  *   long fake_alloc_bytes    device bytes currently allocated (all devices;
  *                            imported VMM handles are not counted)
  *   int  fake_fail_copy_n    writable; same meaning as FAKECUDA_FAIL_COPY_N, 0 = off
- *   int  fake_device_lost    writable; 1 = device lost now
+ *   int  fake_device_lost    writable; 1 = every device lost now (per device: FAKECUDA_LOST_DEVICES)
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -78,6 +106,7 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 /* ------------------------------------------------------------------------ */
@@ -187,6 +216,7 @@ struct CUstream_st { unsigned flags; int pending; };           /* pending: latch
 struct fk_handle {                         /* what a CUmemGenericAllocationHandle points to */
     int fd, owns_fd, dev, types, counted, released;
     size_t offset, size;                   /* offset into fd (backing mode), size in bytes */
+    size_t claimed;                        /* imported backing block: bytes claimed from the allocator */
     long refs;                             /* 1 until cuMemRelease, +1 per mapping */
 };
 
@@ -209,16 +239,27 @@ static struct rtab t_obj;                  /* R_HANDLE and R_STREAM, keyed by po
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 static int g_inited, g_init_calls, g_env_error, g_ndev = 1, g_null_pending;
-static size_t g_total, g_page, g_used[FK_MAX_DEV];
+static size_t g_page;
 static struct CUctx_st g_ctx[FK_MAX_DEV];
 static __thread struct CUctx_st *tls_ctx;
 
 static int cfg_no_device, cfg_no_vmm, cfg_log_fd = -1;
 static long cfg_init_fails, cfg_fail_every, cfg_lost_after;
 static unsigned long long cfg_fail_alloc_above;
-static int back_fd = -1;                   /* backing mode */
-static char *back_base;
-static size_t back_size, back_bump;
+static const char *cfg_other_usage, *cfg_lost_devices;     /* paths, or NULL */
+
+struct fk_ext { size_t off, size; };       /* a free extent of a backing file */
+struct fk_dev {
+    size_t total, used;                    /* used: bytes charged by this process */
+    char *path;                            /* backing mode: the device's FAKECUDA_BACKING path */
+    int fd;                                /* ... its fd (-1 = not backed), */
+    char *base;                            /* ... its MAP_SHARED mapping */
+    struct fk_ext *free;                   /* ... and its free extents, sorted by offset, coalesced */
+    size_t nfree, capfree;
+    dev_t st_dev;                          /* identifies the file behind an imported fd */
+    ino_t st_ino;
+};
+static struct fk_dev g_dev[FK_MAX_DEV];
 
 /* ------------------------------------------------------------------------ */
 /* Helpers.                                                                 */
@@ -262,23 +303,187 @@ static void read_env(void)
     if (above && *above) cfg_fail_alloc_above = strtoull(above, NULL, 0);
     long n = env_long("FAKECUDA_FAIL_COPY_N", 0);
     if (n > 0) __atomic_store_n(&fake_fail_copy_n, (int)n, __ATOMIC_SEQ_CST);
-    g_ndev = (int)env_long("FAKECUDA_DEVICES", 1);
-    if (g_ndev < 1) g_ndev = 1;
-    if (g_ndev > FK_MAX_DEV) g_ndev = FK_MAX_DEV;
-    for (int i = 0; i < FK_MAX_DEV; i++) g_ctx[i].device = i;
-    g_total = (size_t)env_long("FAKECUDA_TOTAL_MB", 8192) << 20;
+    const char *s = getenv("FAKECUDA_OTHER_USAGE");
+    cfg_other_usage = s && *s ? s : NULL;
+    s = getenv("FAKECUDA_LOST_DEVICES");
+    cfg_lost_devices = s && *s ? s : NULL;
+    /* FAKECUDA_BACKING=path0:path1:... - one backing file per device. */
+    char *paths[FK_MAX_DEV];
+    int npaths = 0;
     const char *bp = getenv("FAKECUDA_BACKING");
     if (bp && *bp) {
-        back_fd = open(bp, O_RDWR | O_CLOEXEC);
-        back_size = back_fd >= 0 ? fd_size(back_fd) : 0;
-        if (back_size) back_base = mmap(NULL, back_size, PROT_READ | PROT_WRITE, MAP_SHARED, back_fd, 0);
-        if (!back_size || back_base == MAP_FAILED) {
-            fprintf(stderr, "fakecuda: cannot map FAKECUDA_BACKING=%s\n", bp);
-            back_base = NULL;
-            g_env_error = CUDA_ERROR_UNKNOWN;
-        }
-        g_total = back_size;
+        char *copy = strdup(bp), *save = NULL;
+        for (char *t = copy ? strtok_r(copy, ":", &save) : NULL; t && npaths < FK_MAX_DEV; t = strtok_r(NULL, ":", &save))
+            paths[npaths++] = t;
     }
+    g_ndev = (int)env_long("FAKECUDA_DEVICES", npaths ? npaths : 1);
+    if (g_ndev < 1) g_ndev = 1;
+    if (g_ndev > FK_MAX_DEV) g_ndev = FK_MAX_DEV;
+    size_t total = (size_t)env_long("FAKECUDA_TOTAL_MB", 8192) << 20;
+    for (int i = 0; i < FK_MAX_DEV; i++) {
+        g_ctx[i].device = i;
+        g_dev[i].total = total;
+        g_dev[i].fd = -1;
+    }
+    for (int i = 0; i < npaths && i < g_ndev; i++) {
+        struct fk_dev *d = &g_dev[i];
+        struct stat st;
+        d->path = paths[i];
+        d->fd = open(d->path, O_RDWR | O_CLOEXEC);
+        d->total = d->fd >= 0 ? fd_size(d->fd) : 0;
+        if (d->total) d->base = mmap(NULL, d->total, PROT_READ | PROT_WRITE, MAP_SHARED, d->fd, 0);
+        d->free = malloc(sizeof *d->free * 16);
+        if (!d->total || d->base == MAP_FAILED || !d->free || fstat(d->fd, &st) != 0) {
+            fprintf(stderr, "fakecuda: cannot map FAKECUDA_BACKING path %d: %s\n", i, d->path);
+            d->base = NULL;
+            g_env_error = CUDA_ERROR_UNKNOWN;
+            continue;
+        }
+        d->st_dev = st.st_dev;
+        d->st_ino = st.st_ino;
+        d->capfree = 16;
+        d->nfree = 1;
+        d->free[0] = (struct fk_ext){ 0, d->total };
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Backing-file allocator: first fit over sorted, coalesced free extents.    */
+/* ------------------------------------------------------------------------ */
+
+static int ext_insert(struct fk_dev *d, size_t i, struct fk_ext e)
+{
+    if (d->nfree == d->capfree) {
+        struct fk_ext *v = realloc(d->free, d->capfree * 2 * sizeof *v);
+        if (!v) return -1;
+        d->free = v;
+        d->capfree *= 2;
+    }
+    memmove(&d->free[i + 1], &d->free[i], (d->nfree - i) * sizeof *d->free);
+    d->free[i] = e;
+    d->nfree++;
+    return 0;
+}
+
+static void ext_remove(struct fk_dev *d, size_t i)
+{
+    memmove(&d->free[i], &d->free[i + 1], (d->nfree - i - 1) * sizeof *d->free);
+    d->nfree--;
+}
+
+/* Takes [off, off+size) out of free extent i, which contains it. */
+static int ext_carve(struct fk_dev *d, size_t i, size_t off, size_t size)
+{
+    struct fk_ext e = d->free[i];
+    size_t head = off - e.off, tail = e.off + e.size - (off + size);
+    if (head && tail) {
+        if (ext_insert(d, i + 1, (struct fk_ext){ off + size, tail }) != 0) return -1;
+        d->free[i].size = head;
+    } else if (head) {
+        d->free[i].size = head;
+    } else if (tail) {
+        d->free[i] = (struct fk_ext){ off + size, tail };
+    } else {
+        ext_remove(d, i);
+    }
+    return 0;
+}
+
+/* First fit: the lowest offset, aligned to `align`, where `size` bytes are free. */
+static int ext_alloc(struct fk_dev *d, size_t size, size_t align, size_t *off)
+{
+    for (size_t i = 0; i < d->nfree; i++) {
+        size_t a = ALIGN_UP(d->free[i].off, align);
+        if (a < d->free[i].off + d->free[i].size && size <= d->free[i].off + d->free[i].size - a) {
+            *off = a;
+            return ext_carve(d, i, a, size);
+        }
+    }
+    return -1;
+}
+
+/* Claims [off, off+size) if it is entirely free (an imported block); -1 if not. */
+static int ext_claim(struct fk_dev *d, size_t off, size_t size)
+{
+    for (size_t i = 0; i < d->nfree && d->free[i].off <= off; i++)
+        if (off + size <= d->free[i].off + d->free[i].size) return ext_carve(d, i, off, size);
+    return -1;
+}
+
+/* Returns [off, off+size) to the free list, merged with its neighbours. */
+static void ext_free(struct fk_dev *d, size_t off, size_t size)
+{
+    size_t i = 0;
+    while (i < d->nfree && d->free[i].off < off) i++;
+    int prev = i > 0 && d->free[i - 1].off + d->free[i - 1].size == off;
+    int next = i < d->nfree && off + size == d->free[i].off;
+    if (prev && next) {
+        d->free[i - 1].size += size + d->free[i].size;
+        ext_remove(d, i);
+    } else if (prev) {
+        d->free[i - 1].size += size;
+    } else if (next) {
+        d->free[i].off = off;
+        d->free[i].size += size;
+    } else if (ext_insert(d, i, (struct fk_ext){ off, size }) != 0) {
+        fprintf(stderr, "fakecuda: out of memory for the free list; %zu bytes leak\n", size);
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Cross-process switches: FAKECUDA_OTHER_USAGE and FAKECUDA_LOST_DEVICES.   */
+/* ------------------------------------------------------------------------ */
+
+/* Reads a small file whole; returns its length, or -1 (missing). */
+static ssize_t read_small(const char *path, char *buf, size_t cap)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    ssize_t n = 0, r;
+    while ((size_t)n < cap - 1 && (r = read(fd, buf + n, cap - 1 - (size_t)n)) > 0) n += r;
+    close(fd);
+    buf[n] = 0;
+    return n;
+}
+
+/* Bytes that "other processes" use on device `dev`: line `dev` of FAKECUDA_OTHER_USAGE, in MiB.
+ * Read afresh at every call (cuMemGetInfo_v2, cuMemAlloc_v2, cuMemCreate: not the hot path). */
+static size_t other_usage(int dev)
+{
+    char buf[4096];
+    if (!cfg_other_usage || read_small(cfg_other_usage, buf, sizeof buf) < 0) return 0;
+    char *line = buf;
+    for (int i = 0; i < dev && line; i++) {
+        line = strchr(line, '\n');
+        if (line) line++;
+    }
+    return line ? (size_t)strtoull(line, NULL, 0) << 20 : 0;
+}
+
+/* Bit i set = device i lost, per FAKECUDA_LOST_DEVICES.  The hot path pays one
+ * CLOCK_MONOTONIC_COARSE read (vDSO); the file is re-read at most every 50 ms, by
+ * whichever thread first sees the period over, so a change takes effect within ~50 ms. */
+#define FK_LOST_PERIOD_NS 50000000LL
+static long long g_lost_next;              /* CLOCK_MONOTONIC_COARSE ns of the next re-read */
+static unsigned g_lost_mask;
+
+static unsigned lost_mask(void)
+{
+    if (!cfg_lost_devices) return 0;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    long long now = ts.tv_sec * 1000000000LL + ts.tv_nsec;
+    long long next = __atomic_load_n(&g_lost_next, __ATOMIC_ACQUIRE);
+    if (now >= next && __atomic_compare_exchange_n(&g_lost_next, &next, now + FK_LOST_PERIOD_NS, 0,
+                                                   __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        char buf[4096], *p = buf, *end;
+        unsigned mask = 0;
+        if (read_small(cfg_lost_devices, buf, sizeof buf) >= 0)
+            for (long v = strtol(p, &end, 10); end != p; p = end, v = strtol(p, &end, 10))
+                if (v >= 0 && v < FK_MAX_DEV) mask |= 1u << v;
+        __atomic_store_n(&g_lost_mask, mask, __ATOMIC_RELEASE);
+    }
+    return __atomic_load_n(&g_lost_mask, __ATOMIC_ACQUIRE);
 }
 
 /* Index of the first entry whose base is > p. */
@@ -329,17 +534,19 @@ static void rt_remove(struct rtab *t, size_t i)
     t->n--;
 }
 
-/* Is [p, p+n) inside one allocation, or inside contiguous accessible mappings? */
-static int dev_range_ok(uintptr_t p, size_t n)
+/* Is [p, p+n) inside one allocation, or inside contiguous accessible mappings?
+ * Returns the device of the memory at p, or -1 if not. */
+static int dev_range_dev(uintptr_t p, size_t n)
 {
-    int ok = 0;
-    if (p + n < p) return 0;
+    int ok = -1;
+    if (p + n < p) return -1;
     pthread_mutex_lock(&g_lock);
     long i = rt_find(&t_dev, p);
+    int dev = i >= 0 ? t_dev.v[i].dev : -1;
     while (i >= 0 && (size_t)i < t_dev.n) {
         const struct range *e = &t_dev.v[i];
         if (e->kind == R_MAP && !e->access) break;
-        if (p + n <= e->base + e->size) { ok = 1; break; }
+        if (p + n <= e->base + e->size) { ok = dev; break; }
         if (e->kind != R_MAP || (size_t)i + 1 >= t_dev.n) break;
         if (t_dev.v[i + 1].kind != R_MAP || t_dev.v[i + 1].base != e->base + e->size) break;
         i++;
@@ -348,6 +555,8 @@ static int dev_range_ok(uintptr_t p, size_t n)
     return ok;
 }
 
+static int dev_range_ok(uintptr_t p, size_t n) { return dev_range_dev(p, n) >= 0; }
+
 /* The current thread's device, or -1 without a usable context. */
 static int cur_dev(void)
 {
@@ -355,31 +564,40 @@ static int cur_dev(void)
     return (c && __atomic_load_n(&c->retained, __ATOMIC_ACQUIRE) > 0) ? c->device : -1;
 }
 
-static int lost(void) { return __atomic_load_n(&fake_device_lost, __ATOMIC_ACQUIRE); }
+/* Is device `dev` lost: all devices (fake_device_lost), or this one (FAKECUDA_LOST_DEVICES)? */
+static int dev_lost(int dev)
+{
+    return __atomic_load_n(&fake_device_lost, __ATOMIC_ACQUIRE) || (dev >= 0 && (lost_mask() >> dev & 1));
+}
+
+/* Is the current context's device lost (or all devices)? */
+static int lost(void) { return dev_lost(cur_dev()); }
+
+/* Free bytes of device `dev` as cuMemGetInfo_v2 reports them (under g_lock). */
+static size_t free_locked(int dev)
+{
+    size_t used = g_dev[dev].used + other_usage(dev);
+    return used < g_dev[dev].total ? g_dev[dev].total - used : 0;
+}
 
 /* Charge `size` bytes (for a request of `req` bytes) to device `dev`; in backing
- * mode also carve the block, aligned to `align`, from the backing file. */
+ * mode also carve the block, aligned to `align`, from the device's backing file. */
 static CUresult charge_locked(int dev, size_t req, size_t size, size_t align, size_t *boff)
 {
     if (cfg_fail_alloc_above && req > cfg_fail_alloc_above) return CUDA_ERROR_OUT_OF_MEMORY;
-    if (size > g_total - g_used[dev]) return CUDA_ERROR_OUT_OF_MEMORY;
+    if (size > free_locked(dev)) return CUDA_ERROR_OUT_OF_MEMORY;
     *boff = 0;
-    if (back_base) {
-        size_t off = ALIGN_UP(back_bump, align);
-        if (off > back_size || size > back_size - off) return CUDA_ERROR_OUT_OF_MEMORY;
-        *boff = off;
-        back_bump = off + size;
-    }
-    g_used[dev] += size;
+    if (g_dev[dev].base && ext_alloc(&g_dev[dev], size, align, boff) != 0) return CUDA_ERROR_OUT_OF_MEMORY;
+    g_dev[dev].used += size;
     __atomic_add_fetch(&fake_alloc_bytes, (long)size, __ATOMIC_SEQ_CST);
     return CUDA_SUCCESS;
 }
 
 static void uncharge_locked(int dev, size_t size, size_t boff)
 {
-    g_used[dev] -= size;
+    g_dev[dev].used -= size;
     __atomic_sub_fetch(&fake_alloc_bytes, (long)size, __ATOMIC_SEQ_CST);
-    if (back_base && boff + size == back_bump) back_bump = boff;  /* roll back last block */
+    if (g_dev[dev].base) ext_free(&g_dev[dev], boff, size);
 }
 
 static struct fk_handle *handle_lookup_locked(CUmemGenericAllocationHandle hv)
@@ -393,6 +611,10 @@ static void handle_unref_locked(struct fk_handle *h)
     if (--h->refs > 0) return;
     if (h->owns_fd) close(h->fd);
     if (h->counted) uncharge_locked(h->dev, h->size, h->offset);
+    if (h->claimed) {
+        g_dev[h->dev].used -= h->claimed;
+        ext_free(&g_dev[h->dev], h->offset, h->claimed);
+    }
     rt_remove(&t_obj, (size_t)rt_find(&t_obj, (uintptr_t)h));
     free(h);
 }
@@ -413,7 +635,15 @@ static int *stream_slot(CUstream s)
     do {                                                                     \
         fk_log(__func__);                                                    \
         if (!__atomic_load_n(&g_inited, __ATOMIC_ACQUIRE)) return CUDA_ERROR_NOT_INITIALIZED; \
-        if (lost()) return CUDA_ERROR_DEVICE_UNAVAILABLE;                    \
+        if (lost()) return CUDA_ERROR_DEVICE_UNAVAILABLE;   /* incl. this context's device */ \
+    } while (0)
+/* Prologue of device queries and of cuCtxSetCurrent/cuCtxGetCurrent: they fail only when
+ * all devices are lost (fake_device_lost), so a thread can leave a lost device's context. */
+#define API_BEGIN_NOCTX()                                                    \
+    do {                                                                     \
+        fk_log(__func__);                                                    \
+        if (!__atomic_load_n(&g_inited, __ATOMIC_ACQUIRE)) return CUDA_ERROR_NOT_INITIALIZED; \
+        if (dev_lost(-1)) return CUDA_ERROR_DEVICE_UNAVAILABLE;              \
     } while (0)
 /* Prologue of cleanup calls: they still release resources after device loss. */
 #define API_BEGIN_CLEANUP()                                                  \
@@ -456,7 +686,7 @@ CUresult cuDriverGetVersion(int *driverVersion)
 
 CUresult cuDeviceGetCount(int *count)
 {
-    API_BEGIN();
+    API_BEGIN_NOCTX();
     if (!count) return CUDA_ERROR_INVALID_VALUE;
     *count = g_ndev;
     return CUDA_SUCCESS;
@@ -464,7 +694,7 @@ CUresult cuDeviceGetCount(int *count)
 
 CUresult cuDeviceGet(CUdevice *device, int ordinal)
 {
-    API_BEGIN();
+    API_BEGIN_NOCTX();
     if (!device) return CUDA_ERROR_INVALID_VALUE;
     CHECK_DEV(ordinal);
     *device = ordinal;
@@ -473,7 +703,7 @@ CUresult cuDeviceGet(CUdevice *device, int ordinal)
 
 CUresult cuDeviceGetName(char *name, int len, CUdevice dev)
 {
-    API_BEGIN();
+    API_BEGIN_NOCTX();
     if (!name || len <= 0) return CUDA_ERROR_INVALID_VALUE;
     CHECK_DEV(dev);
     snprintf(name, (size_t)len, "Fake CUDA Device %d", dev);
@@ -483,7 +713,7 @@ CUresult cuDeviceGetName(char *name, int len, CUdevice dev)
 CUresult cuDeviceGetUuid_v2(CUuuid *uuid, CUdevice dev)
 {
     static const unsigned char prefix[8] = { 0xfa, 0xce, 0xc0, 0xda, 0x00, 0x00, 0x40, 0x00 };
-    API_BEGIN();
+    API_BEGIN_NOCTX();
     if (!uuid) return CUDA_ERROR_INVALID_VALUE;
     CHECK_DEV(dev);
     memset(uuid->bytes, 0, sizeof uuid->bytes);
@@ -495,7 +725,7 @@ CUresult cuDeviceGetUuid_v2(CUuuid *uuid, CUdevice dev)
 /* Device i sits at PCI 0000:(i+1):00.0, so bus ids start at 01 like a real box. */
 CUresult cuDeviceGetPCIBusId(char *pciBusId, int len, CUdevice dev)
 {
-    API_BEGIN();
+    API_BEGIN_NOCTX();
     if (!pciBusId || len <= 0) return CUDA_ERROR_INVALID_VALUE;
     CHECK_DEV(dev);
     snprintf(pciBusId, (size_t)len, "%04x:%02x:%02x.%x", 0, dev + 1, 0, 0);
@@ -507,7 +737,7 @@ CUresult cuDeviceGetByPCIBusId(CUdevice *dev, const char *pciBusId)
 {
     unsigned dom = 0, bus, d, f;
     int n = -1;
-    API_BEGIN();
+    API_BEGIN_NOCTX();
     if (!dev || !pciBusId) return CUDA_ERROR_INVALID_VALUE;
     if (!(sscanf(pciBusId, "%x:%x:%x.%x%n", &dom, &bus, &d, &f, &n) == 4 && n > 0 && !pciBusId[n])) {
         dom = 0;
@@ -522,16 +752,16 @@ CUresult cuDeviceGetByPCIBusId(CUdevice *dev, const char *pciBusId)
 
 CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice dev)
 {
-    API_BEGIN();
+    API_BEGIN_NOCTX();
     if (!bytes) return CUDA_ERROR_INVALID_VALUE;
     CHECK_DEV(dev);
-    *bytes = g_total;
+    *bytes = g_dev[dev].total;
     return CUDA_SUCCESS;
 }
 
 CUresult cuDeviceGetAttribute(int *pi, CUdevice_attribute attrib, CUdevice dev)
 {
-    API_BEGIN();
+    API_BEGIN_NOCTX();
     if (!pi || (int)attrib < 1 || (int)attrib >= FK_ATTRIBUTE_MAX) return CUDA_ERROR_INVALID_VALUE;
     CHECK_DEV(dev);
     switch ((int)attrib) {
@@ -549,9 +779,10 @@ CUresult cuDeviceGetAttribute(int *pi, CUdevice_attribute attrib, CUdevice dev)
 
 CUresult cuDevicePrimaryCtxRetain(CUcontext *pctx, CUdevice dev)
 {
-    API_BEGIN();
+    API_BEGIN_NOCTX();
     if (!pctx) return CUDA_ERROR_INVALID_VALUE;
     CHECK_DEV(dev);
+    if (dev_lost(dev)) return CUDA_ERROR_DEVICE_UNAVAILABLE;
     __atomic_add_fetch(&g_ctx[dev].retained, 1, __ATOMIC_ACQ_REL);
     *pctx = &g_ctx[dev];
     return CUDA_SUCCESS;
@@ -577,7 +808,7 @@ CUresult cuDevicePrimaryCtxReset_v2(CUdevice dev)
 
 CUresult cuCtxSetCurrent(CUcontext ctx)
 {
-    API_BEGIN();
+    API_BEGIN_NOCTX();
     if (ctx && (ctx < &g_ctx[0] || ctx >= &g_ctx[g_ndev])) return CUDA_ERROR_INVALID_CONTEXT;
     tls_ctx = ctx;
     return CUDA_SUCCESS;
@@ -585,7 +816,7 @@ CUresult cuCtxSetCurrent(CUcontext ctx)
 
 CUresult cuCtxGetCurrent(CUcontext *pctx)
 {
-    API_BEGIN();
+    API_BEGIN_NOCTX();
     if (!pctx) return CUDA_ERROR_INVALID_VALUE;
     *pctx = tls_ctx;
     return CUDA_SUCCESS;
@@ -615,9 +846,8 @@ CUresult cuMemGetInfo_v2(size_t *free, size_t *total)
     NEED_CTX(dev);
     if (!free || !total) return CUDA_ERROR_INVALID_VALUE;
     pthread_mutex_lock(&g_lock);
-    *total = g_total;
-    *free = g_total - g_used[dev];
-    if (back_base && *free > back_size - back_bump) *free = back_size - back_bump;
+    *total = g_dev[dev].total;
+    *free = free_locked(dev);
     pthread_mutex_unlock(&g_lock);
     return CUDA_SUCCESS;
 }
@@ -631,14 +861,14 @@ CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize)
     pthread_mutex_lock(&g_lock);
     CUresult rc = charge_locked(dev, bytesize, span, g_page, &boff);
     if (rc == CUDA_SUCCESS) {
-        void *p = back_base ? back_base + boff
+        void *p = g_dev[dev].base ? g_dev[dev].base + boff
                 : mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
         /* size = exact bytes requested, so even a 1-byte overrun is caught */
         struct range r = { (uintptr_t)p, bytesize, span, boff, R_ALLOC, dev, 1, NULL };
         if (p != MAP_FAILED && rt_insert(&t_dev, r) == 0) {
             *dptr = (CUdeviceptr)(uintptr_t)p;
         } else {
-            if (p != MAP_FAILED && !back_base) munmap(p, span);
+            if (p != MAP_FAILED && !g_dev[dev].base) munmap(p, span);
             uncharge_locked(dev, span, boff);
             rc = CUDA_ERROR_OUT_OF_MEMORY;
         }
@@ -657,7 +887,7 @@ CUresult cuMemFree_v2(CUdeviceptr dptr)
     if (i >= 0 && t_dev.v[i].kind == R_ALLOC && t_dev.v[i].base == (uintptr_t)dptr) {
         struct range r = t_dev.v[i];
         rt_remove(&t_dev, (size_t)i);
-        if (!back_base) munmap((void *)r.base, r.span);
+        if (!g_dev[r.dev].base) munmap((void *)r.base, r.span);
         uncharge_locked(r.dev, r.span, r.boff);
         rc = CUDA_SUCCESS;
     }
@@ -738,8 +968,9 @@ static CUresult copy_body(void *dst, const void *src, size_t n, int dst_dev, int
     if (!slot) return CUDA_ERROR_INVALID_HANDLE;
     if (!dst || !src) return CUDA_ERROR_INVALID_VALUE;
     if (n == 0) return CUDA_SUCCESS;
-    if ((dst_dev && !dev_range_ok((uintptr_t)dst, n)) || (src_dev && !dev_range_ok((uintptr_t)src, n)))
-        return CUDA_ERROR_INVALID_VALUE;
+    int dd = dst_dev ? dev_range_dev((uintptr_t)dst, n) : -1, sd = src_dev ? dev_range_dev((uintptr_t)src, n) : -1;
+    if ((dst_dev && dd < 0) || (src_dev && sd < 0)) return CUDA_ERROR_INVALID_VALUE;
+    if (dev_lost(dd) || dev_lost(sd)) return CUDA_ERROR_DEVICE_UNAVAILABLE;   /* memory of a lost device */
     long nth = __atomic_add_fetch(&fake_copy_attempts, 1, __ATOMIC_SEQ_CST);
     int fail_n = __atomic_load_n(&fake_fail_copy_n, __ATOMIC_ACQUIRE);
     if ((fail_n > 0 && nth == fail_n) || (cfg_fail_every > 0 && nth % cfg_fail_every == 0)) {
@@ -795,7 +1026,9 @@ static CUresult memset_body(CUdeviceptr dst, unsigned char uc, size_t n, CUstrea
     if (async && !stream_slot(s)) return CUDA_ERROR_INVALID_HANDLE;
     if (!dst) return CUDA_ERROR_INVALID_VALUE;
     if (n == 0) return CUDA_SUCCESS;
-    if (!dev_range_ok((uintptr_t)dst, n)) return CUDA_ERROR_INVALID_VALUE;
+    int dd = dev_range_dev((uintptr_t)dst, n);
+    if (dd < 0) return CUDA_ERROR_INVALID_VALUE;
+    if (dev_lost(dd)) return CUDA_ERROR_DEVICE_UNAVAILABLE;
     memset(DPTR(dst), uc, n);
     __atomic_add_fetch(&fake_memset_count, 1, __ATOMIC_SEQ_CST);
     return CUDA_SUCCESS;
@@ -928,7 +1161,8 @@ CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size, const CU
     int dev = prop->location.id;
     struct fk_handle *h = calloc(1, sizeof *h);
     if (!h) return CUDA_ERROR_OUT_OF_MEMORY;
-    *h = (struct fk_handle){ .fd = back_fd, .owns_fd = !back_base, .dev = dev, .counted = 1,
+    if (dev_lost(dev)) { free(h); return CUDA_ERROR_DEVICE_UNAVAILABLE; }
+    *h = (struct fk_handle){ .fd = g_dev[dev].fd, .owns_fd = !g_dev[dev].base, .dev = dev, .counted = 1,
                              .types = prop->requestedHandleTypes, .size = size, .refs = 1 };
     pthread_mutex_lock(&g_lock);
     rc = charge_locked(dev, size, size, FK_GRAN, &h->offset);
@@ -1034,6 +1268,13 @@ CUresult cuMemMap(CUdeviceptr ptr, size_t size, size_t offset, CUmemGenericAlloc
         if (m == MAP_FAILED) rc = CUDA_ERROR_OUT_OF_MEMORY;
         else if (rt_insert(&t_dev, r) != 0) rc = CUDA_ERROR_OUT_OF_MEMORY;
         else { h->refs++; rc = CUDA_SUCCESS; }
+        /* An imported block of this process's backing file: keep the allocator off it
+         * (best effort: only if the whole block is free here, e.g. a restarted daemon). */
+        if (rc == CUDA_SUCCESS && !h->counted && !h->claimed && g_dev[h->dev].base && h->fd >= 0 &&
+            ext_claim(&g_dev[h->dev], h->offset, size) == 0) {
+            h->claimed = size;
+            g_dev[h->dev].used += size;
+        }
     }
     pthread_mutex_unlock(&g_lock);
     return rc;
@@ -1095,7 +1336,24 @@ CUresult cuMemSetAccess(CUdeviceptr ptr, size_t size, const CUmemAccessDesc *des
     return rc;
 }
 
-/* Writes a dup (O_CLOEXEC) of the memfd (or backing fd) to *(int *)shareableHandle. */
+/* Opens a new file description of device dev's backing file, positioned at `offset`:
+ * the position travels with it through fork, exec and SCM_RIGHTS, and tells the
+ * importer which block of the file the fd stands for. */
+static int open_block_locked(int dev, size_t offset)
+{
+    char proc[64];
+    snprintf(proc, sizeof proc, "/proc/self/fd/%d", g_dev[dev].fd);
+    int fd = open(proc, O_RDWR | O_CLOEXEC);
+    if (fd < 0) fd = open(g_dev[dev].path, O_RDWR | O_CLOEXEC);     /* no /proc */
+    if (fd >= 0 && lseek(fd, (off_t)offset, SEEK_SET) != (off_t)offset) {
+        close(fd);
+        fd = -1;
+    }
+    return fd;
+}
+
+/* Writes a dup (O_CLOEXEC) of the memfd to *(int *)shareableHandle; in backing mode
+ * a fresh file description of the backing file whose file position is the block's offset. */
 CUresult cuMemExportToShareableHandle(void *shareableHandle, CUmemGenericAllocationHandle handle,
                                       CUmemAllocationHandleType handleType, unsigned long long flags)
 {
@@ -1108,7 +1366,7 @@ CUresult cuMemExportToShareableHandle(void *shareableHandle, CUmemGenericAllocat
     pthread_mutex_lock(&g_lock);
     struct fk_handle *h = handle_lookup_locked(handle);
     if (h && !h->released && (h->types & CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR)) {
-        int fd = fcntl(h->fd, F_DUPFD_CLOEXEC, 0);
+        int fd = h->owns_fd ? fcntl(h->fd, F_DUPFD_CLOEXEC, 0) : open_block_locked(h->dev, h->offset);
         if (fd >= 0) { *(int *)shareableHandle = fd; rc = CUDA_SUCCESS; }
         else rc = CUDA_ERROR_OPERATING_SYSTEM;
     }
@@ -1117,7 +1375,11 @@ CUresult cuMemExportToShareableHandle(void *shareableHandle, CUmemGenericAllocat
 }
 
 /* osHandle is the fd *value* cast to a pointer.  The caller keeps its fd (we dup
- * it).  Size = the fd's size; offset 0.  Imports are not counted in fake_alloc_bytes. */
+ * it).  The block starts at the fd's file position (0 for a memfd; the block's
+ * offset for an fd exported in backing mode) and runs to the end of the file (a
+ * mapping of it may be shorter).  If the fd is one of this process's backing files,
+ * the handle belongs to that device, else to the current context's.  Imports are
+ * not counted in fake_alloc_bytes. */
 CUresult cuMemImportFromShareableHandle(CUmemGenericAllocationHandle *handle, void *osHandle,
                                         CUmemAllocationHandleType shHandleType)
 {
@@ -1127,12 +1389,20 @@ CUresult cuMemImportFromShareableHandle(CUmemGenericAllocationHandle *handle, vo
     if (!handle || shHandleType != CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR) return CUDA_ERROR_INVALID_VALUE;
     intptr_t v = (intptr_t)osHandle;
     if (v < 0 || v > INT32_MAX) return CUDA_ERROR_INVALID_VALUE;
+    off_t pos = lseek((int)v, 0, SEEK_CUR);  /* first: fd_size may move it (sysfs) */
+    if (pos < 0) pos = 0;
     size_t size = fd_size((int)v);
-    if (size == 0) return CUDA_ERROR_INVALID_VALUE;
+    if (lseek((int)v, pos, SEEK_SET) != pos) {}    /* restore: the position is shared with the sender */
+    if (size <= (size_t)pos || (size_t)pos % g_page) return CUDA_ERROR_INVALID_VALUE;
+    struct stat st;
+    if (fstat((int)v, &st) == 0)
+        for (int i = 0; i < g_ndev; i++)
+            if (g_dev[i].base && g_dev[i].st_dev == st.st_dev && g_dev[i].st_ino == st.st_ino) dev = i;
     struct fk_handle *h = calloc(1, sizeof *h);
     if (!h) return CUDA_ERROR_OUT_OF_MEMORY;
     *h = (struct fk_handle){ .fd = fcntl((int)v, F_DUPFD_CLOEXEC, 0), .owns_fd = 1, .dev = dev,
-                             .types = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, .size = size, .refs = 1 };
+                             .types = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+                             .offset = (size_t)pos, .size = size - (size_t)pos, .refs = 1 };
     struct range r = { (uintptr_t)h, 1, 1, 0, R_HANDLE, dev, 0, h };
     pthread_mutex_lock(&g_lock);
     int err = h->fd < 0 || rt_insert(&t_obj, r) != 0;
