@@ -99,10 +99,13 @@ def write_read(sock, offset, data, what):
 
 
 def read_back(sock, offset, n):
+    """The bytes at OFFSET, or None if the worker answered with an error (which carries no data)."""
     sock.sendall(nv.REQUEST.pack(nv.NBD_REQUEST_MAGIC, 0, nv.Cmd.READ, 12, offset, n))
-    got = recv_replies(sock, nv.SIMPLE_REPLY.size + n)
-    _, err, cookie = nv.SIMPLE_REPLY.unpack_from(got, 0)
-    return got[nv.SIMPLE_REPLY.size:] if (err, cookie) == (0, 12) else None
+    _, err, cookie = nv.SIMPLE_REPLY.unpack(recv_replies(sock, nv.SIMPLE_REPLY.size))
+    if err:
+        return None
+    data = recv_replies(sock, n)
+    return data if cookie == 12 else None
 
 
 def relay(sl):
@@ -126,20 +129,25 @@ def relay(sl):
             pass
 
     def client(conn, end):
+        used = False
         try:
             if not nv.negotiate(conn, sl.export):
                 return
-            threading.Thread(target=pump, args=(end, conn), daemon=True).start()
             while True:
                 hdr = nv.recv_exact(conn, nv.REQ_SIZE, "request")
                 _, _, typ, _, _, length = nv.REQUEST.unpack(hdr)
                 if typ == nv.Cmd.DISC:
                     break
+                if not used:
+                    used = True
+                    threading.Thread(target=pump, args=(end, conn), daemon=True).start()
                 end.sendall(hdr + (nv.recv_exact(conn, length, "payload") if typ == nv.Cmd.WRITE else b""))
         except (OSError, nv.ProtocolError):
             pass
         finally:
             conn.close()
+            if not used:
+                ends.append(end)        # a client that only asked for the size (fio does, first)
 
     def accept():
         while True:
@@ -209,11 +217,16 @@ def disconnect(sl):
         ATTACHED.discard(sl)
         with PROBE_LOCK:
             bad = [o for o in list(ATTACHED) if read_back(o.kernel_ends[0], o.export.size - 8192, 4096) != o.pattern]
-        event(f"verify BAD {len(bad)}" if bad else f"verify ok {len(ATTACHED)}")
+        event(f"verify BAD {' '.join(f'{o.gpu.ordinal}.{o.number}' for o in bad)}" if bad
+              else f"verify ok {len(ATTACHED)}")
     if getattr(sl, "listener", None):
         sl.listener.close()
         os.unlink(sl.listener_path)
     for s in sl.kernel_ends:
+        try:
+            s.shutdown(socket.SHUT_RDWR)    # also wakes a relay thread blocked in recv on it (close alone does not)
+        except OSError:
+            pass
         s.close()
     sysfs(sl.index, "pid")
     sysfs(sl.index, "backend")

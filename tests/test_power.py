@@ -131,7 +131,7 @@ class Harness:
                         f"power_poll = 1\nbuffer_size = 256K\n{conf_lines}")
         self.env = fake_env(fakecuda, NBD_VRAM_CONFIG=str(conf), NBD_VRAM_SYSFS_ROOT=str(self.sys),
                             NBD_VRAM_RUNTIME_DIR=str(self.run), HARNESS_EVENTS=str(self.events),
-                            HARNESS_SWAPOFF_FAILS=str(self.fails), HARNESS_PROBE="1", **extra)
+                            HARNESS_SWAPOFF_FAILS=str(self.fails), **dict({"HARNESS_PROBE": "1"}, **extra))
         self.env.pop("NOTIFY_SOCKET", None)
         self.log = open(tmp_path / "daemon.log", "w")
         self.proc = subprocess.Popen([sys.executable, str(HARNESS), "run"], env=self.env, stdout=self.log,
