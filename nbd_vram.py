@@ -2552,7 +2552,8 @@ OPTIONS = [
            "if the daemon dies, the kernel holds swap I/O this long waiting for it to come back"),
     Option("workers", "auto", _workers, "auto or 1..32",
            "serving processes (auto: one per two CPUs, at most one per connection and 8)"),
-    Option("buffer_size", "2M", _buffer_size, "64K..256M", "pinned staging per connection, each way (the kernel sends at most 1.25M per request)"),
+    Option("buffer_size", "512K", _buffer_size, "64K..256M",
+           "pinned staging per connection, each way (a larger request is copied in pieces of this size)"),
     Option("realtime", "yes", _parse_bool, "yes or no",
            "serving threads run SCHED_RR (priority 1), so a reply under memory pressure may use the kernel's "
            "real-time reserve instead of waiting on reclaim"),
@@ -3870,12 +3871,17 @@ class Daemon:
         """swapoff (never forced), then the slice's undo steps.  False if swapoff failed."""
         g = sl.gpu
         if sl.swap_on:
-            log.info("%s: releasing %s (%s): swapoff %s", g.label, sl.name, why, sl.swap_device)
+            used = sl.used_kib(active_swaps())
+            log.info("%s: releasing %s (%s): swapoff %s (%s of pages on it)", g.label, sl.name, why, sl.swap_device,
+                     format_size(used * 1024))
+            t0 = time.monotonic()
             if not swap_disable(sl.swap_device):
                 log.warning("%s: swapoff %s failed (RAM cannot take its pages back now); %s stays", g.label,
                             sl.swap_device, sl.name)
                 return False
             sl.swap_on = False
+            log.info("%s: swapoff %s took %.1f s for %s", g.label, sl.swap_device, time.monotonic() - t0,
+                     format_size(used * 1024))
         sl.run_undo()
         del g.slices[sl.number]
         g.last_action = f"{time.strftime('%H:%M:%S')} released slice {sl.number} ({why})"

@@ -114,7 +114,9 @@ def elastic(tmp_path, fakecuda):
 
 
 def fio_verify(sock, tmp_path, name, size="16M", loops=3):
-    return subprocess.Popen(["fio", f"--name={name}", "--ioengine=nbd", f"--uri=nbd+unix:///?socket={sock}",
+    """fio (or $NBD_VRAM_FIO, e.g. the anchors' run-fio.sh) writing SIZE at random through the NBD
+    socket, then reading every block back against its crc32c, LOOPS times."""
+    return subprocess.Popen([os.environ.get("NBD_VRAM_FIO") or "fio", f"--name={name}", "--ioengine=nbd", f"--uri=nbd+unix:///?socket={sock}",
                              "--rw=randwrite", "--bs=4k", f"--size={size}", "--verify=crc32c", "--do_verify=1",
                              f"--loops={loops}", "--iodepth=8", "--verify_fatal=1", "--output-format=terse"],
                             stdout=open(tmp_path / f"{name}.out", "w"), stderr=subprocess.STDOUT)

@@ -38,7 +38,7 @@ PRESSURE_TIMEOUT_S = 2400
 # The integration script took 538-656 s before the parts power, restart and encrypt (three more
 # pressure runs); see tests/vm/README.md for the measured time with them.
 INTEGRATION_TIMEOUT_S = 3600
-INTEGRATION_PARTS = ("smoke", "fill", "ioctl", "worker_death", "install", "power", "restart", "encrypt")
+INTEGRATION_PARTS = ("smoke", "fill", "ioctl", "worker_death", "install", "power", "restart", "encrypt", "elastic")
 
 
 def say(capsys, *lines):
@@ -92,7 +92,7 @@ def boot(outdir, script, timeout_s, mem_mb=512, cpus=2, **guest_env):
 
     One VM at a time on this host: a lock in the lab dir serializes concurrent pytest sessions
     (the wait is not counted in the VM's timeout)."""
-    env = dict(os.environ, VRAM_MB="1024", VM_TIMEOUT=str(timeout_s), GUEST_FAKECUDA="/mnt/libcuda.so.1")
+    env = dict(os.environ, VRAM_MB="1024", VRAM2_MB="512", VM_TIMEOUT=str(timeout_s), GUEST_FAKECUDA="/mnt/libcuda.so.1")
     env.update({f"GUEST_{k}": str(v) for k, v in guest_env.items()})
     LAB.mkdir(parents=True, exist_ok=True)
     with open(LAB / ".vm-run.lock", "w") as lock, open(outdir / "run.out", "w") as log:

@@ -11,7 +11,11 @@
 #   power         AC unplugged with data out in VRAM swap: released, data back intact; AC back: swap back
 #   encrypt       --encrypt yes: swap on /dev/mapper/nbd-vram-N over the nbd device, data verified under
 #                 pressure, a marker swapped out is nowhere in the BAR as plaintext; the mapping is closed
-# Needs: run.sh with VRAM_MB=1024 (1 GiB BAR) and a 512 MiB guest; GUEST_FAKECUDA (guest path of the
+#   elastic       two "GPUs" (both BARs), --gpus all, 128 MiB slices: swap striped over both (equal
+#                 priorities), `shrink` under the hog, another program on GPU 1 (FAKECUDA_OTHER_USAGE) makes
+#                 the daemon give back slices holding pages, every checksum verified; they come back after
+#                 reclaim_after once it is gone
+# Needs: run.sh with VRAM_MB=1024 (1 GiB BAR), VRAM2_MB=512 for elastic, and a 512 MiB guest; GUEST_FAKECUDA (guest path of the
 # fake libcuda.so.1, default /mnt/libcuda.so.1); GUEST_PARTS (default: all of them, in that order);
 # cryptsetup on the host (the guest runs the host's userland) for encrypt.
 set -eEuo pipefail
@@ -21,7 +25,9 @@ set -eEuo pipefail
 . "$NBD_VRAM_VM/guest-lib.sh"
 REPO=$NBD_VRAM_REPO
 LIB=${GUEST_FAKECUDA:-/mnt/libcuda.so.1}
-BAR=$(bar_enable | head -1)
+BARS=$(bar_enable)
+BAR=$(head -1 <<<"$BARS")
+BAR2=$(sed -n 2p <<<"$BARS")
 export NBD_VRAM_LIBCUDA=$LIB FAKECUDA_BACKING=$BAR NBD_VRAM_RUNTIME_DIR=/run/nbd-vram
 export NBD_VRAM_CONFIG=/tmp/nbd-vram.conf PYTHONUNBUFFERED=1
 : > /tmp/nbd-vram.conf               # every setting from flags; no /etc/nbd-vram.conf is read
@@ -396,7 +402,7 @@ t_restart() {
     [ -e "$fs/ready" ] && [ -n "$DEV" ] && grep -q "^$DEV " /proc/swaps && break
     kill -0 "$sup" 2>/dev/null || fail "the daemon (under fdstore.py) exited before swapon"; sleep 0.2; done
   [ -e "$fs/ready" ] || fail "no READY=1 from the daemon within 180 s"
-  grep -q "stored 'vram'" "$DLOG" || fail "the daemon did not store its VRAM fd (FDSTORE=1)"
+  grep -q "stored 'vram-" "$DLOG" || fail "the daemon did not store its VRAM fd (FDSTORE=1)"
   old=$(state_key pid)
   echo "restart: daemon pid $old serves $DEV; its VRAM fd is in the store"
 
@@ -543,7 +549,8 @@ t_encrypt() {
     grep -Eq "$want" /tmp/cryptsetup-status || fail "cryptsetup status $name does not show '$want'"
   done
   python3 "$REPO/nbd_vram.py" status | tee /tmp/status-encrypt
-  grep -q "$SWAPDEV, encrypted (dm-crypt aes-xts-plain64" /tmp/status-encrypt || fail "status does not show the encryption"
+  grep -q "encrypted (dm-crypt aes-xts-plain64" /tmp/status-encrypt || fail "status does not show the encryption"
+  grep -q "$SWAPDEV on $DEV" /tmp/status-encrypt || fail "status does not show $SWAPDEV on $DEV"
   python3 "$REPO/nbd_vram.py" status --json | python3 -c 'import json, sys
 s = json.load(sys.stdin)["swap"]
 sys.exit(not (s["active"] and s["encrypted"] and s["device"] == sys.argv[1]))' "$SWAPDEV" \
@@ -582,6 +589,66 @@ sys.exit(not (s["active"] and s["encrypted"] and s["device"] == sys.argv[1]))' "
   pass
 }
 
-PARTS=${GUEST_PARTS:-smoke fill ioctl worker_death install power restart encrypt}
+# -- i: slices on two "GPUs", given back and taken again under load.
+# nbd_swaps: "device used_KiB priority" of every nbd swap device
+nbd_swaps() { awk '$1 ~ /^\/dev\/nbd/ {print $1, $4, $5}' /proc/swaps; }
+t_elastic() {
+  part elastic
+  [ -n "$BAR2" ] || fail "elastic needs a second BAR (run.sh with VRAM2_MB)"
+  local hold=/tmp/elastic-hold other=/tmp/other-usage ppid rc=0 n before after prios
+  : > "$other"
+  # FAKECUDA_BACKING separates paths with ':', which PCI sysfs paths are full of: links without.
+  ln -sf "$BAR" /tmp/gpu0-bar
+  ln -sf "$BAR2" /tmp/gpu1-bar
+  FAKECUDA_BACKING=/tmp/gpu0-bar:/tmp/gpu1-bar FAKECUDA_OTHER_USAGE=$other start_daemon elastic --gpus all --size 384M \
+    --min-size 128M --slice-size 128M --connections 2 --reserve 128M --vram-poll 1 --reclaim-after 5
+  for _ in $(seq 300); do [ "$(nbd_swaps | wc -l)" -eq 6 ] && break; sleep 0.2; done
+  nbd_swaps
+  [ "$(nbd_swaps | wc -l)" -eq 6 ] || fail "expected 6 slices as swap (3 on each GPU)"
+  prios=$(nbd_swaps | awk '{print $3}' | sort -n | uniq -c | awk '{print $1 "x" $2}' | tr '\n' ' ')
+  [ "$prios" = "2x1498 2x1499 2x1500 " ] || fail "slice priorities are not paired over the two GPUs: $prios"
+  python3 "$REPO/nbd_vram.py" status || true
+
+  rm -f "$hold"
+  PRESSURE_HOLD=$hold pressure 48 700 >/tmp/pressure-elastic.log 2>&1 &
+  ppid=$!
+  for _ in $(seq 1200); do [ "$(swap_used_mb)" -ge 150 ] && break; kill -0 "$ppid" 2>/dev/null || break; sleep 0.25; done
+  echo "elastic: $(swap_used_mb) MiB swapped; per device (device KiB priority):"; nbd_swaps
+  [ "$(nbd_swaps | awk '$3 == 1500 && $2 > 0' | wc -l)" -eq 2 ] || fail "swap is not striped over both GPUs' slice 0"
+  # By hand, under the hog: one slice (the emptiest) swapped off and freed.
+  before=$(nbd_swaps | wc -l)
+  python3 "$REPO/nbd_vram.py" shrink 128M --timeout 600 || fail "shrink 128M failed"
+  after=$(nbd_swaps | wc -l)
+  [ "$after" -eq $(( before - 1 )) ] || fail "shrink left $after slices as swap (was $before)"
+  for _ in $(seq 1800); do grep -q 'pressure: holding' /tmp/pressure-elastic.log && break
+    kill -0 "$ppid" 2>/dev/null || break; sleep 0.5; done
+  cat /tmp/pressure-elastic.log
+  grep -q 'pressure: holding' /tmp/pressure-elastic.log || fail "the pressure did not reach its hold"
+  echo "elastic: at the hold, per device:"; nbd_swaps
+  # Another program takes 200 MiB on GPU 1 (512 MiB, 384 held, 128 free, reserve 128): the daemon must
+  # give back its emptiest slices, pages and all, until 128 MiB is free again: two of them.
+  before=$(nbd_swaps | wc -l)
+  printf '0\n200\n' > "$other"
+  for _ in $(seq 1200); do [ "$(nbd_swaps | wc -l)" -le $(( before - 2 )) ] && break; sleep 0.25; done
+  nbd_swaps
+  [ "$(nbd_swaps | wc -l)" -le $(( before - 2 )) ] || fail "the reserve on GPU 1 did not make the daemon release slices"
+  grep -E 'below the reserve|released|other programs' "$DLOG" | tail -n 6 || true
+  touch "$hold"
+  wait "$ppid" || rc=$?
+  cat /tmp/pressure-elastic.log
+  [ "$rc" -eq 0 ] || fail "data corrupted while slices were released (pressure exited $rc)"
+  grep -q 'MiB verified' /tmp/pressure-elastic.log || fail "pressure printed no 'verified' line"
+  # The program quits: after reclaim_after (5 s) the slices come back (up to the ceiling shrink set: 5).
+  : > "$other"
+  for _ in $(seq 600); do [ "$(nbd_swaps | wc -l)" -eq 5 ] && break; sleep 0.25; done
+  nbd_swaps
+  [ "$(nbd_swaps | wc -l)" -eq 5 ] || fail "the released slices were not taken back"
+  python3 "$REPO/nbd_vram.py" status || true
+  kernel_clean
+  stop_daemon
+  pass
+}
+
+PARTS=${GUEST_PARTS:-smoke fill ioctl worker_death install power restart encrypt elastic}
 for p in $PARTS; do "t_$p"; done
 echo "=== integration: PASS ($PARTS)"
