@@ -3776,6 +3776,8 @@ class Daemon:
         for (sl, _), s in prepared:
             self._swap_on(sl, s)
         self._memory_clock_cap()
+        for g in self.gpus:
+            g.mem_free()        # for status: what is free now that every slice is taken
         self._write_state()
         status = self._status_line()
         sd_notify("READY=1", f"STATUS={status}")
