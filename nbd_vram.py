@@ -4270,13 +4270,13 @@ class Daemon:
                 cands = [g for g in live if min(g.ceiling, len(g.slices)) > 0]
                 if not cands:
                     break
-                g = max(cands, key=lambda g: (len(g.slices), -g.ordinal))
+                g = max(cands, key=lambda g: (min(g.ceiling, len(g.slices)), -g.ordinal))
                 g.ceiling = min(g.ceiling, len(g.slices)) - 1
             elif op == "grow":
                 cands = [g for g in live if max(g.ceiling, len(g.slices)) < len(g.sizes)]
                 if not cands:
                     break
-                g = min(cands, key=lambda g: (len(g.slices), g.ordinal))
+                g = min(cands, key=lambda g: (max(g.ceiling, len(g.slices)), g.ordinal))
                 g.ceiling = max(g.ceiling, len(g.slices)) + 1
         log.info("%s %s requested: slices allowed now %s", op, format_size(nbytes),
                  ", ".join(f"{g.label} {g.ceiling} of {len(g.sizes)}" for g in self.gpus))
