@@ -20,7 +20,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import ROOT, fmt, prefill, sh, wait_socket  # noqa: E402
+from bench import ROOT, fmt, sh, wait_socket  # noqa: E402
 
 JOBS = [
     ("4K randread QD32 x8", "--rw=randread --bs=4k --iodepth=32 --numjobs=8", "iops"),
@@ -30,9 +30,12 @@ JOBS = [
 ]
 
 
+WORKING_SET = "4g"       # of each GPU's export, as bench.py (--size below 8G makes it half the export)
+
+
 def fio_cmd(anchors, sock, name, args, runtime, out):
     return [os.path.join(anchors, "bench", "run-fio.sh"), f"--name={name}", "--ioengine=nbd",
-            f"--uri=nbd+unix:///?socket={sock}", "--size=4g", "--time_based", f"--runtime={runtime}",
+            f"--uri=nbd+unix:///?socket={sock}", f"--size={WORKING_SET}", "--time_based", f"--runtime={runtime}",
             "--ramp_time=1", "--group_reporting", "--norandommap", "--randrepeat=0",
             "--output-format=json", f"--output={os.path.join(out, 'fio', name + '.json')}"] + args.split()
 
@@ -64,7 +67,15 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--gpus", type=int, default=0, help="how many GPUs (default: all)")
     ap.add_argument("--runtime", type=int, default=4)
+    ap.add_argument("--size", default="8G", help="export on each GPU (default 8G)")
     a = ap.parse_args()
+    global WORKING_SET
+    size_mib = int(a.size[:-1]) * 1024 if a.size.upper().endswith("G") else int(a.size.rstrip("Mm"))
+    if size_mib < 8192:
+        WORKING_SET = f"{size_mib // 2}m"
+        for i, (name, args, metric) in enumerate(JOBS):
+            JOBS[i] = (name, args.replace("--offset_increment=1g --size=1g",
+                                          f"--offset_increment={size_mib // 8}m --size={size_mib // 8}m"), metric)
     anchors = os.path.abspath(a.anchors)
     os.makedirs(os.path.join(a.out, "fio"), exist_ok=True)
     cards = sh("nvidia-smi --query-gpu=index,name,driver_version,pci.bus_id --format=csv,noheader").splitlines()
@@ -77,13 +88,15 @@ def main():
             os.unlink(s)
         logs.append(open(os.path.join(a.out, f"serve-gpu{i}.log"), "w"))
         procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "nbd_vram.py"), "serve", "--socket", s,
-                                       "--size", "8G", "--gpu", str(i)], stdout=logs[-1], stderr=subprocess.STDOUT))
+                                       "--size", a.size, "--gpu", str(i)], stdout=logs[-1], stderr=subprocess.STDOUT))
     rows, verify = [], []
     try:
         for i, (s, p) in enumerate(zip(socks, procs)):
             wait_socket(s, p, f"nbd_vram.py serve on GPU {i}")
         for s in socks:
-            prefill(anchors, s)
+            subprocess.run([os.path.join(anchors, "bench", "run-fio.sh"), "--name=prefill", "--ioengine=nbd",
+                            f"--uri=nbd+unix:///?socket={s}", f"--size={WORKING_SET}", "--rw=write", "--bs=1m",
+                            "--iodepth=8"], capture_output=True, check=True)
         for name, args, metric in JOBS:
             slug = re.sub(r"[^a-z0-9]+", "-", name.lower())
             one = run_together(anchors, socks[:1], slug + "-one", args, a.runtime, a.out)
@@ -94,7 +107,7 @@ def main():
         # fio verify on every GPU at once: 1 GiB of 4K random writes each, every block read back.
         vprocs = [subprocess.Popen([os.path.join(anchors, "bench", "run-fio.sh"), f"--name=verify-gpu{i}",
                                     "--ioengine=nbd", f"--uri=nbd+unix:///?socket={s}", "--rw=randwrite", "--bs=4k",
-                                    "--size=1g", "--iodepth=32", "--verify=crc32c", "--do_verify=1",
+                                    f"--size={'1g' if WORKING_SET == '4g' else WORKING_SET}", "--iodepth=32", "--verify=crc32c", "--do_verify=1",
                                     "--verify_fatal=1", "--output-format=terse"], stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True) for i, s in enumerate(socks)]
         for i, p in enumerate(vprocs):
@@ -113,14 +126,15 @@ def main():
         for f in logs:
             f.close()
     date = time.strftime("%Y-%m-%d")
-    lines = [f"Cards: {'; '.join(cards)}; {date}; one `nbd_vram.py serve` (8 GiB, 8 workers) per GPU; fio nbd "
-             f"engine over Unix sockets, 4 GiB working set a GPU, {a.runtime} s per job after 1 s ramp; N GPUs = "
+    lines = [f"Cards: {'; '.join(cards)}; {date}; one `nbd_vram.py serve` ({a.size}, 8 workers) per GPU; fio nbd "
+             f"engine over Unix sockets, {WORKING_SET} working set a GPU, {a.runtime} s per job after 1 s ramp; N GPUs = "
              "one fio per GPU at the same time, summed.", "",
              f"| job | 1 GPU | {n} GPUs | scaling |", "|---|---|---|---|"]
     for name, metric, one, alln in rows:
         sc = f"{alln[metric] / one[metric]:.2f}×" if one and alln else "n/a"
         lines.append(f"| {name} | {fmt(metric, one and one[metric])} | {fmt(metric, alln and alln[metric])} | {sc} |")
-    lines += ["", "fio verify (1 GiB of 4K random writes a GPU, crc32c, all GPUs at once): " +
+    vsize = "1 GiB" if WORKING_SET == "4g" else WORKING_SET
+    lines += ["", f"fio verify ({vsize} of 4K random writes a GPU, crc32c, all GPUs at once): " +
               ", ".join(f"GPU {i} {'passed' if rc == 0 else 'FAILED'}" for i, rc in verify)]
     table = "\n".join(lines)
     print(table)
