@@ -171,6 +171,15 @@ def test_two_backing_files(fakecuda, tmp_path):
         ok(lib.cuDeviceTotalMem_v2(C.byref(t), 0), "total")
         assert (n.value, t.value) == (1, 8 * MiB)
     """, {"FAKECUDA_BACKING": str(a)})
+    # A PCI BAR's sysfs path is full of ':': a value that names an existing file is that one path.
+    (tmp_path / "0000:00:03.0").mkdir()
+    bar = backing(tmp_path / "0000:00:03.0", "resource2_wc", 4 * MiB)
+    run_child(fakecuda, """
+        n, t = C.c_int(), C.c_size_t()
+        ok(lib.cuDeviceGetCount(C.byref(n)), "count")
+        ok(lib.cuDeviceTotalMem_v2(C.byref(t), 0), "total")
+        assert (n.value, t.value) == (1, 4 * MiB)
+    """, {"FAKECUDA_BACKING": str(bar)})
 
 
 def test_free_middle_block(fakecuda, tmp_path):

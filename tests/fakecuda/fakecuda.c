@@ -30,8 +30,9 @@
  *   FAKECUDA_TOTAL_MB=N           memory per device (default 8192) of devices
  *                                 without a backing file
  *   FAKECUDA_BACKING=P0:P1:...    device i's memory is a MAP_SHARED mapping of Pi
- *                                 (regular file or PCI BAR resource file; no ':'
- *                                 in a path); see "backing mode" below
+ *                                 (regular file or PCI BAR resource file); a
+ *                                 value that names an existing file is one path,
+ *                                 ':' in it and all; see "backing mode" below
  *   FAKECUDA_OTHER_USAGE=PATH     "other processes" use device memory: line i of
  *                                 PATH is MiB used on device i (missing file or
  *                                 line = 0).  Read again at every cuMemGetInfo_v2,
@@ -311,7 +312,9 @@ static void read_env(void)
     char *paths[FK_MAX_DEV];
     int npaths = 0;
     const char *bp = getenv("FAKECUDA_BACKING");
-    if (bp && *bp) {
+    if (bp && *bp && access(bp, F_OK) == 0) {
+        paths[npaths++] = strdup(bp);       /* one path that exists: PCI sysfs paths are full of ':' */
+    } else if (bp && *bp) {
         char *copy = strdup(bp), *save = NULL;
         for (char *t = copy ? strtok_r(copy, ":", &save) : NULL; t && npaths < FK_MAX_DEV; t = strtok_r(NULL, ":", &save))
             paths[npaths++] = t;
