@@ -3303,6 +3303,19 @@ def wait_for_power(power, reload):
             return True
 
 
+def run_undo(steps, label, failed=None):
+    """Pop and run (what, fn) undo steps, last pushed first; a failing step is logged (and
+    failed(what) called) and the rest still run."""
+    while steps:
+        what, fn = steps.pop()
+        try:
+            fn()
+        except Exception as e:
+            log.error("%s: %s failed: %s", label, what, e)
+            if failed:
+                failed(what)
+
+
 def elastic_decision(reserve, free, held, ceiling, next_bytes, calm_since, now, reclaim_after):
     """What one GPU's slices should do now: (action, calm_since).
 
@@ -3379,15 +3392,12 @@ class Slice:
         return found[1][1] if found else 0
 
     def run_undo(self):
-        while self.undo:
-            what, fn = self.undo.pop()
-            try:
-                fn()
-            except Exception as e:
-                log.error("%s: %s failed: %s", self.name, what, e)
-                if what.startswith("end the connections"):
-                    log.error("%s: leaving its VRAM allocated; the driver reclaims it when the daemon exits", self.name)
-                    self.undo = [u for u in self.undo if not u[0].startswith("free")]
+        def failed(what):
+            if what.startswith("end the connections"):
+                # Something may still serve from this VRAM: freeing it now could serve garbage.
+                log.error("%s: leaving its VRAM allocated; the driver reclaims it when the daemon exits", self.name)
+                self.undo[:] = [u for u in self.undo if not u[0].startswith("free")]
+        run_undo(self.undo, self.name, failed)
 
     def describe(self, swaps=None):
         d = {"gpu": self.gpu.info["uuid"], "gpu_index": self.gpu.info["index"], "number": self.number,
@@ -3638,12 +3648,7 @@ class GpuShare:
 
     def stop(self):
         """After its slices are gone: the workers' undo steps."""
-        while self.undo:
-            what, fn = self.undo.pop()
-            try:
-                fn()
-            except Exception as e:
-                log.error("stopping: %s failed: %s", what, e)
+        run_undo(self.undo, "stopping")
 
     def worker_pids(self):
         return [w.proc.pid for w in self.workers] + ([self.spare.proc.pid] if self.spare else [])
@@ -4364,12 +4369,7 @@ class Daemon:
             del sl.gpu.slices[sl.number]
         for g in self.gpus:
             g.stop()
-        while self.undo:
-            what, fn = self.undo.pop()
-            try:
-                fn()
-            except Exception as e:
-                log.error("stopping: %s failed: %s", what, e)
+        run_undo(self.undo, "stopping")
         if self.nvml is not None:
             self.nvml.close()
             self.nvml = None
