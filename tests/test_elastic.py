@@ -81,8 +81,9 @@ class Elastic(Harness):
         self.lost = tmp_path / "lost-devices"
         self.nbd = tmp_path / "nbd"
         self.nbd.mkdir()
-        super().__init__(tmp_path, fakecuda, policy="always",
-                         conf_lines="vram_poll = 1\nreclaim_after = 2\n" + conf_lines,
+        keys = {line.split("=")[0].strip() for line in conf_lines.splitlines() if "=" in line}
+        defaults = "".join(f"{k} = {v}\n" for k, v in (("vram_poll", 1), ("reclaim_after", 2)) if k not in keys)
+        super().__init__(tmp_path, fakecuda, policy="always", conf_lines=defaults + conf_lines,
                          HARNESS_PROBE="all", HARNESS_NBD_DIR=str(self.nbd), FAKECUDA_OTHER_USAGE=str(self.other),
                          FAKECUDA_LOST_DEVICES=str(self.lost), **extra)
 

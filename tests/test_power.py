@@ -127,8 +127,11 @@ class Harness:
         self.ac(True)
         supply(self.sys, "BAT0", type="Battery", capacity=80, status="Discharging")
         conf = tmp_path / "nbd-vram.conf"
-        conf.write_text(f"size = 64M\nmin_size = 64M\nconnections = 2\nworkers = 2\npower = {policy}\n"
-                        f"power_poll = 1\nbuffer_size = 256K\n{conf_lines}")
+        base = (f"size = 64M\nmin_size = 64M\nconnections = 2\nworkers = 2\npower = {policy}\npower_poll = 1\n"
+                "buffer_size = 256K\n")
+        keys = {line.split("=")[0].strip() for line in conf_lines.splitlines() if "=" in line}
+        # conf_lines may change a base key (a key may appear only once in the file).
+        conf.write_text("".join(l + "\n" for l in base.splitlines() if l.split("=")[0].strip() not in keys) + conf_lines)
         self.env = fake_env(fakecuda, NBD_VRAM_CONFIG=str(conf), NBD_VRAM_SYSFS_ROOT=str(self.sys),
                             NBD_VRAM_RUNTIME_DIR=str(self.run), HARNESS_EVENTS=str(self.events),
                             HARNESS_SWAPOFF_FAILS=str(self.fails), **dict({"HARNESS_PROBE": "1"}, **extra))
