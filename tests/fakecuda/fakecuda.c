@@ -1182,3 +1182,95 @@ static CUresult error_lookup(CUresult error, const char **pStr, int text)
 
 CUresult cuGetErrorName(CUresult error, const char **pStr) { return error_lookup(error, pStr, 0); }
 CUresult cuGetErrorString(CUresult error, const char **pStr) { return error_lookup(error, pStr, 1); }
+
+/* ======================================================================== */
+/* Modules and kernels (nbd-vram's copy-list kernel only).  Self-contained  */
+/* block: cuModuleLoadData accepts PTX that defines ".entry nbd_vram_copy", */
+/* cuLaunchKernel of that function performs the kernel's copies in C.      */
+/* ======================================================================== */
+
+#ifndef __cuda_cuda_h__
+typedef struct CUmod_st *CUmodule;
+typedef struct CUfunc_st *CUfunction;
+#endif
+#define FK_ERROR_INVALID_IMAGE 200         /* CUDA_ERROR_INVALID_IMAGE */
+#define FK_ERROR_NOT_FOUND 500             /* CUDA_ERROR_NOT_FOUND */
+#ifdef __cuda_cuda_h__                     /* abi_check.c */
+_Static_assert(FK_ERROR_INVALID_IMAGE == CUDA_ERROR_INVALID_IMAGE, "CUDA_ERROR_INVALID_IMAGE differs from cuda.h");
+_Static_assert(FK_ERROR_NOT_FOUND == CUDA_ERROR_NOT_FOUND, "CUDA_ERROR_NOT_FOUND differs from cuda.h");
+#endif
+
+struct fk_copy_entry { unsigned long long dst, src; unsigned int len, pad; };  /* the kernel's table entry */
+#define FK_COPY_LIST_MAX 128
+static char fk_copy_module, fk_copy_function;   /* their addresses are the handles */
+
+/* Counter for in-process tests: successful launches of the copy kernel. */
+long fake_launch_count;
+
+CUresult cuModuleLoadData(CUmodule *module, const void *image)
+{
+    API_BEGIN();
+    NEED_CTX(dev);
+    if (!module || !image) return CUDA_ERROR_INVALID_VALUE;
+    const char *ptx = image;
+    if (strncmp(ptx, ".version", 8) != 0 && !strstr(ptx, "\n.version")) return FK_ERROR_INVALID_IMAGE;
+    if (!strstr(ptx, ".entry nbd_vram_copy(")) return FK_ERROR_INVALID_IMAGE;
+    *module = (CUmodule)(void *)&fk_copy_module;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuModuleGetFunction(CUfunction *hfunc, CUmodule hmod, const char *name)
+{
+    API_BEGIN();
+    NEED_CTX(dev);
+    if (!hfunc || !name) return CUDA_ERROR_INVALID_VALUE;
+    if ((void *)hmod != (void *)&fk_copy_module) return CUDA_ERROR_INVALID_HANDLE;
+    if (strcmp(name, "nbd_vram_copy") != 0) return FK_ERROR_NOT_FOUND;
+    *hfunc = (CUfunction)(void *)&fk_copy_function;
+    return CUDA_SUCCESS;
+}
+
+/* nbd_vram_copy(unsigned int count, struct { entry d[128]; } table): block i < count copies
+ * d[i].len / 4 words from d[i].src to d[i].dst (both device addresses).  Runs synchronously; counts
+ * as one copy attempt for the FAKECUDA_FAIL_COPY_* injections, and an entry outside device memory is
+ * CUDA_ERROR_ILLEGAL_ADDRESS (latched on the stream, as a faulting kernel's error is). */
+CUresult cuLaunchKernel(CUfunction f, unsigned int gridDimX, unsigned int gridDimY, unsigned int gridDimZ,
+                        unsigned int blockDimX, unsigned int blockDimY, unsigned int blockDimZ,
+                        unsigned int sharedMemBytes, CUstream hStream, void **kernelParams, void **extra)
+{
+    API_BEGIN();
+    NEED_CTX(dev);
+    int *slot = stream_slot(hStream);
+    if (!slot) return CUDA_ERROR_INVALID_HANDLE;
+    if ((void *)f != (void *)&fk_copy_function) return CUDA_ERROR_INVALID_HANDLE;
+    if (!kernelParams || extra || !kernelParams[0] || !kernelParams[1]) return CUDA_ERROR_INVALID_VALUE;
+    if (!gridDimX || !gridDimY || !gridDimZ || !blockDimX || !blockDimY || !blockDimZ
+        || blockDimX * blockDimY * blockDimZ > 1024 || sharedMemBytes > 48 * 1024)
+        return CUDA_ERROR_INVALID_VALUE;
+    unsigned int count = *(const unsigned int *)kernelParams[0];
+    const struct fk_copy_entry *d = kernelParams[1];
+    unsigned int n = count < gridDimX ? count : gridDimX;
+    if (n > FK_COPY_LIST_MAX) n = FK_COPY_LIST_MAX;
+    for (unsigned int i = 0; i < n; i++) {
+        size_t len = d[i].len & ~3u;
+        if (len && (!dev_range_ok((uintptr_t)d[i].dst, len) || !dev_range_ok((uintptr_t)d[i].src, len)
+                    || (d[i].dst | d[i].src) & 3)) {
+            __atomic_store_n(slot, CUDA_ERROR_ILLEGAL_ADDRESS, __ATOMIC_RELEASE);
+            return CUDA_SUCCESS;        /* a kernel's fault shows at the next synchronization */
+        }
+    }
+    long nth = __atomic_add_fetch(&fake_copy_attempts, 1, __ATOMIC_SEQ_CST);
+    int fail_n = __atomic_load_n(&fake_fail_copy_n, __ATOMIC_ACQUIRE);
+    if ((fail_n > 0 && nth == fail_n) || (cfg_fail_every > 0 && nth % cfg_fail_every == 0)) {
+        __atomic_store_n(slot, CUDA_ERROR_ILLEGAL_ADDRESS, __ATOMIC_RELEASE);
+        return CUDA_ERROR_ILLEGAL_ADDRESS;
+    }
+    for (unsigned int i = 0; i < n; i++)
+        memmove(DPTR(d[i].dst), DPTR(d[i].src), d[i].len & ~3u);
+    __atomic_add_fetch(&fake_launch_count, 1, __ATOMIC_SEQ_CST);
+    long done = __atomic_add_fetch(&fake_copy_count, 1, __ATOMIC_SEQ_CST);
+    if (cfg_lost_after > 0 && done >= cfg_lost_after)
+        __atomic_store_n(&fake_device_lost, 1, __ATOMIC_RELEASE);
+    return CUDA_SUCCESS;
+}
+/* ===================== end of modules and kernels ======================= */
