@@ -744,6 +744,8 @@ COPY_ENTRY = struct.Struct("<QQI4x")
 COPY_THREADS = 256             # threads per block: a 4 KiB page is 4 steps of 4 bytes each
 COPY_STAGE = 1 * MiB           # device staging per connection for small write payloads
 COPY_WRITE_MAX = 64 * 1024     # writes up to this size go through the kernel; larger ones are one copy each
+STREAM_WRITE_MIN = 256 * 1024  # a write this large is copied on in pieces while the rest of it arrives
+STREAM_PIECE = 128 * 1024      # the smallest such piece
 
 _copy_kernels = {}             # context -> CUfunction (or None: this driver cannot load it)
 _copy_kernels_lock = threading.Lock()
@@ -1303,13 +1305,19 @@ class Transmission:
                 break
             if typ == _CMD_WRITE:
                 need = REQ_SIZE + length
+                done = rc = 0           # bytes of the payload already on their way to VRAM
                 if avail < need:
                     if self.start + need > rx_cap:
                         if n == 0:
                             after = "large-write" if need > rx_cap else "compact"
                         break
                     try:
-                        recv_into_exact(self.sock, rx[self.end:self.start + need], "write payload")
+                        if (length >= STREAM_WRITE_MIN and not flags & ~NBD_CMD_FLAG_FUA and length <= MAX_REQUEST
+                                and offset <= size - length):
+                            gpu_work = True     # pieces are in flight from here on, even if the client hangs up
+                            done, rc = self._recv_streaming(n, need, base + offset)
+                        else:
+                            recv_into_exact(self.sock, rx[self.end:self.start + need], "write payload")
                     except ProtocolError as e:
                         after = str(e)      # the client hung up mid-payload: answer what came before, then close
                         break
@@ -1349,7 +1357,7 @@ class Transmission:
                         self._flush(n)
                     if self.w_n:
                         self._wflush(n)
-                    rc = htod(base + offset, payload, length, stream)
+                    rc = rc or htod(base + offset + done, payload + done, length - done, stream)
                     if rc:
                         self._gpu_error("cuMemcpyHtoDAsync_v2", rc, f"write offset={offset} length={length}")
                         err = NBD_EIO
@@ -1495,6 +1503,30 @@ class Transmission:
                 if uses_gpu[i]:
                     errors[i], data_len[i] = NBD_EIO, 0
         self.g_n = 0
+
+    def _recv_streaming(self, n, need, dst):
+        """Receive the rest of a large write's payload, sending each STREAM_PIECE that has arrived on to VRAM
+        while the next one comes in.  Returns (bytes already copied, the first failed call's CUresult)."""
+        if self.g_n:
+            self._flush(n)
+        if self.w_n:
+            self._wflush(n)
+        io, sock = self.io, self.sock
+        rx, htod, stream = io.rx, io.cuda.cuMemcpyHtoDAsync_v2, io.stream
+        first, last = self.start + REQ_SIZE, self.start + need
+        src = io.rx_addr + first
+        done = rc = 0
+        while self.end < last:
+            k = sock.recv_into(rx[self.end:last])
+            if not k:
+                raise ProtocolError(f"client closed the connection: read {self.end - first} of {need - REQ_SIZE} "
+                                    "write payload bytes")
+            self.end += k
+            ready = self.end - first - done
+            if ready >= STREAM_PIECE and self.end < last and not rc:
+                rc = htod(dst + done, src + done, ready, stream)
+                done += ready
+        return done, rc
 
     def _wflush(self, n):
         """Issue the waiting small writes: one copy of their span in rx to the staging area, then one
