@@ -1273,4 +1273,53 @@ CUresult cuLaunchKernel(CUfunction f, unsigned int gridDimX, unsigned int gridDi
         __atomic_store_n(&fake_device_lost, 1, __ATOMIC_RELEASE);
     return CUDA_SUCCESS;
 }
+
+/* Events: work runs synchronously here, so an event is complete when recorded.  Recording takes over
+ * the error latched on its stream so far (a failed async copy before the event); synchronizing on the
+ * event returns it, once.  Errors of later work stay on the stream. */
+#ifndef __cuda_cuda_h__
+typedef struct CUevent_st *CUevent;
+#endif
+struct CUevent_st { unsigned flags; int err; };
+
+CUresult cuEventCreate(CUevent *phEvent, unsigned int Flags)
+{
+    API_BEGIN();
+    NEED_CTX(dev);
+    if (!phEvent || Flags & ~0xfu) return CUDA_ERROR_INVALID_VALUE;
+    struct CUevent_st *e = calloc(1, sizeof *e);
+    if (!e) return CUDA_ERROR_OUT_OF_MEMORY;
+    e->flags = Flags;
+    *phEvent = (CUevent)e;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuEventRecord(CUevent hEvent, CUstream hStream)
+{
+    API_BEGIN();
+    NEED_CTX(dev);
+    int *slot = stream_slot(hStream);
+    if (!hEvent || !slot) return CUDA_ERROR_INVALID_HANDLE;
+    struct CUevent_st *e = (struct CUevent_st *)hEvent;
+    int pending = __atomic_exchange_n(slot, 0, __ATOMIC_ACQ_REL);
+    if (pending) e->err = pending;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuEventSynchronize(CUevent hEvent)
+{
+    API_BEGIN();
+    if (!hEvent) return CUDA_ERROR_INVALID_HANDLE;
+    struct CUevent_st *e = (struct CUevent_st *)hEvent;
+    int err = __atomic_exchange_n(&e->err, 0, __ATOMIC_ACQ_REL);
+    DONE(err ? (CUresult)err : CUDA_SUCCESS);
+}
+
+CUresult cuEventDestroy_v2(CUevent hEvent)
+{
+    API_BEGIN_CLEANUP();
+    if (!hEvent) return CUDA_ERROR_INVALID_HANDLE;
+    free(hEvent);
+    DONE(CUDA_SUCCESS);
+}
 /* ===================== end of modules and kernels ======================= */
