@@ -381,19 +381,6 @@ _KERNEL_PROTOTYPES = {
                        ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, CUstream, ctypes.c_void_p, ctypes.c_void_p),
 }
 
-# Events: a large read's reply is sent piece by piece as each piece's copy completes.
-_EVENT_PROTOTYPES = {
-    # CUresult cuEventCreate(CUevent *phEvent, unsigned int Flags);
-    "cuEventCreate": (CUresult, _p(ctypes.c_void_p), ctypes.c_uint),
-    # CUresult cuEventRecord(CUevent hEvent, CUstream hStream);
-    "cuEventRecord": (CUresult, ctypes.c_void_p, CUstream),
-    # CUresult cuEventSynchronize(CUevent hEvent);
-    "cuEventSynchronize": (CUresult, ctypes.c_void_p),
-    # CUresult cuEventDestroy_v2(CUevent hEvent);
-    "cuEventDestroy_v2": (CUresult, ctypes.c_void_p),
-}
-CU_EVENT_DISABLE_TIMING = 0x2
-
 DRIVER_NOT_FOUND_MSG = ("cannot load the NVIDIA driver library {path!r}: {why} "
                         "(install the NVIDIA driver, or set NBD_VRAM_LIBCUDA to libcuda.so.1's path)")
 
@@ -759,24 +746,9 @@ COPY_STAGE = 1 * MiB           # device staging per connection for small write p
 COPY_WRITE_MAX = 64 * 1024     # writes up to this size go through the kernel; larger ones are one copy each
 STREAM_WRITE_MIN = 256 * 1024  # a write this large is copied on in pieces while the rest of it arrives
 STREAM_PIECE = 128 * 1024      # the smallest such piece
-STREAM_READ_MIN = 128 * 1024   # a read this large is copied in pieces, each sent as soon as it has arrived
-STREAM_READ_PIECE = 256 * 1024
-READ_EVENTS = 64               # events per connection marking those pieces (8 MiB of tx in 256 KiB pieces is 32)
 
 _copy_kernels = {}             # context -> CUfunction (or None: this driver cannot load it)
 _copy_kernels_lock = threading.Lock()
-
-
-def bind_events(cuda):
-    """Bind the event calls (every driver has them); False where this library lacks them."""
-    try:
-        for name, (restype, *argtypes) in _EVENT_PROTOTYPES.items():
-            f = getattr(cuda._lib, name)
-            f.restype, f.argtypes = restype, argtypes
-            setattr(cuda, name, f)
-    except AttributeError:
-        return False
-    return True
 
 
 def copy_kernel(cuda, ctx):
@@ -856,14 +828,6 @@ class IoContext:
         self.k_table_view = memoryview(self.k_table).cast("B")
         self.k_param_ptrs = (ctypes.c_void_p * 2)(ctypes.addressof(self.k_count), ctypes.addressof(self.k_table))
         self.k_params = ctypes.addressof(self.k_param_ptrs)
-        # Events that mark the pieces of large reads (Transmission._reply_streaming).
-        self.events = []
-        if os.environ.get("NBD_VRAM_STREAM_READS", "1") != "0" and bind_events(cuda):
-            for _ in range(READ_EVENTS):
-                ev = ctypes.c_void_p()
-                if cuda.cuEventCreate(ctypes.byref(ev), CU_EVENT_DISABLE_TIMING) != CUDA_SUCCESS:
-                    break
-                self.events.append(ev.value)
 
     def _pinned(self, size):
         p = ctypes.c_void_p()
@@ -881,9 +845,6 @@ class IoContext:
         if getattr(self, "k_stage", None):
             cuda.cuMemFree_v2(self.k_stage)
             self.k_stage = None
-        for ev in getattr(self, "events", ()):
-            cuda.cuEventDestroy_v2(ev)
-        self.events = []
         if self.stream:
             cuda.cuStreamDestroy_v2(self.stream)
             self.stream = None
@@ -1253,9 +1214,6 @@ class Transmission:
         self.w_first = 0                      # index in this batch of the first of them
         self.w_lo = self.w_hi = 0             # their payloads' span in rx (host addresses)
         self.w_dst = 0                        # the device address of the first one (a group of one is one copy)
-        self.m_n = 0                          # pieces of large reads marked by an event (io.events[k])
-        self.mark_req = [0] * len(io.events)  # the request each piece belongs to
-        self.mark_end = [0] * len(io.events)  # where in tx the piece ends
         # Is more already waiting?  poll(0) answers without raising, unlike a MSG_DONTWAIT recv.
         poller = select.poll()
         poller.register(sock.fileno(), select.POLLIN)
@@ -1322,7 +1280,7 @@ class Transmission:
          cookies, errors, data_off, data_len, uses_gpu, unpack, poll, group, stage, put, table) = self.hot
         if group is not None:
             gd, gs, gz = group
-        self.g_first = self.w_first = self.m_n = 0
+        self.g_first = self.w_first = 0
         n = tx_used = 0
         gpu_work = False
         after = None            # what to do once this batch is answered
@@ -1443,10 +1401,7 @@ class Transmission:
                         self._flush(n)
                     if self.w_n:
                         self._wflush(n)
-                    if length >= STREAM_READ_MIN and self.m_n < len(self.mark_req):
-                        rc = self._read_pieces(n, tx_addr + tx_used, base + offset, length, tx_used)
-                    else:
-                        rc = dtoh(tx_addr + tx_used, base + offset, length, stream)
+                    rc = dtoh(tx_addr + tx_used, base + offset, length, stream)
                     if rc:
                         self._gpu_error("cuMemcpyDtoHAsync_v2", rc, f"read offset={offset} length={length}")
                         err = NBD_EIO
@@ -1493,10 +1448,7 @@ class Transmission:
             self._flush(n)
         if self.w_n:
             self._wflush(n)
-        if self.m_n:
-            self._reply_streaming(n)    # waits for the copies reply by reply
-            n = 0
-        elif gpu_work:
+        if gpu_work:
             # Also after a call that failed when issued: it may have left its error on the
             # stream, and that error belongs to this batch, not to the next one.
             rc = cuda.cuStreamSynchronize(stream)
@@ -1551,106 +1503,6 @@ class Transmission:
                 if uses_gpu[i]:
                     errors[i], data_len[i] = NBD_EIO, 0
         self.g_n = 0
-
-    def _read_pieces(self, n, dst, src, length, at):
-        """Issue a large read as pieces of STREAM_READ_PIECE, an event recorded after each while events last."""
-        io = self.io
-        dtoh, record, stream, events = io.cuda.cuMemcpyDtoHAsync_v2, io.cuda.cuEventRecord, io.stream, io.events
-        mark_req, mark_end = self.mark_req, self.mark_end
-        pos = 0
-        while pos < length:
-            piece = min(STREAM_READ_PIECE, length - pos)
-            if self.m_n == len(events):
-                piece = length - pos            # out of events: the rest is one copy, covered by the final sync
-            rc = dtoh(dst + pos, src + pos, piece, stream)
-            if rc:
-                return rc
-            pos += piece
-            k = self.m_n
-            if k < len(events):
-                rc = record(events[k], stream)
-                if rc:
-                    return rc
-                mark_req[k], mark_end[k] = n, at + pos
-                self.m_n = k + 1
-        return 0
-
-    def _reply_streaming(self, n):
-        """Answer a batch holding large reads: each reply goes out as soon as the copies it needs are done
-        (the event after them, or the stream for what follows the last event), so sending the first
-        piece overlaps copying the rest.  A failure after a reply's first piece went out closes the
-        connection (the header said success); before that, it turns every later request using the GPU into EIO."""
-        io = self.io
-        cuda, stream, events, tx = io.cuda, io.stream, io.events, io.tx
-        hdr, hv, iov = self.hdr, self.hdr_view, self.iov
-        pack = SIMPLE_REPLY.pack_into
-        errors, cookies, data_off, data_len, uses_gpu = self.errors, self.cookies, self.data_off, self.data_len, self.uses_gpu
-        mark_req, mark_end, m_n = self.mark_req, self.mark_end, self.m_n
-        k = 0                   # the next mark not yet waited for
-        all_done = False        # the final cuStreamSynchronize was done
-        failed = False
-
-        def fail(i, name, rc, what):
-            self._gpu_error(name, rc, what)
-            for j in range(i, n):
-                if uses_gpu[j]:
-                    errors[j], data_len[j] = NBD_EIO, 0
-
-        try:
-            for i in range(n):
-                # Wait until request i's copies (its first piece, if it has pieces) are done.
-                while k < m_n and mark_req[k] < i:
-                    k += 1              # only a failure leaves marks of earlier requests unwaited
-                if not failed:
-                    if k < m_n:
-                        rc = cuda.cuEventSynchronize(events[k])
-                        if rc:
-                            failed = True
-                            fail(i, "cuEventSynchronize", rc, f"batch of {n} requests")
-                    elif not all_done:
-                        all_done = True
-                        rc = cuda.cuStreamSynchronize(stream)
-                        if rc:
-                            failed = True
-                            fail(i, "cuStreamSynchronize", rc, f"batch of {n} requests")
-                elif not all_done:
-                    all_done = True
-                    cuda.cuStreamSynchronize(stream)    # collect the error; every later reply is EIO already
-                at = i * REPLY_SIZE
-                pack(hdr, at, NBD_SIMPLE_REPLY_MAGIC, errors[i], cookies[i])
-                iov.append(hv[at:at + REPLY_SIZE])
-                if not data_len[i]:
-                    continue
-                pos, end = data_off[i], data_off[i] + data_len[i]
-                if k < m_n and mark_req[k] == i:
-                    # Its pieces: send each as soon as its event says it has arrived.
-                    while True:
-                        iov.append(tx[pos:mark_end[k]])
-                        pos = mark_end[k]
-                        send_all(self.sock, iov)
-                        iov.clear()
-                        k += 1
-                        if pos >= end:
-                            break
-                        if k < m_n and mark_req[k] == i:
-                            rc = cuda.cuEventSynchronize(events[k])
-                        else:
-                            all_done = True
-                            rc = cuda.cuStreamSynchronize(stream)
-                        if rc:
-                            self._gpu_error("cuEventSynchronize", rc, f"read of {end - data_off[i]} bytes")
-                            raise ProtocolError("GPU error in the middle of a read's reply; closing the connection")
-                else:
-                    iov.append(tx[pos:end])
-            if not all_done:
-                rc = cuda.cuStreamSynchronize(stream)   # nothing left to answer, but errors belong to this batch
-                if rc and not failed:
-                    self._gpu_error("cuStreamSynchronize", rc, f"batch of {n} requests")
-            if iov:
-                send_all(self.sock, iov)
-        finally:
-            iov.clear()
-            self.m_n = 0
 
     def _recv_streaming(self, n, need, dst):
         """Receive the rest of a large write's payload, sending each STREAM_PIECE that has arrived on to VRAM

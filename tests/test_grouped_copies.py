@@ -1,7 +1,7 @@
 """Small reads are grouped into one cuMemcpyBatchAsync call, small writes into one staging copy and one
 launch of the copy kernel; neither group may reorder what the client ordered.  Pipelined writes that
-overlap (whole pages, partial pages, spanning pages, unaligned ones that go alone), reads in between (large
-ones answered piece by piece as their copies complete), and TRIMs, checked against a model of the export, with grouping on, off, and refused by the driver."""
+overlap (whole pages, partial pages, spanning pages, unaligned ones that go alone), reads in between, and
+TRIMs, checked against a model of the export, with grouping on, off, and refused by the driver."""
 import queue
 import random
 import struct
@@ -48,7 +48,7 @@ def test_pipelined_overlapping_requests_keep_their_order(make_server, fakecuda, 
         kind = rng.random()
         page = rng.randrange(0, 16)            # few pages: many overlaps inside one batch
         off = page * 4096 + rng.choice([0, 0, 0, 100, 4000, 4001])
-        length = rng.choice([4096, 4096, 4096, 512, 8192, 65536, 70000, 4097, 300000, 600001])
+        length = rng.choice([4096, 4096, 4096, 512, 8192, 65536, 70000, 4097])
         length = min(length, SIZE - off)
         if kind < 0.55:
             data = rng.randbytes(length)        # a payload put anywhere but its place shows
