@@ -1,7 +1,7 @@
-"""Small reads are grouped into one cuMemcpyBatchAsync call, small writes into one staging copy and one
-launch of the copy kernel; neither group may reorder what the client ordered.  Pipelined writes that
-overlap (whole pages, partial pages, spanning pages, unaligned ones that go alone), reads in between, and
-TRIMs, checked against a model of the export, with grouping on, off, and refused by the driver."""
+"""Small reads are grouped into one cuMemcpyBatchAsync call; the group must never reorder what the client
+ordered.  Pipelined writes that overlap (whole pages, partial pages, spanning pages, large ones copied on in
+pieces while they arrive), reads in between, and TRIMs, with random payloads, checked against a model of the
+export, with grouping on, off, and refused by the driver."""
 import queue
 import random
 import struct
@@ -14,8 +14,7 @@ from nbdclient import Client, READ, WRITE, TRIM, REPLY_MAGIC, recv_exact
 SIZE = 1 << 20
 
 
-@pytest.mark.parametrize("env", [{}, {"NBD_VRAM_BATCH_COPY": "0", "NBD_VRAM_COPY_KERNEL": "0"},
-                                 {"FAKECUDA_NO_BATCH": "1"}],
+@pytest.mark.parametrize("env", [{}, {"NBD_VRAM_BATCH_COPY": "0"}, {"FAKECUDA_NO_BATCH": "1"}],
                          ids=["grouped", "ungrouped", "driver-refuses"])
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_pipelined_overlapping_requests_keep_their_order(make_server, fakecuda, env, seed):
@@ -48,7 +47,7 @@ def test_pipelined_overlapping_requests_keep_their_order(make_server, fakecuda, 
         kind = rng.random()
         page = rng.randrange(0, 16)            # few pages: many overlaps inside one batch
         off = page * 4096 + rng.choice([0, 0, 0, 100, 4000, 4001])
-        length = rng.choice([4096, 4096, 4096, 512, 8192, 65536, 70000, 4097])
+        length = rng.choice([4096, 4096, 4096, 512, 8192, 65536, 70000, 4097, 300000, 600001])
         length = min(length, SIZE - off)
         if kind < 0.55:
             data = rng.randbytes(length)        # a payload put anywhere but its place shows
@@ -71,25 +70,3 @@ def test_pipelined_overlapping_requests_keep_their_order(make_server, fakecuda, 
     if env.get("FAKECUDA_NO_BATCH"):
         assert "one driver call per copy" in srv.log()
 
-
-def test_pipelined_small_writes_take_the_copy_kernel(make_server, fakecuda, tmp_path):
-    """64 pages written back to back land in one batch: the fake's log shows the kernel did their copies."""
-    if "fakecuda" not in fakecuda:
-        pytest.skip("the call log is a feature of the fake libcuda")
-    calls = tmp_path / "calls.log"
-    srv = make_server(size="64M", FAKECUDA_LOG=str(calls))
-    c = Client(srv.sock)
-    c.go()
-    rng = random.Random(7)
-    pages = [rng.randbytes(4096) for _ in range(64)]
-    order = list(range(64))
-    rng.shuffle(order)
-    for i in order:
-        c.request(WRITE, i * 4096, 4096, payload=pages[i])
-    for _ in order:
-        magic, err, _cookie = struct.unpack("!IIQ", recv_exact(c.sock, 16))
-        assert (magic, err) == (REPLY_MAGIC, 0)
-    err, data = c.read(0, 64 * 4096)
-    assert err == 0 and data == b"".join(pages)
-    c.disconnect()
-    assert "cuLaunchKernel" in calls.read_text()
