@@ -1076,6 +1076,8 @@ MAX_REQUEST = 32 * MiB         # largest READ/WRITE payload (nbdkit's MAX_REQUES
 MAX_OPTION = 64 * 1024         # longest option payload we read (names are at most 4096 bytes)
 MAX_BATCH = 256                # requests answered by one stream sync and one sendmsg (2 iovecs each, IOV_MAX 1024)
 GROUP_COPY_MAX = 64 * 1024     # reads up to this size share one cuMemcpyBatchAsync; larger ones go alone
+STREAM_WRITE_MIN = 256 * 1024  # a write this large is copied on in pieces while the rest of its payload arrives
+STREAM_PIECE = 128 * 1024      # the smallest such piece
 HANDSHAKE_TIMEOUT_S = 30       # a client that stalls in negotiation is dropped
 
 # S: NBDMAGIC, IHAVEOPT, handshake flags
@@ -1397,13 +1399,19 @@ class Transmission:
                 break
             if typ == _CMD_WRITE:
                 need = REQ_SIZE + length
+                done = rc = 0           # bytes of the payload already on their way to VRAM
                 if avail < need:
                     if self.start + need > rx_cap:
                         if n == 0:
                             after = "large-write" if need > rx_cap else "compact"
                         break
                     try:
-                        recv_into_exact(self.sock, rx[self.end:self.start + need], "write payload")
+                        if (length >= STREAM_WRITE_MIN and not flags & ~NBD_CMD_FLAG_FUA and length <= MAX_REQUEST
+                                and offset <= size - length):
+                            gpu_work = True     # pieces are in flight from here on, even if the client hangs up
+                            done, rc = self._recv_streaming(n, need, base + offset)
+                        else:
+                            recv_into_exact(self.sock, rx[self.end:self.start + need], "write payload")
                     except ProtocolError as e:
                         after = str(e)      # the client hung up mid-payload: answer what came before, then close
                         break
@@ -1423,7 +1431,7 @@ class Transmission:
                     # grouped before this write must be issued first, to read what came before it.
                     if self.g_n:
                         self._flush(n)
-                    rc = htod(base + offset, payload, length, stream)
+                    rc = rc or htod(base + offset + done, payload + done, length - done, stream)
                     if rc:
                         self._gpu_error("cuMemcpyHtoDAsync_v2", rc, f"write offset={offset} length={length}")
                         err = NBD_EIO
@@ -1561,6 +1569,28 @@ class Transmission:
                 if uses_gpu[i]:
                     errors[i], data_len[i] = NBD_EIO, 0
         self.g_n = 0
+
+    def _recv_streaming(self, n, need, dst):
+        """Receive the rest of a large write's payload, sending each STREAM_PIECE that has arrived on to VRAM
+        while the next one comes in.  Returns (bytes already copied, the first failed call's CUresult)."""
+        if self.g_n:
+            self._flush(n)
+        io, sock = self.io, self.sock
+        rx, htod, stream = io.rx, io.cuda.cuMemcpyHtoDAsync_v2, io.stream
+        first, last = self.start + REQ_SIZE, self.start + need
+        src = io.rx_addr + first
+        done = rc = 0
+        while self.end < last:
+            k = sock.recv_into(rx[self.end:last])
+            if not k:
+                raise ProtocolError(f"client closed the connection: read {self.end - first} of {need - REQ_SIZE} "
+                                    "write payload bytes")
+            self.end += k
+            ready = self.end - first - done
+            if ready >= STREAM_PIECE and self.end < last and not rc:
+                rc = htod(dst + done, src + done, ready, stream)
+                done += ready
+        return done, rc
 
     def _reply(self, n):
         hdr, hv, tx = self.hdr, self.hdr_view, self.io.tx

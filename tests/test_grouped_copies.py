@@ -1,6 +1,7 @@
-"""Small copies are grouped into one cuMemcpyBatchAsync call; the group must never reorder what the client
-ordered.  Pipelined writes that overlap (whole pages, partial pages, spanning pages), reads in between, and
-TRIMs, checked against a model of the export, with grouping on, off, and refused by the driver."""
+"""Small reads are grouped into one cuMemcpyBatchAsync call; the group must never reorder what the client
+ordered.  Pipelined writes that overlap (whole pages, partial pages, spanning pages, large ones copied on in
+pieces while they arrive), reads in between, and TRIMs, with random payloads, checked against a model of the
+export, with grouping on, off, and refused by the driver."""
 import queue
 import random
 import struct
@@ -45,11 +46,11 @@ def test_pipelined_overlapping_requests_keep_their_order(make_server, fakecuda, 
     for i in range(count):
         kind = rng.random()
         page = rng.randrange(0, 16)            # few pages: many overlaps inside one batch
-        off = page * 4096 + rng.choice([0, 0, 0, 100, 4000])
-        length = rng.choice([4096, 4096, 512, 8192, 65536, 70000])
+        off = page * 4096 + rng.choice([0, 0, 0, 100, 4000, 4001])
+        length = rng.choice([4096, 4096, 4096, 512, 8192, 65536, 70000, 4097, 300000, 600001])
         length = min(length, SIZE - off)
         if kind < 0.55:
-            data = bytes([rng.randrange(256)]) * length
+            data = rng.randbytes(length)        # a payload put anywhere but its place shows
             model[off:off + length] = data
             expected.put((c.cookie + 1, None))
             c.request(WRITE, off, length, payload=data)
@@ -68,3 +69,4 @@ def test_pipelined_overlapping_requests_keep_their_order(make_server, fakecuda, 
     c.disconnect()
     if env.get("FAKECUDA_NO_BATCH"):
         assert "one driver call per copy" in srv.log()
+
