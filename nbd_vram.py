@@ -3762,6 +3762,9 @@ class Daemon:
                 log.info("%s: took back slice %d (%s of VRAM) from systemd's fd store, with the swapped pages in it",
                          g.label, s["number"], format_size(store.size_bytes))
                 prepared.append((self._prepare_slice(g, s["number"], store), s))
+                if s["fdname"] == LEGACY_FDNAME:
+                    # Stored again under the slice's name just now: drop systemd's copy under the old one.
+                    sd_notify("FDSTOREREMOVE=1", f"FDNAME={LEGACY_FDNAME}")
             if old and "ceilings" in old:
                 g.ceiling = min(old["ceilings"].get(g.info["uuid"], g.ceiling), len(g.sizes))
             if not adopt:
