@@ -25,7 +25,7 @@ def test_defaults(tmp_path):
     assert settings_["size"] == 7 * GiB and settings_["min_size"] == GiB
     assert settings_["gpus"] == "0" and settings_["priority"] == 1500 and settings_["connections"] == 4
     assert settings_["discard"] is True and settings_["swappiness"] is None and settings_["attach"] == "auto"
-    assert settings_["buffer_size"] == 2 * MiB and settings_["debug"] is False
+    assert settings_["buffer_size"] == 512 << 10 and settings_["debug"] is False
     assert set(origin.values()) == {"default"} and set(origin) == set(nv.OPTION_BY_KEY)
 
 

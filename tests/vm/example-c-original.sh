@@ -10,7 +10,8 @@ set -euo pipefail
 L=${GUEST_C_ORIGINAL:-/work/shared/anchors/c-original}
 [ -x "$L/nbd-vram" ] || { echo "SKIP: no C original at $L"; exit 77; }
 
-bar=$(bar_enable | head -1)
+bar=$(bar_enable)          # one path a line (not `| head -1`: with two BARs, pipefail sees SIGPIPE)
+bar=${bar%%$'\n'*}
 MOCK_CUDA_BACKING=$bar LD_LIBRARY_PATH=$L/mock VRAM_NBD_THREADS=2 \
   "$L/run-nbd-vram.sh" 1024 /tmp/nv.sock > /tmp/nv.log 2>&1 &
 server=$!

@@ -5,7 +5,8 @@
 set -euo pipefail
 . /mnt/guest.env
 . "$NBD_VRAM_VM/guest-lib.sh"
-bar=$(bar_enable | head -1)
+bar=$(bar_enable)          # one path a line (not `| head -1`: with two BARs, pipefail sees SIGPIPE)
+bar=${bar%%$'\n'*}
 export NBD_VRAM_LIBCUDA=$GUEST_FAKECUDA FAKECUDA_BACKING=$bar NBD_VRAM_RUNTIME_DIR=/run/nbd-vram
 cat > /tmp/nbd-vram.conf <<CONF
 size = 1G
