@@ -4303,6 +4303,7 @@ class Daemon:
         op, nbytes = req.get("op"), int(req.get("bytes") or 0)
         units = max(1, -(-nbytes // self.cfg["slice_size"]))
         live = [g for g in self.gpus if not g.failed]
+        moved = set()           # the GPUs whose ceiling this request moved
         for _ in range(units):
             if op == "shrink":
                 cands = [g for g in live if min(g.ceiling, len(g.slices)) > 0]
@@ -4310,12 +4311,14 @@ class Daemon:
                     break
                 g = max(cands, key=lambda g: (min(g.ceiling, len(g.slices)), -g.ordinal))
                 g.ceiling = min(g.ceiling, len(g.slices)) - 1
+                moved.add(g)
             elif op == "grow":
                 cands = [g for g in live if max(g.ceiling, len(g.slices)) < len(g.sizes)]
                 if not cands:
                     break
                 g = min(cands, key=lambda g: (max(g.ceiling, len(g.slices)), g.ordinal))
                 g.ceiling = max(g.ceiling, len(g.slices)) + 1
+                moved.add(g)
         log.info("%s %s requested: slices allowed now %s", op, format_size(nbytes),
                  ", ".join(f"{g.label} {g.ceiling} of {len(g.sizes)}" for g in self.gpus))
         done = []
@@ -4325,7 +4328,10 @@ class Daemon:
             if not step or any(s.startswith("could not") for s in step):
                 break
         held = sum(g.held_bytes() for g in self.gpus)
-        ok = all(len(g.slices) == g.ceiling for g in live)
+        # Done when every GPU is at or under its ceiling (shrink), and every GPU whose ceiling was
+        # raised has reached it (grow); a GPU held under its ceiling by the reserve is not this request's.
+        ok = all(len(g.slices) <= g.ceiling for g in live) and all(len(g.slices) >= g.ceiling for g in moved
+                                                                      if op == "grow")
         failed = [s for s in done if s.startswith("could not")]
         if not ok and not failed:
             failed = ["not every GPU reached its new size (out of VRAM, or the reserve)"]
