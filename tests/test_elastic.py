@@ -18,7 +18,7 @@ import pytest
 
 import nbd_vram as nv
 from nbdclient import Client
-from test_power import Harness
+from test_power import Harness, started
 
 MiB, GiB = 1 << 20, 1 << 30
 R = 2 * GiB       # the reserve in the table
@@ -102,16 +102,7 @@ class Elastic(Harness):
 
 @pytest.fixture
 def elastic(tmp_path, fakecuda):
-    made = []
-
-    def make(conf_lines, **extra):
-        h = Elastic(tmp_path, fakecuda, conf_lines, **extra)
-        made.append(h)
-        return h
-    yield make
-    for h in made:
-        h.stop()
-        h.log.close()
+    yield from started(lambda conf_lines, **extra: Elastic(tmp_path, fakecuda, conf_lines, **extra))
 
 
 def fio_verify(sock, tmp_path, name, size="16M", loops=3):

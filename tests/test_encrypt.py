@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SCRIPT, fake_env, load_module
-from test_power import Harness
+from test_power import Harness, started
 
 nv = load_module()
 MAPPER = "/dev/mapper/nbd-vram-99"          # the harness attaches "index 99"
@@ -161,20 +161,13 @@ def test_missing_dm_crypt(tmp_path, fakecuda, encrypt_conf):
 
 @pytest.fixture
 def encrypted_harness(tmp_path, fakecuda):
-    made = []
-
-    def make(**kw):
+    def start(**kw):
         bindir = tmp_path / "bin"
         stub(bindir, "cryptsetup", 'echo "$$ cryptsetup $*" >> "$HARNESS_EVENTS"')
         (tmp_path / "sysroot/sys/module/dm_crypt").mkdir(parents=True)
-        h = Harness(tmp_path, fakecuda, conf_lines="encrypt = yes\n", PATH=f"{bindir}:{os.environ['PATH']}",
-                    HARNESS_FREE_EVENT="1", **kw)
-        made.append(h)
-        return h
-    yield make
-    for h in made:
-        h.stop()
-        h.log.close()
+        return Harness(tmp_path, fakecuda, conf_lines="encrypt = yes\n", PATH=f"{bindir}:{os.environ['PATH']}",
+                       HARNESS_FREE_EVENT="1", **kw)
+    yield from started(start)
 
 
 OPEN = " ".join(PLAIN + ["--allow-discards", "/dev/nbd-harness", "nbd-vram-99"])

@@ -193,18 +193,24 @@ class Harness:
         return self.proc.returncode
 
 
-@pytest.fixture
-def harness(tmp_path, fakecuda):
+def started(start):
+    """A fixture's body: yields a function that calls start(...) and keeps what it returns; every
+    daemon so started is stopped (SIGTERM) at the end of the test."""
     made = []
 
-    def make(**kw):
-        h = Harness(tmp_path, fakecuda, **kw)
+    def make(*args, **kw):
+        h = start(*args, **kw)
         made.append(h)
         return h
     yield make
     for h in made:
         h.stop()
         h.log.close()
+
+
+@pytest.fixture
+def harness(tmp_path, fakecuda):
+    yield from started(lambda **kw: Harness(tmp_path, fakecuda, **kw))
 
 
 def test_ac_off_releases_everything_and_ac_on_takes_it_back(harness):
