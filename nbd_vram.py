@@ -67,7 +67,7 @@ GiB = 1 << 30
 EXIT_OK = 0
 EXIT_FAILURE = 1        # anything not listed below
 EXIT_USAGE = 2          # bad command line
-EXIT_NOT_RUNNING = 3    # status, upgrade: no daemon is running
+EXIT_NOT_RUNNING = 3    # status, upgrade, shrink, grow: no daemon is running
 EXIT_CONFIG = 4         # bad configuration file or value
 EXIT_NO_DRIVER = 5      # libcuda.so.1 missing or too old
 EXIT_NO_GPU = 6         # no usable NVIDIA GPU, or --gpu names none
@@ -81,7 +81,7 @@ EXIT_CODES_HELP = """exit status:
   0   success
   1   failure not listed below
   2   bad command line
-  3   status, upgrade: no daemon is running
+  3   status, upgrade, shrink, grow: no daemon is running
   4   bad configuration
   5   the NVIDIA driver (libcuda.so.1) is missing or too old
   6   no usable NVIDIA GPU, or --gpu names none
@@ -4861,7 +4861,7 @@ def build_parser():
                            nargs="?" if boolean else None, const="yes" if boolean else None,
                            help=f"{o.help} ({o.allowed}; default {o.default})")
 
-    st = sub.add_parser("status", allow_abbrev=False, help="show the running daemon's device, GPU and I/O counts")
+    st = sub.add_parser("status", allow_abbrev=False, help="show the running daemon's GPUs, slices, swap use and I/O counts")
     st.add_argument("--json", action="store_true", help="machine-readable output")
 
     w = sub.add_parser("worker", allow_abbrev=False, help="(internal) a serving process started by serve and run")
