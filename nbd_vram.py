@@ -3533,8 +3533,7 @@ class GpuShare:
         n = max([w.nconns for w in self.workers] + [self.daemon.cfg["connections"]])
         try:
             spare = self._spawn(0, standby=n)
-            for sl in self.slices.values():
-                ctl_call(spare.ctl, CTL_IMPORT, sl.number, sl.store.size_bytes, fds=[sl.store.fd], who="spare worker")
+            self._map_all(spare.ctl, "spare worker")
         except Fatal as e:
             log.warning("%s: no spare worker (%s): a dead worker will be replaced by a new process", self.label, e)
             if "spare" in locals():
@@ -3579,7 +3578,7 @@ class GpuShare:
             sl.undo.append((f"end the connections of {sl.name}", lambda: self._end_threads(sl)))
             return
         for w in self.workers + ([self.spare] if self.spare else []):
-            ctl_call(w.ctl, CTL_IMPORT, sl.number, sl.store.size_bytes, fds=[sl.store.fd], who=f"worker pid {w.proc.pid}")
+            self._map(w.ctl, sl, f"worker pid {w.proc.pid}")
         for k, w in enumerate(self.workers):
             mine = socks[k::len(self.workers)]
             if mine:
@@ -3614,6 +3613,21 @@ class GpuShare:
             io.close()
         sl.threads = []
 
+    @staticmethod
+    def _map(ctl, sl, who):
+        ctl_call(ctl, CTL_IMPORT, sl.number, sl.store.size_bytes, fds=[sl.store.fd], who=who)
+
+    def _map_all(self, ctl, who):
+        """Every slice of this GPU mapped in a new worker (or spare)."""
+        for sl in self.slices.values():
+            self._map(ctl, sl, who)
+
+    @staticmethod
+    def _give(ctl, pairs, who):
+        """{slice number: [(ours, kernel's)]}: our ends to a worker, to serve."""
+        for sid, ps in pairs.items():
+            ctl_call(ctl, CTL_SERVE, sid, len(ps), fds=[ours.fileno() for ours, _ in ps], who=who)
+
     def respawn(self, k):
         """Worker k died: new sockets for its connections (NBD_CMD_RECONFIGURE), served by the spare or a new process."""
         d, dead = self.daemon, self.workers[k]
@@ -3627,8 +3641,7 @@ class GpuShare:
         if spare and spare.proc.poll() is None:
             # The spare takes over: no new process (and no memory) needed while swap is stalled.
             try:
-                for sid, ps in pairs.items():
-                    ctl_call(spare.ctl, CTL_SERVE, sid, len(ps), fds=[o.fileno() for o, _ in ps], who="spare worker")
+                self._give(spare.ctl, pairs, "spare worker")
                 ctl_call(spare.ctl, CTL_BECOME, dead.index, dead.slot, who="spare worker")
                 new = WorkerProc(spare.proc, spare.ctl, dead.index, dead.slot)
             except Fatal as e:
@@ -3640,10 +3653,8 @@ class GpuShare:
                          for sid, ps in pairs.items()}
         if new is None:
             new = self._spawn(dead.index)
-            for sl in self.slices.values():
-                ctl_call(new.ctl, CTL_IMPORT, sl.number, sl.store.size_bytes, fds=[sl.store.fd], who=f"worker {dead.index}")
-            for sid, ps in pairs.items():
-                ctl_call(new.ctl, CTL_SERVE, sid, len(ps), fds=[o.fileno() for o, _ in ps], who=f"worker {dead.index}")
+            self._map_all(new.ctl, f"worker {dead.index}")
+            self._give(new.ctl, pairs, f"worker {dead.index}")
         new.conns = {sid: len(ps) for sid, ps in pairs.items()}
         self.workers[k] = new
         for ps in pairs.values():
