@@ -3649,6 +3649,10 @@ class GpuShare:
                 spare.ctl.close()
                 spare.proc.kill()
                 spare.proc.wait()
+                for ps in pairs.values():       # the spare may hold some of them: new pairs for a new worker
+                    for ours, kernel in ps:
+                        ours.close()
+                        kernel.close()
                 pairs = {sid: [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in ps]
                          for sid, ps in pairs.items()}
         if new is None:
