@@ -56,23 +56,30 @@ def wait_socket(path, proc, what, timeout=60):
         time.sleep(0.1)
 
 
-def fio(anchors, sock, name, args, runtime, out):
-    path = os.path.join(out, "fio", f"{name}.json")
-    cmd = [os.path.join(anchors, "bench", "run-fio.sh"), f"--name={name}", "--ioengine=nbd",
-           f"--uri=nbd+unix:///?socket={sock}", f"--size={SIZE}", "--time_based", f"--runtime={runtime}",
-           "--ramp_time=1", "--group_reporting", "--norandommap", "--randrepeat=0",
-           "--output-format=json", f"--output={path}"] + args.split()
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode != 0:
-        print(f"bench: fio {name} failed: {p.stderr.strip()[-400:]}", flush=True)
-        return None
-    txt = open(path).read()
-    d = json.loads(txt[txt.find("{"):])
-    j = d["jobs"][0]
+def fio_argv(anchors, sock, name, args, runtime, out, size=SIZE):
+    """The anchors' fio on one NBD socket, time-based, its JSON result in OUT/fio/NAME.json."""
+    return [os.path.join(anchors, "bench", "run-fio.sh"), f"--name={name}", "--ioengine=nbd",
+            f"--uri=nbd+unix:///?socket={sock}", f"--size={size}", "--time_based", f"--runtime={runtime}",
+            "--ramp_time=1", "--group_reporting", "--norandommap", "--randrepeat=0",
+            "--output-format=json", f"--output={os.path.join(out, 'fio', name + '.json')}"] + args.split()
+
+
+def fio_result(out, name, args):
+    """{iops, bw (MiB/s), lat_us} of OUT/fio/NAME.json, or None if the job reported an error."""
+    txt = open(os.path.join(out, "fio", f"{name}.json")).read()
+    j = json.loads(txt[txt.find("{"):])["jobs"][0]
     s = j["write"] if "write" in args.split()[0] else j["read"]
     if j.get("error"):
         return None
     return {"iops": s["iops"], "bw": s["bw"] / 1024, "lat_us": s["lat_ns"]["mean"] / 1000}
+
+
+def fio(anchors, sock, name, args, runtime, out):
+    p = subprocess.run(fio_argv(anchors, sock, name, args, runtime, out), capture_output=True, text=True)
+    if p.returncode != 0:
+        print(f"bench: fio {name} failed: {p.stderr.strip()[-400:]}", flush=True)
+        return None
+    return fio_result(out, name, args)
 
 
 def prefill(anchors, sock):

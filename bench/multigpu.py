@@ -20,7 +20,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import ROOT, fmt, sh, wait_socket  # noqa: E402
+from bench import ROOT, fio_argv, fio_result, fmt, sh, wait_socket  # noqa: E402
 
 JOBS = [
     ("4K randread QD32 x8", "--rw=randread --bs=4k --iodepth=32 --numjobs=8", "iops"),
@@ -33,29 +33,15 @@ JOBS = [
 WORKING_SET = "4g"       # of each GPU's export, as bench.py (--size below 8G makes it half the export)
 
 
-def fio_cmd(anchors, sock, name, args, runtime, out):
-    return [os.path.join(anchors, "bench", "run-fio.sh"), f"--name={name}", "--ioengine=nbd",
-            f"--uri=nbd+unix:///?socket={sock}", f"--size={WORKING_SET}", "--time_based", f"--runtime={runtime}",
-            "--ramp_time=1", "--group_reporting", "--norandommap", "--randrepeat=0",
-            "--output-format=json", f"--output={os.path.join(out, 'fio', name + '.json')}"] + args.split()
-
-
-def parse(out, name, args):
-    txt = open(os.path.join(out, "fio", name + ".json")).read()
-    j = json.loads(txt[txt.find("{"):])["jobs"][0]
-    s = j["write"] if "write" in args.split()[0] else j["read"]
-    return None if j.get("error") else {"iops": s["iops"], "bw": s["bw"] / 1024}
-
-
 def run_together(anchors, socks, slug, args, runtime, out):
     """One fio per socket, all at once; the sum of their figures (None if any failed)."""
     names = [f"{slug}-gpu{i}" for i in range(len(socks))]
-    procs = [subprocess.Popen(fio_cmd(anchors, s, n, args, runtime, out), stdout=subprocess.DEVNULL,
+    procs = [subprocess.Popen(fio_argv(anchors, s, n, args, runtime, out, WORKING_SET), stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True) for s, n in zip(socks, names)]
     ok = all(p.wait() == 0 for p in procs)
     if not ok:
         return None
-    parts = [parse(out, n, args) for n in names]
+    parts = [fio_result(out, n, args) for n in names]
     if any(p is None for p in parts):
         return None
     return {k: sum(p[k] for p in parts) for k in ("iops", "bw")}
