@@ -27,6 +27,7 @@ What it deliberately does not do: compression, overcommit, or serving
 anything but the one VRAM-backed export.
 """
 
+import array
 import collections
 import ctypes
 import ctypes.util
@@ -322,6 +323,10 @@ _PROTOTYPES = {
     "cuMemAllocHost_v2": (CUresult, _p(ctypes.c_void_p), _size_t),
     # CUresult cuMemFreeHost(void *p);
     "cuMemFreeHost": (CUresult, ctypes.c_void_p),
+    # CUresult cuMemHostRegister_v2(void *p, size_t bytesize, unsigned int Flags);
+    "cuMemHostRegister_v2": (CUresult, ctypes.c_void_p, _size_t, ctypes.c_uint),
+    # CUresult cuMemHostUnregister(void *p);
+    "cuMemHostUnregister": (CUresult, ctypes.c_void_p),
     # CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, CUstream s);
     "cuMemcpyHtoDAsync_v2": (CUresult, CUdeviceptr, ctypes.c_void_p, _size_t, CUstream),
     # CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t n, CUstream s);
@@ -898,56 +903,6 @@ class VramStore:
                 "unmapped" if self.imported else "freed", format_size(self.size_bytes))
 
 
-class IoContext:
-    """What one serving thread needs: its CUDA stream and pinned staging buffers.
-
-    Allocated once, before the thread serves anything: the I/O path itself
-    never allocates.  rx receives request headers and write payloads (copied
-    to VRAM straight from it), tx receives read data (sent straight from it).
-    """
-
-    def __init__(self, store, rx_bytes, tx_bytes):
-        self.cuda, self.store = store.cuda, store
-        cuda = self.cuda
-        cuda.call("cuCtxSetCurrent", store.ctx)
-        stream = CUstream()
-        cuda.call("cuStreamCreate", ctypes.byref(stream), CU_STREAM_NON_BLOCKING)
-        self.stream = stream.value
-        self._host = []
-        try:
-            self.rx_addr, self.rx = self._pinned(rx_bytes)
-            self.tx_addr, self.tx = self._pinned(tx_bytes)
-        except BaseException:
-            self.close()
-            raise
-        # The arrays of one grouped copy (Transmission._flush), and whether the driver groups at all.
-        self.g_dst = (CUdeviceptr * MAX_BATCH)()
-        self.g_src = (CUdeviceptr * MAX_BATCH)()
-        self.g_size = (_size_t * MAX_BATCH)()
-        self.g_attr = CUmemcpyAttributes(srcAccessOrder=CU_MEMCPY_SRC_ACCESS_ORDER_STREAM)
-        self.g_attr_ref = ctypes.cast(ctypes.pointer(self.g_attr), ctypes.c_void_p)
-        self.g_attr_idx = (_size_t * 1)(0)
-        # Cleared by the first grouped copy if the driver has the symbol but not the feature.
-        self.batch_copy = cuda.has_batch and os.environ.get("NBD_VRAM_BATCH_COPY", "1") != "0"
-
-    def _pinned(self, size):
-        p = ctypes.c_void_p()
-        self.cuda.call("cuMemAllocHost_v2", ctypes.byref(p), size)
-        self._host.append(p.value)
-        view = memoryview((ctypes.c_char * size).from_address(p.value)).cast("B")
-        return p.value, view
-
-    def close(self):
-        cuda = self.cuda
-        cuda.cuCtxSetCurrent(self.store.ctx)
-        for p in self._host:
-            cuda.cuMemFreeHost(p)
-        self._host = []
-        if self.stream:
-            cuda.cuStreamDestroy_v2(self.stream)
-            self.stream = None
-
-
 ############################################################################
 # NBD protocol: constants and wire formats #################################
 ############################################################################
@@ -1158,6 +1113,409 @@ def send_all(sock, bufs):
 
 
 ############################################################################
+# Copy batches: the GPU side of a batch of requests ########################
+############################################################################
+# Only one process per GPU holds a CUDA context (each context costs about 520 MiB of VRAM on a
+# Hopper card, and its locked host memory): the worker processes that speak NBD never load
+# libcuda.  A serving thread describes the copies a batch of requests needs in one message; the
+# process with the context runs them (CopyEngine) and answers once for the batch.  The message
+# goes over a SOCK_SEQPACKET pair to that process's copy thread (RemoteIoContext, CopyServer), or,
+# in a process that has the context itself, to the engine in the same thread (IoContext).  The
+# payloads do not travel: they stay in staging buffers that both processes map (a memfd the GPU
+# process pins with cuMemHostRegister), and the message carries addresses as the GPU process sees
+# them.  Workers are this program's own processes, and are trusted with those addresses.
+#
+# A message: COPY_HEADER (segments, flags), then each segment: COPY_SEGMENT (kind, count k), then
+# k destination addresses, k source addresses and k sizes (u64 each), the layout
+# cuMemcpyBatchAsync takes.  The copies of one segment may run in any order (only reads, which
+# never conflict, share one); segments run in order on one stream.  With COPY_SYNC set, the
+# stream is synchronized and COPY_REPLY answers: a failed synchronization (every copy of the
+# batch is suspect), the indices of the segments whose copies failed when issued, and the first
+# error's text.  A message without it (the pieces of a large write, sent while the rest arrives)
+# gets no answer; a failure it meets is reported by the next answer as a failed synchronization.
+
+COPY_HEADER = struct.Struct("=II")
+COPY_SEGMENT = struct.Struct("=HHI")
+COPY_ONE = struct.Struct("=HHIQQQ")         # a segment of one copy: header, dst, src, size
+assert COPY_ONE.size == 32                  # Transmission._batch adds it as a literal
+COPY_REPLY = struct.Struct("=II")           # synchronization failed, failed segments (u16 each, then the text)
+COPY_HTOD, COPY_DTOH, COPY_MEMSET = 1, 2, 3
+COPY_SYNC = 1
+COPY_MSG_BYTES = COPY_HEADER.size + MAX_BATCH * COPY_ONE.size + 256
+COPY_REPLY_BYTES = COPY_REPLY.size + 2 * MAX_BATCH + 1024
+COPY_NAMES = {COPY_HTOD: "cuMemcpyHtoDAsync_v2", COPY_DTOH: "cuMemcpyDtoHAsync_v2", COPY_MEMSET: "cuMemsetD8Async"}
+
+
+def _received_fds(anc):
+    fds = []
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            n = len(data) // struct.calcsize("i")
+            fds += struct.unpack(f"{n}i", data[:n * struct.calcsize("i")])
+    return fds
+
+
+def mapping_address(mapping):
+    """Where an mmap object's memory is (it never moves while mapped)."""
+    anchor = ctypes.c_char.from_buffer(mapping)
+    try:
+        return ctypes.addressof(anchor)
+    finally:
+        del anchor
+
+
+class CopyLost(OSError):
+    """The GPU process stopped answering: the connection ends unanswered (the kernel sends its
+    requests again on the connections it gets next), never with an I/O error."""
+
+
+class CopyEngine:
+    """Runs copy messages on one stream of one context: the only code that issues I/O copies."""
+
+    def __init__(self, cuda, ctx):
+        self.cuda, self.ctx = cuda, ctx
+        cuda.call("cuCtxSetCurrent", ctx)
+        stream = CUstream()
+        cuda.call("cuStreamCreate", ctypes.byref(stream), CU_STREAM_NON_BLOCKING)
+        self.stream = stream.value
+        self.late_error = None      # from a message that had no answer; the next answer reports it
+        # Cleared by the first grouped copy if the driver has the symbol but not the feature.
+        self.batch = None
+        if cuda.has_batch and os.environ.get("NBD_VRAM_BATCH_COPY", "1") != "0":
+            # The same function with plain addresses for the arrays: they lie inside the message.
+            self.batch = cuda._lib["cuMemcpyBatchAsync_v2"]
+            self.batch.restype = CUresult
+            self.batch.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _size_t, ctypes.c_void_p,
+                                   _p(_size_t), _size_t, CUstream)
+        self.attr = CUmemcpyAttributes(srcAccessOrder=CU_MEMCPY_SRC_ACCESS_ORDER_STREAM)
+        self.attr_ref = ctypes.cast(ctypes.pointer(self.attr), ctypes.c_void_p)
+        self.attr_idx = (_size_t * 1)(0)
+        self.failed = []
+        self.calls = {COPY_HTOD: cuda.cuMemcpyHtoDAsync_v2, COPY_DTOH: cuda.cuMemcpyDtoHAsync_v2}
+
+    def run(self, msg, addr, reply):
+        """Issue the copies of the message in msg (a view of the bytes at addr); with COPY_SYNC,
+        wait for them and pack the answer into reply.  Returns the answer's length, 0 without one."""
+        cuda, stream, failed = self.cuda, self.stream, self.failed
+        nseg, flags = COPY_HEADER.unpack_from(msg, 0)
+        off = COPY_HEADER.size
+        error = None
+        for s in range(nseg):
+            kind, k, _ = COPY_SEGMENT.unpack_from(msg, off)
+            if k == 1:
+                _, _, _, dst, src, size = COPY_ONE.unpack_from(msg, off)
+                off += COPY_ONE.size
+                if kind == COPY_MEMSET:
+                    rc = cuda.cuMemsetD8Async(dst, 0, size, stream)
+                else:
+                    rc = self.calls[kind](dst, src, size, stream)
+                if rc:
+                    failed.append(s)
+                    error = error or cuda.error(COPY_NAMES.get(kind, "copy"), rc)
+                continue
+            arrays = addr + off + COPY_SEGMENT.size
+            off += COPY_SEGMENT.size + 24 * k
+            rc = -1
+            if self.batch is not None and kind != COPY_MEMSET:
+                rc = self.batch(arrays, arrays + 8 * k, arrays + 16 * k, k, self.attr_ref, self.attr_idx, 1, stream)
+                if rc == CUDA_ERROR_NOT_SUPPORTED:
+                    log.info("cuMemcpyBatchAsync is not supported here: one driver call per copy from now on")
+                    self.batch, rc = None, -1
+                elif rc:
+                    error = error or cuda.error("cuMemcpyBatchAsync_v2", rc)
+            if rc == -1:
+                rc = 0
+                first = off - 24 * k
+                for i in range(k):
+                    (dst,) = _U64.unpack_from(msg, first + 8 * i)
+                    (src,) = _U64.unpack_from(msg, first + 8 * (k + i))
+                    (size,) = _U64.unpack_from(msg, first + 8 * (2 * k + i))
+                    one = (cuda.cuMemsetD8Async(dst, 0, size, stream) if kind == COPY_MEMSET
+                           else self.calls[kind](dst, src, size, stream))
+                    if one and not rc:
+                        rc = one
+                        error = error or cuda.error(COPY_NAMES.get(kind, "copy"), one)
+            if rc:
+                failed.append(s)
+        if not flags & COPY_SYNC:
+            if error is not None:
+                self.late_error = self.late_error or error
+            failed.clear()
+            return 0
+        # Also after a call that failed when issued: it may have left its error on the stream,
+        # and that error belongs to this batch, not to the next one.
+        rc = cuda.cuStreamSynchronize(stream)
+        sync_failed = 0
+        if rc or self.late_error is not None:
+            sync_failed = 1
+            error = self.late_error or cuda.error("cuStreamSynchronize", rc)
+            self.late_error = None
+        COPY_REPLY.pack_into(reply, 0, sync_failed, len(failed))
+        n = COPY_REPLY.size
+        for s in failed:
+            _U16.pack_into(reply, n, s)
+            n += 2
+        failed.clear()
+        if error is not None:
+            text = str(error).encode()[:1000]
+            reply[n:n + len(text)] = text
+            n += len(text)
+        return n
+
+    def close(self):
+        if self.stream:
+            self.cuda.cuCtxSetCurrent(self.ctx)
+            self.cuda.cuStreamDestroy_v2(self.stream)
+            self.stream = None
+
+
+_U64 = struct.Struct("=Q")
+_U16 = struct.Struct("=H")
+
+
+def read_copy_reply(reply, n):
+    """COPY_REPLY: (synchronization failed, [failed segment indices], error text)."""
+    sync_failed, nfailed = COPY_REPLY.unpack_from(reply, 0)
+    at = COPY_REPLY.size
+    failed = [_U16.unpack_from(reply, at + 2 * i)[0] for i in range(nfailed)]
+    return sync_failed, failed, bytes(reply[at + 2 * nfailed:n]).decode(errors="replace")
+
+
+class _Buffers:
+    """What both kinds of IoContext share: the staging buffers and the message being built.
+
+    rx receives request headers and write payloads (copied to VRAM straight
+    from it), tx receives read data (sent straight from it).  rx_addr is rx's
+    address here (to move bytes within it); rx_far and tx_far are the
+    addresses the copying process uses for them.
+    """
+
+    def _views(self, addr, rx_bytes, tx_bytes):
+        view = memoryview((ctypes.c_char * (rx_bytes + tx_bytes)).from_address(addr)).cast("B")
+        self.rx, self.tx = view[:rx_bytes], view[rx_bytes:]
+        self.rx_addr, self.tx_addr = addr, addr + rx_bytes
+        self._msg = ctypes.create_string_buffer(COPY_MSG_BYTES)
+        self.msg = memoryview(self._msg).cast("B")
+        self.msg_addr = ctypes.addressof(self._msg)
+        self.reply = bytearray(COPY_REPLY_BYTES)
+
+
+class IoContext(_Buffers):
+    """A serving thread's buffers and copies in a process that holds the GPU's context itself.
+
+    Pinned staging buffers (cuMemAllocHost) and a CopyEngine of its own;
+    allocated once, before the thread serves anything: the I/O path itself
+    never allocates.
+    """
+
+    def __init__(self, store, rx_bytes, tx_bytes):
+        self.cuda = store.cuda
+        self.engine = CopyEngine(store.cuda, store.ctx)
+        self.stream = self.engine.stream
+        self._host = None
+        try:
+            p = ctypes.c_void_p()
+            self.cuda.call("cuMemAllocHost_v2", ctypes.byref(p), rx_bytes + tx_bytes)
+            self._host = p.value
+        except BaseException:
+            self.close()
+            raise
+        self._views(self._host, rx_bytes, tx_bytes)
+        self.rx_far, self.tx_far = self._host, self._host + rx_bytes
+
+    def enter(self):
+        """Call first in the thread that uses it: the engine runs in this thread."""
+        self.cuda.call("cuCtxSetCurrent", self.engine.ctx)
+
+    def submit(self, mlen):
+        """Run the message in msg[:mlen]; its answer, as read_copy_reply gives it, or None without COPY_SYNC."""
+        n = self.engine.run(self.msg, self.msg_addr, self.reply)
+        return read_copy_reply(self.reply, n) if n else None
+
+    def close(self):
+        if self._host:
+            self.cuda.cuCtxSetCurrent(self.engine.ctx)
+            self.cuda.cuMemFreeHost(self._host)
+            self._host = None
+        if getattr(self, "engine", None) is not None:
+            self.engine.close()
+
+
+class RemoteIoContext(_Buffers):
+    """A serving thread's buffers in a worker without CUDA: the GPU process (CopyServer) copies.
+
+    The staging buffers are a memfd both processes map; the GPU process pins
+    its mapping.  Made with a CopyClient, before the thread serves anything.
+    """
+
+    def __init__(self, client, rx_bytes, tx_bytes):
+        size = rx_bytes + tx_bytes
+        fd = os.memfd_create("nbd-vram-io", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            self._map = mmap.mmap(fd, size)
+            self.chan, far = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                base = client.register(fd, size, far)
+            finally:
+                far.close()
+        finally:
+            os.close(fd)
+        self._views(mapping_address(self._map), rx_bytes, tx_bytes)
+        self.rx_far, self.tx_far = base, base + rx_bytes
+
+    def enter(self):
+        pass
+
+    def submit(self, mlen):
+        flags = COPY_HEADER.unpack_from(self.msg, 0)[1]
+        try:
+            self.chan.send(self.msg[:mlen])
+            if not flags & COPY_SYNC:
+                return None
+            n = self.chan.recv_into(self.reply)
+        except OSError as e:
+            raise CopyLost(f"the GPU process's copy channel failed: {e.strerror or e}") from None
+        if not n:
+            raise CopyLost("the GPU process is gone")
+        return read_copy_reply(self.reply, n)
+
+    def close(self):
+        self.chan.close()       # the GPU process unpins and unmaps its side when it sees the end
+        self.rx = self.tx = None
+        self._map.close()
+
+
+class CopyClient:
+    """A worker's end of its registration socket to the GPU process (see CopyServer)."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.lock = threading.Lock()
+
+    def register(self, fd, size, chan):
+        """Have the GPU process pin the buffers in fd and serve chan; their address there."""
+        with self.lock:
+            try:
+                self.sock.sendmsg([b"A" + _U64.pack(size)],
+                                  [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("2i", fd, chan.fileno()))])
+                answer = self.sock.recv(4096)
+            except OSError as e:
+                raise CopyLost(f"the GPU process's registration socket failed: {e.strerror or e}") from None
+        if answer[:1] == b"k" and len(answer) == 1 + _U64.size:
+            return _U64.unpack_from(answer, 1)[0]
+        raise CopyLost("the GPU process refused a buffer set: " + (answer[1:].decode(errors="replace") or "it exited"))
+
+
+class CopyServer:
+    """The GPU side of CUDA-free workers, in the one process that holds the GPU's context.
+
+    Each worker has a registration socket (add_client); for each buffer set it
+    registers, the buffers are pinned here and a copy thread with its own
+    stream serves that set's channel until the worker closes it.  thread_setup
+    runs first in every copy thread (they are on the swap I/O path).
+    """
+
+    def __init__(self, cuda, ctx, label, thread_setup=None):
+        self.cuda, self.ctx, self.label, self.thread_setup = cuda, ctx, label, thread_setup
+        self.lock = threading.Lock()
+        self.channels = 0
+        self.threads = []
+
+    def add_client(self, sock, name):
+        t = threading.Thread(target=self._client, args=(sock, name), name=f"{self.label} {name} registration",
+                             daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def _client(self, sock, name):
+        with sock:
+            while True:
+                try:
+                    msg, anc, _flags, _addr = sock.recvmsg(64, socket.CMSG_SPACE(2 * 4))
+                except OSError:
+                    return
+                fds = _received_fds(anc)
+                if not msg:
+                    for fd in fds:
+                        os.close(fd)
+                    return
+                try:
+                    if msg[:1] != b"A" or len(msg) != 1 + _U64.size or len(fds) != 2:
+                        raise Fatal(f"bad registration message {msg[:16]!r} with {len(fds)} fds")
+                    chan_fd = fds.pop()         # _attach owns it from here on
+                    base = self._attach(fds[0], _U64.unpack_from(msg, 1)[0], chan_fd, name)
+                    answer = b"k" + _U64.pack(base)
+                except (Fatal, CudaError, OSError, ValueError) as e:
+                    log.error("%s: %s: %s", self.label, name, e)
+                    answer = b"e" + str(e).encode()[:4000]
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+                try:
+                    sock.send(answer)
+                except OSError:
+                    return
+
+    def _attach(self, fd, size, chan_fd, name):
+        chan = socket.socket(fileno=chan_fd)
+        try:
+            mapping = mmap.mmap(fd, size)
+        except BaseException:
+            chan.close()
+            raise
+        base = mapping_address(mapping)
+        engine = None
+        try:
+            self.cuda.call("cuCtxSetCurrent", self.ctx)
+            self.cuda.call("cuMemHostRegister_v2", base, size, 0)
+            try:
+                engine = CopyEngine(self.cuda, self.ctx)
+            except BaseException:
+                self.cuda.cuMemHostUnregister(base)
+                raise
+        except BaseException:
+            mapping.close()
+            chan.close()
+            raise
+        with self.lock:
+            self.channels += 1
+            number = self.channels
+        t = threading.Thread(target=self._serve, args=(chan, engine, mapping, base),
+                             name=f"{self.label} {name} copies {number}", daemon=True)
+        t.start()
+        return base
+
+    def _serve(self, chan, engine, mapping, base):
+        if self.thread_setup is not None:
+            self.thread_setup()
+        msg_buf = ctypes.create_string_buffer(COPY_MSG_BYTES)
+        msg, addr = memoryview(msg_buf).cast("B"), ctypes.addressof(msg_buf)
+        reply = bytearray(COPY_REPLY_BYTES)
+        self.cuda.cuCtxSetCurrent(self.ctx)
+        try:
+            while True:
+                try:
+                    n = chan.recv_into(msg)
+                except OSError:
+                    break
+                if n < COPY_HEADER.size:
+                    break
+                k = engine.run(msg, addr, reply)
+                if k:
+                    try:
+                        chan.send(memoryview(reply)[:k])
+                    except OSError:
+                        break
+        finally:
+            chan.close()
+            self.cuda.cuCtxSetCurrent(self.ctx)
+            engine.close()
+            self.cuda.cuMemHostUnregister(base)
+            mapping.close()
+
+
+############################################################################
 # NBD server: handshake + transmission #####################################
 ############################################################################
 
@@ -1287,9 +1645,10 @@ class Transmission:
 
     Callable with no handshake: the kernel speaks only this on the sockets it
     is given.  Requests are taken in batches: everything already waiting on
-    the socket is parsed in place in the pinned rx buffer, write payloads are
-    copied to VRAM straight from there, reads land in the pinned tx buffer;
-    then one stream sync and one sendmsg answer the whole batch, in order.
+    the socket is parsed in place in the rx staging buffer, and the copies the
+    batch needs (write payloads from rx to VRAM, reads from VRAM into tx) are
+    described in one copy message; the process with the GPU's context runs
+    them and answers once, then one sendmsg answers the whole batch, in order.
     Every list used here is allocated once, in __init__.
     """
 
@@ -1307,18 +1666,25 @@ class Transmission:
         self.iov = []
         self.logged = 0
         self.start = self.end = 0             # rx[start:end] holds received, unparsed bytes
-        self.g_n = 0                          # reads waiting in the group (io.g_dst/g_src/g_size)
+        # The copy message being built (io.msg): its length, its segments, and the requests
+        # each segment serves (seg_first[s] up to seg_end[s]), to charge a failed copy to them.
+        self.mlen, self.nseg = COPY_HEADER.size, 0
+        self.seg_first = [0] * MAX_BATCH
+        self.seg_end = [0] * MAX_BATCH
+        # Small reads waiting to become one segment (they never conflict with each other:
+        # only a write or a memset ends their group).
+        self.g_n = 0
         self.g_first = 0                      # index in this batch of the group's first request
+        self.g_arrays = [array.array("Q", bytes(8 * MAX_BATCH)) for _ in range(3)]
+        self.g_bytes = [memoryview(a).cast("B") for a in self.g_arrays]
         # Is more already waiting?  poll(0) answers without raising, unlike a MSG_DONTWAIT recv.
         poller = select.poll()
         poller.register(sock.fileno(), select.POLLIN)
-        cuda = io.cuda
         # Everything _batch needs, looked up once per connection rather than once per batch.
-        self.hot = (stats, cuda, io.stream, cuda.cuMemcpyHtoDAsync_v2, cuda.cuMemcpyDtoHAsync_v2,
-                    cuda.cuMemsetD8Async, io.rx, io.rx_addr, len(io.rx), io.tx_addr, len(io.tx),
+        self.hot = (stats, io.msg, COPY_ONE.pack_into, io.rx, len(io.rx), io.rx_far, io.tx_far, len(io.tx),
                     export.store.dptr, export.size, self.cookies, self.errors, self.data_off, self.data_len,
-                    self.uses_gpu, REQUEST.unpack_from, poller.poll,
-                    (io.g_dst, io.g_src, io.g_size) if io.batch_copy else None)
+                    self.uses_gpu, self.seg_first, self.seg_end, REQUEST.unpack_from, poller.poll,
+                    *self.g_arrays)
 
     # -- helpers used outside the fast path ------------------------------------------
 
@@ -1330,11 +1696,10 @@ class Transmission:
             log.warning("%s: invalid request: %s offset=%d length=%d: %s%s", self.label, name, offset, length, why,
                         "; further invalid requests on this connection are only counted" if self.logged == self.MAX_LOGGED else "")
 
-    def _gpu_error(self, func, rc, what):
-        err = self.io.cuda.error(func, rc)
+    def _gpu_error(self, text, what):
         self.stats.io_errors += 1
-        self.export.last_error = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {err}"
-        log.error("%s: GPU I/O error, replying EIO: %s (%s)", self.label, err, what)
+        self.export.last_error = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}"
+        log.error("%s: GPU I/O error, replying EIO: %s (%s)", self.label, text, what)
 
     def _compact(self):
         """Move the unparsed bytes to the front of rx.  Only between batches: no copy reads rx then."""
@@ -1370,11 +1735,8 @@ class Transmission:
                 return verdict
 
     def _batch(self):
-        (stats, cuda, stream, htod, dtoh, memset, rx, rx_addr, rx_cap, tx_addr, tx_cap, base, size,
-         cookies, errors, data_off, data_len, uses_gpu, unpack, poll, group) = self.hot
-        if group is not None:
-            gd, gs, gz = group
-        self.g_first = 0
+        (stats, msg, one, rx, rx_cap, rx_far, tx_far, tx_cap, base, size, cookies, errors, data_off, data_len,
+         uses_gpu, seg_first, seg_end, unpack, poll, gd, gs, gz) = self.hot
         n = tx_used = 0
         gpu_work = False
         after = None            # what to do once this batch is answered
@@ -1399,7 +1761,7 @@ class Transmission:
                 break
             if typ == _CMD_WRITE:
                 need = REQ_SIZE + length
-                done = rc = 0           # bytes of the payload already on their way to VRAM
+                done = 0                # bytes of the payload already on their way to VRAM
                 if avail < need:
                     if self.start + need > rx_cap:
                         if n == 0:
@@ -1409,7 +1771,7 @@ class Transmission:
                         if (length >= STREAM_WRITE_MIN and not flags & ~NBD_CMD_FLAG_FUA and length <= MAX_REQUEST
                                 and offset <= size - length):
                             gpu_work = True     # pieces are in flight from here on, even if the client hangs up
-                            done, rc = self._recv_streaming(n, need, base + offset)
+                            done = self._recv_streaming(n, need, base + offset)
                         else:
                             recv_into_exact(self.sock, rx[self.end:self.start + need], "write payload")
                     except ProtocolError as e:
@@ -1420,27 +1782,24 @@ class Transmission:
                     err, why = check_request(typ, flags, offset, length, size)
                 else:
                     err = 0         # the common case, checked inline: check_request agrees
-                payload = rx_addr + self.start + REQ_SIZE
+                payload = rx_far + self.start + REQ_SIZE
                 self.start += need
-                cookies[n], data_len[n], uses_gpu[n] = cookie, 0, False
+                cookies[n], data_len[n], uses_gpu[n], errors[n] = cookie, 0, False, err
                 if err:
                     self._invalid(typ, offset, length, why)
                 else:
-                    # Writes are not grouped: on the H100, grouped host-to-device copies from several
-                    # worker processes ran slower than one call each (docs/BENCHMARKS.md).  Reads
-                    # grouped before this write must be issued first, to read what came before it.
+                    # A write is a segment of its own: the reads grouped before it must run first
+                    # (they read what came before it), and two writes could overlap.
                     if self.g_n:
-                        self._flush(n)
-                    rc = rc or htod(base + offset + done, payload + done, length - done, stream)
-                    if rc:
-                        self._gpu_error("cuMemcpyHtoDAsync_v2", rc, f"write offset={offset} length={length}")
-                        err = NBD_EIO
-                        gpu_work = True     # sync anyway: see below
-                    else:
-                        uses_gpu[n] = gpu_work = True
-                        stats.writes += 1
-                        stats.bytes_written += length
-                errors[n] = err
+                        self._close_group(n)
+                    s = self.nseg
+                    one(msg, self.mlen, COPY_HTOD, 1, 0, base + offset + done, payload + done, length - done)
+                    self.mlen += 32
+                    seg_first[s], seg_end[s] = n, n + 1
+                    self.nseg = s + 1
+                    uses_gpu[n] = gpu_work = True
+                    stats.writes += 1
+                    stats.bytes_written += length
                 n += 1
                 continue
             if typ == _CMD_READ:
@@ -1453,36 +1812,29 @@ class Transmission:
                         after = "large-read"
                     break
                 self.start += REQ_SIZE
-                cookies[n], data_len[n], uses_gpu[n] = cookie, 0, False
+                cookies[n], data_len[n], uses_gpu[n], errors[n] = cookie, 0, False, err
                 if err:
                     self._invalid(typ, offset, length, why)
-                elif group is not None and length <= GROUP_COPY_MAX:
-                    # Reads never conflict with each other: only a write or a memset ends their group.
-                    k = self.g_n
-                    if not k:
-                        self.g_first = n
-                    gd[k], gs[k], gz[k] = tx_addr + tx_used, base + offset, length
-                    self.g_n = k + 1
+                else:
+                    if length <= GROUP_COPY_MAX:
+                        k = self.g_n
+                        if not k:
+                            self.g_first = n
+                        gd[k], gs[k], gz[k] = tx_far + tx_used, base + offset, length
+                        self.g_n = k + 1
+                    else:
+                        if self.g_n:
+                            self._close_group(n)
+                        s = self.nseg
+                        one(msg, self.mlen, COPY_DTOH, 1, 0, tx_far + tx_used, base + offset, length)
+                        self.mlen += 32
+                        seg_first[s], seg_end[s] = n, n + 1
+                        self.nseg = s + 1
                     uses_gpu[n] = gpu_work = True
                     data_off[n], data_len[n] = tx_used, length
                     tx_used += length
                     stats.reads += 1
                     stats.bytes_read += length
-                else:
-                    if self.g_n:
-                        self._flush(n)
-                    rc = dtoh(tx_addr + tx_used, base + offset, length, stream)
-                    if rc:
-                        self._gpu_error("cuMemcpyDtoHAsync_v2", rc, f"read offset={offset} length={length}")
-                        err = NBD_EIO
-                        gpu_work = True     # sync anyway: see below
-                    else:
-                        uses_gpu[n] = gpu_work = True
-                        data_off[n], data_len[n] = tx_used, length
-                        tx_used += length
-                        stats.reads += 1
-                        stats.bytes_read += length
-                errors[n] = err
                 n += 1
                 continue
             self.start += REQ_SIZE
@@ -1495,34 +1847,26 @@ class Transmission:
                 self._invalid(typ, offset, length, why)
             elif typ == Cmd.TRIM or typ == Cmd.WRITE_ZEROES:
                 if self.g_n:
-                    self._flush(n)
-                rc = memset(base + offset, 0, length, stream)
-                if rc:
-                    self._gpu_error("cuMemsetD8Async", rc, f"{Cmd(typ).name} offset={offset} length={length}")
-                    err = NBD_EIO
-                    gpu_work = True         # sync anyway: see below
+                    self._close_group(n)
+                s = self.nseg
+                one(msg, self.mlen, COPY_MEMSET, 1, 0, base + offset, 0, length)
+                self.mlen += 32
+                seg_first[s], seg_end[s] = n, n + 1
+                self.nseg = s + 1
+                uses_gpu[n] = gpu_work = True
+                if typ == Cmd.TRIM:
+                    stats.trims += 1
                 else:
-                    uses_gpu[n] = gpu_work = True
-                    if typ == Cmd.TRIM:
-                        stats.trims += 1
-                    else:
-                        stats.zeroes += 1
+                    stats.zeroes += 1
             else:
                 stats.flushes += 1      # FLUSH: answered after this batch's sync, like every write before it
             errors[n] = err
             n += 1
 
         if self.g_n:
-            self._flush(n)
+            self._close_group(n)
         if gpu_work:
-            # Also after a call that failed when issued: it may have left its error on the
-            # stream, and that error belongs to this batch, not to the next one.
-            rc = cuda.cuStreamSynchronize(stream)
-            if rc:
-                self._gpu_error("cuStreamSynchronize", rc, f"batch of {n} requests")
-                for i in range(n):
-                    if uses_gpu[i]:
-                        errors[i], data_len[i] = NBD_EIO, 0
+            self._submit(n)
         if n:
             self._reply(n)
         if after is None:
@@ -1544,42 +1888,71 @@ class Transmission:
             return "client closed the connection"
         raise ProtocolError(after)
 
-    def _flush(self, n):
-        """Issue the waiting group of small reads: one cuMemcpyBatchAsync for all of them."""
-        io, k = self.io, self.g_n
-        cuda = io.cuda
-        if k == 1:      # one copy: the plain call is cheaper
-            name, rc = "cuMemcpyDtoHAsync_v2", cuda.cuMemcpyDtoHAsync_v2(io.g_dst[0], io.g_src[0], io.g_size[0],
-                                                                        io.stream)
+    def _close_group(self, n):
+        """The waiting small reads (requests g_first up to n) become one segment of the message."""
+        k, s, msg, at = self.g_n, self.nseg, self.io.msg, self.mlen
+        if k == 1:
+            gd, gs, gz = self.g_arrays
+            COPY_ONE.pack_into(msg, at, COPY_DTOH, 1, 0, gd[0], gs[0], gz[0])
+            self.mlen = at + COPY_ONE.size
         else:
-            name, rc = "cuMemcpyBatchAsync_v2", cuda.cuMemcpyBatchAsync_v2(
-                io.g_dst, io.g_src, io.g_size, k, io.g_attr_ref, io.g_attr_idx, 1, io.stream)
-            if rc == CUDA_ERROR_NOT_SUPPORTED:
-                log.info("%s: cuMemcpyBatchAsync is not supported here: one driver call per copy from now on",
-                         self.label)
-                io.batch_copy = False
-                self.hot = self.hot[:-1] + (None,)
-                name, rc = "cuMemcpyDtoHAsync_v2", 0
-                for i in range(k):
-                    rc = rc or cuda.cuMemcpyDtoHAsync_v2(io.g_dst[i], io.g_src[i], io.g_size[i], io.stream)
-        if rc:
-            self._gpu_error(name, rc, f"{k} copies")
-            errors, data_len, uses_gpu = self.errors, self.data_len, self.uses_gpu
-            for i in range(self.g_first, n):   # every request since the group began that used the GPU is in it
+            COPY_SEGMENT.pack_into(msg, at, COPY_DTOH, k, 0)
+            at += COPY_SEGMENT.size
+            for b in self.g_bytes:
+                msg[at:at + 8 * k] = b[:8 * k]
+                at += 8 * k
+            self.mlen = at
+        self.seg_first[s], self.seg_end[s] = self.g_first, n
+        self.nseg = s + 1
+        self.g_n = 0
+
+    def _submit(self, n):
+        """Run the batch's copies and wait for them; a failed copy makes its requests EIO."""
+        COPY_HEADER.pack_into(self.io.msg, 0, self.nseg, COPY_SYNC)
+        sync_failed, failed, text = self.io.submit(self.mlen)
+        self.mlen, self.nseg = COPY_HEADER.size, 0
+        if not sync_failed and not failed:
+            return
+        uses_gpu, errors, data_len = self.uses_gpu, self.errors, self.data_len
+        self._gpu_error(text, f"batch of {n} requests")
+        if sync_failed:
+            spans = [(0, n)]
+        else:
+            spans = [(self.seg_first[s], self.seg_end[s]) for s in failed]
+        for first, end in spans:
+            for i in range(first, end):
                 if uses_gpu[i]:
                     errors[i], data_len[i] = NBD_EIO, 0
-        self.g_n = 0
+
+    def _push(self, n):
+        """Send the copies described so far without waiting (their errors come with the batch's answer)."""
+        if self.g_n:
+            self._close_group(n)
+        if self.nseg:
+            COPY_HEADER.pack_into(self.io.msg, 0, self.nseg, 0)
+            self.io.submit(self.mlen)
+            self.mlen, self.nseg = COPY_HEADER.size, 0
+
+    def _copy_now(self, kind, dst, src, size, what):
+        """One copy, waited for, outside a batch.  True if it failed (logged and counted)."""
+        msg = self.io.msg
+        COPY_HEADER.pack_into(msg, 0, 1, COPY_SYNC)
+        COPY_ONE.pack_into(msg, COPY_HEADER.size, kind, 1, 0, dst, src, size)
+        sync_failed, failed, text = self.io.submit(COPY_HEADER.size + COPY_ONE.size)
+        if sync_failed or failed:
+            self._gpu_error(text, what)
+            return True
+        return False
 
     def _recv_streaming(self, n, need, dst):
         """Receive the rest of a large write's payload, sending each STREAM_PIECE that has arrived on to VRAM
-        while the next one comes in.  Returns (bytes already copied, the first failed call's CUresult)."""
-        if self.g_n:
-            self._flush(n)
+        while the next one comes in.  Returns the bytes already on their way."""
+        self._push(n)
         io, sock = self.io, self.sock
-        rx, htod, stream = io.rx, io.cuda.cuMemcpyHtoDAsync_v2, io.stream
+        rx, msg = io.rx, io.msg
         first, last = self.start + REQ_SIZE, self.start + need
-        src = io.rx_addr + first
-        done = rc = 0
+        src = io.rx_far + first
+        done = 0
         while self.end < last:
             k = sock.recv_into(rx[self.end:last])
             if not k:
@@ -1587,10 +1960,12 @@ class Transmission:
                                     "write payload bytes")
             self.end += k
             ready = self.end - first - done
-            if ready >= STREAM_PIECE and self.end < last and not rc:
-                rc = htod(dst + done, src + done, ready, stream)
+            if ready >= STREAM_PIECE and self.end < last:
+                COPY_HEADER.pack_into(msg, 0, 1, 0)
+                COPY_ONE.pack_into(msg, COPY_HEADER.size, COPY_HTOD, 1, 0, dst + done, src + done, ready)
+                io.submit(COPY_HEADER.size + COPY_ONE.size)
                 done += ready
-        return done, rc
+        return done
 
     def _reply(self, n):
         hdr, hv, tx = self.hdr, self.hdr_view, self.io.tx
@@ -1612,7 +1987,7 @@ class Transmission:
 
     def _large_write(self):
         """A write whose payload does not fit in rx: copy it through in rx-sized pieces."""
-        io, cuda = self.io, self.io.cuda
+        io = self.io
         magic, flags, typ, cookie, offset, length = REQUEST.unpack_from(io.rx, self.start)
         err, why = check_request(typ, flags, offset, length, self.export.size)
         if err:
@@ -1626,13 +2001,9 @@ class Transmission:
             if buffered < piece:
                 recv_into_exact(self.sock, io.rx[buffered:piece], "write payload")
             buffered = 0
-            if not err:
-                rc = cuda.cuMemcpyHtoDAsync_v2(self.export.store.dptr + offset + done, io.rx_addr, piece, io.stream)
-                sync_rc = cuda.cuStreamSynchronize(io.stream)   # even after a failed copy: collect its error here
-                rc = rc or sync_rc
-                if rc:
-                    self._gpu_error("cuMemcpyHtoDAsync_v2", rc, f"write offset={offset} length={length}")
-                    err = NBD_EIO
+            if not err and self._copy_now(COPY_HTOD, self.export.store.dptr + offset + done, io.rx_far, piece,
+                                          f"write offset={offset} length={length}"):
+                err = NBD_EIO
             done += piece
         self.start = self.end = 0
         if not err:
@@ -1644,17 +2015,14 @@ class Transmission:
         """A read larger than tx: sent in tx-sized pieces.  A GPU error after the
         first piece cannot be reported any more, so it closes the connection
         (never zeroes in place of data)."""
-        io, cuda = self.io, self.io.cuda
+        io = self.io
         magic, flags, typ, cookie, offset, length = REQUEST.unpack_from(io.rx, self.start)
         self.start += REQ_SIZE
         done, tx_cap = 0, len(io.tx)
         while done < length:
             piece = min(tx_cap, length - done)
-            rc = cuda.cuMemcpyDtoHAsync_v2(io.tx_addr, self.export.store.dptr + offset + done, piece, io.stream)
-            sync_rc = cuda.cuStreamSynchronize(io.stream)       # even after a failed copy: collect its error here
-            rc = rc or sync_rc
-            if rc:
-                self._gpu_error("cuMemcpyDtoHAsync_v2", rc, f"read offset={offset} length={length}")
+            if self._copy_now(COPY_DTOH, io.tx_far, self.export.store.dptr + offset + done, piece,
+                              f"read offset={offset} length={length}"):
                 if done == 0:
                     send_all(self.sock, [SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, NBD_EIO, cookie)])
                     return None
@@ -1669,13 +2037,13 @@ class Transmission:
         return None
 
 
-def serve_connection(sock, export, label, io=None, buffer_bytes=None, handshake=True):
+def serve_connection(sock, export, label, io=None, make_io=None, handshake=True):
     """One connection from start to end: the per-connection error policy lives here.
 
     A framing error or a vanished client closes this connection only; every
-    other connection keeps working.  With io=None (serve) the connection gets
-    its own IoContext of buffer_bytes each way; the daemon passes one it
-    allocated before swapon.
+    other connection keeps working.  The connection's buffers are io, made
+    before swapon by a process that serves the kernel, or made here by
+    make_io() once the handshake is done (serve), and closed at the end.
     """
     stats = export.open_stats()
     own_io = io is None
@@ -1687,8 +2055,8 @@ def serve_connection(sock, export, label, io=None, buffer_bytes=None, handshake=
                 return
             sock.settimeout(None)
         if own_io:
-            io = IoContext(export.store, buffer_bytes, buffer_bytes)
-        export.store.cuda.cuCtxSetCurrent(export.store.ctx)
+            io = make_io()
+        io.enter()
         tx = Transmission(sock, export, io, stats, label)
         if os.environ.get("NBD_VRAM_PROFILE"):
             # Development aid (bench/profile-worker.sh): one cProfile file per connection.
@@ -1705,6 +2073,8 @@ def serve_connection(sock, export, label, io=None, buffer_bytes=None, handshake=
         log.warning("%s: %s; closing this connection", label, e)
     except socket.timeout:
         log.warning("%s: no progress in the handshake for %d s; closing this connection", label, HANDSHAKE_TIMEOUT_S)
+    except CopyLost as e:
+        log.error("%s: %s; closing this connection unanswered", label, e)
     except OSError as e:
         log.info("%s: connection lost: %s", label, e)
     except CudaError as e:
@@ -1747,20 +2117,13 @@ def check_socket_path(path):
 
 
 class UnixServer:
-    """`serve`: the export on a Unix socket (mode 0600), one thread per client.
+    """`serve`: the export on a Unix socket (mode 0600); each accepted client
+    is passed to handoff (serve hands clients to worker processes)."""
 
-    With handoff set, each accepted client is passed to it instead (serve hands
-    clients to worker processes that way).
-    """
-
-    def __init__(self, path, export, max_connections, buffer_bytes, handoff=None):
-        self.path, self.export, self.handoff = path, export, handoff
-        self.max_connections, self.buffer_bytes = max_connections, buffer_bytes
-        self.clients = {}           # thread -> socket
-        self.lock = threading.Lock()
+    def __init__(self, path, handoff, idle=None):
+        self.path, self.handoff, self.idle = path, handoff, idle
         self.stopping = False
         self.listener = None
-        self.serial = 0
 
     def open(self):
         check_socket_path(self.path)
@@ -1784,7 +2147,7 @@ class UnixServer:
         sel.register(rfd, selectors.EVENT_READ)
         try:
             while not self.stopping:
-                for key, _ in sel.select():
+                for key, _ in sel.select(1.0):
                     if key.fileobj is self.listener:
                         self._accept()
                     else:
@@ -1792,6 +2155,8 @@ class UnixServer:
                             os.read(rfd, 512)
                         except BlockingIOError:
                             pass
+                if self.idle is not None and not self.stopping:
+                    self.idle()
         finally:
             sel.close()
             signal.set_wakeup_fd(old_wakeup)
@@ -1810,27 +2175,13 @@ class UnixServer:
             conn, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
-        if self.handoff is not None:
-            try:
-                self.handoff(conn)
-            finally:
-                conn.close()
-            return
-        with self.lock:
-            self.clients = {t: s for t, s in self.clients.items() if t.is_alive()}
-            if len(self.clients) >= self.max_connections:
-                log.warning("refusing a connection: already %d clients (the limit, --max-connections)", len(self.clients))
-                conn.close()
-                return
-            self.serial += 1
-            label = f"client {self.serial}"
-            t = threading.Thread(target=serve_connection, args=(conn, self.export, label),
-                                 kwargs={"buffer_bytes": self.buffer_bytes}, name=label, daemon=True)
-            self.clients[t] = conn
-        t.start()
+        try:
+            self.handoff(conn)
+        finally:
+            conn.close()
 
-    def close(self, join_timeout_s=10):
-        """Stop listening, end every connection, and wait for their threads."""
+    def close(self):
+        """Stop listening (the workers end their own connections)."""
         if self.listener is not None:
             self.listener.close()
             self.listener = None
@@ -1838,17 +2189,6 @@ class UnixServer:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
-        with self.lock:
-            clients = list(self.clients.items())
-        for _, s in clients:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        deadline = time.monotonic() + join_timeout_s
-        for t, _ in clients:
-            t.join(max(0.0, deadline - time.monotonic()))
-        return all(not t.is_alive() for t, _ in clients)
 
 
 ############################################################################
@@ -2915,27 +3255,27 @@ def default_workers(connections):
     return max(1, min(connections, (os.cpu_count() or 2) // 2, 8))
 
 
-def spawn_worker(store, libcuda, buffer_bytes, socks=(), lock=False, debug=False, index=0, max_connections=256,
-                 standby=0, realtime=False, gpu=None, slot=None):
+def spawn_worker(libcuda, buffer_bytes, lock=False, debug=False, index=0, max_connections=256,
+                 standby=0, realtime=False, gpu=None, slot=None, copier=None, vram=None):
     """Start `nbd_vram.py worker`; returns (Popen, parent's end of its control socket).
 
-    With a store it serves that one export to the clients `serve` passes it; with store=None it is a
-    kernel-mode worker (gpu names the GPU by UUID) that takes its slices and sockets over the control
-    socket (KernelWorker)."""
+    With copier (the child's end of its registration socket to the CopyServer)
+    and vram ((address, size) of the export as the GPU process sees it) it
+    serves that one export to the clients `serve` passes it, without CUDA;
+    otherwise it is a kernel-mode worker (gpu names the GPU by UUID) that
+    takes its slices and sockets over the control socket (KernelWorker)."""
     # SOCK_SEQPACKET: each control message arrives whole, with its fds.
     ctl, child_ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    fds = [child_ctl.fileno()] + [s.fileno() for s in socks]
+    fds = [child_ctl.fileno()]
     argv = [sys.executable, os.path.abspath(__file__), "worker", "--ctl-fd", str(child_ctl.fileno()),
             "--buffer-size", str(buffer_bytes), "--index", str(index), "--max-connections", str(max_connections)]
-    if store is not None:
-        fds.append(store.fd)
-        argv += ["--vram-fd", str(store.fd), "--vram-size", str(store.size_bytes), "--gpu", str(store.device)]
+    if copier is not None:
+        fds.append(copier.fileno())
+        argv += ["--copier-fd", str(copier.fileno()), "--vram-address", str(vram[0]), "--vram-size", str(vram[1])]
     else:
         argv += ["--kernel", "--gpu", gpu, "--slot", str(index if slot is None else slot)]
     if libcuda:
         argv += ["--libcuda", libcuda]
-    for s in socks:
-        argv += ["--sock-fd", str(s.fileno())]
     if standby:
         argv += ["--standby", str(standby)]
     if lock:
@@ -2977,15 +3317,6 @@ def recv_fd(ctl):
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             return struct.unpack("i", data[:struct.calcsize("i")])[0]
     return -1
-
-
-def _received_fds(anc):
-    fds = []
-    for level, kind, data in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            n = len(data) // struct.calcsize("i")
-            fds += struct.unpack(f"{n}i", data[:n * struct.calcsize("i")])
-    return fds
 
 
 # The control channel of a kernel-mode worker: the daemon sends one message (a tag, its fields,
@@ -3140,7 +3471,7 @@ class KernelWorker:
 
 
 def cmd_worker(args):
-    """A serving process: imports the parent's VRAM and serves the sockets it is given."""
+    """A serving process: serves the sockets it is given (see spawn_worker)."""
     setup_logging(args.debug)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     libc = _libc()
@@ -3148,57 +3479,138 @@ def cmd_worker(args):
         prepare_memory(libc)
     threading.stack_size(THREAD_STACK)
     ctl = socket.socket(fileno=args.ctl_fd)
-    cuda = Cuda(args.libcuda)
-    cuda.init()
-    dev = cuda.select_device(args.gpu)
-    ctx = CUcontext()
-    cuda.call("cuDevicePrimaryCtxRetain", ctypes.byref(ctx), dev)
-    cuda.call("cuCtxSetCurrent", ctx)
     if args.kernel:
+        cuda = Cuda(args.libcuda)
+        cuda.init()
+        dev = cuda.select_device(args.gpu)
+        ctx = CUcontext()
+        cuda.call("cuDevicePrimaryCtxRetain", ctypes.byref(ctx), dev)
+        cuda.call("cuCtxSetCurrent", ctx)
         args.gpu_dev = dev
         return KernelWorker(args, cuda, ctx, libc, ctl).run()
-    if args.vram_fd is None or args.vram_size is None:
-        raise Fatal("worker: --vram-fd and --vram-size are needed without --kernel")
-    store = VramStore.import_fd(cuda, dev, ctx, args.vram_fd, args.vram_size)
-    export = Export(store)
+    if args.copier_fd is None or args.vram_address is None or args.vram_size is None:
+        raise Fatal("worker: --copier-fd, --vram-address and --vram-size are needed without --kernel")
+    # Serve mode: no CUDA here; the parent copies (CopyServer) and passes accepted client sockets.
+    client = CopyClient(socket.socket(fileno=args.copier_fd))
+    export = Export(types.SimpleNamespace(dptr=args.vram_address, size_bytes=args.vram_size))
     label = f"worker {args.index}"
-    try:
-        # Serve mode: the parent passes accepted client sockets; it closes ctl to stop us.
-        ctl.sendall(WORKER_READY)
-        clients = {}
-        sel = selectors.DefaultSelector()
-        sel.register(ctl, selectors.EVENT_READ)
-        while True:
-            if not sel.select(1.0):
-                if signal.SIGTERM in signal.sigpending():
-                    break
-                continue
-            fd = recv_fd(ctl)
-            if fd is None:
+
+    def make_io():
+        return RemoteIoContext(client, args.buffer_size, args.buffer_size)
+
+    # The parent closes ctl to stop us.
+    ctl.sendall(WORKER_READY)
+    clients = {}
+    sel = selectors.DefaultSelector()
+    sel.register(ctl, selectors.EVENT_READ)
+    while True:
+        if not sel.select(1.0):
+            if signal.SIGTERM in signal.sigpending():
                 break
-            if fd < 0:
-                continue
-            conn = socket.socket(fileno=fd)
-            clients = {th: c for th, c in clients.items() if th.is_alive()}
-            if len(clients) >= args.max_connections:
-                log.warning("%s: refusing a connection: already %d clients (the limit, --max-connections)",
-                            label, len(clients))
-                conn.close()
-                continue
-            t = threading.Thread(target=serve_connection, args=(conn, export, f"{label} client {len(clients) + 1}"),
-                                 kwargs={"buffer_bytes": args.buffer_size}, daemon=True)
-            clients[t] = conn
-            t.start()
-        for s in clients.values():
+            continue
+        fd = recv_fd(ctl)
+        if fd is None:
+            break
+        if fd < 0:
+            continue
+        conn = socket.socket(fileno=fd)
+        clients = {th: c for th, c in clients.items() if th.is_alive()}
+        if len(clients) >= args.max_connections:
+            log.warning("%s: refusing a connection: already %d clients (the limit, --max-connections)",
+                        label, len(clients))
+            conn.close()
+            continue
+        t = threading.Thread(target=serve_connection, args=(conn, export, f"{label} client {len(clients) + 1}"),
+                             kwargs={"make_io": make_io}, daemon=True)
+        clients[t] = conn
+        t.start()
+    for s in clients.values():
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    for t in clients:
+        t.join(10)
+    return EXIT_OK
+
+
+class ServeWorkers:
+    """`serve`'s worker processes: CUDA-free, each registered with the parent's CopyServer.
+
+    A worker that dies is replaced (its clients lost their connections and
+    reconnect, as after any server restart); serve goes on serving.
+    """
+
+    def __init__(self, args, buffer_bytes, store, copier, count):
+        self.args, self.buffer_bytes, self.store, self.copier = args, buffer_bytes, store, copier
+        self.per_worker = -(-args.max_connections // count)
+        self.workers = [None] * count       # (Popen, ctl) of each
+        self.turn = 0
+
+    def _spawn(self, w):
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            proc, ctl = spawn_worker(self.args.libcuda, self.buffer_bytes, debug=self.args.debug, index=w + 1,
+                                     max_connections=self.per_worker, copier=theirs,
+                                     vram=(self.store.dptr, self.store.size_bytes))
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        self.copier.add_client(mine, f"worker {w + 1}")
+        self.workers[w] = (proc, ctl)
+        return proc, ctl
+
+    def start(self):
+        for w in range(len(self.workers)):
+            self._spawn(w)
+        for proc, ctl in self.workers:
+            wait_worker_ready(proc, ctl)
+        log.info("%d worker processes serve the clients", len(self.workers))
+
+    def check(self):
+        """Replace any worker that died."""
+        for w, (proc, ctl) in enumerate(self.workers):
+            if proc.poll() is not None:
+                self._replace(w)
+
+    def _replace(self, w):
+        proc, ctl = self.workers[w]
+        proc.poll()
+        log.error("worker %d (pid %d) exited with %s; its clients lost their connections; starting a new one",
+                  w + 1, proc.pid, proc.returncode)
+        ctl.close()
+        new, new_ctl = self._spawn(w)
+        wait_worker_ready(new, new_ctl)
+        log.info("worker %d restarted (pid %d)", w + 1, new.pid)
+
+    def handoff(self, conn):
+        """Pass an accepted client to the next worker in turn (a dead one is replaced first)."""
+        w = self.turn % len(self.workers)
+        self.turn += 1
+        for attempt in (1, 2):
+            proc, ctl = self.workers[w]
+            if proc.poll() is None:
+                try:
+                    send_fd(ctl, conn.fileno())
+                    return
+                except OSError:
+                    proc.wait(5)
+            self._replace(w)
+        log.error("could not pass a client to worker %d; closing it", w + 1)
+
+    def stop(self, timeout_s=20):
+        """Stop every worker (each ends its clients); False if one did not exit in time."""
+        for proc, ctl in self.workers:
+            ctl.close()          # a worker ends its clients and exits when its control socket closes
+        clean = True
+        for proc, ctl in self.workers:
             try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for t in clients:
-            t.join(10)
-        return EXIT_OK
-    finally:
-        store.free(scrub=False)     # unmap only: the parent owns, scrubs and frees the memory
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                clean = False
+        return clean
 
 
 def sum_counters(raw, slots=None):
@@ -3513,7 +3925,7 @@ class GpuShare:
 
     def _spawn(self, index, standby=0):
         cfg = self.daemon.cfg
-        proc, ctl = spawn_worker(None, cfg["libcuda"], cfg["buffer_size"], lock=True, debug=cfg["debug"], index=index,
+        proc, ctl = spawn_worker(cfg["libcuda"], cfg["buffer_size"], lock=True, debug=cfg["debug"], index=index,
                                  standby=standby, realtime=cfg["realtime"], gpu=self.info["uuid"],
                                  slot=self.slots[index])
         try:
@@ -4750,40 +5162,20 @@ def cmd_serve(args):
     log.info("GPU %d: %s (%s, %s), %s", dev, gpu["name"], gpu["uuid"], gpu["pci_bus_id"],
              format_size(gpu["total_bytes"]))
     store = VramStore.allocate(cuda, dev, ctx, size, min_size)
-    nworkers = args.workers or min(8, os.cpu_count() or 1)
-    workers = []
-    handoff = None
-    if store.fd is not None:
-        per_worker = -(-args.max_connections // nworkers)
-        for w in range(nworkers):
-            proc, ctl = spawn_worker(store, args.libcuda, buffer_bytes, debug=args.debug, index=w + 1,
-                                     max_connections=per_worker)
-            workers.append((proc, ctl))
-        for proc, ctl in workers:
-            wait_worker_ready(proc, ctl)
-        turn = iter(range(1 << 62))
-
-        def to_worker(conn):
-            proc, ctl = workers[next(turn) % len(workers)]
-            send_fd(ctl, conn.fileno())
-        handoff = to_worker
-        log.info("%d worker processes serve the clients", nworkers)
-    server = UnixServer(args.socket, Export(store), args.max_connections, buffer_bytes, handoff=handoff)
+    copier = CopyServer(cuda, ctx, "GPU process")
+    workers = ServeWorkers(args, buffer_bytes, store, copier, args.workers or min(8, os.cpu_count() or 1))
+    server = UnixServer(args.socket, workers.handoff, idle=workers.check)
+    clean = False
     try:
+        workers.start()
         server.open()
         log.info("serving %s of VRAM on %s (NBD, fixed newstyle; any export name)", format_size(store.size_bytes),
                  args.socket)
         sd_notify("READY=1")
         server.serve()
     finally:
-        clean = server.close()
-        for proc, ctl in workers:
-            ctl.close()          # a worker ends its clients and exits when its control socket closes
-        for proc, ctl in workers:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                clean = False
+        server.close()
+        clean = workers.stop()
         if clean:
             store.free()
         else:
@@ -4880,13 +5272,13 @@ def build_parser():
     st.add_argument("--json", action="store_true", help="machine-readable output")
 
     w = sub.add_parser("worker", allow_abbrev=False, help="(internal) a serving process started by serve and run")
-    w.add_argument("--vram-fd", type=int, default=None)
+    w.add_argument("--copier-fd", type=int, default=None)
+    w.add_argument("--vram-address", type=int, default=None)
     w.add_argument("--vram-size", type=int, default=None)
-    w.add_argument("--gpu", required=True)
+    w.add_argument("--gpu", default=None)
     w.add_argument("--kernel", action="store_true")
     w.add_argument("--slot", type=int, default=None)
     w.add_argument("--ctl-fd", type=int, required=True)
-    w.add_argument("--sock-fd", type=int, action="append", default=[])
     w.add_argument("--buffer-size", type=int, required=True)
     w.add_argument("--index", type=int, default=1)
     w.add_argument("--max-connections", type=int, default=256)
