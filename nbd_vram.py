@@ -1419,43 +1419,57 @@ class CopyServer:
     def __init__(self, cuda, ctx, label, thread_setup=None):
         self.cuda, self.ctx, self.label, self.thread_setup = cuda, ctx, label, thread_setup
         self.lock = threading.Lock()
-        self.channels = 0
-        self.threads = []
+        self.channels = 0           # buffer sets registered so far (names the copy threads)
+        self.live = 0               # copy threads serving now
+        self.clients = 0            # registration sockets open now
+
+    def busy(self):
+        """True while a worker is registered (it may still send copies)."""
+        with self.lock:
+            return self.clients > 0 or self.live > 0
 
     def add_client(self, sock, name):
+        with self.lock:
+            self.clients += 1
         t = threading.Thread(target=self._client, args=(sock, name), name=f"{self.label} {name} registration",
                              daemon=True)
         t.start()
-        self.threads.append(t)
 
     def _client(self, sock, name):
-        with sock:
-            while True:
-                try:
-                    msg, anc, _flags, _addr = sock.recvmsg(64, socket.CMSG_SPACE(2 * 4))
-                except OSError:
-                    return
-                fds = _received_fds(anc)
-                if not msg:
-                    for fd in fds:
-                        os.close(fd)
-                    return
-                try:
-                    if msg[:1] != b"A" or len(msg) != 1 + _U64.size or len(fds) != 2:
-                        raise Fatal(f"bad registration message {msg[:16]!r} with {len(fds)} fds")
-                    chan_fd = fds.pop()         # _attach owns it from here on
-                    base = self._attach(fds[0], _U64.unpack_from(msg, 1)[0], chan_fd, name)
-                    answer = b"k" + _U64.pack(base)
-                except (Fatal, CudaError, OSError, ValueError) as e:
-                    log.error("%s: %s: %s", self.label, name, e)
-                    answer = b"e" + str(e).encode()[:4000]
-                finally:
-                    for fd in fds:
-                        os.close(fd)
-                try:
-                    sock.send(answer)
-                except OSError:
-                    return
+        try:
+            self._registrations(sock, name)
+        finally:
+            sock.close()
+            with self.lock:
+                self.clients -= 1
+
+    def _registrations(self, sock, name):
+        while True:
+            try:
+                msg, anc, _flags, _addr = sock.recvmsg(64, socket.CMSG_SPACE(2 * 4))
+            except OSError:
+                return
+            fds = _received_fds(anc)
+            if not msg:
+                for fd in fds:
+                    os.close(fd)
+                return
+            try:
+                if msg[:1] != b"A" or len(msg) != 1 + _U64.size or len(fds) != 2:
+                    raise Fatal(f"bad registration message {msg[:16]!r} with {len(fds)} fds")
+                chan_fd = fds.pop()         # _attach owns it from here on
+                base = self._attach(fds[0], _U64.unpack_from(msg, 1)[0], chan_fd, name)
+                answer = b"k" + _U64.pack(base)
+            except (Fatal, CudaError, OSError, ValueError) as e:
+                log.error("%s: %s: %s", self.label, name, e)
+                answer = b"e" + str(e).encode()[:4000]
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            try:
+                sock.send(answer)
+            except OSError:
+                return
 
     def _attach(self, fd, size, chan_fd, name):
         chan = socket.socket(fileno=chan_fd)
@@ -1480,6 +1494,7 @@ class CopyServer:
             raise
         with self.lock:
             self.channels += 1
+            self.live += 1
             number = self.channels
         t = threading.Thread(target=self._serve, args=(chan, engine, mapping, base),
                              name=f"{self.label} {name} copies {number}", daemon=True)
@@ -1513,6 +1528,8 @@ class CopyServer:
             engine.close()
             self.cuda.cuMemHostUnregister(base)
             mapping.close()
+            with self.lock:
+                self.live -= 1
 
 
 ############################################################################
@@ -3259,23 +3276,28 @@ def spawn_worker(libcuda, buffer_bytes, lock=False, debug=False, index=0, max_co
                  standby=0, realtime=False, gpu=None, slot=None, copier=None, vram=None):
     """Start `nbd_vram.py worker`; returns (Popen, parent's end of its control socket).
 
-    With copier (the child's end of its registration socket to the CopyServer)
-    and vram ((address, size) of the export as the GPU process sees it) it
-    serves that one export to the clients `serve` passes it, without CUDA;
-    otherwise it is a kernel-mode worker (gpu names the GPU by UUID) that
-    takes its slices and sockets over the control socket (KernelWorker)."""
+    Without copier, the GPU process of gpu (a UUID).  With copier (the child's
+    end of its registration socket to the GPU's CopyServer) a worker without
+    CUDA: given vram ((address, size) of the export as the GPU process sees
+    it), it serves that one export to the clients `serve` passes it;
+    otherwise it is a kernel-mode worker that takes its slices and sockets
+    over the control socket (KernelWorker)."""
     # SOCK_SEQPACKET: each control message arrives whole, with its fds.
     ctl, child_ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     fds = [child_ctl.fileno()]
     argv = [sys.executable, os.path.abspath(__file__), "worker", "--ctl-fd", str(child_ctl.fileno()),
             "--buffer-size", str(buffer_bytes), "--index", str(index), "--max-connections", str(max_connections)]
-    if copier is not None:
-        fds.append(copier.fileno())
-        argv += ["--copier-fd", str(copier.fileno()), "--vram-address", str(vram[0]), "--vram-size", str(vram[1])]
+    if copier is None:
+        argv += ["--gpu-process", "--gpu", gpu]
+        if libcuda:
+            argv += ["--libcuda", libcuda]
     else:
-        argv += ["--kernel", "--gpu", gpu, "--slot", str(index if slot is None else slot)]
-    if libcuda:
-        argv += ["--libcuda", libcuda]
+        fds.append(copier.fileno())
+        argv += ["--copier-fd", str(copier.fileno())]
+        if vram is not None:
+            argv += ["--vram-address", str(vram[0]), "--vram-size", str(vram[1])]
+        else:
+            argv += ["--kernel", "--gpu", gpu, "--slot", str(index if slot is None else slot)]
     if standby:
         argv += ["--standby", str(standby)]
     if lock:
@@ -3319,123 +3341,228 @@ def recv_fd(ctl):
     return -1
 
 
-# The control channel of a kernel-mode worker: the daemon sends one message (a tag, its fields,
-# fds attached) and waits for CTL_OK, or CTL_ERROR and one line of text.
-CTL_IMPORT = b"V"      # slice id, size; fd: map that slice's VRAM
-CTL_SERVE = b"C"       # slice id, count; fds: serve these kernel connections on it
-CTL_DROP = b"X"        # slice id: its device is disconnected; end its connections and unmap it
-CTL_BECOME = b"G"      # index, counters slot: the spare takes a dead worker's place
-CTL_POOL = b"P"        # count: keep this many buffer sets allocated and locked (the spare)
-CTL_FIELDS = {CTL_IMPORT: struct.Struct("=IQ"), CTL_SERVE: struct.Struct("=II"), CTL_DROP: struct.Struct("=I"),
-              CTL_BECOME: struct.Struct("=II"), CTL_POOL: struct.Struct("=I")}
+# The control channel of a kernel-mode worker and of a GPU process: the daemon sends one message (a
+# tag, its fields, fds attached) and waits for CTL_OK (with the request's answer and fds, if it has
+# any), or CTL_ERROR and one line of text.
+CTL_SLICE = b"V"       # to a worker: slice id, size, address in the GPU process: serve from that slice
+CTL_SERVE = b"C"       # to a worker: slice id, count; fds: serve these kernel connections on it
+CTL_DROP = b"X"        # to a worker: slice id: its device is disconnected; end its connections
+CTL_BECOME = b"G"      # to the spare: index, counters slot: take a dead worker's place
+CTL_POOL = b"P"        # to the spare: count: keep this many buffer sets allocated and locked
+CTL_ALLOC = b"A"       # to a GPU process: slice id, size: allocate and zero it; answer: address (fd: its export)
+CTL_IMPORT = b"I"      # to a GPU process: slice id, size; fd: map a stored slice; answer: address
+CTL_FREE = b"R"        # to a GPU process: slice id, scrub: (zero,) unmap and release the slice
+CTL_MEMINFO = b"M"     # to a GPU process: answer: free and total VRAM
+CTL_CLIENT = b"L"      # to a GPU process: worker index; fd: that worker's registration socket (CopyServer)
+CTL_FIELDS = {CTL_SLICE: struct.Struct("=IQQ"), CTL_SERVE: struct.Struct("=II"), CTL_DROP: struct.Struct("=I"),
+              CTL_BECOME: struct.Struct("=II"), CTL_POOL: struct.Struct("=I"), CTL_ALLOC: struct.Struct("=IQ"),
+              CTL_IMPORT: struct.Struct("=IQ"), CTL_FREE: struct.Struct("=IB"), CTL_MEMINFO: struct.Struct("="),
+              CTL_CLIENT: struct.Struct("=I")}
 CTL_OK, CTL_ERROR = b"k", b"e"
 CTL_MAX_FDS = 64       # connections of one slice (the connections setting's limit)
 
 
 def ctl_call(ctl, tag, *fields, fds=(), timeout_s=60.0, who="worker"):
-    """One request to a kernel-mode worker; raises Fatal with the worker's reason if it fails."""
+    """One request over a control socket: (the answer's bytes after CTL_OK, the fds that came with it).
+    Raises Fatal with the other side's reason if it fails."""
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
+    got = []
     ctl.settimeout(timeout_s)
     try:
         ctl.sendmsg([tag + CTL_FIELDS[tag].pack(*fields)], anc)
-        answer = ctl.recv(4096)
+        answer, anc, _flags, _addr = ctl.recvmsg(4096, socket.CMSG_SPACE(4))
+        got = _received_fds(anc)
     except socket.timeout:
         answer = b"e" + f"no answer in {timeout_s:.0f} s".encode()
     except OSError as e:
         answer = b"e" + f"its control socket failed: {e.strerror}".encode()
     finally:
         ctl.settimeout(None)
-    if answer == CTL_OK:
-        return
+    if answer.startswith(CTL_OK):
+        return answer[1:], got
+    for fd in got:
+        os.close(fd)
     why = answer[1:].decode(errors="replace") if answer.startswith(CTL_ERROR) else "it exited"
-    raise Fatal(f"{who}: {tag.decode()} request failed: {why}")
+    err = Fatal(f"{who}: {tag.decode()} request failed: {why}")
+    err.why = why
+    raise err
+
+
+def control_loop(ctl, handle, label, tick=None):
+    """Answer the daemon's requests until it closes the control socket (or dies).
+
+    handle(tag, fields, fds) returns (answer bytes, fds to send with it); tick() runs at
+    least every STATUS_INTERVAL_S."""
+    sel = selectors.DefaultSelector()
+    sel.register(ctl, selectors.EVENT_READ)
+    try:
+        while True:
+            if tick is not None:
+                tick()
+            if not sel.select(STATUS_INTERVAL_S):
+                continue
+            msg, anc, _flags, _addr = ctl.recvmsg(64, socket.CMSG_SPACE(CTL_MAX_FDS * 4))
+            fds = _received_fds(anc)
+            if not msg:
+                return
+            out = []
+            try:
+                answer, out = handle(msg[:1], CTL_FIELDS[msg[:1]].unpack(msg[1:]), fds)
+            except (Fatal, KeyError, struct.error, OSError) as e:
+                for fd in fds:
+                    os.close(fd)
+                text = e if not isinstance(e, (KeyError, struct.error)) else f"bad control message {msg!r}"
+                log.debug("%s: %s", label, text)        # the daemon says what it means for the service
+                ctl.sendall(CTL_ERROR + str(text).encode()[:4000])
+            else:
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(out)}i", *out))] if out else []
+                ctl.sendmsg([CTL_OK + answer], anc)
+    finally:
+        sel.close()
+
+
+def lock_process(libc, label):
+    """Everything a process on the swap I/O path does once its memory is all there: lock it, never
+    be the OOM killer's choice, never wait on I/O to allocate, no garbage collector pauses."""
+    if lock_memory(libc):
+        log.info("%s: memory locked: %d KiB", label, locked_kib())
+    set_oom_score_adj(-1000)
+    set_io_flusher(libc)
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+
+
+class GpuProcess:
+    """`worker --gpu-process`: the one process that holds a GPU's CUDA context.
+
+    It allocates, maps, zeroes and frees every slice of its GPU for the daemon
+    (which holds no context), and copies for every worker of that GPU
+    (CopyServer): the VRAM the service uses beyond the swap it lends is one
+    context a GPU, however many workers serve.  If the daemon dies it serves on
+    until the workers' connections have ended, then unmaps without zeroing:
+    the slices' fds in systemd's fd store keep the swapped pages for the
+    restarted daemon.
+    """
+
+    def __init__(self, args, cuda, dev, ctx, libc, ctl):
+        self.args, self.cuda, self.dev, self.ctx, self.libc, self.ctl = args, cuda, dev, ctx, libc, ctl
+        self.label = f"GPU process of {args.gpu}"
+        self.stores = {}        # slice id -> VramStore
+        setup = (lambda: prepare_serving_thread(libc, args.realtime)) if args.lock else None
+        self.copier = CopyServer(cuda, ctx, self.label, thread_setup=setup)
+        self.vmm = (cuda.has_vmm and cuda.attribute(CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED, dev)
+                    and cuda.attribute(CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED, dev))
+
+    def run(self):
+        if self.args.lock:
+            lock_process(self.libc, self.label)
+        self.ctl.sendall(WORKER_READY)
+        control_loop(self.ctl, self._handle, self.label)
+        # The daemon stopped, or died: copy on for the workers until their connections have ended.
+        while self.copier.busy():
+            time.sleep(STATUS_INTERVAL_S)
+        for sid in list(self.stores):
+            self.stores.pop(sid).free(scrub=False)
+        log.debug("%s: no worker left; exiting", self.label)
+        return EXIT_OK
+
+    def _handle(self, tag, fields, fds):
+        cuda = self.cuda
+        cuda.call("cuCtxSetCurrent", self.ctx)
+        if tag == CTL_ALLOC:
+            sid, size = fields
+            if sid in self.stores:
+                raise Fatal(f"slice {sid} is already mapped")
+            try:
+                store = VramStore.allocate(cuda, self.dev, self.ctx, size, size, use_vmm=bool(self.vmm))
+            except NoVramError:
+                raise Fatal("out of VRAM") from None
+            self.stores[sid] = store
+            return _U64.pack(store.dptr), ([store.fd] if store.fd is not None else [])
+        if tag == CTL_IMPORT:
+            sid, size = fields
+            if sid in self.stores or len(fds) != 1:
+                raise Fatal(f"slice {sid}: {'already mapped' if sid in self.stores else 'no fd'}")
+            store = VramStore.import_fd(cuda, self.dev, self.ctx, fds[0], size)
+            store.imported = False      # ours now: zeroed and released when the daemon frees it
+            self.stores[sid] = store
+            return _U64.pack(store.dptr), []
+        if tag == CTL_FREE:
+            sid, scrub = fields
+            store = self.stores.pop(sid, None)
+            if store is None:
+                raise Fatal(f"slice {sid} is not mapped")
+            store.free(scrub=bool(scrub))
+            return b"", []
+        if tag == CTL_MEMINFO:
+            return struct.pack("=QQ", *cuda.mem_info()), []
+        if tag == CTL_CLIENT:
+            (index,) = fields
+            if len(fds) != 1:
+                raise Fatal("a worker's registration socket is missing")
+            self.copier.add_client(socket.socket(fileno=fds[0]), f"worker {index}")
+            return b"", []
+        raise Fatal(f"unknown request {tag!r}")
 
 
 class KernelWorker:
-    """`worker --kernel`: serves the kernel's connections to every slice of one GPU.
+    """`worker --kernel`: serves the kernel's connections to every slice of one GPU, without CUDA.
 
-    The daemon hands it slices (the VRAM fd of each, imported and mapped here)
-    and sockets over the control channel; each connection gets a thread and a
-    buffer set (IoContext) from a pool allocated before it says ready, so that a
-    spare can take a dead worker's connections without allocating.  It ends
-    when the daemon closes the control socket and its connections have ended;
-    until then a connection the kernel gave up on just ends (status shows the
-    device degraded) and the others go on serving.
+    The daemon hands it slices (where the GPU process mapped each) and sockets
+    over the control channel; each connection gets a thread and a buffer set
+    (RemoteIoContext, registered with the GPU process) from a pool filled
+    before it says ready, so that a spare can take a dead worker's connections
+    without allocating.  It ends when the daemon closes the control socket and
+    its connections have ended; until then a connection the kernel gave up on
+    just ends (status shows the device degraded) and the others go on serving.
     """
 
-    def __init__(self, args, cuda, ctx, libc, ctl):
-        self.args, self.cuda, self.ctx, self.libc, self.ctl = args, cuda, ctx, libc, ctl
-        self.gpu = types.SimpleNamespace(cuda=cuda, ctx=ctx)     # what IoContext needs of a store
-        self.exports = {}       # slice id -> Export of the mapped slice
-        self.conns = {}         # slice id -> [(thread, IoContext)]
-        self.pool = []          # idle IoContexts
+    def __init__(self, args, libc, ctl, client):
+        self.args, self.libc, self.ctl, self.client = args, libc, ctl, client
+        self.exports = {}       # slice id -> Export of the slice
+        self.conns = {}         # slice id -> [(thread, RemoteIoContext)]
+        self.pool = []          # idle RemoteIoContexts
         self.slot = args.slot if not args.standby else None
         self.label = "spare worker" if args.standby else f"worker {args.index}"
 
     def _buffers(self):
-        return IoContext(self.gpu, self.args.buffer_size, self.args.buffer_size)
+        return RemoteIoContext(self.client, self.args.buffer_size, self.args.buffer_size)
 
     def run(self):
         args = self.args
         self.pool = [self._buffers() for _ in range(args.standby)]
         if args.lock:
-            if lock_memory(self.libc):
-                log.info("%s: memory locked: %d KiB", self.label, locked_kib())
-            set_oom_score_adj(-1000)
-            set_io_flusher(self.libc)
-            gc.collect()
-            gc.freeze()
-            gc.disable()
+            lock_process(self.libc, self.label)
         self.ctl.sendall(WORKER_READY)
         counters = _map_counters()
-        sel = selectors.DefaultSelector()
-        sel.register(self.ctl, selectors.EVENT_READ)
-        while True:
+
+        def publish():
             if counters is not None and self.slot is not None:
                 _publish_counters(counters, self.slot, list(self.exports.values()))
-            if not sel.select(STATUS_INTERVAL_S):
-                continue
-            msg, anc, _flags, _addr = self.ctl.recvmsg(64, socket.CMSG_SPACE(CTL_MAX_FDS * 4))
-            fds = _received_fds(anc)
-            if not msg:
-                break
-            try:
-                self._handle(msg[:1], CTL_FIELDS[msg[:1]].unpack(msg[1:]), fds)
-            except (Fatal, KeyError, struct.error, OSError) as e:
-                for fd in fds:
-                    os.close(fd)
-                text = e if not isinstance(e, (KeyError, struct.error)) else f"bad control message {msg!r}"
-                log.error("%s: %s", self.label, text)
-                self.ctl.sendall(CTL_ERROR + str(text).encode()[:4000])
-            else:
-                self.ctl.sendall(CTL_OK)
+        control_loop(self.ctl, self._handle, self.label, tick=publish)
         # The daemon stopped, or died: serve on until the kernel ends these connections (after a
         # crash the restarted daemon stops this process once its own workers are ready).
-        sel.close()
         while True:
             alive = [t for ts in self.conns.values() for t, _ in ts if t.is_alive()]
-            if counters is not None and self.slot is not None:
-                _publish_counters(counters, self.slot, list(self.exports.values()))
+            publish()
             if not alive:
                 break
             alive[0].join(STATUS_INTERVAL_S)
         log.debug("%s: every connection closed; exiting", self.label)
-        for sid in list(self.exports):
-            self.exports.pop(sid).store.free(scrub=False)
         return EXIT_OK
 
     def _handle(self, tag, fields, fds):
-        if tag == CTL_IMPORT:
-            sid, size = fields
+        if tag == CTL_SLICE:
+            sid, size, address = fields
             if sid in self.exports:
-                raise Fatal(f"slice {sid} is already mapped")
-            store = VramStore.import_fd(self.cuda, self.args.gpu_dev, self.ctx, fds[0], size)
-            self.exports[sid] = Export(store)
-            log.debug("%s: mapped slice %d (%s)", self.label, sid, format_size(size))
+                raise Fatal(f"slice {sid} is already served")
+            self.exports[sid] = Export(types.SimpleNamespace(dptr=address, size_bytes=size))
+            log.debug("%s: slice %d (%s)", self.label, sid, format_size(size))
         elif tag == CTL_SERVE:
             sid, n = fields
             if sid not in self.exports or len(fds) != n:
-                raise Fatal(f"slice {sid}: {'not mapped' if sid not in self.exports else f'{len(fds)} fds for {n} connections'}")
+                raise Fatal(f"slice {sid}: {'not known' if sid not in self.exports else f'{len(fds)} fds for {n} connections'}")
             conns = self.conns.setdefault(sid, [])
             for fd in fds:
                 io = self.pool.pop() if self.pool else self._buffers()
@@ -3448,12 +3575,10 @@ class KernelWorker:
             for t, io in self.conns.get(sid, []):
                 t.join(30)
                 if t.is_alive():
-                    raise Fatal(f"slice {sid}: a connection still serves 30 s after the disconnect; VRAM left mapped")
+                    raise Fatal(f"slice {sid}: a connection still serves 30 s after the disconnect")
             for _, io in self.conns.pop(sid, []):
                 self.pool.append(io)
-            export = self.exports.pop(sid, None)
-            if export is not None:
-                export.store.free(scrub=False)      # unmap only: the daemon owns, scrubs and frees it
+            self.exports.pop(sid, None)
         elif tag == CTL_POOL:
             (n,) = fields
             while len(self.pool) < n:
@@ -3463,6 +3588,9 @@ class KernelWorker:
             self.label = f"worker {self.args.index}"
             log.info("%s: spare worker (pid %d) now serving %d connections", self.label, os.getpid(),
                      sum(len(c) for c in self.conns.values()))
+        else:
+            raise Fatal(f"unknown request {tag!r}")
+        return b"", []
 
     def _serve(self, fd, io, export, name):
         if self.args.lock:
@@ -3479,16 +3607,15 @@ def cmd_worker(args):
         prepare_memory(libc)
     threading.stack_size(THREAD_STACK)
     ctl = socket.socket(fileno=args.ctl_fd)
-    if args.kernel:
+    if args.gpu_process:
         cuda = Cuda(args.libcuda)
-        cuda.init()
-        dev = cuda.select_device(args.gpu)
-        ctx = CUcontext()
-        cuda.call("cuDevicePrimaryCtxRetain", ctypes.byref(ctx), dev)
-        cuda.call("cuCtxSetCurrent", ctx)
-        args.gpu_dev = dev
-        return KernelWorker(args, cuda, ctx, libc, ctl).run()
-    if args.copier_fd is None or args.vram_address is None or args.vram_size is None:
+        dev, ctx = VramStore.open_device(cuda, args.gpu)
+        return GpuProcess(args, cuda, dev, ctx, libc, ctl).run()
+    if args.copier_fd is None:
+        raise Fatal("worker: --copier-fd is needed without --gpu-process")
+    if args.kernel:
+        return KernelWorker(args, libc, ctl, CopyClient(socket.socket(fileno=args.copier_fd))).run()
+    if args.vram_address is None or args.vram_size is None:
         raise Fatal("worker: --copier-fd, --vram-address and --vram-size are needed without --kernel")
     # Serve mode: no CUDA here; the parent copies (CopyServer) and passes accepted client sockets.
     client = CopyClient(socket.socket(fileno=args.copier_fd))
@@ -3823,7 +3950,6 @@ class Slice:
         self.index = self.device = self.swap_device = self.crypt = self.backend = self.attach_kind = None
         self.swap_on = False
         self.undo = []
-        self.threads = []       # without workers: (thread, IoContext) of each connection
 
     @property
     def name(self):
@@ -3852,11 +3978,38 @@ class Slice:
         return d
 
 
-class GpuShare:
-    """One GPU's part of the daemon: its context, worker processes (or threads) and slices."""
+class SliceMemory:
+    """A slice's VRAM as the daemon sees it: the GPU process maps it (at dptr, in its own address
+    space) and frees it when asked; the daemon holds the exported fd (None with cuMemAlloc), which
+    systemd's fd store keeps a copy of."""
 
-    def __init__(self, daemon, ordinal, cuda, dev, ctx):
-        self.daemon, self.ordinal, self.cuda, self.dev, self.ctx = daemon, ordinal, cuda, dev, ctx
+    def __init__(self, gpu, number, size_bytes, dptr, fd):
+        self.gpu, self.number, self.size_bytes, self.dptr, self.fd = gpu, number, size_bytes, dptr, fd
+        self.freed = False
+
+    @property
+    def kind(self):
+        return "cuMemCreate+fd" if self.fd is not None else "cuMemAlloc"
+
+    def free(self, scrub=True):
+        """Zero the memory (the next CUDA program must not read swapped-out secrets), then free it."""
+        if self.freed:
+            return
+        self.freed = True
+        try:
+            self.gpu.gpu_call(CTL_FREE, self.number, int(scrub))
+            log.info("freed %s of VRAM (slice %d of %s)", format_size(self.size_bytes), self.number, self.gpu.label)
+        finally:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+
+
+class GpuShare:
+    """One GPU's part of the daemon: its GPU process, worker processes and slices."""
+
+    def __init__(self, daemon, ordinal, cuda, dev):
+        self.daemon, self.ordinal, self.cuda, self.dev = daemon, ordinal, cuda, dev
         self.info = cuda.device_info(dev)
         self.vmm = (cuda.has_vmm and cuda.attribute(CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED, dev)
                     and cuda.attribute(CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED, dev))
@@ -3865,6 +4018,7 @@ class GpuShare:
         self.ceiling = len(self.sizes)      # most slices allowed now (shrink/grow move it)
         self.slices = {}                    # number -> Slice
         self.workers, self.spare = [], None
+        self.gpu_proc = None                # WorkerProc of the GPU process: the one CUDA context
         self.calm_since = None
         self.free_bytes = None
         self.failed = None                  # why this GPU was given up
@@ -3885,9 +4039,19 @@ class GpuShare:
         return sum(s.store.size_bytes for s in self.slices.values())
 
     def mem_free(self):
-        self.cuda.call("cuCtxSetCurrent", self.ctx)
-        self.free_bytes = self.cuda.mem_info()[0]
+        """Free VRAM on this GPU now (the last known figure if the GPU process cannot answer)."""
+        try:
+            answer, _ = self.gpu_call(CTL_MEMINFO)
+        except Fatal as e:
+            log.warning("%s", e)
+            return self.free_bytes or 0
+        self.free_bytes = struct.unpack("=QQ", answer)[0]
         return self.free_bytes
+
+    def gpu_call(self, tag, *fields, fds=()):
+        if self.gpu_proc is None:
+            raise Fatal(f"{self.label}: its GPU process is not running")
+        return ctl_call(self.gpu_proc.ctl, tag, *fields, fds=fds, who=f"{self.label}'s GPU process")
 
     def free_number(self):
         """The lowest slice number not in use (a slice taken back gets the place of one released)."""
@@ -3903,20 +4067,54 @@ class GpuShare:
                      format_size(want), format_size(self.free_bytes), format_size(reserve))
             return None
         try:
-            return VramStore.allocate(self.cuda, self.dev, self.ctx, want, want, use_vmm=bool(self.vmm))
-        except NoVramError:
-            log.info("%s: slice %d (%s) not taken: out of VRAM (%s free)", self.label, number, format_size(want),
-                     format_size(self.mem_free()))
+            answer, fds = self.gpu_call(CTL_ALLOC, number, want)
+        except Fatal as e:
+            log.info("%s: slice %d (%s) not taken: %s (%s free)", self.label, number, format_size(want),
+                     getattr(e, "why", e), format_size(self.mem_free()))
             return None
+        return SliceMemory(self, number, want, _U64.unpack(answer)[0], fds[0] if fds else None)
+
+    def import_slice(self, number, fd, size):
+        """A slice stored by a daemon before this one (crash restart, upgrade): mapped again, pages and all."""
+        try:
+            answer, _ = self.gpu_call(CTL_IMPORT, number, size, fds=[fd])
+        except BaseException:
+            os.close(fd)
+            raise
+        return SliceMemory(self, number, size, _U64.unpack(answer)[0], fd)
 
     # -- serving processes ----------------------------------------------------------------
 
-    def start_workers(self):
-        """The worker processes that will serve every slice of this GPU, and a spare; ready on return."""
+    def start_gpu_process(self):
+        """The process that holds this GPU's CUDA context; ready on return."""
         cfg = self.daemon.cfg
-        if not self.vmm:
-            log.info("%s: no exportable VRAM (cuMemAlloc): serving every connection from this process", self.label)
+        proc, ctl = spawn_worker(cfg["libcuda"], cfg["buffer_size"], lock=True, debug=cfg["debug"],
+                                 realtime=cfg["realtime"], gpu=self.info["uuid"])
+        try:
+            wait_worker_ready(proc, ctl)
+        except Fatal:
+            proc.kill()
+            proc.wait()
+            ctl.close()
+            raise
+        self.gpu_proc = WorkerProc(proc, ctl, 0, None)
+        self.undo.append((f"stop the GPU process of {self.label}", self._stop_gpu_process))
+        log.info("%s: GPU process: pid %d", self.label, proc.pid)
+
+    def _stop_gpu_process(self):
+        gp, self.gpu_proc = self.gpu_proc, None
+        if gp is None:
             return
+        gp.ctl.close()          # with no worker left, it exits
+        try:
+            gp.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            raise Fatal(f"the GPU process {gp.proc.pid} did not exit after its workers") from None
+
+    def start_workers(self):
+        """The GPU process and the worker processes that will serve every slice of this GPU; ready on return."""
+        cfg = self.daemon.cfg
+        self.start_gpu_process()
         n = min(cfg["workers"] or default_workers(cfg["connections"]), cfg["connections"])
         self.workers = [self._spawn(w + 1) for w in range(n)]
         self.undo.append((f"stop the workers of {self.label}", self._join_workers))
@@ -3925,9 +4123,15 @@ class GpuShare:
 
     def _spawn(self, index, standby=0):
         cfg = self.daemon.cfg
-        proc, ctl = spawn_worker(cfg["libcuda"], cfg["buffer_size"], lock=True, debug=cfg["debug"], index=index,
-                                 standby=standby, realtime=cfg["realtime"], gpu=self.info["uuid"],
-                                 slot=self.slots[index])
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.gpu_call(CTL_CLIENT, index, fds=[mine.fileno()])
+            proc, ctl = spawn_worker(cfg["libcuda"], cfg["buffer_size"], lock=True, debug=cfg["debug"], index=index,
+                                     standby=standby, realtime=cfg["realtime"], gpu=self.info["uuid"],
+                                     slot=self.slots[index], copier=theirs)
+        finally:
+            mine.close()
+            theirs.close()
         try:
             wait_worker_ready(proc, ctl)
         except Fatal:
@@ -3979,16 +4183,7 @@ class GpuShare:
         self.workers = []
 
     def serve(self, sl, socks):
-        """Have the workers (or threads of this process) serve SL's connections SOCKS."""
-        if not self.workers:
-            for i, s in enumerate(socks):
-                io = IoContext(sl.store, self.daemon.cfg["buffer_size"], self.daemon.cfg["buffer_size"])
-                t = threading.Thread(target=self.daemon._serve_kernel, args=(s, io, sl.export, f"{sl.name} connection {i}"),
-                                     name=f"nbd-vram {sl.number}.{i}", daemon=True)
-                t.start()
-                sl.threads.append((t, io))
-            sl.undo.append((f"end the connections of {sl.name}", lambda: self._end_threads(sl)))
-            return
+        """Have the workers serve SL's connections SOCKS."""
         for w in self.workers + ([self.spare] if self.spare else []):
             self._map(w.ctl, sl, f"worker pid {w.proc.pid}")
         for k, w in enumerate(self.workers):
@@ -4009,28 +4204,18 @@ class GpuShare:
         sl.undo.append((f"end the connections of {sl.name}", lambda: self._drop(sl)))
 
     def _drop(self, sl):
-        """After the disconnect: every worker unmaps the slice (its connections have ended)."""
+        """After the disconnect: every worker forgets the slice (its connections have ended)."""
         for w in self.workers + ([self.spare] if self.spare else []):
             if w.proc.poll() is None:
                 ctl_call(w.ctl, CTL_DROP, sl.number, who=f"worker pid {w.proc.pid}")
             w.conns.pop(sl.number, None)
 
-    def _end_threads(self, sl):
-        for t, _ in sl.threads:
-            t.join(30)
-        alive = [t.name for t, _ in sl.threads if t.is_alive()]
-        if alive:
-            raise Fatal(f"serving threads did not stop: {', '.join(alive)}")
-        for _, io in sl.threads:
-            io.close()
-        sl.threads = []
-
     @staticmethod
     def _map(ctl, sl, who):
-        ctl_call(ctl, CTL_IMPORT, sl.number, sl.store.size_bytes, fds=[sl.store.fd], who=who)
+        ctl_call(ctl, CTL_SLICE, sl.number, sl.store.size_bytes, sl.store.dptr, who=who)
 
     def _map_all(self, ctl, who):
-        """Every slice of this GPU mapped in a new worker (or spare)."""
+        """Every slice of this GPU made known to a new worker (or spare)."""
         for sl in self.slices.values():
             self._map(ctl, sl, who)
 
@@ -4092,6 +4277,8 @@ class GpuShare:
         d._write_state()        # the worker pids a restart after a crash must stop
 
     def check_workers(self):
+        if self.gpu_proc is not None and self.gpu_proc.proc.poll() is not None:
+            self.restart_gpu_process()
         for k, w in enumerate(self.workers):
             if w.proc.poll() is not None:
                 self.respawn(k)
@@ -4103,12 +4290,41 @@ class GpuShare:
             self.spawn_spare()
             self.daemon._write_state()
 
+    def restart_gpu_process(self):
+        """The GPU process died: every worker's copies died with it.  A new one maps every slice again
+        from the daemon's fds (the pages are still there), then every worker is replaced and the
+        kernel gets new sockets for every connection (NBD_CMD_RECONFIGURE)."""
+        dead = self.gpu_proc
+        log.error("%s: the GPU process (pid %d) exited with %s; every connection of this GPU stalls until "
+                  "it is replaced: starting a new one", self.label, dead.proc.pid, dead.proc.returncode)
+        dead.ctl.close()
+        self.undo = [u for u in self.undo if not u[0].startswith("stop the GPU process")]
+        self.gpu_proc = None
+        if not self.vmm:
+            raise Fatal(f"{self.label}: the GPU process died, and with cuMemAlloc (no exportable VRAM) the "
+                        "swapped pages died with it")
+        self.start_gpu_process()
+        for sl in self.slices.values():
+            fd = os.dup(sl.store.fd)
+            answer, _ = self.gpu_call(CTL_IMPORT, sl.number, sl.store.size_bytes, fds=[fd])
+            os.close(fd)
+            sl.store.dptr = _U64.unpack(answer)[0]
+        if self.spare:
+            self.spare.proc.kill()
+            self.stop_spare()
+        for w in self.workers:
+            w.proc.kill()       # its copies went to the dead process: none of its connections can be served
+            w.proc.wait()
+        for k in range(len(self.workers)):
+            self.respawn(k)
+
     def stop(self):
         """After its slices are gone: the workers' undo steps."""
         run_undo(self.undo, "stopping")
 
     def worker_pids(self):
-        return [w.proc.pid for w in self.workers] + ([self.spare.proc.pid] if self.spare else [])
+        return ([w.proc.pid for w in self.workers] + ([self.spare.proc.pid] if self.spare else [])
+                + ([self.gpu_proc.proc.pid] if self.gpu_proc else []))
 
     def describe(self):
         return dict(self.info, ordinal=self.ordinal, free_bytes=self.free_bytes, ceiling=self.ceiling,
@@ -4184,8 +4400,7 @@ class Daemon:
             g.start_workers()
             mine = [s for s in adopt if s["gpu"] == g.info["uuid"]]
             for s in mine:
-                store = VramStore.import_fd(cuda, g.dev, g.ctx, self.stored_fds.pop(s["fdname"]), s["size_bytes"])
-                store.imported = False      # ours now: scrubbed and released on stop
+                store = g.import_slice(s["number"], self.stored_fds.pop(s["fdname"]), s["size_bytes"])
                 log.info("%s: took back slice %d (%s of VRAM) from systemd's fd store, with the swapped pages in it",
                          g.label, s["number"], format_size(store.size_bytes))
                 prepared.append((self._prepare_slice(g, s["number"], store), s))
@@ -4266,10 +4481,7 @@ class Daemon:
             if dev not in devs:
                 devs.append(dev)
         for dev in devs:
-            ctx = CUcontext()
-            cuda.call("cuDevicePrimaryCtxRetain", ctypes.byref(ctx), dev)
-            cuda.call("cuCtxSetCurrent", ctx)
-            g = GpuShare(self, len(self.gpus), cuda, dev, ctx)
+            g = GpuShare(self, len(self.gpus), cuda, dev)
             self.gpus.append(g)
             log.info("%s: %s (%s, %s), %s", g.label, g.info["name"], g.info["uuid"], g.info["pci_bus_id"],
                      format_size(g.info["total_bytes"]))
@@ -4536,10 +4748,6 @@ class Daemon:
             nl.close()
         log.info("disconnected %s", sl.device)
 
-    def _serve_kernel(self, sock, io, export, label):
-        prepare_serving_thread(self.libc, self.cfg["realtime"])
-        serve_connection(sock, export, label, io=io, handshake=False)
-
     def _restore_sysctls(self):
         for key, old in self.sysctl_saved.items():
             try:
@@ -4650,10 +4858,6 @@ class Daemon:
             if time.monotonic() >= self.next_elastic:
                 self.next_elastic = time.monotonic() + self.cfg["vram_poll"]
                 self._elastic()
-            dead = [t.name for sl in self.slices for t, _ in sl.threads if not t.is_alive()]
-            if dead and len(dead) == sum(len(sl.threads) for sl in self.slices):
-                log.error("every connection to the kernel has closed; nothing is served any more")
-                return EXIT_FAILURE
 
     # -- elastic VRAM ---------------------------------------------------------------------
 
@@ -5277,6 +5481,7 @@ def build_parser():
     w.add_argument("--vram-size", type=int, default=None)
     w.add_argument("--gpu", default=None)
     w.add_argument("--kernel", action="store_true")
+    w.add_argument("--gpu-process", action="store_true")
     w.add_argument("--slot", type=int, default=None)
     w.add_argument("--ctl-fd", type=int, required=True)
     w.add_argument("--buffer-size", type=int, required=True)

@@ -282,7 +282,7 @@ nv.Daemon._reattach = reattach
 nv.swap_enable = swap_enable
 nv.swap_disable = swap_disable
 if os.environ.get("HARNESS_FREE_EVENT") == "1":
-    nv.VramStore.free = free_with_event(nv.VramStore.free)
+    nv.SliceMemory.free = free_with_event(nv.SliceMemory.free)
 
 if __name__ == "__main__":
     # Out of VRAM in the middle of the daemon's life: once it has released for power, another

@@ -175,7 +175,7 @@ def test_every_gpu_striped_and_a_failing_gpu_given_up_alone(elastic, tmp_path):
     assert h.slices() == [(0, 0), (0, 1), (1, 0), (1, 1)], h.slices()
     prio = {(s["gpu_index"], s["number"]): s["priority"] for s in st["slices"]}
     assert prio == {(0, 0): 1500, (0, 1): 1499, (1, 0): 1500, (1, 1): 1499}      # striped: equal pairs
-    assert len({s["device"] for s in st["slices"]}) == 4 and len(st["worker_pids"]) == 6   # 2 + spare each
+    assert len({s["device"] for s in st["slices"]}) == 4 and len(st["worker_pids"]) == 8   # 2, the spare and the GPU process each
 
     # GPU 1 dies: a read on its slice gets EIO; its slices are released, GPU 0 serves on.
     h.lost.write_text("1\n")

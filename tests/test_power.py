@@ -217,7 +217,7 @@ def test_ac_off_releases_everything_and_ac_on_takes_it_back(harness):
     h = harness(policy="ac")
     st = h.wait_mode("serving")
     assert st["power"]["wanted"] and st["power"]["ac"] is True
-    assert "libcuda" in h.maps() and len(h.children()) == 3          # two workers and the spare
+    assert "libcuda" in h.maps() and len(h.children()) == 4          # the GPU process, two workers and the spare
     assert h.lines() == ["exec", "exec", "attach 2", "probe ok", "swapon /dev/nbd-harness 1500"]
 
     h.ac(False)
