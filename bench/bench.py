@@ -41,7 +41,13 @@ JOBS = [
     ("1M write QD1", "--rw=write --bs=1m --iodepth=1 --numjobs=1", "bw", False),
     ("1M read QD1", "--rw=read --bs=1m --iodepth=1 --numjobs=1", "bw", False),
     ("128K randread QD8", "--rw=randread --bs=128k --iodepth=8 --numjobs=1", "bw", False),
+    # Swap-shaped: swap-out writes while swap-in reads, the figure is reads + writes.
+    ("4K randrw 70/30 QD1", "--rw=randrw --rwmixread=70 --bs=4k --iodepth=1 --numjobs=1", "iops", True),
+    ("4K randrw 70/30 QD32 x4", "--rw=randrw --rwmixread=70 --bs=4k --iodepth=32 --numjobs=4", "iops", False),
+    ("4K randrw 70/30 QD16 x8", "--rw=randrw --rwmixread=70 --bs=4k --iodepth=16 --numjobs=8", "iops", False),
+    ("4K randwrite QD16 x8", "--rw=randwrite --bs=4k --iodepth=16 --numjobs=8", "iops", False),
 ]
+FOOTPRINT_JOB = "4K randrw 70/30 QD16 x8"     # the footprint under load is sampled in the middle of this job
 
 
 def sh(cmd):
@@ -68,23 +74,84 @@ def fio_result(out, name, args):
     """{iops, bw (MiB/s), lat_us} of OUT/fio/NAME.json, or None if the job reported an error."""
     txt = open(os.path.join(out, "fio", f"{name}.json")).read()
     j = json.loads(txt[txt.find("{"):])["jobs"][0]
-    s = j["write"] if "write" in args.split()[0] else j["read"]
     if j.get("error"):
         return None
+    rw = args.split()[0]
+    if "randrw" in rw or "=rw" in rw:
+        r, w = j["read"], j["write"]
+        n = r["total_ios"] + w["total_ios"]
+        lat = (r["lat_ns"]["mean"] * r["total_ios"] + w["lat_ns"]["mean"] * w["total_ios"]) / max(n, 1)
+        return {"iops": r["iops"] + w["iops"], "bw": (r["bw"] + w["bw"]) / 1024, "lat_us": lat / 1000}
+    s = j["write"] if "write" in rw else j["read"]
     return {"iops": s["iops"], "bw": s["bw"] / 1024, "lat_us": s["lat_ns"]["mean"] / 1000}
 
 
-def fio(anchors, sock, name, args, runtime, out):
-    p = subprocess.run(fio_argv(anchors, sock, name, args, runtime, out), capture_output=True, text=True)
+def fio(anchors, sock, name, args, runtime, out, sample=None, size=SIZE):
+    """One fio job; sample(), if given, runs in the middle of it (after the ramp)."""
+    p = subprocess.Popen(fio_argv(anchors, sock, name, args, runtime, out, size), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    if sample is not None:
+        time.sleep(1 + runtime / 2)
+        sample()
+    _, err = p.communicate()
     if p.returncode != 0:
-        print(f"bench: fio {name} failed: {p.stderr.strip()[-400:]}", flush=True)
+        print(f"bench: fio {name} failed: {err.strip()[-400:]}", flush=True)
         return None
     return fio_result(out, name, args)
 
 
-def prefill(anchors, sock):
+def tree(pid):
+    """PID and every process below it."""
+    kids = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            kids.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += kids.get(p, [])
+    return out
+
+
+def _kib(path, key):
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def footprint(pid, export_mib):
+    """What a server costs beyond the swap it lends: VRAM of its processes (nvidia-smi's per-process
+    figure, which includes the export) less the export, processes with a CUDA context, and its RAM:
+    PSS (shared pages split between the processes sharing them) and locked memory, all processes."""
+    pids = tree(pid)
+    vram = {}
+    for line in sh("nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits").splitlines():
+        try:
+            p, mib = (int(x) for x in line.split(","))
+        except ValueError:
+            continue
+        vram[p] = mib
+    used = sum(vram.get(p, 0) for p in pids)
+    return {"processes": len(pids), "contexts": sum(1 for p in pids if p in vram), "vram_mib": used,
+            "vram_beyond_export_mib": used - export_mib,
+            "pss_mib": sum(_kib(f"/proc/{p}/smaps_rollup", "Pss") for p in pids) / 1024,
+            "locked_mib": sum(_kib(f"/proc/{p}/status", "VmLck") for p in pids) / 1024}
+
+
+def prefill(anchors, sock, size=SIZE):
     subprocess.run([os.path.join(anchors, "bench", "run-fio.sh"), "--name=prefill", "--ioengine=nbd",
-                    f"--uri=nbd+unix:///?socket={sock}", f"--size={SIZE}", "--rw=write", "--bs=1m", "--iodepth=8"],
+                    f"--uri=nbd+unix:///?socket={sock}", f"--size={size}", "--rw=write", "--bs=1m", "--iodepth=8"],
                    capture_output=True, check=True)
 
 
@@ -102,37 +169,48 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--only", default="", help="regex of job names to run")
     ap.add_argument("--serve-args", default="", help="extra arguments for nbd_vram.py serve")
+    ap.add_argument("--export-mib", type=int, default=8192, help="size of each server's export")
+    ap.add_argument("--working-set", default=SIZE, help="bytes of the export each job touches (fio --size)")
+    ap.add_argument("--baseline", default="", help="an earlier nbd_vram.py to run as a third server (column 'before')")
     a = ap.parse_args()
     anchors = os.path.abspath(a.anchors)
     os.makedirs(os.path.join(a.out, "fio"), exist_ok=True)
     card = sh("nvidia-smi --query-gpu=name,driver_version,pcie.link.gen.max,pcie.link.width.max,memory.total "
               "--format=csv,noheader")
     print("bench:", card, flush=True)
-    c_sock, py_sock = "/tmp/bench-c.sock", "/tmp/bench-py.sock"
-    for p in (c_sock, py_sock):
+    servers = ("c", "py0", "py") if a.baseline else ("c", "py")
+    socks = {n: f"/tmp/bench-{n}.sock" for n in servers}
+    for p in socks.values():
         if os.path.exists(p):
             os.unlink(p)
-    logs = {n: open(os.path.join(a.out, f"{n}.log"), "w") for n in ("c", "py")}
-    procs = {
-        "c": subprocess.Popen([os.path.join(anchors, "c-original", "run-nbd-vram.sh"), "8192", c_sock, "16"],
-                              stdout=logs["c"], stderr=subprocess.STDOUT),
-        "py": subprocess.Popen([sys.executable, os.path.join(ROOT, "nbd_vram.py"), "serve", "--socket", py_sock,
-                                "--size", "8G"] + a.serve_args.split(), stdout=logs["py"], stderr=subprocess.STDOUT),
-    }
+    logs = {n: open(os.path.join(a.out, f"{n}.log"), "w") for n in servers}
+    procs = {"c": subprocess.Popen([os.path.join(anchors, "c-original", "run-nbd-vram.sh"), str(a.export_mib), socks["c"], "16"],
+                                   stdout=logs["c"], stderr=subprocess.STDOUT)}
+    for n, prog in (("py0", a.baseline), ("py", os.path.join(ROOT, "nbd_vram.py"))):
+        if n in servers:
+            procs[n] = subprocess.Popen([sys.executable, prog, "serve", "--socket", socks[n], "--size", f"{a.export_mib}M"]
+                                        + a.serve_args.split(), stdout=logs[n], stderr=subprocess.STDOUT)
+    prints = {}
     try:
-        wait_socket(c_sock, procs["c"], "the C original")
-        wait_socket(py_sock, procs["py"], "nbd_vram.py serve")
-        socks = {"c": c_sock, "py": py_sock}
-        for n in ("c", "py"):
-            prefill(anchors, socks[n])
+        for n in servers:
+            wait_socket(socks[n], procs[n], n)
+        for n in servers:
+            prefill(anchors, socks[n], a.working_set)
+        time.sleep(1)
+        for n in servers:
+            prints[f"{n} idle"] = footprint(procs[n].pid, a.export_mib)
         jobs = [j for j in JOBS if re.search(a.only, j[0])]
-        results = {j[0]: {"c": [], "py": []} for j in jobs}
+        results = {j[0]: {n: [] for n in servers} for j in jobs}
         for rnd in range(a.rounds):
-            order = ("c", "py") if rnd % 2 == 0 else ("py", "c")
+            order = servers if rnd % 2 == 0 else servers[::-1]
             for name, args, metric, _ in jobs:
                 for n in order:
                     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()) + f"-{n}-{rnd}"
-                    r = fio(anchors, socks[n], slug, args, a.runtime, a.out)
+                    sample = None
+                    if name == FOOTPRINT_JOB and rnd == 0:
+                        def sample(n=n):
+                            prints[f"{n} under {FOOTPRINT_JOB}"] = footprint(procs[n].pid, a.export_mib)
+                    r = fio(anchors, socks[n], slug, args, a.runtime, a.out, sample, a.working_set)
                     results[name][n].append(r)
                     print(f"bench: round {rnd + 1} {name:24s} {n:2s} {fmt(metric, r and r[metric]):>12s}"
                           + (f" {r['lat_us']:.1f} us" if r else ""), flush=True)
@@ -147,30 +225,39 @@ def main():
     rows = []
     for name, args, metric, lat in jobs:
         med = {}
-        for n in ("c", "py"):
+        for n in servers:
             vals = [r for r in results[name][n] if r]
             med[n] = ({k: statistics.median(r[k] for r in vals) for k in ("iops", "bw", "lat_us")}
                       if vals else None)
         ratio = (med["py"][metric] / med["c"][metric]) if med["c"] and med["py"] else None
         rows.append((name, metric, lat, med, ratio))
     date = time.strftime("%Y-%m-%d")
-    lines = [f"Card: {card}; {date}; fio {SIZE} working set, {a.runtime} s per job after 1 s ramp, "
-             f"median of {a.rounds} rounds alternating which server goes first; 8 GiB export each, "
-             "both servers running on the same GPU at once.", "",
-             "| job | C original | nbd_vram.py | ratio |", "|---|---|---|---|"]
+    lines = [f"Card: {card}; {date}; fio {a.working_set} working set, {a.runtime} s per job after 1 s ramp, "
+             f"median of {a.rounds} rounds alternating which server goes first; {a.export_mib} MiB export each, "
+             f"all {len(servers)} servers running on the same GPU at once.", "",
+             "| job | C original |" + (" nbd_vram.py before |" if a.baseline else "") + " nbd_vram.py | ratio |",
+             "|---|---|" + ("---|" if a.baseline else "") + "---|---|"]
     for name, metric, lat, med, ratio in rows:
         cells = []
-        for n in ("c", "py"):
+        for n in servers:
             m = med[n]
             cells.append("failed" if not m else fmt(metric, m[metric]) + (f", {m['lat_us']:.1f} µs" if lat else ""))
-        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {ratio:.2f}× |" if ratio else
-                     f"| {name} | {cells[0]} | {cells[1]} | n/a |")
+        lines.append(f"| {name} | {' | '.join(cells)} | " + (f"{ratio:.2f}× |" if ratio else "n/a |"))
+    lines += ["", f"Footprint beyond the {a.export_mib} MiB each server lends (VRAM: nvidia-smi per process; RAM: PSS and "
+              "locked memory, every process of the server):", "",
+              "| server, when | processes | CUDA contexts | VRAM beyond the export | RAM (PSS) | RAM locked |",
+              "|---|---|---|---|---|---|"]
+    names = {"c": "C original", "py0": "nbd_vram.py before", "py": "nbd_vram.py"}
+    for key, f in prints.items():
+        n, when = key.split(" ", 1)
+        lines.append(f"| {names[n]}, {when} | {f['processes']} | {f['contexts']} | {f['vram_beyond_export_mib']} MiB | "
+                     f"{f['pss_mib']:.0f} MiB | {f['locked_mib']:.0f} MiB |")
     table = "\n".join(lines)
     print(table)
     with open(os.path.join(a.out, "BENCHMARKS-table.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump({"card": card, "date": date, "results": results}, f)
+        json.dump({"card": card, "date": date, "results": results, "footprint": prints}, f)
     for f in logs.values():
         f.close()
     shutil.copy(os.path.join(a.out, "py.log"), os.path.join(a.out, "py-serve.log"))
