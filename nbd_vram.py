@@ -1193,10 +1193,11 @@ class CopyEngine:
         self.failed = []
         self.calls = {COPY_HTOD: cuda.cuMemcpyHtoDAsync_v2, COPY_DTOH: cuda.cuMemcpyDtoHAsync_v2}
 
-    def run(self, msg, addr, reply):
-        """Issue the copies of the message in msg (a view of the bytes at addr); with COPY_SYNC,
-        wait for them and pack the answer into reply.  Returns the answer's length, 0 without one."""
-        cuda, stream, failed = self.cuda, self.stream, self.failed
+    def issue(self, msg, addr, failed):
+        """Issue the copies of the message in msg (a view of the bytes at addr) on the stream; the
+        indices of the segments whose copies failed go into failed.  Returns (flags, the first
+        error or None)."""
+        cuda, stream = self.cuda, self.stream
         nseg, flags = COPY_HEADER.unpack_from(msg, 0)
         off = COPY_HEADER.size
         error = None
@@ -1237,6 +1238,17 @@ class CopyEngine:
                         error = error or cuda.error(COPY_NAMES.get(kind, "copy"), one)
             if rc:
                 failed.append(s)
+        return flags, error
+
+    def sync(self):
+        """Wait for every copy issued so far; the error if one failed (CUresult, else 0)."""
+        return self.cuda.cuStreamSynchronize(self.stream)
+
+    def run(self, msg, addr, reply):
+        """issue() one message; with COPY_SYNC, wait for it and pack the answer into reply.
+        Returns the answer's length, 0 without one."""
+        failed = self.failed
+        flags, error = self.issue(msg, addr, failed)
         if not flags & COPY_SYNC:
             if error is not None:
                 self.late_error = self.late_error or error
@@ -1244,22 +1256,14 @@ class CopyEngine:
             return 0
         # Also after a call that failed when issued: it may have left its error on the stream,
         # and that error belongs to this batch, not to the next one.
-        rc = cuda.cuStreamSynchronize(stream)
-        sync_failed = 0
-        if rc or self.late_error is not None:
-            sync_failed = 1
-            error = self.late_error or cuda.error("cuStreamSynchronize", rc)
+        rc = self.sync()
+        if rc:
+            error = self.cuda.error("cuStreamSynchronize", rc)
+        if self.late_error is not None:
+            error, rc = self.late_error, rc or 1
             self.late_error = None
-        COPY_REPLY.pack_into(reply, 0, sync_failed, len(failed))
-        n = COPY_REPLY.size
-        for s in failed:
-            _U16.pack_into(reply, n, s)
-            n += 2
+        n = pack_copy_reply(reply, bool(rc), failed, error)
         failed.clear()
-        if error is not None:
-            text = str(error).encode()[:1000]
-            reply[n:n + len(text)] = text
-            n += len(text)
         return n
 
     def close(self):
@@ -1271,6 +1275,20 @@ class CopyEngine:
 
 _U64 = struct.Struct("=Q")
 _U16 = struct.Struct("=H")
+
+
+def pack_copy_reply(reply, sync_failed, failed, error):
+    """COPY_REPLY into reply; returns its length."""
+    COPY_REPLY.pack_into(reply, 0, int(sync_failed), len(failed))
+    n = COPY_REPLY.size
+    for s in failed:
+        _U16.pack_into(reply, n, s)
+        n += 2
+    if error is not None:
+        text = str(error).encode()[:1000]
+        reply[n:n + len(text)] = text
+        n += len(text)
+    return n
 
 
 def read_copy_reply(reply, n):
@@ -1407,21 +1425,33 @@ class CopyClient:
         raise CopyLost("the GPU process refused a buffer set: " + (answer[1:].decode(errors="replace") or "it exited"))
 
 
+COPY_SPIN_S = float(os.environ.get("NBD_VRAM_COPY_SPIN_US", "50")) / 1e6
+
+
 class CopyServer:
     """The GPU side of CUDA-free workers, in the one process that holds the GPU's context.
 
     Each worker has a registration socket (add_client); for each buffer set it
-    registers, the buffers are pinned here and a copy thread with its own
-    stream serves that set's channel until the worker closes it.  thread_setup
-    runs first in every copy thread (they are on the swap I/O path).
+    registers, the buffers are pinned here and its channel joins the copy
+    loop.  One thread runs every copy: it takes the messages waiting on every
+    channel, issues all their copies on one stream, waits once, and answers
+    each.  Under load the batches of several connections thus share one
+    synchronization, and one thread never contends for the interpreter lock
+    with others.  After a round it polls again for up to COPY_SPIN_S before
+    sleeping: a request that follows within that time (the next one of a
+    busy connection) is taken without a wakeup.  thread_setup runs first in
+    the copy thread (it is on the swap I/O path).
     """
 
     def __init__(self, cuda, ctx, label, thread_setup=None):
         self.cuda, self.ctx, self.label, self.thread_setup = cuda, ctx, label, thread_setup
         self.lock = threading.Lock()
-        self.channels = 0           # buffer sets registered so far (names the copy threads)
-        self.live = 0               # copy threads serving now
+        self.live = 0               # channels in the loop now
         self.clients = 0            # registration sockets open now
+        self.poll = select.epoll()
+        self.chans = {}             # fd -> [socket, mapping, address, late error]
+        self.engine = None
+        self.thread = None
 
     def busy(self):
         """True while a worker is registered (it may still send copies)."""
@@ -1431,6 +1461,10 @@ class CopyServer:
     def add_client(self, sock, name):
         with self.lock:
             self.clients += 1
+            if self.thread is None:
+                self.engine = CopyEngine(self.cuda, self.ctx)
+                self.thread = threading.Thread(target=self._loop, name=f"{self.label} copies", daemon=True)
+                self.thread.start()
         t = threading.Thread(target=self._client, args=(sock, name), name=f"{self.label} {name} registration",
                              daemon=True)
         t.start()
@@ -1458,7 +1492,7 @@ class CopyServer:
                 if msg[:1] != b"A" or len(msg) != 1 + _U64.size or len(fds) != 2:
                     raise Fatal(f"bad registration message {msg[:16]!r} with {len(fds)} fds")
                 chan_fd = fds.pop()         # _attach owns it from here on
-                base = self._attach(fds[0], _U64.unpack_from(msg, 1)[0], chan_fd, name)
+                base = self._attach(fds[0], _U64.unpack_from(msg, 1)[0], chan_fd)
                 answer = b"k" + _U64.pack(base)
             except (Fatal, CudaError, OSError, ValueError) as e:
                 log.error("%s: %s: %s", self.label, name, e)
@@ -1471,7 +1505,7 @@ class CopyServer:
             except OSError:
                 return
 
-    def _attach(self, fd, size, chan_fd, name):
+    def _attach(self, fd, size, chan_fd):
         chan = socket.socket(fileno=chan_fd)
         try:
             mapping = mmap.mmap(fd, size)
@@ -1479,57 +1513,88 @@ class CopyServer:
             chan.close()
             raise
         base = mapping_address(mapping)
-        engine = None
         try:
             self.cuda.call("cuCtxSetCurrent", self.ctx)
             self.cuda.call("cuMemHostRegister_v2", base, size, 0)
-            try:
-                engine = CopyEngine(self.cuda, self.ctx)
-            except BaseException:
-                self.cuda.cuMemHostUnregister(base)
-                raise
         except BaseException:
             mapping.close()
             chan.close()
             raise
         with self.lock:
-            self.channels += 1
+            self.chans[chan.fileno()] = [chan, mapping, base, None]
             self.live += 1
-            number = self.channels
-        t = threading.Thread(target=self._serve, args=(chan, engine, mapping, base),
-                             name=f"{self.label} {name} copies {number}", daemon=True)
-        t.start()
+        self.poll.register(chan.fileno(), select.EPOLLIN)
         return base
 
-    def _serve(self, chan, engine, mapping, base):
+    def _detach(self, fd):
+        chan, mapping, base, _ = self.chans[fd]
+        self.poll.unregister(fd)
+        self.cuda.cuMemHostUnregister(base)
+        mapping.close()
+        chan.close()
+        with self.lock:
+            del self.chans[fd]
+            self.live -= 1
+
+    def _loop(self):
         if self.thread_setup is not None:
             self.thread_setup()
+        cuda, engine, chans, poll = self.cuda, self.engine, self.chans, self.poll.poll
+        cuda.cuCtxSetCurrent(self.ctx)
         msg_buf = ctypes.create_string_buffer(COPY_MSG_BYTES)
         msg, addr = memoryview(msg_buf).cast("B"), ctypes.addressof(msg_buf)
         reply = bytearray(COPY_REPLY_BYTES)
-        self.cuda.cuCtxSetCurrent(self.ctx)
-        try:
-            while True:
-                try:
-                    n = chan.recv_into(msg)
-                except OSError:
-                    break
-                if n < COPY_HEADER.size:
-                    break
-                k = engine.run(msg, addr, reply)
-                if k:
+        answers = []                # (fd, failed segments, first error) of each message waiting for the sync
+        timeout = -1
+        quiet_since = 0.0
+        while True:
+            events = poll(timeout)
+            if not events:
+                if time.monotonic() - quiet_since > COPY_SPIN_S:
+                    timeout = -1    # nothing came while spinning: sleep until something does
+                continue
+            for fd, _ in events:
+                c = chans.get(fd)
+                if c is None:
+                    continue
+                while True:         # every message waiting on this channel, up to one that wants an answer
                     try:
-                        chan.send(memoryview(reply)[:k])
-                    except OSError:
+                        n = c[0].recv_into(msg, 0, socket.MSG_DONTWAIT)
+                    except (BlockingIOError, InterruptedError):
                         break
-        finally:
-            chan.close()
-            self.cuda.cuCtxSetCurrent(self.ctx)
-            engine.close()
-            self.cuda.cuMemHostUnregister(base)
-            mapping.close()
-            with self.lock:
-                self.live -= 1
+                    except OSError:
+                        n = 0
+                    if n < COPY_HEADER.size:
+                        self._detach(fd)
+                        break
+                    failed = []
+                    try:
+                        flags, error = engine.issue(msg, addr, failed)
+                    except (struct.error, KeyError):
+                        log.error("%s: a malformed copy message; closing that channel", self.label)
+                        self._detach(fd)
+                        break
+                    if flags & COPY_SYNC:
+                        answers.append((fd, failed, error))
+                        break
+                    if error is not None and c[3] is None:
+                        c[3] = error        # reported with this channel's next answer
+            if answers:
+                rc = engine.sync()
+                sync_error = cuda.error("cuStreamSynchronize", rc) if rc else None
+                for fd, failed, error in answers:
+                    c = chans.get(fd)
+                    if c is None:
+                        continue
+                    late, c[3] = c[3], None
+                    k = pack_copy_reply(reply, rc or late is not None, failed, sync_error or late or error)
+                    try:
+                        c[0].send(memoryview(reply)[:k])
+                    except OSError:
+                        self._detach(fd)
+                answers.clear()
+            timeout = 0
+            quiet_since = time.monotonic()
 
 
 ############################################################################
