@@ -1172,12 +1172,15 @@ class CopyLost(OSError):
 class CopyEngine:
     """Runs copy messages on one stream of one context: the only code that issues I/O copies."""
 
-    def __init__(self, cuda, ctx):
+    def __init__(self, cuda, ctx, nstreams=1):
         self.cuda, self.ctx = cuda, ctx
         cuda.call("cuCtxSetCurrent", ctx)
-        stream = CUstream()
-        cuda.call("cuStreamCreate", ctypes.byref(stream), CU_STREAM_NON_BLOCKING)
-        self.stream = stream.value
+        self.streams = []
+        for _ in range(nstreams):
+            stream = CUstream()
+            cuda.call("cuStreamCreate", ctypes.byref(stream), CU_STREAM_NON_BLOCKING)
+            self.streams.append(stream.value)
+        self.stream = self.streams[0]
         self.late_error = None      # from a message that had no answer; the next answer reports it
         # Cleared by the first grouped copy if the driver has the symbol but not the feature.
         self.batch = None
@@ -1193,11 +1196,12 @@ class CopyEngine:
         self.failed = []
         self.calls = {COPY_HTOD: cuda.cuMemcpyHtoDAsync_v2, COPY_DTOH: cuda.cuMemcpyDtoHAsync_v2}
 
-    def issue(self, msg, addr, failed):
-        """Issue the copies of the message in msg (a view of the bytes at addr) on the stream; the
-        indices of the segments whose copies failed go into failed.  Returns (flags, the first
-        error or None)."""
-        cuda, stream = self.cuda, self.stream
+    def issue(self, msg, addr, failed, stream=None):
+        """Issue the copies of the message in msg (a view of the bytes at addr) on a stream (the
+        first by default); the indices of the segments whose copies failed go into failed.
+        Returns (flags, the first error or None)."""
+        cuda = self.cuda
+        stream = stream or self.stream
         nseg, flags = COPY_HEADER.unpack_from(msg, 0)
         off = COPY_HEADER.size
         error = None
@@ -1240,9 +1244,9 @@ class CopyEngine:
                 failed.append(s)
         return flags, error
 
-    def sync(self):
-        """Wait for every copy issued so far; the error if one failed (CUresult, else 0)."""
-        return self.cuda.cuStreamSynchronize(self.stream)
+    def sync(self, stream=None):
+        """Wait for every copy issued so far on a stream; the error if one failed (CUresult, else 0)."""
+        return self.cuda.cuStreamSynchronize(stream or self.stream)
 
     def run(self, msg, addr, reply):
         """issue() one message; with COPY_SYNC, wait for it and pack the answer into reply.
@@ -1267,10 +1271,11 @@ class CopyEngine:
         return n
 
     def close(self):
-        if self.stream:
+        if self.streams:
             self.cuda.cuCtxSetCurrent(self.ctx)
-            self.cuda.cuStreamDestroy_v2(self.stream)
-            self.stream = None
+            for stream in self.streams:
+                self.cuda.cuStreamDestroy_v2(stream)
+            self.streams, self.stream = [], None
 
 
 _U64 = struct.Struct("=Q")
@@ -1359,6 +1364,9 @@ class IoContext(_Buffers):
             self.engine.close()
 
 
+REPLY_SPIN_S = float(os.environ.get("NBD_VRAM_REPLY_SPIN_US", "0")) / 1e6
+
+
 class RemoteIoContext(_Buffers):
     """A serving thread's buffers in a worker without CUDA: the GPU process (CopyServer) copies.
 
@@ -1391,7 +1399,17 @@ class RemoteIoContext(_Buffers):
             self.chan.send(self.msg[:mlen])
             if not flags & COPY_SYNC:
                 return None
-            n = self.chan.recv_into(self.reply)
+            n = -1
+            if REPLY_SPIN_S:
+                # The answer usually comes within microseconds: poll for it before sleeping on it.
+                until = time.monotonic() + REPLY_SPIN_S
+                while n < 0 and time.monotonic() < until:
+                    try:
+                        n = self.chan.recv_into(self.reply, 0, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        pass
+            if n < 0:
+                n = self.chan.recv_into(self.reply)
         except OSError as e:
             raise CopyLost(f"the GPU process's copy channel failed: {e.strerror or e}") from None
         if not n:
@@ -1426,6 +1444,7 @@ class CopyClient:
 
 
 COPY_SPIN_S = float(os.environ.get("NBD_VRAM_COPY_SPIN_US", "50")) / 1e6
+COPY_STREAMS = int(os.environ.get("NBD_VRAM_COPY_STREAMS", "1"))
 
 
 class CopyServer:
@@ -1447,6 +1466,7 @@ class CopyServer:
         self.cuda, self.ctx, self.label, self.thread_setup = cuda, ctx, label, thread_setup
         self.lock = threading.Lock()
         self.live = 0               # channels in the loop now
+        self.attached = 0           # channels so far (they take the streams in turn)
         self.clients = 0            # registration sockets open now
         self.poll = select.epoll()
         self.chans = {}             # fd -> [socket, mapping, address, late error]
@@ -1462,7 +1482,7 @@ class CopyServer:
         with self.lock:
             self.clients += 1
             if self.thread is None:
-                self.engine = CopyEngine(self.cuda, self.ctx)
+                self.engine = CopyEngine(self.cuda, self.ctx, COPY_STREAMS)
                 self.thread = threading.Thread(target=self._loop, name=f"{self.label} copies", daemon=True)
                 self.thread.start()
         t = threading.Thread(target=self._client, args=(sock, name), name=f"{self.label} {name} registration",
@@ -1521,13 +1541,15 @@ class CopyServer:
             chan.close()
             raise
         with self.lock:
-            self.chans[chan.fileno()] = [chan, mapping, base, None]
+            self.attached += 1
+            stream = self.engine.streams[self.attached % len(self.engine.streams)]
+            self.chans[chan.fileno()] = [chan, mapping, base, None, stream]
             self.live += 1
         self.poll.register(chan.fileno(), select.EPOLLIN)
         return base
 
     def _detach(self, fd):
-        chan, mapping, base, _ = self.chans[fd]
+        chan, mapping, base, _, _ = self.chans[fd]
         self.poll.unregister(fd)
         self.cuda.cuMemHostUnregister(base)
         mapping.close()
@@ -1545,6 +1567,7 @@ class CopyServer:
         msg, addr = memoryview(msg_buf).cast("B"), ctypes.addressof(msg_buf)
         reply = bytearray(COPY_REPLY_BYTES)
         answers = []                # (fd, failed segments, first error) of each message waiting for the sync
+        used = []                   # the streams those messages' copies went on
         timeout = -1
         quiet_since = 0.0
         while True:
@@ -1569,18 +1592,23 @@ class CopyServer:
                         break
                     failed = []
                     try:
-                        flags, error = engine.issue(msg, addr, failed)
+                        flags, error = engine.issue(msg, addr, failed, c[4])
                     except (struct.error, KeyError):
                         log.error("%s: a malformed copy message; closing that channel", self.label)
                         self._detach(fd)
                         break
                     if flags & COPY_SYNC:
                         answers.append((fd, failed, error))
+                        if c[4] not in used:
+                            used.append(c[4])
                         break
                     if error is not None and c[3] is None:
                         c[3] = error        # reported with this channel's next answer
             if answers:
-                rc = engine.sync()
+                rc = 0
+                for stream in used:
+                    rc = engine.sync(stream) or rc
+                used.clear()
                 sync_error = cuda.error("cuStreamSynchronize", rc) if rc else None
                 for fd, failed, error in answers:
                     c = chans.get(fd)
@@ -1753,10 +1781,14 @@ class Transmission:
         self.mlen, self.nseg = COPY_HEADER.size, 0
         self.seg_first = [0] * MAX_BATCH
         self.seg_end = [0] * MAX_BATCH
-        # Small reads waiting to become one segment (they never conflict with each other:
-        # only a write or a memset ends their group).
+        # Small copies waiting to become one segment, whose copies may run in any order: reads (they
+        # never conflict with each other), or writes to pages no other write of the group touches
+        # (w_pages).  A copy of the other kind, a memset or a large copy ends the group.
         self.g_n = 0
         self.g_first = 0                      # index in this batch of the group's first request
+        self.g_kind = COPY_DTOH
+        self.w_pages = set()
+        self.group_writes = os.environ.get("NBD_VRAM_GROUP_WRITES", "1") != "0"
         self.g_arrays = [array.array("Q", bytes(8 * MAX_BATCH)) for _ in range(3)]
         self.g_bytes = [memoryview(a).cast("B") for a in self.g_arrays]
         # Is more already waiting?  poll(0) answers without raising, unlike a MSG_DONTWAIT recv.
@@ -1869,9 +1901,23 @@ class Transmission:
                 cookies[n], data_len[n], uses_gpu[n], errors[n] = cookie, 0, False, err
                 if err:
                     self._invalid(typ, offset, length, why)
+                elif length <= GROUP_COPY_MAX and not done and self.group_writes:
+                    # Reads grouped before it must run first (they read what came before it), and so
+                    # must an earlier write to the same page.
+                    first, last = offset >> 12, (offset + length - 1) >> 12
+                    if self.g_n and (self.g_kind != COPY_HTOD or first in self.w_pages or last in self.w_pages
+                                     or (last - first > 1 and not self.w_pages.isdisjoint(range(first, last)))):
+                        self._close_group(n)
+                    k = self.g_n
+                    if not k:
+                        self.g_first, self.g_kind = n, COPY_HTOD
+                    gd[k], gs[k], gz[k] = base + offset, payload, length
+                    self.g_n = k + 1
+                    self.w_pages.update(range(first, last + 1))
+                    uses_gpu[n] = gpu_work = True
+                    stats.writes += 1
+                    stats.bytes_written += length
                 else:
-                    # A write is a segment of its own: the reads grouped before it must run first
-                    # (they read what came before it), and two writes could overlap.
                     if self.g_n:
                         self._close_group(n)
                     s = self.nseg
@@ -1899,9 +1945,11 @@ class Transmission:
                     self._invalid(typ, offset, length, why)
                 else:
                     if length <= GROUP_COPY_MAX:
+                        if self.g_n and self.g_kind != COPY_DTOH:
+                            self._close_group(n)
                         k = self.g_n
                         if not k:
-                            self.g_first = n
+                            self.g_first, self.g_kind = n, COPY_DTOH
                         gd[k], gs[k], gz[k] = tx_far + tx_used, base + offset, length
                         self.g_n = k + 1
                     else:
@@ -1971,14 +2019,16 @@ class Transmission:
         raise ProtocolError(after)
 
     def _close_group(self, n):
-        """The waiting small reads (requests g_first up to n) become one segment of the message."""
-        k, s, msg, at = self.g_n, self.nseg, self.io.msg, self.mlen
+        """The waiting group (requests g_first up to n) becomes one segment of the message."""
+        k, s, msg, at, kind = self.g_n, self.nseg, self.io.msg, self.mlen, self.g_kind
+        if kind == COPY_HTOD:
+            self.w_pages.clear()
         if k == 1:
             gd, gs, gz = self.g_arrays
-            COPY_ONE.pack_into(msg, at, COPY_DTOH, 1, 0, gd[0], gs[0], gz[0])
+            COPY_ONE.pack_into(msg, at, kind, 1, 0, gd[0], gs[0], gz[0])
             self.mlen = at + COPY_ONE.size
         else:
-            COPY_SEGMENT.pack_into(msg, at, COPY_DTOH, k, 0)
+            COPY_SEGMENT.pack_into(msg, at, kind, k, 0)
             at += COPY_SEGMENT.size
             for b in self.g_bytes:
                 msg[at:at + 8 * k] = b[:8 * k]
