@@ -1364,7 +1364,7 @@ class IoContext(_Buffers):
             self.engine.close()
 
 
-REPLY_SPIN_S = float(os.environ.get("NBD_VRAM_REPLY_SPIN_US", "0")) / 1e6
+REPLY_SPIN_S = float(os.environ.get("NBD_VRAM_REPLY_SPIN_US", "30")) / 1e6
 
 
 class RemoteIoContext(_Buffers):
@@ -1444,7 +1444,7 @@ class CopyClient:
 
 
 COPY_SPIN_S = float(os.environ.get("NBD_VRAM_COPY_SPIN_US", "50")) / 1e6
-COPY_STREAMS = int(os.environ.get("NBD_VRAM_COPY_STREAMS", "1"))
+COPY_STREAMS = int(os.environ.get("NBD_VRAM_COPY_STREAMS", "4"))
 
 
 class CopyServer:
@@ -1544,19 +1544,20 @@ class CopyServer:
             self.attached += 1
             stream = self.engine.streams[self.attached % len(self.engine.streams)]
             self.chans[chan.fileno()] = [chan, mapping, base, None, stream]
+            self.poll.register(chan.fileno(), select.EPOLLIN)
             self.live += 1
-        self.poll.register(chan.fileno(), select.EPOLLIN)
         return base
 
     def _detach(self, fd):
-        chan, mapping, base, _, _ = self.chans[fd]
-        self.poll.unregister(fd)
+        # Out of the table and the poll set before the fd is closed: a channel registered meanwhile
+        # may get the same number only after that.
+        with self.lock:
+            chan, mapping, base, _, _ = self.chans.pop(fd)
+            self.poll.unregister(fd)
+            self.live -= 1
         self.cuda.cuMemHostUnregister(base)
         mapping.close()
         chan.close()
-        with self.lock:
-            del self.chans[fd]
-            self.live -= 1
 
     def _loop(self):
         if self.thread_setup is not None:
@@ -1750,6 +1751,23 @@ def _parse_info_request(data):
     return name, set(struct.unpack_from(f"!{count}H", data, 6 + nlen))
 
 
+class CopyGroup:
+    """Small copies of one kind waiting to become one segment: the segment's three arrays, the
+    batch index of the first request in it, and the pages (4 KiB) its requests touch."""
+    __slots__ = ("kind", "n", "first", "dst", "src", "size", "views", "pages")
+
+    def __init__(self, kind):
+        self.kind, self.n, self.first = kind, 0, 0
+        self.dst, self.src, self.size = (array.array("Q", bytes(8 * MAX_BATCH)) for _ in range(3))
+        self.views = [memoryview(a).cast("B") for a in (self.dst, self.src, self.size)]
+        self.pages = set()
+
+
+def _touches(pages, first, last):
+    """Does the page range first..last meet the set?"""
+    return first in pages or last in pages or (last - first > 1 and not pages.isdisjoint(range(first + 1, last)))
+
+
 class Transmission:
     """The transmission phase on one socket: the I/O path.
 
@@ -1781,16 +1799,11 @@ class Transmission:
         self.mlen, self.nseg = COPY_HEADER.size, 0
         self.seg_first = [0] * MAX_BATCH
         self.seg_end = [0] * MAX_BATCH
-        # Small copies waiting to become one segment, whose copies may run in any order: reads (they
-        # never conflict with each other), or writes to pages no other write of the group touches
-        # (w_pages).  A copy of the other kind, a memset or a large copy ends the group.
-        self.g_n = 0
-        self.g_first = 0                      # index in this batch of the group's first request
-        self.g_kind = COPY_DTOH
-        self.w_pages = set()
+        # Small reads and small writes waiting to become one segment each, whose copies may run in
+        # any order: a request that touches a page of a waiting write, or a write that touches a
+        # page of a waiting read, first sends both groups on (as does a memset or a large copy).
+        self.reads, self.writes = CopyGroup(COPY_DTOH), CopyGroup(COPY_HTOD)
         self.group_writes = os.environ.get("NBD_VRAM_GROUP_WRITES", "1") != "0"
-        self.g_arrays = [array.array("Q", bytes(8 * MAX_BATCH)) for _ in range(3)]
-        self.g_bytes = [memoryview(a).cast("B") for a in self.g_arrays]
         # Is more already waiting?  poll(0) answers without raising, unlike a MSG_DONTWAIT recv.
         poller = select.poll()
         poller.register(sock.fileno(), select.POLLIN)
@@ -1798,7 +1811,7 @@ class Transmission:
         self.hot = (stats, io.msg, COPY_ONE.pack_into, io.rx, len(io.rx), io.rx_far, io.tx_far, len(io.tx),
                     export.store.dptr, export.size, self.cookies, self.errors, self.data_off, self.data_len,
                     self.uses_gpu, self.seg_first, self.seg_end, REQUEST.unpack_from, poller.poll,
-                    *self.g_arrays)
+                    self.reads, self.writes)
 
     # -- helpers used outside the fast path ------------------------------------------
 
@@ -1850,7 +1863,7 @@ class Transmission:
 
     def _batch(self):
         (stats, msg, one, rx, rx_cap, rx_far, tx_far, tx_cap, base, size, cookies, errors, data_off, data_len,
-         uses_gpu, seg_first, seg_end, unpack, poll, gd, gs, gz) = self.hot
+         uses_gpu, seg_first, seg_end, unpack, poll, rg, wg) = self.hot
         n = tx_used = 0
         gpu_work = False
         after = None            # what to do once this batch is answered
@@ -1902,24 +1915,21 @@ class Transmission:
                 if err:
                     self._invalid(typ, offset, length, why)
                 elif length <= GROUP_COPY_MAX and not done and self.group_writes:
-                    # Reads grouped before it must run first (they read what came before it), and so
-                    # must an earlier write to the same page.
                     first, last = offset >> 12, (offset + length - 1) >> 12
-                    if self.g_n and (self.g_kind != COPY_HTOD or first in self.w_pages or last in self.w_pages
-                                     or (last - first > 1 and not self.w_pages.isdisjoint(range(first, last)))):
-                        self._close_group(n)
-                    k = self.g_n
+                    if ((wg.n and _touches(wg.pages, first, last)) or (rg.n and _touches(rg.pages, first, last))):
+                        self._close_groups(n)
+                    k = wg.n
                     if not k:
-                        self.g_first, self.g_kind = n, COPY_HTOD
-                    gd[k], gs[k], gz[k] = base + offset, payload, length
-                    self.g_n = k + 1
-                    self.w_pages.update(range(first, last + 1))
+                        wg.first = n
+                    wg.dst[k], wg.src[k], wg.size[k] = base + offset, payload, length
+                    wg.n = k + 1
+                    wg.pages.update(range(first, last + 1))
                     uses_gpu[n] = gpu_work = True
                     stats.writes += 1
                     stats.bytes_written += length
                 else:
-                    if self.g_n:
-                        self._close_group(n)
+                    if rg.n or wg.n:
+                        self._close_groups(n)
                     s = self.nseg
                     one(msg, self.mlen, COPY_HTOD, 1, 0, base + offset + done, payload + done, length - done)
                     self.mlen += 32
@@ -1945,16 +1955,18 @@ class Transmission:
                     self._invalid(typ, offset, length, why)
                 else:
                     if length <= GROUP_COPY_MAX:
-                        if self.g_n and self.g_kind != COPY_DTOH:
-                            self._close_group(n)
-                        k = self.g_n
+                        first, last = offset >> 12, (offset + length - 1) >> 12
+                        if wg.n and _touches(wg.pages, first, last):
+                            self._close_groups(n)
+                        k = rg.n
                         if not k:
-                            self.g_first, self.g_kind = n, COPY_DTOH
-                        gd[k], gs[k], gz[k] = tx_far + tx_used, base + offset, length
-                        self.g_n = k + 1
+                            rg.first = n
+                        rg.dst[k], rg.src[k], rg.size[k] = tx_far + tx_used, base + offset, length
+                        rg.n = k + 1
+                        rg.pages.update(range(first, last + 1))
                     else:
-                        if self.g_n:
-                            self._close_group(n)
+                        if rg.n or wg.n:
+                            self._close_groups(n)
                         s = self.nseg
                         one(msg, self.mlen, COPY_DTOH, 1, 0, tx_far + tx_used, base + offset, length)
                         self.mlen += 32
@@ -1976,8 +1988,8 @@ class Transmission:
             if err:
                 self._invalid(typ, offset, length, why)
             elif typ == Cmd.TRIM or typ == Cmd.WRITE_ZEROES:
-                if self.g_n:
-                    self._close_group(n)
+                if rg.n or wg.n:
+                    self._close_groups(n)
                 s = self.nseg
                 one(msg, self.mlen, COPY_MEMSET, 1, 0, base + offset, 0, length)
                 self.mlen += 32
@@ -1993,8 +2005,8 @@ class Transmission:
             errors[n] = err
             n += 1
 
-        if self.g_n:
-            self._close_group(n)
+        if rg.n or wg.n:
+            self._close_groups(n)
         if gpu_work:
             self._submit(n)
         if n:
@@ -2018,25 +2030,29 @@ class Transmission:
             return "client closed the connection"
         raise ProtocolError(after)
 
-    def _close_group(self, n):
-        """The waiting group (requests g_first up to n) becomes one segment of the message."""
-        k, s, msg, at, kind = self.g_n, self.nseg, self.io.msg, self.mlen, self.g_kind
-        if kind == COPY_HTOD:
-            self.w_pages.clear()
-        if k == 1:
-            gd, gs, gz = self.g_arrays
-            COPY_ONE.pack_into(msg, at, kind, 1, 0, gd[0], gs[0], gz[0])
-            self.mlen = at + COPY_ONE.size
-        else:
-            COPY_SEGMENT.pack_into(msg, at, kind, k, 0)
-            at += COPY_SEGMENT.size
-            for b in self.g_bytes:
-                msg[at:at + 8 * k] = b[:8 * k]
-                at += 8 * k
-            self.mlen = at
-        self.seg_first[s], self.seg_end[s] = self.g_first, n
-        self.nseg = s + 1
-        self.g_n = 0
+    def _close_groups(self, n):
+        """The waiting groups (their requests up to n) become one segment each of the message."""
+        msg = self.io.msg
+        for g in (self.reads, self.writes):
+            k = g.n
+            if not k:
+                continue
+            s, at = self.nseg, self.mlen
+            if k == 1:
+                COPY_ONE.pack_into(msg, at, g.kind, 1, 0, g.dst[0], g.src[0], g.size[0])
+                self.mlen = at + COPY_ONE.size
+            else:
+                COPY_SEGMENT.pack_into(msg, at, g.kind, k, 0)
+                at += COPY_SEGMENT.size
+                for b in g.views:
+                    msg[at:at + 8 * k] = b[:8 * k]
+                    at += 8 * k
+                self.mlen = at
+            # A failed copy fails every request since the group began that used the GPU.
+            self.seg_first[s], self.seg_end[s] = g.first, n
+            self.nseg = s + 1
+            g.n = 0
+            g.pages.clear()
 
     def _submit(self, n):
         """Run the batch's copies and wait for them; a failed copy makes its requests EIO."""
@@ -2058,8 +2074,8 @@ class Transmission:
 
     def _push(self, n):
         """Send the copies described so far without waiting (their errors come with the batch's answer)."""
-        if self.g_n:
-            self._close_group(n)
+        if self.reads.n or self.writes.n:
+            self._close_groups(n)
         if self.nseg:
             COPY_HEADER.pack_into(self.io.msg, 0, self.nseg, 0)
             self.io.submit(self.mlen)

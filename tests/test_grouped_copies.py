@@ -1,5 +1,5 @@
-"""Small reads are grouped into one cuMemcpyBatchAsync call; the group must never reorder what the client
-ordered.  Pipelined writes that overlap (whole pages, partial pages, spanning pages, large ones copied on in
+"""Small reads, and small writes, are grouped into one cuMemcpyBatchAsync call each (the fake runs a batch
+last copy first); the groups must never reorder what the client ordered.  Pipelined writes that overlap (whole pages, partial pages, spanning pages, large ones copied on in
 pieces while they arrive), reads in between, and TRIMs, with random payloads, checked against a model of the
 export, with grouping on, off, and refused by the driver."""
 import queue
@@ -14,8 +14,9 @@ from nbdclient import Client, READ, WRITE, TRIM, REPLY_MAGIC, recv_exact
 SIZE = 1 << 20
 
 
-@pytest.mark.parametrize("env", [{}, {"NBD_VRAM_BATCH_COPY": "0"}, {"FAKECUDA_NO_BATCH": "1"}],
-                         ids=["grouped", "ungrouped", "driver-refuses"])
+@pytest.mark.parametrize("env", [{}, {"NBD_VRAM_GROUP_WRITES": "0"}, {"NBD_VRAM_BATCH_COPY": "0"},
+                                 {"FAKECUDA_NO_BATCH": "1"}],
+                         ids=["grouped", "writes-alone", "ungrouped", "driver-refuses"])
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_pipelined_overlapping_requests_keep_their_order(make_server, fakecuda, env, seed):
     if env.get("FAKECUDA_NO_BATCH") and "fakecuda" not in fakecuda:
