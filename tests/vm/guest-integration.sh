@@ -1,6 +1,8 @@
 #!/bin/bash
 # Guest script: the kernel-in-the-loop integration tests, one boot. Each part prints
 # "=== NAME: PASS"; the first failure stops the script (non-zero exit, with the daemon's log).
+#   pressure      guest-daemon-pressure.sh: `run` as swap under `pressure 48 700`, clean stop,
+#                 GUEST_RUNS times (it prints "=== pressure run N: PASS" for each)
 #   smoke         test_smoke.sh --stop from the checkout
 #   fill          test_fill.sh auto against a running daemon's device; swap restored; clean stop
 #   ioctl         run --attach ioctl: 8 MiB O_DIRECT round trip (sha256) with swap off; clean stop
@@ -138,6 +140,14 @@ kernel_clean() {
   hits=$(dmesg | grep -E 'Read-error|Write-error|blocked for more than' || true)
   [ -z "$hits" ] || fail "kernel log: $hits"
   fail_on_kernel_errors
+}
+
+# -- guest-daemon-pressure.sh in this boot (its own config file and daemon log) ---------------
+t_pressure() {
+  part pressure
+  "$NBD_VRAM_VM/guest-daemon-pressure.sh"
+  kernel_clean
+  pass
 }
 
 # -- a: test_smoke.sh --stop ----------------------------------------------------------------
@@ -663,6 +673,6 @@ t_elastic() {
   pass
 }
 
-PARTS=${GUEST_PARTS:-smoke fill ioctl worker_death install power restart encrypt elastic}
+PARTS=${GUEST_PARTS:-pressure smoke fill ioctl worker_death install power restart encrypt elastic}
 for p in $PARTS; do "t_$p"; done
 echo "=== integration: PASS ($PARTS)"
