@@ -61,24 +61,27 @@ part() { PART=$1; echo; echo "=== $PART: start (uptime $(cut -d' ' -f1 /proc/upt
 pass() { echo "=== $PART: PASS ($(( SECONDS - T0 )) s)"; PART=""; }
 
 # start_daemon NAME ARGS...: `nbd_vram.py run ARGS` in the background (pid in DPID, log in DLOG),
-# then wait (up to 180 s) until its swap device is swap; DEV is the nbd device, SWAPDEV the swap
+# then wait (up to 300 s) until its swap device is swap; DEV is the nbd device, SWAPDEV the swap
 # device (DEV, or its dm-crypt mapping with --encrypt yes).
 start_daemon() {
-  local name=$1; shift
+  local name=$1 until=$(( SECONDS + 300 )); shift
   DLOG=/tmp/daemon-$name.log
   python3 "$REPO/nbd_vram.py" run "$@" >"$DLOG" 2>&1 &
   DPID=$!
   DEV=""
   SWAPDEV=""
-  for _ in $(seq 900); do
+  while [ $SECONDS -lt $until ]; do
     kill -0 "$DPID" 2>/dev/null || { wait "$DPID" || true; fail "daemon exited before swapon"; }
+    # state_key starts a python3 (seconds under TCG, taken from the starting daemon): only once
+    # some swap is on (no part starts with any, stop_daemon checks) and state.json exists.
+    if ! has_swap || [ ! -s "$NBD_VRAM_RUNTIME_DIR/state.json" ]; then sleep 0.2; continue; fi
     DEV=$(state_key device)
     SWAPDEV=$(state_key swap_device)
     SWAPDEV=${SWAPDEV:-$DEV}
     [ -n "$DEV" ] && is_swap "$SWAPDEV" && break
     sleep 0.2
   done
-  is_swap "$SWAPDEV" || fail "no nbd swap 180 s after starting the daemon"
+  is_swap "$SWAPDEV" || fail "no nbd swap 300 s after starting the daemon"
   echo "daemon pid $DPID: $SWAPDEV is swap after $(( SECONDS - T0 )) s"
 }
 
@@ -97,6 +100,9 @@ is_swap() {
     exit 1
   }
 }
+
+# has_swap: any swap device is on (a cheap test to run before a python3 one)
+has_swap() { [ "$(wc -l < /proc/swaps)" -gt 1 ]; }
 
 # state_key KEY: KEY from the running daemon's state.json (empty if none)
 state_key() {
@@ -360,7 +366,8 @@ t_power() {
 
   echo 0 >"$ps/AC/online"; echo Discharging >"$ps/BAT0/status"
   python3 "$REPO/nbd_vram.py" power-event          # what the udev rule runs
-  for _ in $(seq 600); do [ "$(state_key mode)" = idle ] && break
+  for _ in $(seq 600); do   # (idle comes after the swapoff: state_key's python3 only from then)
+    ! grep -q "^$DEV " /proc/swaps && [ "$(state_key mode)" = idle ] && break
     kill -0 "$DPID" 2>/dev/null || fail "the daemon died during the release"; sleep 0.5; done
   [ "$(state_key mode)" = idle ] || fail "the daemon did not release VRAM swap within 300 s of the unplug"
   python3 "$REPO/nbd_vram.py" status
@@ -376,8 +383,9 @@ t_power() {
   grep -q 'MiB verified' /tmp/pressure-power.log || fail "pressure printed no 'verified' line"
 
   echo 1 >"$ps/AC/online"; echo Charging >"$ps/BAT0/status"     # no signal: the 2 s poll sees it
-  for _ in $(seq 600); do st=$(state_key mode); DEV=$(state_key device)
-    [ "$st" = serving ] && [ -n "$DEV" ] && grep -q "^$DEV " /proc/swaps && break; sleep 0.5; done
+  for _ in $(seq 600); do
+    if grep -q '^/dev/nbd' /proc/swaps; then st=$(state_key mode); DEV=$(state_key device)
+      [ "$st" = serving ] && [ -n "$DEV" ] && grep -q "^$DEV " /proc/swaps && break; fi; sleep 0.5; done
   grep -q "^$DEV " /proc/swaps || fail "VRAM swap did not come back within 300 s of AC"
   echo "power: swap back on $DEV at priority $(swap_prio "$DEV")"
   grep -E 'power: ' "$DLOG" || true
@@ -408,8 +416,9 @@ t_restart() {
   python3 "$REPO/tests/fdstore.py" "$fs" -- python3 "$REPO/nbd_vram.py" run --size 1G --min-size 256M \
     --connections 2 >"$DLOG" 2>&1 &
   sup=$!
-  for _ in $(seq 900); do DEV=$(state_key device)
-    [ -e "$fs/ready" ] && [ -n "$DEV" ] && grep -q "^$DEV " /proc/swaps && break
+  for _ in $(seq 900); do
+    if [ -e "$fs/ready" ] && has_swap; then DEV=$(state_key device)   # (python3: only once it may be there)
+      [ -n "$DEV" ] && grep -q "^$DEV " /proc/swaps && break; fi
     kill -0 "$sup" 2>/dev/null || fail "the daemon (under fdstore.py) exited before swapon"; sleep 0.2; done
   [ -e "$fs/ready" ] || fail "no READY=1 from the daemon within 180 s"
   grep -q "stored 'vram-" "$DLOG" || fail "the daemon did not store its VRAM fd (FDSTORE=1)"
@@ -425,7 +434,8 @@ t_restart() {
   kill -KILL "$old"
   # (under this pressure every python3 start, state_key's included, takes seconds: bound by time)
   until=$(( SECONDS + 600 ))
-  while [ $SECONDS -lt $until ]; do [ -n "$(state_key adopted_at)" ] && break; sleep 1; done
+  while [ $SECONDS -lt $until ]; do
+    grep -qs '"adopted_at"' "$NBD_VRAM_RUNTIME_DIR/state.json" && [ -n "$(state_key adopted_at)" ] && break; sleep 1; done
   [ -n "$(state_key adopted_at)" ] || { cat "$DLOG"; fail "no restarted daemon took the device over within 600 s"; }
   echo "restart: pid $(state_key pid) took $DEV over"
   until=$(( SECONDS + 900 ))
