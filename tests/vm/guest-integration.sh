@@ -33,6 +33,10 @@ BAR2=$(sed -n 2p <<<"$BARS")
 export NBD_VRAM_LIBCUDA=$LIB FAKECUDA_BACKING=$BAR NBD_VRAM_RUNTIME_DIR=/run/nbd-vram
 export NBD_VRAM_CONFIG=/tmp/nbd-vram.conf PYTHONUNBUFFERED=1
 : > /tmp/nbd-vram.conf               # every setting from flags; no /etc/nbd-vram.conf is read
+# The hog of the parts that only need pages out in swap while they kill, unplug, restart or encrypt
+# (worker_death, power, restart, encrypt): 500 MiB puts ~300 MiB out, past every threshold they wait
+# for (150, 64, 4 MiB); the part `pressure` keeps 700 (~500 MiB out), elastic its 450.
+HOG=${GUEST_PART_HOG_MB:-500}
 PART=""
 DPID=""
 DLOG=""
@@ -216,7 +220,7 @@ t_worker_death() {
   start_daemon worker --size 1G --min-size 256M --connections 2 --dead-conn-timeout 120
   wpids=$(serving_workers)
   [ "$(echo "$wpids" | wc -w)" -eq 1 ] || fail "expected one serving worker process, found: ${wpids:-none}"
-  (trap - ERR; pressure "${GUEST_DATA_MB:-48}" "${GUEST_HOG_MB:-700}") > /tmp/pressure-wd.log 2>&1 &
+  (trap - ERR; pressure "${GUEST_DATA_MB:-48}" "$HOG") > /tmp/pressure-wd.log 2>&1 &
   ppid=$!
   # Kill once the hog is pushing pages out (swap used >= 150 MiB): requests are in flight.
   for _ in $(seq 1500); do
@@ -354,7 +358,7 @@ t_power() {
   export NBD_VRAM_POWER_SUPPLY=$ps
   start_daemon power --size 1G --min-size 256M --connections 2 --power ac --power-poll 2
   rm -f "$hold"
-  PRESSURE_HOLD=$hold pressure 48 700 >/tmp/pressure-power.log 2>&1 &
+  PRESSURE_HOLD=$hold pressure 48 "$HOG" >/tmp/pressure-power.log 2>&1 &
   ppid=$!
   for _ in $(seq 1800); do grep -q 'pressure: holding' /tmp/pressure-power.log && break
     kill -0 "$ppid" 2>/dev/null || break; sleep 0.5; done
@@ -427,7 +431,7 @@ t_restart() {
 
   # One pressure for both: the kill during the hog, the upgrade while the data is still out in swap.
   rm -f "$hold"
-  PRESSURE_HOLD=$hold pressure 48 700 >/tmp/pressure-restart.log 2>&1 &
+  PRESSURE_HOLD=$hold pressure 48 "$HOG" >/tmp/pressure-restart.log 2>&1 &
   ppid=$!
   wait_swapped 64
   echo "restart: kill -9 $old with $(awk -v d="$DEV" '$1 == d {print int($4 / 1024)}' /proc/swaps) MiB in VRAM swap"
@@ -584,7 +588,7 @@ sys.exit(not (s["active"] and s["encrypted"] and s["device"] == sys.argv[1]))' "
   for _ in $(seq 100); do grep -q 'marker: ready' /tmp/marker.log && break; sleep 0.2; done
   mpid=$(sed -n 's/^marker: ready, pid //p' /tmp/marker.log)
   [ -n "$mpid" ] || { cat /tmp/marker.log; fail "the marker process did not start"; }
-  pressure 48 700 >/tmp/pressure-encrypt.log 2>&1 || rc=$?
+  pressure 48 "$HOG" >/tmp/pressure-encrypt.log 2>&1 || rc=$?
   cat /tmp/pressure-encrypt.log
   [ "$rc" -eq 0 ] || fail "pressure exited $rc: data through the encrypted swap came back wrong"
   grep -q 'MiB verified' /tmp/pressure-encrypt.log || fail "pressure printed no 'verified' line"
