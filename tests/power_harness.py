@@ -23,6 +23,8 @@ HARNESS_NBD_DIR=DIR: every attached slice is also an NBD server on DIR/slice-G.N
 such as fio (tests of shrink/grow under load): the handshake is answered here, then each client's
 requests go to one of the slice's kernel ends (a client each, never reused) and the worker's
 replies come back; NBD_CMD_DISC is not passed on (it would end the kernel's connection).
+HARNESS_SWAPOFF_RETRY_S=S: the daemon retries a failed swapoff every S s instead of 10 (tests that wait
+for a second try).
 HARNESS_PROBE=all: each slice gets its own pattern at attach, and at every disconnect the patterns
 of all the other slices are read back ("verify ok N" / "verify BAD"): releasing one slice must not
 touch the others.
@@ -276,6 +278,8 @@ def free_with_event(free):
 
 
 nv.load_nbd_module = lambda: None
+if os.environ.get("HARNESS_SWAPOFF_RETRY_S"):
+    nv.SWAPOFF_RETRY_S = float(os.environ["HARNESS_SWAPOFF_RETRY_S"])
 nv.Daemon._check_stale = lambda self: None
 nv.Daemon._attach = attach
 nv.Daemon._reattach = reattach

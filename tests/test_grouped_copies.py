@@ -9,21 +9,40 @@ import threading
 
 import pytest
 
+from conftest import Server
 from nbdclient import Client, READ, WRITE, TRIM, REPLY_MAGIC, recv_exact
 
 SIZE = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def server_for(tmp_path_factory, fakecuda):
+    """One `serve` (64M) per environment for the module: the three seeds share it (a start each saved);
+    each test trims the MiB it uses first, so it starts from zeros as on a fresh server."""
+    made = {}
+
+    def get(env):
+        key = ",".join(f"{k}={v}" for k, v in sorted(env.items())) or "default"
+        if key not in made:
+            made[key] = Server(tmp_path_factory.mktemp("grouped"), fakecuda, "64M", **env)
+        return made[key]
+    yield get
+    for s in made.values():
+        assert s.stop() == 0, s.log()
+        assert "Traceback" not in s.log(), s.log()
 
 
 @pytest.mark.parametrize("env", [{}, {"NBD_VRAM_GROUP_WRITES": "0"}, {"NBD_VRAM_BATCH_COPY": "0"},
                                  {"FAKECUDA_NO_BATCH": "1"}],
                          ids=["grouped", "writes-alone", "ungrouped", "driver-refuses"])
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_pipelined_overlapping_requests_keep_their_order(make_server, fakecuda, env, seed):
+def test_pipelined_overlapping_requests_keep_their_order(server_for, fakecuda, env, seed):
     if env.get("FAKECUDA_NO_BATCH") and "fakecuda" not in fakecuda:
         pytest.skip("the refusing driver is a switch of the fake libcuda")
-    srv = make_server(size="64M", **env)
+    srv = server_for(env)
     c = Client(srv.sock)
     c.go()
+    assert c.simple(TRIM, 0, SIZE) == 0 and c.read(0, SIZE) == (0, bytes(SIZE))    # the last seed's data gone
     rng = random.Random(seed)
     model = bytearray(SIZE)
     expected = queue.Queue()   # per request: (cookie, data expected for a read or None)

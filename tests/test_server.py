@@ -69,6 +69,23 @@ def shared(tmp_path_factory, fakecuda):
     assert "Traceback" not in s.log(), s.log()
 
 
+def trim_all(srv):
+    c = connect(srv)
+    assert c.simple(TRIM, 0, SIZE) == 0
+    assert c.read(0, 4096) == (0, bytes(4096)) and c.read(SIZE - 4096, 4096) == (0, bytes(4096))
+    c.disconnect()
+
+
+@pytest.fixture
+def blank(shared):
+    """The shared server with its whole export trimmed before and after, so that it reads as zeros as a
+    fresh one does (test_trim_whole_export proves that) and the data is gone for the next test: for the
+    data tests, which then need no server of their own (a start and a stop each saved)."""
+    trim_all(shared)
+    yield shared
+    trim_all(shared)
+
+
 # -- handshake ----------------------------------------------------------------------------------------------
 
 def test_greeting(shared):
@@ -175,8 +192,8 @@ def test_oversized_option_closes_only_that_client(shared):
     (0, 4096), (0, 1), (1, 4095), (4095, 2), (12345, 100000), (7 * MiB + 3, 3 * MiB),
     (SIZE - 1, 1), (SIZE - 4096, 4096), (SIZE - 12345, 12345),
 ])
-def test_write_read(server, offset, length):
-    c = connect(server)
+def test_write_read(blank, offset, length):
+    c = connect(blank)
     data = pattern(offset * 7 + length, length)
     assert c.write(offset, data) == 0
     err, got = c.read(offset, length)
@@ -199,9 +216,9 @@ def test_never_written_reads_zero(server):
 
 @pytest.mark.parametrize("offset,length", [(0, MAX_REQUEST), (1, MAX_REQUEST), (SIZE - MAX_REQUEST, MAX_REQUEST),
                                            (5 * MiB + 1, 8 * MiB + 1), (3, 9 * MiB - 7)])
-def test_large_requests(server, offset, length):
+def test_large_requests(blank, offset, length):
     """Bigger than the 8 MiB staging buffers: the large-request paths, piece by piece."""
-    c = connect(server)
+    c = connect(blank)
     data = pattern(length, length)
     assert c.write(offset, data, flags=FLAG_FUA) == 0
     err, got = c.read(offset, length)
@@ -221,8 +238,8 @@ def test_writes_visible_on_other_connections(shared):
 
 @pytest.mark.parametrize("cmd,flags", [(TRIM, 0), (TRIM, FLAG_FUA), (WRITE_ZEROES, 0),
                                        (WRITE_ZEROES, FLAG_NO_HOLE | FLAG_FUA)])
-def test_trim_and_write_zeroes(server, cmd, flags):
-    c = connect(server)
+def test_trim_and_write_zeroes(blank, cmd, flags):
+    c = connect(blank)
     data = pattern(cmd, 3 * 65536)
     assert c.write(65536, data) == 0
     assert c.simple(cmd, 65536 + 1000, 65536, flags) == 0
@@ -255,9 +272,9 @@ def test_flush_and_fua(shared):
     c.disconnect()
 
 
-def test_pipelined_requests(server):
+def test_pipelined_requests(blank):
     """200 writes and reads sent before any reply is read: replies in order, data right."""
-    c = connect(server)
+    c = connect(blank)
     slot = 8192
     old = {i: pattern(i, random.Random(i).randint(1, 2048)) for i in range(100, 150)}
     for i, data in old.items():                          # acknowledged before the pipeline starts
@@ -287,9 +304,9 @@ def test_pipelined_requests(server):
     c.disconnect()
 
 
-def test_pipelined_beyond_staging_buffers(server):
+def test_pipelined_beyond_staging_buffers(blank):
     """Pipelined writes and reads adding up to more than the 8 MiB rx/tx buffers (compaction, batch splits)."""
-    c = connect(server)
+    c = connect(blank)
     sizes = [random.Random(i).choice([4096, 65536, 512 * 1024, 1024 * 1024 + 1, 3 * MiB]) for i in range(40)]
     offsets = [sum(sizes[:i]) + i for i in range(len(sizes))]
     datas = [pattern(50 + i, n) for i, n in enumerate(sizes)]

@@ -2,13 +2,16 @@
 # Guest script: `nbd_vram.py run` as swap on an ivshmem "VRAM" BAR, pushed well past RAM; data verified.
 # Needs: run.sh with VRAM_MB, GUEST_FAKECUDA (host path of the fake libcuda.so.1), optional GUEST_RUNS (default 1),
 # GUEST_DATA_MB (default 48), GUEST_HOG_MB (default 700), GUEST_CONF (extra config lines).
+# Runs standalone (run.sh ... guest-daemon-pressure.sh) or as guest-integration.sh's part `pressure`
+# (same boot): its config is its own file, so the integration script's /tmp/nbd-vram.conf stays empty.
 set -euo pipefail
 . /mnt/guest.env
 . "$NBD_VRAM_VM/guest-lib.sh"
 bar=$(bar_enable)          # one path a line (not `| head -1`: with two BARs, pipefail sees SIGPIPE)
 bar=${bar%%$'\n'*}
 export NBD_VRAM_LIBCUDA=$GUEST_FAKECUDA FAKECUDA_BACKING=$bar NBD_VRAM_RUNTIME_DIR=/run/nbd-vram
-cat > /tmp/nbd-vram.conf <<CONF
+conf=/tmp/nbd-vram-pressure.conf
+cat > "$conf" <<CONF
 size = 1G
 min_size = 256M
 connections = 2
@@ -20,7 +23,7 @@ dmesg -n 1
 sysctl -qw kernel.watchdog_thresh=60
 for run in $(seq "${GUEST_RUNS:-1}"); do
   echo "=== pressure run $run of ${GUEST_RUNS:-1}"
-  python3 "$NBD_VRAM_REPO/nbd_vram.py" run --config /tmp/nbd-vram.conf > /tmp/daemon.log 2>&1 &
+  python3 "$NBD_VRAM_REPO/nbd_vram.py" run --config "$conf" > /tmp/daemon.log 2>&1 &
   pid=$!
   for i in $(seq 300); do
     grep -q '^/dev/nbd' /proc/swaps && break

@@ -1,6 +1,8 @@
 #!/bin/bash
 # Guest script: the kernel-in-the-loop integration tests, one boot. Each part prints
 # "=== NAME: PASS"; the first failure stops the script (non-zero exit, with the daemon's log).
+#   pressure      guest-daemon-pressure.sh: `run` as swap under `pressure 48 700`, clean stop,
+#                 GUEST_RUNS times (it prints "=== pressure run N: PASS" for each)
 #   smoke         test_smoke.sh --stop from the checkout
 #   fill          test_fill.sh auto against a running daemon's device; swap restored; clean stop
 #   ioctl         run --attach ioctl: 8 MiB O_DIRECT round trip (sha256) with swap off; clean stop
@@ -31,6 +33,10 @@ BAR2=$(sed -n 2p <<<"$BARS")
 export NBD_VRAM_LIBCUDA=$LIB FAKECUDA_BACKING=$BAR NBD_VRAM_RUNTIME_DIR=/run/nbd-vram
 export NBD_VRAM_CONFIG=/tmp/nbd-vram.conf PYTHONUNBUFFERED=1
 : > /tmp/nbd-vram.conf               # every setting from flags; no /etc/nbd-vram.conf is read
+# The hog of the parts that only need pages out in swap while they kill, unplug, restart or encrypt
+# (worker_death, power, restart, encrypt): 500 MiB puts ~300 MiB out, past every threshold they wait
+# for (150, 64, 4 MiB); the part `pressure` keeps 700 (~500 MiB out), elastic its 450.
+HOG=${GUEST_PART_HOG_MB:-500}
 PART=""
 DPID=""
 DLOG=""
@@ -59,24 +65,27 @@ part() { PART=$1; echo; echo "=== $PART: start (uptime $(cut -d' ' -f1 /proc/upt
 pass() { echo "=== $PART: PASS ($(( SECONDS - T0 )) s)"; PART=""; }
 
 # start_daemon NAME ARGS...: `nbd_vram.py run ARGS` in the background (pid in DPID, log in DLOG),
-# then wait (up to 180 s) until its swap device is swap; DEV is the nbd device, SWAPDEV the swap
+# then wait (up to 300 s) until its swap device is swap; DEV is the nbd device, SWAPDEV the swap
 # device (DEV, or its dm-crypt mapping with --encrypt yes).
 start_daemon() {
-  local name=$1; shift
+  local name=$1 until=$(( SECONDS + 300 )); shift
   DLOG=/tmp/daemon-$name.log
   python3 "$REPO/nbd_vram.py" run "$@" >"$DLOG" 2>&1 &
   DPID=$!
   DEV=""
   SWAPDEV=""
-  for _ in $(seq 900); do
+  while [ $SECONDS -lt $until ]; do
     kill -0 "$DPID" 2>/dev/null || { wait "$DPID" || true; fail "daemon exited before swapon"; }
+    # state_key starts a python3 (seconds under TCG, taken from the starting daemon): only once
+    # some swap is on (no part starts with any, stop_daemon checks) and state.json exists.
+    if ! has_swap || [ ! -s "$NBD_VRAM_RUNTIME_DIR/state.json" ]; then sleep 0.2; continue; fi
     DEV=$(state_key device)
     SWAPDEV=$(state_key swap_device)
     SWAPDEV=${SWAPDEV:-$DEV}
     [ -n "$DEV" ] && is_swap "$SWAPDEV" && break
     sleep 0.2
   done
-  is_swap "$SWAPDEV" || fail "no nbd swap 180 s after starting the daemon"
+  is_swap "$SWAPDEV" || fail "no nbd swap 300 s after starting the daemon"
   echo "daemon pid $DPID: $SWAPDEV is swap after $(( SECONDS - T0 )) s"
 }
 
@@ -95,6 +104,9 @@ is_swap() {
     exit 1
   }
 }
+
+# has_swap: any swap device is on (a cheap test to run before a python3 one)
+has_swap() { [ "$(wc -l < /proc/swaps)" -gt 1 ]; }
 
 # state_key KEY: KEY from the running daemon's state.json (empty if none)
 state_key() {
@@ -138,6 +150,14 @@ kernel_clean() {
   hits=$(dmesg | grep -E 'Read-error|Write-error|blocked for more than' || true)
   [ -z "$hits" ] || fail "kernel log: $hits"
   fail_on_kernel_errors
+}
+
+# -- guest-daemon-pressure.sh in this boot (its own config file and daemon log) ---------------
+t_pressure() {
+  part pressure
+  "$NBD_VRAM_VM/guest-daemon-pressure.sh"
+  kernel_clean
+  pass
 }
 
 # -- a: test_smoke.sh --stop ----------------------------------------------------------------
@@ -200,7 +220,7 @@ t_worker_death() {
   start_daemon worker --size 1G --min-size 256M --connections 2 --dead-conn-timeout 120
   wpids=$(serving_workers)
   [ "$(echo "$wpids" | wc -w)" -eq 1 ] || fail "expected one serving worker process, found: ${wpids:-none}"
-  (trap - ERR; pressure "${GUEST_DATA_MB:-48}" "${GUEST_HOG_MB:-700}") > /tmp/pressure-wd.log 2>&1 &
+  (trap - ERR; pressure "${GUEST_DATA_MB:-48}" "$HOG") > /tmp/pressure-wd.log 2>&1 &
   ppid=$!
   # Kill once the hog is pushing pages out (swap used >= 150 MiB): requests are in flight.
   for _ in $(seq 1500); do
@@ -338,7 +358,7 @@ t_power() {
   export NBD_VRAM_POWER_SUPPLY=$ps
   start_daemon power --size 1G --min-size 256M --connections 2 --power ac --power-poll 2
   rm -f "$hold"
-  PRESSURE_HOLD=$hold pressure 48 700 >/tmp/pressure-power.log 2>&1 &
+  PRESSURE_HOLD=$hold pressure 48 "$HOG" >/tmp/pressure-power.log 2>&1 &
   ppid=$!
   for _ in $(seq 1800); do grep -q 'pressure: holding' /tmp/pressure-power.log && break
     kill -0 "$ppid" 2>/dev/null || break; sleep 0.5; done
@@ -350,7 +370,8 @@ t_power() {
 
   echo 0 >"$ps/AC/online"; echo Discharging >"$ps/BAT0/status"
   python3 "$REPO/nbd_vram.py" power-event          # what the udev rule runs
-  for _ in $(seq 600); do [ "$(state_key mode)" = idle ] && break
+  for _ in $(seq 600); do   # (idle comes after the swapoff: state_key's python3 only from then)
+    ! grep -q "^$DEV " /proc/swaps && [ "$(state_key mode)" = idle ] && break
     kill -0 "$DPID" 2>/dev/null || fail "the daemon died during the release"; sleep 0.5; done
   [ "$(state_key mode)" = idle ] || fail "the daemon did not release VRAM swap within 300 s of the unplug"
   python3 "$REPO/nbd_vram.py" status
@@ -366,8 +387,9 @@ t_power() {
   grep -q 'MiB verified' /tmp/pressure-power.log || fail "pressure printed no 'verified' line"
 
   echo 1 >"$ps/AC/online"; echo Charging >"$ps/BAT0/status"     # no signal: the 2 s poll sees it
-  for _ in $(seq 600); do st=$(state_key mode); DEV=$(state_key device)
-    [ "$st" = serving ] && [ -n "$DEV" ] && grep -q "^$DEV " /proc/swaps && break; sleep 0.5; done
+  for _ in $(seq 600); do
+    if grep -q '^/dev/nbd' /proc/swaps; then st=$(state_key mode); DEV=$(state_key device)
+      [ "$st" = serving ] && [ -n "$DEV" ] && grep -q "^$DEV " /proc/swaps && break; fi; sleep 0.5; done
   grep -q "^$DEV " /proc/swaps || fail "VRAM swap did not come back within 300 s of AC"
   echo "power: swap back on $DEV at priority $(swap_prio "$DEV")"
   grep -E 'power: ' "$DLOG" || true
@@ -398,8 +420,9 @@ t_restart() {
   python3 "$REPO/tests/fdstore.py" "$fs" -- python3 "$REPO/nbd_vram.py" run --size 1G --min-size 256M \
     --connections 2 >"$DLOG" 2>&1 &
   sup=$!
-  for _ in $(seq 900); do DEV=$(state_key device)
-    [ -e "$fs/ready" ] && [ -n "$DEV" ] && grep -q "^$DEV " /proc/swaps && break
+  for _ in $(seq 900); do
+    if [ -e "$fs/ready" ] && has_swap; then DEV=$(state_key device)   # (python3: only once it may be there)
+      [ -n "$DEV" ] && grep -q "^$DEV " /proc/swaps && break; fi
     kill -0 "$sup" 2>/dev/null || fail "the daemon (under fdstore.py) exited before swapon"; sleep 0.2; done
   [ -e "$fs/ready" ] || fail "no READY=1 from the daemon within 180 s"
   grep -q "stored 'vram-" "$DLOG" || fail "the daemon did not store its VRAM fd (FDSTORE=1)"
@@ -408,14 +431,15 @@ t_restart() {
 
   # One pressure for both: the kill during the hog, the upgrade while the data is still out in swap.
   rm -f "$hold"
-  PRESSURE_HOLD=$hold pressure 48 700 >/tmp/pressure-restart.log 2>&1 &
+  PRESSURE_HOLD=$hold pressure 48 "$HOG" >/tmp/pressure-restart.log 2>&1 &
   ppid=$!
   wait_swapped 64
   echo "restart: kill -9 $old with $(awk -v d="$DEV" '$1 == d {print int($4 / 1024)}' /proc/swaps) MiB in VRAM swap"
   kill -KILL "$old"
   # (under this pressure every python3 start, state_key's included, takes seconds: bound by time)
   until=$(( SECONDS + 600 ))
-  while [ $SECONDS -lt $until ]; do [ -n "$(state_key adopted_at)" ] && break; sleep 1; done
+  while [ $SECONDS -lt $until ]; do
+    grep -qs '"adopted_at"' "$NBD_VRAM_RUNTIME_DIR/state.json" && [ -n "$(state_key adopted_at)" ] && break; sleep 1; done
   [ -n "$(state_key adopted_at)" ] || { cat "$DLOG"; fail "no restarted daemon took the device over within 600 s"; }
   echo "restart: pid $(state_key pid) took $DEV over"
   until=$(( SECONDS + 900 ))
@@ -564,7 +588,7 @@ sys.exit(not (s["active"] and s["encrypted"] and s["device"] == sys.argv[1]))' "
   for _ in $(seq 100); do grep -q 'marker: ready' /tmp/marker.log && break; sleep 0.2; done
   mpid=$(sed -n 's/^marker: ready, pid //p' /tmp/marker.log)
   [ -n "$mpid" ] || { cat /tmp/marker.log; fail "the marker process did not start"; }
-  pressure 48 700 >/tmp/pressure-encrypt.log 2>&1 || rc=$?
+  pressure 48 "$HOG" >/tmp/pressure-encrypt.log 2>&1 || rc=$?
   cat /tmp/pressure-encrypt.log
   [ "$rc" -eq 0 ] || fail "pressure exited $rc: data through the encrypted swap came back wrong"
   grep -q 'MiB verified' /tmp/pressure-encrypt.log || fail "pressure printed no 'verified' line"
@@ -663,6 +687,6 @@ t_elastic() {
   pass
 }
 
-PARTS=${GUEST_PARTS:-smoke fill ioctl worker_death install power restart encrypt elastic}
+PARTS=${GUEST_PARTS:-pressure smoke fill ioctl worker_death install power restart encrypt elastic}
 for p in $PARTS; do "t_$p"; done
 echo "=== integration: PASS ($PARTS)"
