@@ -3446,6 +3446,8 @@ def spawn_worker(libcuda, buffer_bytes, lock=False, debug=False, index=0, max_co
 
 
 def wait_worker_ready(proc, ctl, timeout_s=60):
+    """Wait for a new worker's ready byte; one that does not send it is killed (and its control
+    socket closed) before Fatal says so."""
     ctl.settimeout(timeout_s)
     try:
         got = ctl.recv(1)
@@ -3454,6 +3456,10 @@ def wait_worker_ready(proc, ctl, timeout_s=60):
     ctl.settimeout(None)
     if got != WORKER_READY:
         rc = proc.poll()
+        if rc is None:
+            proc.kill()
+        proc.wait()
+        ctl.close()
         raise Fatal(f"worker process {proc.pid} did not start ({'exit code ' + str(rc) if rc is not None else 'no answer'}); "
                     "see the lines above")
 
@@ -4221,13 +4227,7 @@ class GpuShare:
         cfg = self.daemon.cfg
         proc, ctl = spawn_worker(cfg["libcuda"], cfg["buffer_size"], lock=True, debug=cfg["debug"],
                                  realtime=cfg["realtime"], gpu=self.info["uuid"])
-        try:
-            wait_worker_ready(proc, ctl)
-        except Fatal:
-            proc.kill()
-            proc.wait()
-            ctl.close()
-            raise
+        wait_worker_ready(proc, ctl)
         self.gpu_proc = WorkerProc(proc, ctl, 0, None)
         self.undo.append((f"stop the GPU process of {self.label}", self._stop_gpu_process))
         log.info("%s: GPU process: pid %d", self.label, proc.pid)
@@ -4263,13 +4263,7 @@ class GpuShare:
         finally:
             mine.close()
             theirs.close()
-        try:
-            wait_worker_ready(proc, ctl)
-        except Fatal:
-            proc.kill()
-            proc.wait()
-            ctl.close()
-            raise
+        wait_worker_ready(proc, ctl)
         return WorkerProc(proc, ctl, index, self.slots[index])
 
     def spawn_spare(self):

@@ -3,6 +3,7 @@ import hashlib
 import os
 import random
 import resource
+import signal
 import socket
 import struct
 import threading
@@ -726,3 +727,44 @@ def test_device_lost(make_server):
     assert d.size == SIZE
     d.close()
     assert srv.proc.poll() is None
+
+
+# -- worker processes (issue 14, finding 4) --------------------------------------------------------------
+
+def children(pid):
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(p))
+            except (OSError, ValueError, IndexError):
+                pass
+    return sorted(out)
+
+
+def test_a_dead_worker_is_replaced_and_serve_serves_on(make_server):
+    """kill -9 of one of two workers: its client is cut off, the other worker's client is not, new
+    clients are served (by a new worker), and serve neither ends nor reports success early."""
+    srv = make_server(args=("--workers", "2"))
+    a, b = connect(srv), connect(srv)           # one client each: handed out in turn
+    data = pattern(41, 8192)
+    assert a.write(0, data) == 0 and b.read(0, 8192) == (0, data)
+    first = children(srv.proc.pid)
+    assert len(first) == 2, first
+    os.kill(first[0], signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while " restarted (pid " not in srv.log():
+        assert time.monotonic() < deadline and srv.proc.poll() is None, srv.log()
+        time.sleep(0.1)
+    assert wait_closed(a)
+    check_usable(b)
+    for _ in range(3):
+        c = connect(srv)
+        assert c.read(0, 8192) == (0, data)     # the data is in VRAM, not in the dead worker
+        c.disconnect()
+    b.disconnect()
+    assert srv.proc.poll() is None
+    assert len(children(srv.proc.pid)) == 2 and first[0] not in children(srv.proc.pid)
+    assert f"(pid {first[0]}) exited with -9" in srv.log()
