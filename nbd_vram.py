@@ -4229,7 +4229,6 @@ class GpuShare:
                                  realtime=cfg["realtime"], gpu=self.info["uuid"])
         wait_worker_ready(proc, ctl)
         self.gpu_proc = WorkerProc(proc, ctl, 0, None)
-        self.undo.append((f"stop the GPU process of {self.label}", self._stop_gpu_process))
         log.info("%s: GPU process: pid %d", self.label, proc.pid)
 
     def _stop_gpu_process(self):
@@ -4246,6 +4245,8 @@ class GpuShare:
         """The GPU process and the worker processes that will serve every slice of this GPU; ready on return."""
         cfg = self.daemon.cfg
         self.start_gpu_process()
+        # Stopped after the workers (it copies for them until they are gone).
+        self.undo.append((f"stop the GPU process of {self.label}", self._stop_gpu_process))
         n = min(cfg["workers"] or default_workers(cfg["connections"]), cfg["connections"])
         self.workers = [self._spawn(w + 1) for w in range(n)]
         self.undo.append((f"stop the workers of {self.label}", self._join_workers))
@@ -4423,7 +4424,6 @@ class GpuShare:
         log.error("%s: the GPU process (pid %d) exited with %s; every connection of this GPU stalls until "
                   "it is replaced: starting a new one", self.label, dead.proc.pid, dead.proc.returncode)
         dead.ctl.close()
-        self.undo = [u for u in self.undo if not u[0].startswith("stop the GPU process")]
         self.gpu_proc = None
         if not self.vmm:
             raise Fatal(f"{self.label}: the GPU process died, and with cuMemAlloc (no exportable VRAM) the "

@@ -25,6 +25,9 @@ requests go to one of the slice's kernel ends (a client each, never reused) and 
 replies come back; NBD_CMD_DISC is not passed on (it would end the kernel's connection).
 HARNESS_SWAPOFF_RETRY_S=S: the daemon retries a failed swapoff every S s instead of 10 (tests that wait
 for a second try).
+- reconfigure (NBD_CMD_RECONFIGURE after a worker or GPU process died): the slice's ends whose worker
+  is gone (they read as closed) are dropped and the new ones taken; with HARNESS_PROBE=1 the pattern
+  is read back through a new one ("probe kept ok").
 HARNESS_PROBE=all: each slice gets its own pattern at attach, and at every disconnect the patterns
 of all the other slices are read back ("verify ok N" / "verify BAD"): releasing one slice must not
 touch the others.
@@ -186,6 +189,9 @@ def device_of(sl):
     return INDEX - 1 - sl.gpu.ordinal * 16 - sl.number, f"{DEVICE}{sl.gpu.ordinal}.{sl.number}"
 
 
+BY_INDEX = {}                   # device index -> slice, for reconfigure
+
+
 def attach(self, sl, socks):
     sl.kernel_ends = [socket.socket(fileno=os.dup(s.fileno())) for s in socks]
     # "netlink", so that a restart after a crash may take the device over, as with the kernel.
@@ -193,6 +199,7 @@ def attach(self, sl, socks):
     sl.backend = f"nbd-vram:{os.getpid()}:{sl.gpu.info['uuid']}:{sl.number}"
     sysfs(sl.index, "pid", str(os.getpid()))
     sysfs(sl.index, "backend", sl.backend)
+    BY_INDEX[sl.index] = sl
     sl.undo.append(("disconnect " + sl.device, lambda: disconnect(sl)))
     event(f"attach {len(socks)}" + ("" if sl.device == DEVICE else f" {sl.device}"))
     if os.environ.get("HARNESS_PROBE") == "1" and sl.device == DEVICE:
@@ -212,6 +219,28 @@ def reattach(self, sl, old, socks):
     event(f"reattach {len(socks)}" + ("" if sl.device == DEVICE else f" {sl.device}"))
     if os.environ.get("HARNESS_PROBE") == "1" and sl.device == DEVICE:
         probe_kept(sl.kernel_ends[0], sl.export.size)
+
+
+def closed(s):
+    """Has the other end of this kernel end gone (its worker died)?"""
+    try:
+        return s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def reconfigure(index, socks, backend, timeout_s=30):
+    sl = BY_INDEX[index]
+    new = [socket.socket(fileno=os.dup(s.fileno())) for s in socks]
+    for s in [s for s in sl.kernel_ends if closed(s)]:
+        sl.kernel_ends.remove(s)
+        s.close()
+    sl.kernel_ends = new + sl.kernel_ends
+    event(f"reconfigure {len(socks)}" + ("" if sl.device == DEVICE else f" {sl.device}"))
+    if os.environ.get("HARNESS_PROBE") == "1" and sl.device == DEVICE:
+        probe_kept(new[0], sl.export.size)
 
 
 def disconnect(sl):
@@ -283,6 +312,7 @@ if os.environ.get("HARNESS_SWAPOFF_RETRY_S"):
 nv.Daemon._check_stale = lambda self: None
 nv.Daemon._attach = attach
 nv.Daemon._reattach = reattach
+nv.reconfigure = reconfigure
 nv.swap_enable = swap_enable
 nv.swap_disable = swap_disable
 if os.environ.get("HARNESS_FREE_EVENT") == "1":

@@ -76,3 +76,37 @@ def test_out_of_vram_when_taking_swap_back(harness):   # noqa: F811
     err = [l for l in text.splitlines() if "ERROR" in l]
     assert len(err) == 1 and "VRAM" in err[0], err
     assert not (h.run / "state.json").exists()
+
+
+def gpu_process_pid(h):
+    for pid in h.children():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"--gpu-process" in f.read().split(b"\0"):
+                    return pid
+        except OSError:
+            pass
+    return None
+
+
+def test_a_killed_gpu_process_is_replaced_and_the_data_kept(harness):   # noqa: F811
+    """kill -9 of the GPU process (the one CUDA context): its copies died with it, so every worker of
+    that GPU is replaced, the new GPU process maps the slices again from the daemon's fds, the kernel
+    gets new sockets for every connection, and the pattern written before reads back through them."""
+    h = harness(policy="always", HARNESS_PROBE="1")
+    st = h.wait_mode("serving")
+    old = gpu_process_pid(h)
+    assert old and old in st["worker_pids"]
+    os.kill(old, 9)
+    deadline = time.monotonic() + 60
+    while h.lines().count("probe kept ok") < 2:     # one per replaced worker (two at the defaults here)
+        assert time.monotonic() < deadline and h.proc.poll() is None, h.text()
+        time.sleep(0.2)
+    new = gpu_process_pid(h)
+    assert new and new != old
+    text = h.text()
+    assert f"the GPU process (pid {old}) exited with -9" in text and "Traceback" not in text
+    assert "probe kept BAD" not in h.lines()
+    st = h.wait_mode("serving")
+    assert new in st["worker_pids"] and old not in st["worker_pids"]
+    assert h.stop() == 0
