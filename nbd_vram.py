@@ -38,6 +38,7 @@ import json
 import logging
 import mmap
 import os
+import queue
 import re
 import select
 import selectors
@@ -3643,6 +3644,44 @@ class GpuProcess:
         raise Fatal(f"unknown request {tag!r}")
 
 
+class ServingThread:
+    """A buffer set and a thread already running, waiting for a kernel connection to serve.
+
+    Made before the worker says ready (or, for the spare, before any worker
+    dies): taking a connection over then starts no thread, whose stack under
+    mlockall would need memory at the moment swap is stalled.
+    """
+
+    def __init__(self, io, setup=None):
+        self.io, self.setup = io, setup
+        self.work = queue.SimpleQueue()
+        self.idle = threading.Event()
+        self.idle.set()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        if self.setup is not None:
+            self.setup()
+        while True:
+            fd, export, name = self.work.get()
+            try:
+                serve_connection(socket.socket(fileno=fd), export, name, io=self.io, handshake=False)
+            finally:
+                self.idle.set()
+
+    def serve(self, fd, export, name):
+        self.idle.clear()
+        self.work.put((fd, export, name))
+
+    def busy(self):
+        return not self.idle.is_set()
+
+    def wait(self, timeout_s):
+        """True once the connection it serves has ended."""
+        return self.idle.wait(timeout_s)
+
+
 class KernelWorker:
     """`worker --kernel`: serves the kernel's connections to every slice of one GPU, without CUDA.
 
@@ -3658,13 +3697,14 @@ class KernelWorker:
     def __init__(self, args, libc, ctl, client):
         self.args, self.libc, self.ctl, self.client = args, libc, ctl, client
         self.exports = {}       # slice id -> Export of the slice
-        self.conns = {}         # slice id -> [(thread, RemoteIoContext)]
-        self.pool = []          # idle RemoteIoContexts
+        self.conns = {}         # slice id -> [ServingThread]
+        self.pool = []          # idle ServingThreads
         self.slot = args.slot if not args.standby else None
         self.label = "spare worker" if args.standby else f"worker {args.index}"
 
     def _buffers(self):
-        return RemoteIoContext(self.client, self.args.buffer_size, self.args.buffer_size)
+        setup = (lambda: prepare_serving_thread(self.libc, self.args.realtime)) if self.args.lock else None
+        return ServingThread(RemoteIoContext(self.client, self.args.buffer_size, self.args.buffer_size), setup)
 
     def run(self):
         args = self.args
@@ -3681,11 +3721,11 @@ class KernelWorker:
         # The daemon stopped, or died: serve on until the kernel ends these connections (after a
         # crash the restarted daemon stops this process once its own workers are ready).
         while True:
-            alive = [t for ts in self.conns.values() for t, _ in ts if t.is_alive()]
+            busy = [t for ts in self.conns.values() for t in ts if t.busy()]
             publish()
-            if not alive:
+            if not busy:
                 break
-            alive[0].join(STATUS_INTERVAL_S)
+            busy[0].wait(STATUS_INTERVAL_S)
         log.debug("%s: every connection closed; exiting", self.label)
         return EXIT_OK
 
@@ -3702,19 +3742,15 @@ class KernelWorker:
                 raise Fatal(f"slice {sid}: {'not known' if sid not in self.exports else f'{len(fds)} fds for {n} connections'}")
             conns = self.conns.setdefault(sid, [])
             for fd in fds:
-                io = self.pool.pop() if self.pool else self._buffers()
-                name = f"{self.label} slice {sid} connection {len(conns)}"
-                t = threading.Thread(target=self._serve, args=(fd, io, self.exports[sid], name), daemon=True)
-                t.start()
-                conns.append((t, io))
+                t = self.pool.pop() if self.pool else self._buffers()
+                t.serve(fd, self.exports[sid], f"{self.label} slice {sid} connection {len(conns)}")
+                conns.append(t)
         elif tag == CTL_DROP:
             (sid,) = fields
-            for t, io in self.conns.get(sid, []):
-                t.join(30)
-                if t.is_alive():
+            for t in self.conns.get(sid, []):
+                if not t.wait(30):
                     raise Fatal(f"slice {sid}: a connection still serves 30 s after the disconnect")
-            for _, io in self.conns.pop(sid, []):
-                self.pool.append(io)
+            self.pool += self.conns.pop(sid, [])
             self.exports.pop(sid, None)
         elif tag == CTL_POOL:
             (n,) = fields
@@ -3728,11 +3764,6 @@ class KernelWorker:
         else:
             raise Fatal(f"unknown request {tag!r}")
         return b"", []
-
-    def _serve(self, fd, io, export, name):
-        if self.args.lock:
-            prepare_serving_thread(self.libc, self.args.realtime)
-        serve_connection(socket.socket(fileno=fd), export, name, io=io, handshake=False)
 
 
 def cmd_worker(args):
