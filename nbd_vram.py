@@ -1725,9 +1725,14 @@ def check_socket_path(path):
         st = os.stat(parent)
     except FileNotFoundError:
         raise Fatal(f"socket {path!r}: directory {parent!r} does not exist (create it, mode 0700)") from None
-    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
-        raise Fatal(f"socket {path!r}: directory {parent!r} is world-writable without the sticky bit; "
-                    "anyone could replace the socket (use a directory only root can write, e.g. /run/nbd-vram)")
+    # Another user who can write the directory could put a link or a socket of theirs at the path.
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        who = "world-writable" if st.st_mode & stat.S_IWOTH else "group-writable"
+        raise Fatal(f"socket {path!r}: directory {parent!r} is {who} without the sticky bit; "
+                    "others could replace the socket (use a directory only you can write, e.g. /run/nbd-vram)")
+    if st.st_uid not in (0, os.geteuid()):
+        raise Fatal(f"socket {path!r}: directory {parent!r} belongs to another user (uid {st.st_uid}), who could "
+                    "replace the socket (use a directory of your own or root's, e.g. /run/nbd-vram)")
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -1765,12 +1770,11 @@ class UnixServer:
     def open(self):
         check_socket_path(self.path)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o177)
+        old = os.umask(0o177)        # the socket is made 0600; no chmod after bind: that follows a symlink
         try:
             s.bind(self.path)
         finally:
             os.umask(old)
-        os.chmod(self.path, 0o600)
         s.listen(128)
         self.listener = s
 

@@ -223,6 +223,47 @@ def test_world_writable_directory_refused(tmp_path, fakecuda):
     assert "world-writable without the sticky bit" in line
 
 
+def test_group_writable_directory_refused(tmp_path, fakecuda):
+    d = tmp_path / "shared"
+    d.mkdir()
+    os.chmod(d, 0o770)
+    line = serve_fails(d, fakecuda, "--size", "128M", "--min-size", "64M", code=1)
+    assert "group-writable without the sticky bit" in line
+
+
+def test_directory_of_another_user_refused(tmp_path, fakecuda):
+    d = tmp_path / "theirs"
+    d.mkdir()
+    os.chown(d, 65534, 65534)          # nobody's, mode 0755: only they can write it
+    line = serve_fails(d, fakecuda, "--size", "128M", "--min-size", "64M", code=1)
+    assert "belongs to another user (uid 65534)" in line
+
+
+def test_no_chmod_through_a_symlink_raced_in_after_bind(nv, tmp_path, monkeypatch):
+    """Someone who swaps the fresh socket for a symlink between bind and listen must not get
+    the link's target chmodded: the socket's mode comes from the umask alone."""
+    victim = tmp_path / "victim"
+    victim.write_text("theirs")
+    os.chmod(victim, 0o644)
+    path = str(tmp_path / "s.sock")
+    real_bind = socket.socket.bind
+
+    def racing_bind(self, addr):
+        real_bind(self, addr)
+        os.rename(addr, addr + ".moved")
+        os.symlink(victim, addr)
+    monkeypatch.setattr(socket.socket, "bind", racing_bind)
+    srv = nv.UnixServer(path, None, 1, 64 << 10)
+    try:
+        srv.open()
+    finally:
+        monkeypatch.setattr(socket.socket, "bind", real_bind)
+        if srv.listener:
+            srv.listener.close()
+    assert stat.S_IMODE(os.stat(victim).st_mode) == 0o644
+    assert stat.S_IMODE(os.lstat(path + ".moved").st_mode) == 0o600
+
+
 def test_sticky_world_writable_directory_allowed(tmp_path, fakecuda):
     d = tmp_path / "tmpish"
     d.mkdir()
