@@ -127,6 +127,7 @@ class NoCryptError(Fatal):
     exit_code = EXIT_NO_CRYPT
 
 
+
 class CudaError(Fatal):
     """A failed CUDA driver call; .name is the CUDA_ERROR_* name."""
 
@@ -1078,7 +1079,8 @@ MAX_BATCH = 256                # requests answered by one stream sync and one se
 GROUP_COPY_MAX = 64 * 1024     # reads up to this size share one cuMemcpyBatchAsync; larger ones go alone
 STREAM_WRITE_MIN = 256 * 1024  # a write this large is copied on in pieces while the rest of its payload arrives
 STREAM_PIECE = 128 * 1024      # the smallest such piece
-HANDSHAKE_TIMEOUT_S = 30       # a client that stalls in negotiation is dropped
+HANDSHAKE_TIMEOUT_S = 30       # the whole handshake, not each receive: a client dripping a byte at a time is dropped
+MAX_HANDSHAKE_OPTIONS = 64     # options in one handshake; a client needs a handful (nbdinfo --list: about 5)
 
 # S: NBDMAGIC, IHAVEOPT, handshake flags
 GREETING = struct.Struct("!QQH")
@@ -1220,17 +1222,56 @@ def _option_reply(sock, opt, rep, data=b""):
     sock.sendall(OPTION_REPLY.pack(NBD_REP_MAGIC, opt, rep, len(data)) + data)
 
 
-def negotiate(sock, export):
-    """Fixed newstyle handshake.  True: go on to transmission; False: the client is done."""
+class _Deadline:
+    """A socket whose every receive and send must end by one deadline: its timeout is set to the time left."""
+
+    def __init__(self, sock, timeout_s):
+        self.sock, self.timeout_s = sock, timeout_s
+        self.end = time.monotonic() + timeout_s
+
+    def _left(self):
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise socket.timeout(f"the handshake took more than {self.timeout_s:g} s")
+        self.sock.settimeout(left)
+
+    def recv_into(self, view):
+        self._left()
+        return self.sock.recv_into(view)
+
+    def sendall(self, data):
+        self._left()
+        return self.sock.sendall(data)
+
+
+def negotiate(sock, export, timeout_s=None, max_options=None):
+    """Fixed newstyle handshake.  True: go on to transmission; False: the client is done.
+
+    All of it must end within timeout_s (HANDSHAKE_TIMEOUT_S), in at most max_options options
+    (MAX_HANDSHAKE_OPTIONS): else socket.timeout or ProtocolError, and the caller closes."""
+    timeout_s = HANDSHAKE_TIMEOUT_S if timeout_s is None else timeout_s
+    max_options = MAX_HANDSHAKE_OPTIONS if max_options is None else max_options
+    before = sock.gettimeout()
+    try:
+        return _negotiate(_Deadline(sock, timeout_s), export, max_options)
+    finally:
+        sock.settimeout(before)
+
+
+def _negotiate(sock, export, max_options):
     sock.sendall(GREETING.pack(NBDMAGIC, IHAVEOPT, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES))
     (cflags,) = CLIENT_FLAGS.unpack(recv_exact(sock, CLIENT_FLAGS.size, "client flag"))
     if cflags & ~(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES):
         raise ProtocolError(f"client sent unknown handshake flags {cflags:#x}")
     no_zeroes = bool(cflags & NBD_FLAG_C_NO_ZEROES)
+    count = 0
     while True:
+        count += 1
         magic, opt, length = OPTION.unpack(recv_exact(sock, OPTION.size, "option header"))
         if magic != IHAVEOPT:
             raise ProtocolError(f"bad option magic {magic:#x}")
+        if count > max_options:
+            raise ProtocolError(f"more than {max_options} options in one handshake")
         if length > MAX_OPTION:
             raise ProtocolError(f"option {opt} has {length} bytes of data, more than the {MAX_OPTION} allowed")
         data = recv_exact(sock, length, "option data")
@@ -1704,7 +1745,7 @@ def serve_connection(sock, export, label, io=None, buffer_bytes=None, handshake=
     except ProtocolError as e:
         log.warning("%s: %s; closing this connection", label, e)
     except socket.timeout:
-        log.warning("%s: no progress in the handshake for %d s; closing this connection", label, HANDSHAKE_TIMEOUT_S)
+        log.warning("%s: the handshake did not end within %d s; closing this connection", label, HANDSHAKE_TIMEOUT_S)
     except OSError as e:
         log.info("%s: connection lost: %s", label, e)
     except CudaError as e:
@@ -1751,6 +1792,19 @@ def check_socket_path(path):
     raise Fatal(f"socket {path!r} is in use by another server; stop it first or choose another --socket")
 
 
+def unix_connections(path):
+    """Connected sockets bound to PATH, in any process: the accepted ends of a listener's clients
+    (/proc/net/unix: state 03, SS_CONNECTED; the listener itself is 01)."""
+    n = 0
+    with open("/proc/net/unix", errors="surrogateescape") as f:
+        next(f)
+        for line in f:
+            fields = line.rstrip("\n").split(None, 7)
+            if len(fields) == 8 and fields[5] == "03" and fields[7] == path:
+                n += 1
+    return n
+
+
 class UnixServer:
     """`serve`: the export on a Unix socket (mode 0600), one thread per client.
 
@@ -1758,9 +1812,10 @@ class UnixServer:
     clients to worker processes that way).
     """
 
-    def __init__(self, path, export, max_connections, buffer_bytes, handoff=None):
+    def __init__(self, path, export, max_connections, buffer_bytes, handoff=None, max_pinned_bytes=None):
         self.path, self.export, self.handoff = path, export, handoff
         self.max_connections, self.buffer_bytes = max_connections, buffer_bytes
+        self.max_pinned_bytes = max_pinned_bytes    # each connection pins 2 x buffer_bytes (rx and tx)
         self.clients = {}           # thread -> socket
         self.lock = threading.Lock()
         self.stopping = False
@@ -1814,6 +1869,9 @@ class UnixServer:
             conn, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
+        if self._over_budget():
+            conn.close()
+            return
         if self.handoff is not None:
             try:
                 self.handoff(conn)
@@ -1832,6 +1890,23 @@ class UnixServer:
                                  kwargs={"buffer_bytes": self.buffer_bytes}, name=label, daemon=True)
             self.clients[t] = conn
         t.start()
+
+    def _over_budget(self):
+        """True (and a log line) if one more connection's buffers would pass max_pinned_bytes."""
+        if self.max_pinned_bytes is None:
+            return False
+        if self.handoff is None:
+            with self.lock:
+                self.clients = {t: s for t, s in self.clients.items() if t.is_alive()}
+                live = len(self.clients)
+        else:
+            live = unix_connections(self.path) - 1      # served by the workers; less the one just accepted
+        per = 2 * self.buffer_bytes
+        if (live + 1) * per <= self.max_pinned_bytes:
+            return False
+        log.warning("refusing a connection: %d clients pin %s of buffers, and one more would pass the pinned-memory "
+                    "budget of %s (--max-pinned)", live, format_size(live * per), format_size(self.max_pinned_bytes))
+        return True
 
     def close(self, join_timeout_s=10):
         """Stop listening, end every connection, and wait for their threads."""
@@ -4744,8 +4819,12 @@ def cmd_serve(args):
         size = _size(args.size)
         min_size = _size(args.min_size)
         buffer_bytes = _buffer_size(args.buffer_size)
+        max_pinned = parse_size(args.max_pinned)
     except ValueError as e:
         raise ConfigError(f"serve: {e}") from None
+    if max_pinned < 2 * buffer_bytes:
+        raise ConfigError(f"serve: --max-pinned {args.max_pinned} is less than one connection's buffers "
+                          f"(2 x --buffer-size = {format_size(2 * buffer_bytes)}): raise it or lower --buffer-size")
     if min_size > size:
         min_size = size
     cuda = Cuda(args.libcuda)
@@ -4772,7 +4851,11 @@ def cmd_serve(args):
             send_fd(ctl, conn.fileno())
         handoff = to_worker
         log.info("%d worker processes serve the clients", nworkers)
-    server = UnixServer(args.socket, Export(store), args.max_connections, buffer_bytes, handoff=handoff)
+    server = UnixServer(args.socket, Export(store), args.max_connections, buffer_bytes, handoff=handoff,
+                        max_pinned_bytes=max_pinned)
+    log.info("at most %d clients at once (--max-connections %d; --max-pinned %s / 2 x %s of buffers each)",
+             min(args.max_connections, max_pinned // (2 * buffer_bytes)), args.max_connections,
+             format_size(max_pinned), format_size(buffer_bytes))
     try:
         server.open()
         log.info("serving %s of VRAM on %s (NBD, fixed newstyle; any export name)", format_size(store.size_bytes),
@@ -4859,6 +4942,8 @@ def build_parser():
     s.add_argument("--max-connections", type=int, default=256, help="clients at once (default 256)")
     s.add_argument("--workers", type=int, default=0, help="serving processes (default: one per CPU, at most 8)")
     s.add_argument("--buffer-size", default="8M", help="pinned staging per connection, each way (default 8M)")
+    s.add_argument("--max-pinned", default="2G", help="pinned buffers of all clients together, 2 x --buffer-size "
+                   "each: a client past it is refused (default 2G)")
     s.add_argument("--libcuda", default=None, help="path of libcuda.so.1 (default: $NBD_VRAM_LIBCUDA or the system's)")
     s.add_argument("--debug", action="store_true", help="log every connection and invalid request")
 
