@@ -73,7 +73,7 @@ EXIT_NO_DRIVER = 5      # libcuda.so.1 missing or too old
 EXIT_NO_GPU = 6         # no usable NVIDIA GPU, or --gpu names none
 EXIT_NO_VRAM = 7        # not even the minimum size could be allocated
 EXIT_NO_NBD = 8         # the kernel has no nbd driver, or no free device
-EXIT_NOT_ROOT = 9       # run needs root
+EXIT_NOT_ROOT = 9       # run, sleep, wake, shrink, grow, upgrade need root; status, to read the state
 EXIT_DEGRADED = 10      # status: running, but I/O errors were seen
 EXIT_NO_CRYPT = 11      # encrypt = yes, but cryptsetup or the kernel's dm-crypt is missing
 
@@ -87,7 +87,7 @@ EXIT_CODES_HELP = """exit status:
   6   no usable NVIDIA GPU, or --gpu names none
   7   not even the minimum size of VRAM could be allocated
   8   the kernel has no nbd driver, or no free /dev/nbdX
-  9   run needs root
+  9   needs root: run, sleep, wake, shrink, grow, upgrade; status, where the state is root's
   10  status: running, but GPU or I/O errors were seen
   11  encrypt = yes, but cryptsetup or the kernel's dm-crypt is missing"""
 
@@ -126,6 +126,9 @@ class NbdKernelError(Fatal):
 class NoCryptError(Fatal):
     exit_code = EXIT_NO_CRYPT
 
+
+class NotRootError(Fatal):
+    exit_code = EXIT_NOT_ROOT
 
 
 class CudaError(Fatal):
@@ -1079,6 +1082,7 @@ MAX_BATCH = 256                # requests answered by one stream sync and one se
 GROUP_COPY_MAX = 64 * 1024     # reads up to this size share one cuMemcpyBatchAsync; larger ones go alone
 STREAM_WRITE_MIN = 256 * 1024  # a write this large is copied on in pieces while the rest of its payload arrives
 STREAM_PIECE = 128 * 1024      # the smallest such piece
+MAX_SOCKET_PATH = 107         # sockaddr_un's sun_path is 108 bytes with the final NUL
 HANDSHAKE_TIMEOUT_S = 30       # the whole handshake, not each receive: a client dripping a byte at a time is dropped
 MAX_HANDSHAKE_OPTIONS = 64     # options in one handshake; a client needs a handful (nbdinfo --list: about 5)
 
@@ -1760,7 +1764,10 @@ def serve_connection(sock, export, label, io=None, buffer_bytes=None, handshake=
 
 
 def check_socket_path(path):
-    """Refuse a socket path others could swap out from under us."""
+    """Refuse a socket path that cannot be bound, or that others could swap out from under us."""
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise ConfigError(f"socket {path!r}: {len(os.fsencode(path))} bytes long; a Unix socket path has at most "
+                          f"{MAX_SOCKET_PATH}: choose a shorter --socket")
     parent = os.path.dirname(os.path.abspath(path)) or "/"
     try:
         st = os.stat(parent)
@@ -3368,8 +3375,17 @@ def read_state():
     try:
         with open(state_path()) as f:
             return json.load(f)
+    except PermissionError:
+        raise NotRootError(f"cannot read the daemon's state ({state_path()}): permission denied; "
+                           "run this as root (sudo)") from None
     except (OSError, ValueError):
         return None
+
+
+def need_root(command, why):
+    """One line and exit 9 for a command that only root can do, instead of a wrong answer or a traceback."""
+    if os.geteuid() != 0:
+        raise NotRootError(f"{command} needs root: {why} (use sudo)")
 
 
 def remove_state():
@@ -4532,7 +4548,7 @@ def cmd_run(args, flags):
     settings, origin = load_config(args.config, flags)
     setup_logging(settings["debug"])
     if os.geteuid() != 0:
-        raise type("NotRoot", (Fatal,), {"exit_code": EXIT_NOT_ROOT})(
+        raise NotRootError(
             "run needs root: it loads the nbd module, attaches /dev/nbdX and runs swapon "
             "(use sudo, or `nbd_vram.py serve` for an NBD server that needs none of that)")
     if os.environ.get("PYTHONMALLOC") != "malloc":
@@ -4703,6 +4719,7 @@ def cmd_resize(args):
         raise ConfigError(f"{args.command}: {e}") from None
     if nbytes <= 0:
         raise ConfigError(f"{args.command}: the size must be more than 0")
+    need_root(args.command, "it hands the daemon its request in the daemon's runtime directory and signals it")
     st = read_state()
     if not st or not pid_alive(st.get("pid", 0)) or st.get("mode") != "serving":
         log.error("%s: no nbd-vram daemon is serving: nothing to %s", args.command, args.command)
@@ -4736,6 +4753,7 @@ def signal_daemon(sig=signal.SIGUSR1):
 
 def cmd_sleep(args):
     """Before the system sleeps: have the daemon release VRAM swap; fail, so that the sleep is refused, if it cannot."""
+    need_root("sleep", "it marks the daemon's runtime directory and signals the daemon")
     os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
     with open(sleep_marker(), "w") as f:
         f.write(time.strftime("%Y-%m-%d %H:%M:%S\n"))
@@ -4769,6 +4787,7 @@ def cmd_sleep(args):
 
 def cmd_wake(args):
     """After resume: let the daemon take VRAM swap back (a daemon someone stopped stays stopped)."""
+    need_root("wake", "it clears the mark in the daemon's runtime directory and signals the daemon")
     try:
         os.unlink(sleep_marker())
     except FileNotFoundError:
@@ -4780,6 +4799,7 @@ def cmd_wake(args):
 
 def cmd_upgrade(args):
     """After a new nbd_vram.py is in place: have the running daemon re-execute it, keeping swap."""
+    need_root("upgrade", "it signals the daemon")
     st = read_state()
     if not st or not pid_alive(st.get("pid", 0)):
         log.error("upgrade: no nbd-vram daemon is running: nothing to upgrade")
@@ -4827,6 +4847,7 @@ def cmd_serve(args):
                           f"(2 x --buffer-size = {format_size(2 * buffer_bytes)}): raise it or lower --buffer-size")
     if min_size > size:
         min_size = size
+    check_socket_path(args.socket)      # before any VRAM is taken (UnixServer.open checks it again)
     cuda = Cuda(args.libcuda)
     dev, ctx = VramStore.open_device(cuda, args.gpu)
     gpu = cuda.device_info(dev)

@@ -327,6 +327,50 @@ def test_run_needs_root(tmp_path):
     assert len(p.stderr.strip().splitlines()) == 1 and "run needs root" in p.stderr
 
 
+def as_nobody():
+    """The prefix that runs a command as uid/gid 65534 (skips the test where that is not possible)."""
+    if os.geteuid() != 0:
+        return ()
+    setpriv = shutil.which("setpriv")
+    if not setpriv:
+        pytest.skip("running as root and setpriv (util-linux) is missing: cannot drop privileges")
+    return (setpriv, "--reuid", "65534", "--regid", "65534", "--clear-groups")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["status"], "cannot read the daemon's state"),
+    (["status", "--json"], "cannot read the daemon's state"),
+    (["shrink", "1G"], "shrink needs root"),
+    (["grow", "1G"], "grow needs root"),
+    (["upgrade"], "upgrade needs root"),
+    (["sleep"], "sleep needs root"),
+    (["wake"], "wake needs root"),
+])
+def test_commands_without_root_say_so(tmp_path, argv, words):
+    """Not "not running" or "no daemon" (wrong), nor a PermissionError traceback: one line, exit 9."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    (run / "state.json").write_text('{"pid": 1, "mode": "serving"}')
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "NBD_VRAM_RUNTIME_DIR": str(run)}
+    p = cli(*argv, env=env, prefix=as_nobody())
+    assert p.returncode == 9, (p.returncode, p.stdout, p.stderr)
+    assert_clean(p)
+    assert len(p.stderr.strip().splitlines()) == 1 and words in p.stderr and "root" in p.stderr, p.stderr
+    assert p.stdout == ""
+
+
+def test_socket_path_too_long_refused_before_allocating(tmp_path, fakecuda):
+    sock = str(tmp_path / ("s" * (107 - len(str(tmp_path)))))     # 108 bytes: one more than sun_path holds
+    assert len(sock) == 108
+    calls = tmp_path / "cuda.log"
+    p = cli("serve", "--socket", sock, "--size", "128M", "--min-size", "64M",
+            env=fake_env(fakecuda, FAKECUDA_LOG=str(calls)))
+    assert p.returncode == 4, (p.returncode, p.stderr)
+    assert_clean(p)
+    assert len(error_lines(p)) == 1 and "at most 107" in p.stderr and "shorter --socket" in p.stderr
+    assert not calls.exists() or "cuMemCreate" not in calls.read_text()
+
+
 def test_status_not_running(tmp_path):
     env = dict(os.environ, NBD_VRAM_RUNTIME_DIR=str(tmp_path))
     p = cli("status", env=env)
