@@ -32,6 +32,7 @@ import ctypes
 import ctypes.util
 import enum
 import errno
+import fcntl
 import gc
 import json
 import logging
@@ -3342,14 +3343,111 @@ HANDOVER_ENV = "NBD_VRAM_HANDOVER_FD"   # the VRAM fd, kept open over that re-ex
 LEGACY_FDNAME = "vram"      # a slice's VRAM fd in systemd's fd store is named vram-GPU_UUID-NUMBER; before slices, "vram"
 
 
-def pid_alive(pid):
+LOCK_ENV = "NBD_VRAM_LOCK_FD"   # the daemon lock's fd, kept open over the daemon's re-execs
+
+
+def process_start(pid):
+    """When PID started: field 22 of /proc/PID/stat (clock ticks after boot); None if no such process.
+    The kernel reuses a pid as soon as its process is gone, never a (boot id, pid, start time)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()       # the name in () may hold spaces
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def boot_id():
+    return read_text("/proc/sys/kernel/random/boot_id")
+
+
+def identity():
+    """What the state names this process by: the pid, and what tells it from a later one with that pid."""
+    return {"pid": os.getpid(), "pid_start": process_start(os.getpid()), "boot_id": boot_id()}
+
+
+def _runs_daemon(pid):
+    """PID runs `nbd_vram.py run` (all that can be checked of a daemon older than pid_start)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return b"run" in argv and any(a.endswith(b"nbd_vram.py") for a in argv)
+
+
+def daemon_pid(state):
+    """The pid of the daemon STATE describes if that very process still runs, else None.
+
+    Its pid alone proves nothing: a daemon killed with -9 leaves its state behind, and the kernel
+    gives the pid to the next process.  The state names the daemon by pid, start time and boot id."""
+    pid = (state or {}).get("pid")
+    if type(pid) is not int or pid <= 0:
+        return None
+    if "pid_start" not in state:
+        return pid if _runs_daemon(pid) else None
+    start = process_start(pid)
+    if start is None or start != state["pid_start"] or state.get("boot_id") != boot_id():
+        return None
+    return pid
+
+
+def signal_daemon(sig=signal.SIGUSR1, state=None):
+    """Send SIG to the daemon the state (read now, or STATE) describes; its pid, or None if none runs.
+
+    The pid is checked through a pidfd opened first, so the signal cannot reach a process that got
+    the pid in between (SIGUSR1 and SIGUSR2 kill a process that does not expect them)."""
+    st = read_state() if state is None else state
+    pid = daemon_pid(st)
+    if pid is None:
+        return None
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    except (AttributeError, OSError):
+        pidfd = None        # no pidfd (Linux before 5.3): the check just made has to do
+    try:
+        if daemon_pid(st) != pid:
+            return None
+        if pidfd is None:
+            os.kill(pid, sig)
+        else:
+            signal.pidfd_send_signal(pidfd, sig)
+    except ProcessLookupError:
+        return None
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+    return pid
+
+
+def hold_daemon_lock():
+    """Take the lock that says a daemon runs (flock of RUNTIME_DIR/daemon.lock), or keep it after a
+    re-exec: its fd stays open over exec (its number in LOCK_ENV), and the kernel drops it only when
+    this process ends, however it ends.  Refuses to start while another daemon holds it."""
+    os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
+    path = os.path.join(runtime_dir(), "daemon.lock")
+    fd = os.environ.pop(LOCK_ENV, "")
+    fd = int(fd) if fd.isdigit() else None
+    if fd is not None:
+        try:
+            if not os.path.samestat(os.fstat(fd), os.stat(path)):
+                fd = None
+        except OSError:
+            fd = None
+    if fd is None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)      # a no-op on our own (inherited) lock
+    except BlockingIOError:
+        os.close(fd)
+        pid = daemon_pid(read_state())
+        raise Fatal(f"another nbd-vram daemon{f' (pid {pid})' if pid else ''} is running (it holds {path}); "
+                    "stop it first (systemctl stop vram-swap-nbd)") from None
+    os.set_inheritable(fd, True)        # subprocesses do not get it all the same: Popen closes every other fd
+    os.environ[LOCK_ENV] = str(fd)
+    return fd
 
 
 def write_json(path, obj):
@@ -3412,7 +3510,7 @@ def wait_for_power(power, reload):
     os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
     log.info("idle, holding no VRAM: %s", power.why)
     while True:
-        write_json(state_path(), {"pid": os.getpid(), "version": __version__, "mode": "idle", "started": started,
+        write_json(state_path(), {**identity(), "version": __version__, "mode": "idle", "started": started,
                                   "power": power.state()})
         sd_notify("READY=1", f"STATUS=idle, holding no VRAM: {power.why}")
         info = signal.sigtimedwait(DAEMON_SIGNALS, power.poll_s)
@@ -4042,7 +4140,8 @@ class Daemon:
     def _check_stale(self):
         """Refuse to start over a device an earlier daemon left behind, and never reuse live swap."""
         old = read_state()
-        if old and old.get("pid") != os.getpid() and pid_alive(old.get("pid", 0)):
+        # (A daemon of this version holds the lock that run took; this finds an older one.)
+        if daemon_pid(old) not in (None, os.getpid()):
             raise Fatal(f"another nbd-vram daemon (pid {old['pid']}) is serving {old.get('device')}; "
                         "stop it first (systemctl stop vram-swap-nbd)")
         swaps = active_swaps()
@@ -4054,7 +4153,7 @@ class Daemon:
                 continue
             dev = f"/dev/nbd{index}"
             owner = int(backend.split(":")[1]) if ours and backend.split(":")[1].isdigit() else 0
-            if owner and pid_alive(owner):
+            if owner and owner != os.getpid() and _runs_daemon(owner):
                 raise Fatal(f"{dev} is served by another nbd-vram daemon (pid {owner}); stop it first")
             if index in mappings:
                 self._close_stale_mapping(dev, owner, *mappings[index], swaps)
@@ -4089,7 +4188,7 @@ class Daemon:
         why_all = None
         if old.get("mode") != "serving" or old.get("attach") != "netlink":
             why_all = "no state of a daemon that served over netlink"
-        elif pid_alive(old.get("pid", 0)) and old.get("pid") != os.getpid():
+        elif daemon_pid(old) not in (None, os.getpid()):
             why_all = f"its daemon (pid {old['pid']}) still runs"
         kept = []
         for s in slices or []:
@@ -4272,7 +4371,7 @@ class Daemon:
         slices = [sl.describe(swaps) for sl in self.slices]
         first = slices[0] if slices else {}
         cfg = self.cfg
-        state = {"pid": os.getpid(), "version": __version__, "mode": "serving",
+        state = {**identity(), "version": __version__, "mode": "serving",
                  "device": first.get("device"), "swap_device": first.get("swap_device"),
                  "attach": first.get("attach") or ("netlink" if cfg["attach"] != "ioctl" else "ioctl"),
                  "encrypted": any(s["encrypted"] for s in slices),
@@ -4551,6 +4650,7 @@ def cmd_run(args, flags):
         raise NotRootError(
             "run needs root: it loads the nbd module, attaches /dev/nbdX and runs swapon "
             "(use sudo, or `nbd_vram.py serve` for an NBD server that needs none of that)")
+    hold_daemon_lock()      # before anything else; kept over the re-execs below
     if os.environ.get("PYTHONMALLOC") != "malloc":
         # Python's own allocator maps and unmaps arenas as it goes; under memory
         # pressure a new arena is a page the serving thread may not get.  glibc's
@@ -4567,6 +4667,11 @@ def cmd_run(args, flags):
     for name in [n for n in stored if not n.startswith(LEGACY_FDNAME)]:
         log.warning("systemd passed an fd named %r that this version does not use: closing it", name)
         os.close(stored.pop(name))
+    old = read_state()
+    if old and not stored and daemon_pid(old) is None:
+        # (With stored fds, the state says what to take over: the new one replaces it.)
+        log.info("removing the state that a daemon (pid %s) left when it died", old.get("pid"))
+        remove_state()
     if settings["encrypt"]:
         check_crypt_support()       # before anything is allocated, and while idle on battery too
     power = PowerPolicy(settings)
@@ -4611,7 +4716,7 @@ def gather_status():
     state = read_state()
     if not state:
         return {"running": False}
-    running = pid_alive(state.get("pid", 0))
+    running = daemon_pid(state) is not None
     status = dict(state, running=running)
     if state.get("mode") == "idle":
         status["healthy"] = running
@@ -4721,12 +4826,13 @@ def cmd_resize(args):
         raise ConfigError(f"{args.command}: the size must be more than 0")
     need_root(args.command, "it hands the daemon its request in the daemon's runtime directory and signals it")
     st = read_state()
-    if not st or not pid_alive(st.get("pid", 0)) or st.get("mode") != "serving":
+    if daemon_pid(st) is None or st.get("mode") != "serving":
         log.error("%s: no nbd-vram daemon is serving: nothing to %s", args.command, args.command)
         return EXIT_NOT_RUNNING
     rid = time.time()
     write_json(request_path(), {"id": rid, "op": args.command, "bytes": nbytes})
-    os.kill(st["pid"], signal.SIGUSR1)
+    if signal_daemon(signal.SIGUSR1, st) is None:
+        raise Fatal(f"the daemon (pid {st['pid']}) exited: see journalctl -u vram-swap-nbd")
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         time.sleep(0.2)
@@ -4735,20 +4841,10 @@ def cmd_resize(args):
         if req.get("id") == rid:
             (log.info if req["ok"] else log.warning)("%s %s: %s", args.command, format_size(nbytes), req["result"])
             return EXIT_OK if req["ok"] else EXIT_FAILURE
-        if not pid_alive(st["pid"]):
+        if daemon_pid(st) is None:
             raise Fatal(f"the daemon (pid {st['pid']}) exited: see journalctl -u vram-swap-nbd")
     raise Fatal(f"the daemon did not answer the {args.command} request within {args.timeout:.0f} s (a swapoff can "
                 "take long: see `nbd_vram.py status` and journalctl -u vram-swap-nbd)")
-
-
-def signal_daemon(sig=signal.SIGUSR1):
-    """Send SIG to the running daemon; its pid, or None if none runs."""
-    st = read_state()
-    pid = st.get("pid") if st else None
-    if not pid or not pid_alive(pid):
-        return None
-    os.kill(pid, sig)
-    return pid
 
 
 def cmd_sleep(args):
@@ -4758,14 +4854,15 @@ def cmd_sleep(args):
     with open(sleep_marker(), "w") as f:
         f.write(time.strftime("%Y-%m-%d %H:%M:%S\n"))
     asked = time.time()
-    pid = signal_daemon()
+    asked_state = read_state()
+    pid = signal_daemon(state=asked_state)
     if pid is None:
         log.info("sleep: no nbd-vram daemon is running: nothing to release")
         return EXIT_OK
     log.info("sleep: asking the daemon (pid %d) to release VRAM swap", pid)
     deadline = time.monotonic() + args.timeout
     while True:
-        if not pid_alive(pid):
+        if daemon_pid(asked_state) is None:
             log.info("sleep: the daemon has stopped: nothing to release")
             return EXIT_OK
         st = read_state() or {}      # none for a moment while the daemon starts over
@@ -4780,7 +4877,7 @@ def cmd_sleep(args):
             break
         time.sleep(0.2)
     os.unlink(sleep_marker())
-    signal_daemon()
+    signal_daemon(state=asked_state)
     raise Fatal(f"refusing to let the system sleep with swap on the GPU (its pages would be lost when it powers off): "
                 f"{why}; close some programs to free RAM, then try again")
 
@@ -4801,7 +4898,7 @@ def cmd_upgrade(args):
     """After a new nbd_vram.py is in place: have the running daemon re-execute it, keeping swap."""
     need_root("upgrade", "it signals the daemon")
     st = read_state()
-    if not st or not pid_alive(st.get("pid", 0)):
+    if daemon_pid(st) is None:
         log.error("upgrade: no nbd-vram daemon is running: nothing to upgrade")
         return EXIT_NOT_RUNNING
     if st.get("mode") != "serving" or not st.get("handover"):
@@ -4809,12 +4906,13 @@ def cmd_upgrade(args):
                     f"({'it is idle' if st.get('mode') == 'idle' else 'it predates that, or serves without an exportable VRAM fd or netlink'}): "
                     "use systemctl restart vram-swap-nbd (a full swapoff first)")
     pid, started = st["pid"], time.time()
-    os.kill(pid, signal.SIGUSR2)
+    if signal_daemon(signal.SIGUSR2, st) is None:
+        raise Fatal(f"the daemon (pid {pid}) exited before the upgrade: see journalctl -u vram-swap-nbd")
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         time.sleep(0.2)
         now = read_state() or {}
-        if not pid_alive(pid):
+        if daemon_pid(st) is None:
             raise Fatal(f"the daemon (pid {pid}) exited during the upgrade: see journalctl -u vram-swap-nbd")
         if now.get("mode") == "serving" and now.get("adopted_at", 0) >= started:
             log.info("upgraded: pid %d runs version %s, %s kept as swap", pid, now.get("version"), now.get("device"))

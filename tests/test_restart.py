@@ -160,7 +160,8 @@ def test_upgrade_refuses_what_it_cannot_do(tmp_path, fakecuda):
     assert p.returncode == 3 and "no nbd-vram daemon is running" in p.stderr
     (tmp_path / "run").mkdir()
     # A daemon of an older version (no "handover" in its state) must not get a SIGUSR2: it would die of it.
-    sleeper = subprocess.Popen(["sleep", "60"])
+    # (Its state names it by pid alone: it must at least run `nbd_vram.py run`, as this one seems to.)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "/usr/local/bin/nbd_vram.py", "run"])
     try:
         (tmp_path / "run/state.json").write_text(json.dumps({"pid": sleeper.pid, "mode": "serving", "version": "0.0.9"}))
         p = subprocess.run([sys.executable, str(ROOT / "nbd_vram.py"), "upgrade"], env=env, capture_output=True,
