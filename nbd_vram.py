@@ -3912,6 +3912,7 @@ class Daemon:
     def __init__(self, settings, power=None, reload=None, stored_fds=None):
         self.cfg = settings
         self.stored_fds = dict(stored_fds or {})     # from systemd's fd store: a restart after a crash
+        self.to_scrub = []              # (fd name, fd, GPU UUID, bytes) of stored VRAM not taken over
         self.power = power or PowerPolicy(settings)
         self.reload = reload or (lambda: None)      # SIGHUP: re-read the power settings
         self.release_failed = None                  # (time, why) of the last swapoff the power policy asked for
@@ -3955,6 +3956,7 @@ class Daemon:
         cuda.init()
         self.nvml = Nvml.open()
         self._open_gpus(cuda, [s["gpu"] for s in adopt])
+        self._scrub_let_go(cuda)
         self._open_counters()
         # Locked like a worker even when workers serve: this process must be able to replace a dead
         # worker while memory is full and the swap on that worker's connections is stalled.
@@ -4185,11 +4187,11 @@ class Daemon:
             slices = [{"gpu": (old.get("gpu") or {}).get("uuid"), "number": 0, "fdname": LEGACY_FDNAME,
                        "index": old.get("index"), "device": old.get("device"), "swap_device": old.get("swap_device"),
                        "size_bytes": old.get("size_bytes"), "encrypted": old.get("encrypted")}]
-        why_all = None
+        why_all, in_use = None, False
         if old.get("mode") != "serving" or old.get("attach") != "netlink":
             why_all = "no state of a daemon that served over netlink"
         elif daemon_pid(old) not in (None, os.getpid()):
-            why_all = f"its daemon (pid {old['pid']}) still runs"
+            why_all, in_use = f"its daemon (pid {old['pid']}) still runs", True
         kept = []
         for s in slices or []:
             if s.get("fdname") not in self.stored_fds:
@@ -4200,14 +4202,17 @@ class Daemon:
                 why = f"{s.get('device')} is no longer attached (dead_conn_timeout ran out?)"
             if why:
                 log.warning("systemd handed back the stored VRAM fd of %s, but %s: releasing it", s.get("device"), why)
-                self._let_go(s["fdname"])
+                # Zeroed first, unless a daemon still serves it (an older one: it holds no lock).
+                self._let_go(s["fdname"], s.get("gpu"), s.get("size_bytes"), scrub=not in_use)
                 continue
             s["backend"] = backend
             kept.append(s)
         kept_names = {s["fdname"] for s in kept}
         for name in [n for n in self.stored_fds if n not in kept_names]:
             log.warning("systemd handed back a stored fd %r that no slice of the last daemon names: releasing it", name)
-            self._let_go(name)
+            uuid = re.fullmatch(r"vram-(GPU-[0-9a-fA-F-]+)-\d+", name)
+            self._let_go(name, uuid.group(1) if uuid else (old.get("gpu") or {}).get("uuid"),
+                         old.get("size_bytes") if name == LEGACY_FDNAME else self.cfg["slice_size"], scrub=not in_use)
         if kept:
             devices = ", ".join(s["device"] for s in kept)
             if old.get("pid") == os.getpid():
@@ -4217,11 +4222,41 @@ class Daemon:
                             "new connections", old.get("pid"), devices)
         return old, kept
 
-    def _let_go(self, name):
+    def _let_go(self, name, uuid=None, size_bytes=None, scrub=True):
+        """A stored VRAM fd that is not taken over: zeroed once CUDA is up (_scrub_let_go), then released."""
         fd = self.stored_fds.pop(name, None)
+        if fd is not None and scrub and size_bytes:
+            self.to_scrub.append((name, fd, uuid, size_bytes))
+            return
         if fd is not None:
             os.close(fd)
         sd_notify("FDSTOREREMOVE=1", f"FDNAME={name}")
+
+    def _scrub_let_go(self, cuda):
+        """The swapped pages of the daemon before are in the VRAM let go: zero it before the driver
+        hands it to the next program, then unmap, release and close it, and drop systemd's copy."""
+        for name, fd, uuid, size in self.to_scrub:
+            g = next((g for g in self.gpus if g.info["uuid"] == uuid), None)
+            try:
+                if g is not None:
+                    dev, ctx = g.dev, g.ctx
+                else:
+                    dev, ctx = VramStore.open_device(cuda, uuid or "0")      # a GPU no longer configured
+                store = VramStore.import_fd(cuda, dev, ctx, fd, size)
+            except Fatal as e:
+                log.warning("could not zero the stored VRAM %r before releasing it (%s): it goes back to the "
+                            "driver as it is", name, e)
+                os.close(fd)
+            else:
+                store.imported = False      # ours to scrub and release: free() zeroes, unmaps, releases, closes
+                store.free()
+                log.info("zeroed and released %s of VRAM from the stored fd %r", format_size(size), name)
+                if g is None:
+                    cuda.cuDevicePrimaryCtxRelease_v2(dev)
+            sd_notify("FDSTOREREMOVE=1", f"FDNAME={name}")
+        self.to_scrub = []
+        if self.gpus:
+            cuda.call("cuCtxSetCurrent", self.gpus[-1].ctx)
 
     def _stop_orphans(self, old):
         """The dead daemon's workers may still serve its sockets: end them, so the kernel marks those dead."""
