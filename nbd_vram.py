@@ -2884,6 +2884,7 @@ def power_decision(policy, threshold, readings, released, sleeping=False):
 
 SLEEP_MARKER = "sleeping"           # in the runtime dir: `nbd_vram.py sleep` made it, `wake` removes it
 RELEASED_ENV = "NBD_VRAM_POWER_RELEASED"   # carried over the daemon's re-exec after a power release
+NO_VRAM_ENV = "NBD_VRAM_NO_VRAM"    # over the re-exec after taking swap back failed for want of VRAM: why
 
 
 def sleep_marker():
@@ -3500,19 +3501,22 @@ def reexec(argv, environ=None):
     os.execve(sys.executable, [sys.executable, os.path.abspath(sys.argv[0])] + list(argv), environ or os.environ)
 
 
-def wait_for_power(power, reload):
+def wait_for_power(power, reload, no_vram=None):
     """Idle until the power policy wants VRAM swap: no CUDA, no device, no GPU handle.
 
+    no_vram: why taking VRAM back failed just now; the next try is at the next power poll.
     Returns False when told to stop meanwhile."""
-    if power.evaluate():
+    if power.evaluate() and not no_vram:
         return True
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
-    log.info("idle, holding no VRAM: %s", power.why)
+    if not no_vram:
+        log.info("idle, holding no VRAM: %s", power.why)
     while True:
+        why = f"out of VRAM ({no_vram}); trying again every {power.poll_s:g} s" if no_vram else power.why
         write_json(state_path(), {**identity(), "version": __version__, "mode": "idle", "started": started,
-                                  "power": power.state()})
-        sd_notify("READY=1", f"STATUS=idle, holding no VRAM: {power.why}")
+                                  "power": power.state(), "idle_why": why})
+        sd_notify("READY=1", f"STATUS=idle, holding no VRAM: {why}")
         info = signal.sigtimedwait(DAEMON_SIGNALS, power.poll_s)
         if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
             log.info("%s received while idle: stopping", signal.Signals(info.si_signo).name)
@@ -3521,9 +3525,10 @@ def wait_for_power(power, reload):
         if info is not None and info.si_signo == signal.SIGHUP:
             reload()
         if power.evaluate():
-            log.info("power: taking VRAM swap back (%s)", power.why)
+            (log.debug if no_vram else log.info)("power: taking VRAM swap back (%s)", power.why)
             remove_state()      # the daemon writes its own once it serves; a failed start leaves none
             return True
+        no_vram = None          # not wanted now anyway: idle for the power policy's reason
 
 
 def run_undo(steps, label, failed=None):
@@ -4713,12 +4718,22 @@ def cmd_run(args, flags):
     warning = hibernation_resume_warning()
     if warning:
         log.warning("%s", warning)
-    if not stored and not wait_for_power(power, lambda: power.reload(args, flags)):
+    no_vram = os.environ.pop(NO_VRAM_ENV, None)
+    if not stored and not wait_for_power(power, lambda: power.reload(args, flags), no_vram):
         return EXIT_OK      # (after a crash, live swap is taken back first; the power policy decides next)
     daemon = Daemon(settings, power, lambda: power.reload(args, flags), stored)
     try:
         daemon.start()
         rc = daemon.loop()
+    except NoVramError as e:
+        daemon.stop()
+        if stored or RELEASED_ENV not in os.environ:
+            raise       # at the service's start: exit 7, and systemd tries again a few times
+        # Taking swap back after a power release: another program has the VRAM now.  Nothing was
+        # swapped there, so nothing is lost: idle again (a fresh process: no CUDA) and retry.
+        (log.debug if no_vram else log.warning)("power: taking VRAM swap back failed: %s; idle, trying again "
+                                                "every %g s", e, power.poll_s)
+        reexec(args.argv, dict(os.environ, **{NO_VRAM_ENV: str(e).split(";")[0]}))
     except BaseException:
         daemon.stop()
         raise
@@ -4801,7 +4816,7 @@ def cmd_status(args):
         return EXIT_NOT_RUNNING
     if not args.json and st.get("mode") == "idle":
         rows = [("daemon", f"idle, pid {st['pid']}, since {st['started']}, version {st['version']}"),
-                ("swap", f"off, no VRAM held: {st['power']['why']}"),
+                ("swap", f"off, no VRAM held: {st.get('idle_why') or st['power']['why']}"),
                 ("power", describe_power(st["power"]))]
         for k, v in rows:
             print(f"{k:<8} {v}")

@@ -60,18 +60,31 @@ def test_lost_device_is_an_error_never_zeros(harness):   # noqa: F811
     assert "Traceback" not in text
 
 
-def test_out_of_vram_when_taking_swap_back(harness):   # noqa: F811
+def test_out_of_vram_when_taking_swap_back_stays_idle_and_retries(harness, tmp_path):   # noqa: F811
     """Out of memory in the middle of the daemon's life: released on battery, AC back, but another
-    program now holds the VRAM.  Nothing is swapped there (it was released), so nothing is lost:
-    one clear line and exit 7 (systemd retries a few times: it is not in RestartPreventExitStatus)."""
-    h = harness(policy="ac", HARNESS_OOM_AFTER_RELEASE="1")
+    program now holds the VRAM.  Nothing is swapped there (it was released), so nothing is lost: one
+    warning, idle (no exit 7), and every power poll tries again until the VRAM is free."""
+    usage = tmp_path / "other-usage"
+    usage.write_text("0\n")
+    h = harness(policy="ac", FAKECUDA_OTHER_USAGE=str(usage))
     h.wait_mode("serving")
     h.ac(False)
     h.wait_mode("idle")
+    usage.write_text("8192\n")                  # all of the fake GPU's memory
     h.ac(True)
-    assert wait_exit(h) == 7, h.text()
+    deadline = time.monotonic() + 60
+    while "taking VRAM swap back failed" not in h.text():
+        assert h.proc.poll() is None and time.monotonic() < deadline, h.text()
+        time.sleep(0.2)
+    time.sleep(3.5)                              # a few more polls (power_poll = 1), each a try
+    assert h.proc.poll() is None, h.text()
+    st = h.wait_mode("idle")
+    assert "out of VRAM" in st["idle_why"] and "trying again every 1 s" in st["idle_why"], st
     text = h.text()
-    assert "Traceback" not in text
-    err = [l for l in text.splitlines() if "ERROR" in l]
-    assert len(err) == 1 and "VRAM" in err[0], err
-    assert not (h.run / "state.json").exists()
+    assert "Traceback" not in text and not [l for l in text.splitlines() if "ERROR" in l], text
+    assert text.count("taking VRAM swap back failed") == 1, text          # one line, not one a try
+    assert "out of VRAM" in h.cli("status").stdout
+    usage.write_text("0\n")                     # the other program is gone
+    h.wait_mode("serving")
+    assert h.lines()[-3:] == ["attach 2", "probe ok", "swapon /dev/nbd-harness 1500"], h.lines()
+    assert h.stop() == 0
