@@ -4242,21 +4242,26 @@ class Daemon:
         hands it to the next program, then unmap, release and close it, and drop systemd's copy."""
         for name, fd, uuid, size in self.to_scrub:
             g = next((g for g in self.gpus if g.info["uuid"] == uuid), None)
+            dev = store = None
             try:
                 if g is not None:
                     dev, ctx = g.dev, g.ctx
+                    cuda.call("cuCtxSetCurrent", ctx)
                 else:
                     dev, ctx = VramStore.open_device(cuda, uuid or "0")      # a GPU no longer configured
                 store = VramStore.import_fd(cuda, dev, ctx, fd, size)
+                cuda.check("cuMemsetD8_v2", cuda.cuMemsetD8_v2(store.dptr, 0, size))
+                cuda.check("cuCtxSynchronize", cuda.cuCtxSynchronize())
+                log.info("zeroed and released %s of VRAM from the stored fd %r", format_size(size), name)
             except Fatal as e:
                 log.warning("could not zero the stored VRAM %r before releasing it (%s): it goes back to the "
                             "driver as it is", name, e)
-                os.close(fd)
-            else:
-                store.imported = False      # ours to scrub and release: free() zeroes, unmaps, releases, closes
-                store.free()
-                log.info("zeroed and released %s of VRAM from the stored fd %r", format_size(size), name)
-                if g is None:
+            finally:
+                if store is not None:
+                    store.free(scrub=False)      # unmap, release, close the fd
+                else:
+                    os.close(fd)
+                if g is None and dev is not None:
                     cuda.cuDevicePrimaryCtxRelease_v2(dev)
             sd_notify("FDSTOREREMOVE=1", f"FDNAME={name}")
         self.to_scrub = []
@@ -4273,7 +4278,9 @@ class Daemon:
                     argv = f.read().split(b"\0")
             except OSError:
                 continue
-            if b"worker" not in argv or not any(a.endswith(b"nbd_vram.py") for a in argv):
+            starts = old.get("worker_starts") or {}
+            if (b"worker" not in argv or not any(a.endswith(b"nbd_vram.py") for a in argv)
+                    or (str(pid) in starts and starts[str(pid)] != process_start(pid))):
                 log.debug("pid %d is no longer a worker of ours (%r): left alone", pid, argv[:3])
                 continue
             try:
@@ -4425,6 +4432,7 @@ class Daemon:
                  "started": self.started, "power": self.power.state()}
         state["gpu"] = state["gpus"][0] if state["gpus"] else None
         state["worker_pids"] = [pid for g in self.gpus for pid in g.worker_pids()]
+        state["worker_starts"] = {str(pid): process_start(pid) for pid in state["worker_pids"]}
         state["handover"] = bool(slices) and all(sl.store.fd is not None and sl.attach_kind == "netlink"
                                                  for sl in self.slices)
         state["sysctl_saved"] = self.sysctl_saved

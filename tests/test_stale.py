@@ -162,3 +162,19 @@ def test_install_sh_stops_only_the_daemon_itself(tmp_path, fakecuda):
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_reused_worker_pid_is_not_killed(nv):
+    """Taking over after a crash SIGKILLs the dead daemon's workers: only those very processes (their
+    start times are in the state), not whatever nbd_vram.py worker got one of their pids since."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "/usr/local/bin/nbd_vram.py",
+                              "worker"])
+    try:
+        daemon = nv.Daemon.__new__(nv.Daemon)
+        daemon._stop_orphans({"worker_pids": [other.pid], "worker_starts": {str(other.pid): start_ticks(other.pid) - 1}})
+        assert other.poll() is None, "a process that only has a dead worker's pid was killed"
+        daemon._stop_orphans({"worker_pids": [other.pid], "worker_starts": {str(other.pid): start_ticks(other.pid)}})
+        assert not os.path.exists(f"/proc/{other.pid}")                  # the worker itself: stopped (and reaped)
+    finally:
+        other.kill()
+        other.wait()
