@@ -371,6 +371,17 @@ def test_socket_path_too_long_refused_before_allocating(tmp_path, fakecuda):
     assert not calls.exists() or "cuMemCreate" not in calls.read_text()
 
 
+@pytest.mark.parametrize("value, words", [("8M", "less than one connection's buffers"), ("lots", "serve: ")])
+def test_max_pinned_checked_before_allocating(tmp_path, fakecuda, value, words):
+    calls = tmp_path / "cuda.log"
+    p = cli("serve", "--socket", str(tmp_path / "s.sock"), "--size", "128M", "--min-size", "64M",
+            "--buffer-size", "8M", "--max-pinned", value, env=fake_env(fakecuda, FAKECUDA_LOG=str(calls)))
+    assert p.returncode == 4, (p.returncode, p.stderr)
+    assert_clean(p)
+    assert len(error_lines(p)) == 1 and words in p.stderr, p.stderr
+    assert not calls.exists() or "cuMemCreate" not in calls.read_text()
+
+
 def test_status_not_running(tmp_path):
     env = dict(os.environ, NBD_VRAM_RUNTIME_DIR=str(tmp_path))
     p = cli("status", env=env)
