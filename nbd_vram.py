@@ -3526,7 +3526,8 @@ def wait_for_power(power, reload, no_vram=None):
             reload()
         if power.evaluate():
             (log.debug if no_vram else log.info)("power: taking VRAM swap back (%s)", power.why)
-            remove_state()      # the daemon writes its own once it serves; a failed start leaves none
+            if not no_vram:     # (a retry keeps saying why it is idle until it serves)
+                remove_state()  # the daemon writes its own once it serves; a failed start leaves none
             return True
         no_vram = None          # not wanted now anyway: idle for the power policy's reason
 
