@@ -144,14 +144,24 @@ stop_service() {
     die "$UNIT did not stop (swapoff still running or failing, see journalctl -u $UNIT); nothing was changed: free some RAM and run install.sh again"
 }
 
+# daemon_pid: the pid of the daemon that $RUNDIR/state.json describes if that very process still
+# runs, else "".  A pid alone proves nothing (a daemon killed with -9 leaves its state, and the pid
+# goes to the next process): nbd_vram.py's daemon_pid() checks its start time and the boot id.
+daemon_pid() {
+    NBD_VRAM_RUNTIME_DIR=$RUNDIR python3 -c 'import importlib.util as u, sys
+spec = u.spec_from_file_location("nbd_vram", sys.argv[1])
+nv = u.module_from_spec(spec)
+spec.loader.exec_module(nv)
+print(nv.daemon_pid(nv.read_state()) or "")' "$SRC/nbd_vram.py" 2>/dev/null || true
+}
+
 # A daemon not started by systemd (test_smoke.sh, or `nbd_vram.py run` by hand) would make
 # the service refuse to start: stop it with SIGTERM (its own swapoff path) and wait.
 stop_stray_daemon() {
     [ -z "$ROOT" ] || return 0
-    local state=$RUNDIR/state.json pid main=0 waited=0
-    [ -r "$state" ] || return 0
-    pid=$(python3 -c 'import json, sys; print(int(json.load(open(sys.argv[1]))["pid"]))' "$state" 2>/dev/null) || return 0
-    [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q 'nbd_vram\.py' || return 0
+    local pid main=0 waited=0
+    pid=$(daemon_pid)
+    [ -n "$pid" ] || return 0
     if [ "$SYSTEMD" = live ]; then
         main=$(systemctl show -p MainPID --value "$UNIT" 2>/dev/null || echo 0)
     fi
@@ -337,8 +347,8 @@ do_uninstall() {
         remove_file "$RUNDIR/sleep-stopped"     # left by versions whose sleep unit stopped the service
         remove_file "$RUNDIR/sleeping"
         local pid
-        pid=$(python3 -c 'import json, sys; print(int(json.load(open(sys.argv[1]))["pid"]))' "$RUNDIR/state.json" 2>/dev/null) || pid=""
-        if [ -n "$pid" ] && [ -d "/proc/$pid" ]; then
+        pid=$(daemon_pid)
+        if [ -n "$pid" ]; then
             echo "install.sh: warning: an nbd-vram daemon (pid $pid) still serves swap: stop it with kill -TERM $pid (it swapoffs first)" >&2
         fi
     fi

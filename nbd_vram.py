@@ -33,6 +33,7 @@ import ctypes
 import ctypes.util
 import enum
 import errno
+import fcntl
 import gc
 import json
 import logging
@@ -75,7 +76,7 @@ EXIT_NO_DRIVER = 5      # libcuda.so.1 missing or too old
 EXIT_NO_GPU = 6         # no usable NVIDIA GPU, or --gpu names none
 EXIT_NO_VRAM = 7        # not even the minimum size could be allocated
 EXIT_NO_NBD = 8         # the kernel has no nbd driver, or no free device
-EXIT_NOT_ROOT = 9       # run needs root
+EXIT_NOT_ROOT = 9       # run, sleep, wake, shrink, grow, upgrade need root; status, to read the state
 EXIT_DEGRADED = 10      # status: running, but I/O errors were seen
 EXIT_NO_CRYPT = 11      # encrypt = yes, but cryptsetup or the kernel's dm-crypt is missing
 
@@ -89,7 +90,7 @@ EXIT_CODES_HELP = """exit status:
   6   no usable NVIDIA GPU, or --gpu names none
   7   not even the minimum size of VRAM could be allocated
   8   the kernel has no nbd driver, or no free /dev/nbdX
-  9   run needs root
+  9   needs root: run, sleep, wake, shrink, grow, upgrade; status, where the state is root's
   10  status: running, but GPU or I/O errors were seen
   11  encrypt = yes, but cryptsetup or the kernel's dm-crypt is missing"""
 
@@ -127,6 +128,10 @@ class NbdKernelError(Fatal):
 
 class NoCryptError(Fatal):
     exit_code = EXIT_NO_CRYPT
+
+
+class NotRootError(Fatal):
+    exit_code = EXIT_NOT_ROOT
 
 
 class CudaError(Fatal):
@@ -1034,7 +1039,9 @@ MAX_BATCH = 256                # requests answered by one stream sync and one se
 GROUP_COPY_MAX = 64 * 1024     # reads up to this size share one cuMemcpyBatchAsync; larger ones go alone
 STREAM_WRITE_MIN = 256 * 1024  # a write this large is copied on in pieces while the rest of its payload arrives
 STREAM_PIECE = 128 * 1024      # the smallest such piece
-HANDSHAKE_TIMEOUT_S = 30       # a client that stalls in negotiation is dropped
+MAX_SOCKET_PATH = 107         # sockaddr_un's sun_path is 108 bytes with the final NUL
+HANDSHAKE_TIMEOUT_S = 30       # the whole handshake, not each receive: a client dripping a byte at a time is dropped
+MAX_HANDSHAKE_OPTIONS = 64     # options in one handshake; a client needs a handful (nbdinfo --list: about 5)
 
 # S: NBDMAGIC, IHAVEOPT, handshake flags
 GREETING = struct.Struct("!QQH")
@@ -1690,17 +1697,56 @@ def _option_reply(sock, opt, rep, data=b""):
     sock.sendall(OPTION_REPLY.pack(NBD_REP_MAGIC, opt, rep, len(data)) + data)
 
 
-def negotiate(sock, export):
-    """Fixed newstyle handshake.  True: go on to transmission; False: the client is done."""
+class _Deadline:
+    """A socket whose every receive and send must end by one deadline: its timeout is set to the time left."""
+
+    def __init__(self, sock, timeout_s):
+        self.sock, self.timeout_s = sock, timeout_s
+        self.end = time.monotonic() + timeout_s
+
+    def _left(self):
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise socket.timeout(f"the handshake took more than {self.timeout_s:g} s")
+        self.sock.settimeout(left)
+
+    def recv_into(self, view):
+        self._left()
+        return self.sock.recv_into(view)
+
+    def sendall(self, data):
+        self._left()
+        return self.sock.sendall(data)
+
+
+def negotiate(sock, export, timeout_s=None, max_options=None):
+    """Fixed newstyle handshake.  True: go on to transmission; False: the client is done.
+
+    All of it must end within timeout_s (HANDSHAKE_TIMEOUT_S), in at most max_options options
+    (MAX_HANDSHAKE_OPTIONS): else socket.timeout or ProtocolError, and the caller closes."""
+    timeout_s = HANDSHAKE_TIMEOUT_S if timeout_s is None else timeout_s
+    max_options = MAX_HANDSHAKE_OPTIONS if max_options is None else max_options
+    before = sock.gettimeout()
+    try:
+        return _negotiate(_Deadline(sock, timeout_s), export, max_options)
+    finally:
+        sock.settimeout(before)
+
+
+def _negotiate(sock, export, max_options):
     sock.sendall(GREETING.pack(NBDMAGIC, IHAVEOPT, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES))
     (cflags,) = CLIENT_FLAGS.unpack(recv_exact(sock, CLIENT_FLAGS.size, "client flag"))
     if cflags & ~(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES):
         raise ProtocolError(f"client sent unknown handshake flags {cflags:#x}")
     no_zeroes = bool(cflags & NBD_FLAG_C_NO_ZEROES)
+    count = 0
     while True:
+        count += 1
         magic, opt, length = OPTION.unpack(recv_exact(sock, OPTION.size, "option header"))
         if magic != IHAVEOPT:
             raise ProtocolError(f"bad option magic {magic:#x}")
+        if count > max_options:
+            raise ProtocolError(f"more than {max_options} options in one handshake")
         if length > MAX_OPTION:
             raise ProtocolError(f"option {opt} has {length} bytes of data, more than the {MAX_OPTION} allowed")
         data = recv_exact(sock, length, "option data")
@@ -2221,7 +2267,7 @@ def serve_connection(sock, export, label, io=None, make_io=None, handshake=True)
     except ProtocolError as e:
         log.warning("%s: %s; closing this connection", label, e)
     except socket.timeout:
-        log.warning("%s: no progress in the handshake for %d s; closing this connection", label, HANDSHAKE_TIMEOUT_S)
+        log.warning("%s: the handshake did not end within %d s; closing this connection", label, HANDSHAKE_TIMEOUT_S)
     except CopyLost as e:
         log.error("%s: %s; closing this connection unanswered", label, e)
     except OSError as e:
@@ -2238,15 +2284,23 @@ def serve_connection(sock, export, label, io=None, make_io=None, handshake=True)
 
 
 def check_socket_path(path):
-    """Refuse a socket path others could swap out from under us."""
+    """Refuse a socket path that cannot be bound, or that others could swap out from under us."""
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise ConfigError(f"socket {path!r}: {len(os.fsencode(path))} bytes long; a Unix socket path has at most "
+                          f"{MAX_SOCKET_PATH}: choose a shorter --socket")
     parent = os.path.dirname(os.path.abspath(path)) or "/"
     try:
         st = os.stat(parent)
     except FileNotFoundError:
         raise Fatal(f"socket {path!r}: directory {parent!r} does not exist (create it, mode 0700)") from None
-    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
-        raise Fatal(f"socket {path!r}: directory {parent!r} is world-writable without the sticky bit; "
-                    "anyone could replace the socket (use a directory only root can write, e.g. /run/nbd-vram)")
+    # Another user who can write the directory could put a link or a socket of theirs at the path.
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        who = "world-writable" if st.st_mode & stat.S_IWOTH else "group-writable"
+        raise Fatal(f"socket {path!r}: directory {parent!r} is {who} without the sticky bit; "
+                    "others could replace the socket (use a directory only you can write, e.g. /run/nbd-vram)")
+    if st.st_uid not in (0, os.geteuid()):
+        raise Fatal(f"socket {path!r}: directory {parent!r} belongs to another user (uid {st.st_uid}), who could "
+                    "replace the socket (use a directory of your own or root's, e.g. /run/nbd-vram)")
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -2265,24 +2319,38 @@ def check_socket_path(path):
     raise Fatal(f"socket {path!r} is in use by another server; stop it first or choose another --socket")
 
 
+def unix_connections(path):
+    """Connected sockets bound to PATH, in any process: the accepted ends of a listener's clients
+    (/proc/net/unix: state 03, SS_CONNECTED; the listener itself is 01)."""
+    n = 0
+    with open("/proc/net/unix", errors="surrogateescape") as f:
+        next(f)
+        for line in f:
+            fields = line.rstrip("\n").split(None, 7)
+            if len(fields) == 8 and fields[5] == "03" and fields[7] == path:
+                n += 1
+    return n
+
+
 class UnixServer:
     """`serve`: the export on a Unix socket (mode 0600); each accepted client
     is passed to handoff (serve hands clients to worker processes)."""
 
-    def __init__(self, path, handoff, idle=None):
+    def __init__(self, path, handoff, idle=None, buffer_bytes=0, max_pinned_bytes=None):
         self.path, self.handoff, self.idle = path, handoff, idle
+        self.buffer_bytes = buffer_bytes
+        self.max_pinned_bytes = max_pinned_bytes    # each connection pins 2 x buffer_bytes (rx and tx)
         self.stopping = False
         self.listener = None
 
     def open(self):
         check_socket_path(self.path)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o177)
+        old = os.umask(0o177)        # the socket is made 0600; no chmod after bind: that follows a symlink
         try:
             s.bind(self.path)
         finally:
             os.umask(old)
-        os.chmod(self.path, 0o600)
         s.listen(128)
         self.listener = s
 
@@ -2324,10 +2392,25 @@ class UnixServer:
             conn, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
+        if self._over_budget():
+            conn.close()
+            return
         try:
             self.handoff(conn)
         finally:
             conn.close()
+
+    def _over_budget(self):
+        """True (and a log line) if one more connection's buffers would pass max_pinned_bytes."""
+        if self.max_pinned_bytes is None:
+            return False
+        live = unix_connections(self.path) - 1      # served by the workers; less the one just accepted
+        per = 2 * self.buffer_bytes
+        if (live + 1) * per <= self.max_pinned_bytes:
+            return False
+        log.warning("refusing a connection: %d clients pin %s of buffers, and one more would pass the pinned-memory "
+                    "budget of %s (--max-pinned)", live, format_size(live * per), format_size(self.max_pinned_bytes))
+        return True
 
     def close(self):
         """Stop listening (the workers end their own connections)."""
@@ -3286,6 +3369,7 @@ def power_decision(policy, threshold, readings, released, sleeping=False):
 
 SLEEP_MARKER = "sleeping"           # in the runtime dir: `nbd_vram.py sleep` made it, `wake` removes it
 RELEASED_ENV = "NBD_VRAM_POWER_RELEASED"   # carried over the daemon's re-exec after a power release
+NO_VRAM_ENV = "NBD_VRAM_NO_VRAM"    # over the re-exec after taking swap back failed for want of VRAM: why
 
 
 def sleep_marker():
@@ -3960,17 +4044,115 @@ RELEASED = "released"       # Daemon.loop: the power policy had swap turned off
 HANDOVER = "handover"       # Daemon.loop: SIGUSR2
 GPU_FAILED = "gpu-failed"   # Daemon.loop: GPU I/O errors, swap moved off the GPU
 HANDOVER_ENV = "NBD_VRAM_HANDOVER_FD"   # the VRAM fd, kept open over that re-exec
+LET_GO_SLICE = 1 << 30      # slice ids the GPU process maps a let-go stored fd under, to zero it
 LEGACY_FDNAME = "vram"      # a slice's VRAM fd in systemd's fd store is named vram-GPU_UUID-NUMBER; before slices, "vram"
 
 
-def pid_alive(pid):
+LOCK_ENV = "NBD_VRAM_LOCK_FD"   # the daemon lock's fd, kept open over the daemon's re-execs
+
+
+def process_start(pid):
+    """When PID started: field 22 of /proc/PID/stat (clock ticks after boot); None if no such process.
+    The kernel reuses a pid as soon as its process is gone, never a (boot id, pid, start time)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()       # the name in () may hold spaces
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def boot_id():
+    return read_text("/proc/sys/kernel/random/boot_id")
+
+
+def identity():
+    """What the state names this process by: the pid, and what tells it from a later one with that pid."""
+    return {"pid": os.getpid(), "pid_start": process_start(os.getpid()), "boot_id": boot_id()}
+
+
+def _runs_daemon(pid):
+    """PID runs `nbd_vram.py run` (all that can be checked of a daemon older than pid_start)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return b"run" in argv and any(a.endswith(b"nbd_vram.py") for a in argv)
+
+
+def daemon_pid(state):
+    """The pid of the daemon STATE describes if that very process still runs, else None.
+
+    Its pid alone proves nothing: a daemon killed with -9 leaves its state behind, and the kernel
+    gives the pid to the next process.  The state names the daemon by pid, start time and boot id."""
+    pid = (state or {}).get("pid")
+    if type(pid) is not int or pid <= 0:
+        return None
+    if "pid_start" not in state:
+        return pid if _runs_daemon(pid) else None
+    start = process_start(pid)
+    if start is None or start != state["pid_start"] or state.get("boot_id") != boot_id():
+        return None
+    return pid
+
+
+def signal_daemon(sig=signal.SIGUSR1, state=None):
+    """Send SIG to the daemon the state (read now, or STATE) describes; its pid, or None if none runs.
+
+    The pid is checked through a pidfd opened first, so the signal cannot reach a process that got
+    the pid in between (SIGUSR1 and SIGUSR2 kill a process that does not expect them)."""
+    st = read_state() if state is None else state
+    pid = daemon_pid(st)
+    if pid is None:
+        return None
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    except (AttributeError, OSError):
+        pidfd = None        # no pidfd (Linux before 5.3): the check just made has to do
+    try:
+        if daemon_pid(st) != pid:
+            return None
+        if pidfd is None:
+            os.kill(pid, sig)
+        else:
+            signal.pidfd_send_signal(pidfd, sig)
+    except ProcessLookupError:
+        return None
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+    return pid
+
+
+def hold_daemon_lock():
+    """Take the lock that says a daemon runs (flock of RUNTIME_DIR/daemon.lock), or keep it after a
+    re-exec: its fd stays open over exec (its number in LOCK_ENV), and the kernel drops it only when
+    this process ends, however it ends.  Refuses to start while another daemon holds it."""
+    os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
+    path = os.path.join(runtime_dir(), "daemon.lock")
+    fd = os.environ.pop(LOCK_ENV, "")
+    fd = int(fd) if fd.isdigit() else None
+    if fd is not None:
+        try:
+            if not os.path.samestat(os.fstat(fd), os.stat(path)):
+                fd = None
+        except OSError:
+            fd = None
+    if fd is None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)      # a no-op on our own (inherited) lock
+    except BlockingIOError:
+        os.close(fd)
+        pid = daemon_pid(read_state())
+        raise Fatal(f"another nbd-vram daemon{f' (pid {pid})' if pid else ''} is running (it holds {path}); "
+                    "stop it first (systemctl stop vram-swap-nbd)") from None
+    os.set_inheritable(fd, True)        # subprocesses do not get it all the same: Popen closes every other fd
+    os.environ[LOCK_ENV] = str(fd)
+    return fd
 
 
 def write_json(path, obj):
@@ -3996,8 +4178,17 @@ def read_state():
     try:
         with open(state_path()) as f:
             return json.load(f)
+    except PermissionError:
+        raise NotRootError(f"cannot read the daemon's state ({state_path()}): permission denied; "
+                           "run this as root (sudo)") from None
     except (OSError, ValueError):
         return None
+
+
+def need_root(command, why):
+    """One line and exit 9 for a command that only root can do, instead of a wrong answer or a traceback."""
+    if os.geteuid() != 0:
+        raise NotRootError(f"{command} needs root: {why} (use sudo)")
 
 
 def remove_state():
@@ -4014,19 +4205,22 @@ def reexec(argv, environ=None):
     os.execve(sys.executable, [sys.executable, os.path.abspath(sys.argv[0])] + list(argv), environ or os.environ)
 
 
-def wait_for_power(power, reload):
+def wait_for_power(power, reload, no_vram=None):
     """Idle until the power policy wants VRAM swap: no CUDA, no device, no GPU handle.
 
+    no_vram: why taking VRAM back failed just now; the next try is at the next power poll.
     Returns False when told to stop meanwhile."""
-    if power.evaluate():
+    if power.evaluate() and not no_vram:
         return True
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
-    log.info("idle, holding no VRAM: %s", power.why)
+    if not no_vram:
+        log.info("idle, holding no VRAM: %s", power.why)
     while True:
-        write_json(state_path(), {"pid": os.getpid(), "version": __version__, "mode": "idle", "started": started,
-                                  "power": power.state()})
-        sd_notify("READY=1", f"STATUS=idle, holding no VRAM: {power.why}")
+        why = f"out of VRAM ({no_vram}); trying again every {power.poll_s:g} s" if no_vram else power.why
+        write_json(state_path(), {**identity(), "version": __version__, "mode": "idle", "started": started,
+                                  "power": power.state(), "idle_why": why})
+        sd_notify("READY=1", f"STATUS=idle, holding no VRAM: {why}")
         info = signal.sigtimedwait(DAEMON_SIGNALS, power.poll_s)
         if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
             log.info("%s received while idle: stopping", signal.Signals(info.si_signo).name)
@@ -4035,9 +4229,11 @@ def wait_for_power(power, reload):
         if info is not None and info.si_signo == signal.SIGHUP:
             reload()
         if power.evaluate():
-            log.info("power: taking VRAM swap back (%s)", power.why)
-            remove_state()      # the daemon writes its own once it serves; a failed start leaves none
+            (log.debug if no_vram else log.info)("power: taking VRAM swap back (%s)", power.why)
+            if not no_vram:     # (a retry keeps saying why it is idle until it serves)
+                remove_state()  # the daemon writes its own once it serves; a failed start leaves none
             return True
+        no_vram = None          # not wanted now anyway: idle for the power policy's reason
 
 
 def run_undo(steps, label, failed=None):
@@ -4273,11 +4469,8 @@ class GpuShare:
             raise Fatal(f"the GPU process {gp.proc.pid} did not exit after its workers") from None
 
     def start_workers(self):
-        """The GPU process and the worker processes that will serve every slice of this GPU; ready on return."""
+        """The worker processes that will serve every slice of this GPU; ready on return."""
         cfg = self.daemon.cfg
-        self.start_gpu_process()
-        # Stopped after the workers (it copies for them until they are gone).
-        self.undo.append((f"stop the GPU process of {self.label}", self._stop_gpu_process))
         n = min(cfg["workers"] or default_workers(cfg["connections"]), cfg["connections"])
         self.workers = [self._spawn(w + 1) for w in range(n)]
         self.undo.append((f"stop the workers of {self.label}", self._join_workers))
@@ -4503,6 +4696,7 @@ class Daemon:
     def __init__(self, settings, power=None, reload=None, stored_fds=None):
         self.cfg = settings
         self.stored_fds = dict(stored_fds or {})     # from systemd's fd store: a restart after a crash
+        self.to_scrub = []              # (fd name, fd, GPU UUID, bytes) of stored VRAM not taken over
         self.power = power or PowerPolicy(settings)
         self.reload = reload or (lambda: None)      # SIGHUP: re-read the power settings
         self.release_failed = None                  # (time, why) of the last swapoff the power policy asked for
@@ -4546,6 +4740,11 @@ class Daemon:
         cuda.init()
         self.nvml = Nvml.open()
         self._open_gpus(cuda, [s["gpu"] for s in adopt])
+        for g in self.gpus:
+            g.start_gpu_process()
+            # Stopped after the workers (it copies for them until they are gone).
+            g.undo.append((f"stop the GPU process of {g.label}", g._stop_gpu_process))
+        self._scrub_let_go(cuda)
         self._open_counters()
         # Locked like a worker even when workers serve: this process must be able to replace a dead
         # worker while memory is full and the swap on that worker's connections is stalled.
@@ -4727,7 +4926,8 @@ class Daemon:
     def _check_stale(self):
         """Refuse to start over a device an earlier daemon left behind, and never reuse live swap."""
         old = read_state()
-        if old and old.get("pid") != os.getpid() and pid_alive(old.get("pid", 0)):
+        # (A daemon of this version holds the lock that run took; this finds an older one.)
+        if daemon_pid(old) not in (None, os.getpid()):
             raise Fatal(f"another nbd-vram daemon (pid {old['pid']}) is serving {old.get('device')}; "
                         "stop it first (systemctl stop vram-swap-nbd)")
         swaps = active_swaps()
@@ -4739,7 +4939,7 @@ class Daemon:
                 continue
             dev = f"/dev/nbd{index}"
             owner = int(backend.split(":")[1]) if ours and backend.split(":")[1].isdigit() else 0
-            if owner and pid_alive(owner):
+            if owner and owner != os.getpid() and _runs_daemon(owner):
                 raise Fatal(f"{dev} is served by another nbd-vram daemon (pid {owner}); stop it first")
             if index in mappings:
                 self._close_stale_mapping(dev, owner, *mappings[index], swaps)
@@ -4771,11 +4971,11 @@ class Daemon:
             slices = [{"gpu": (old.get("gpu") or {}).get("uuid"), "number": 0, "fdname": LEGACY_FDNAME,
                        "index": old.get("index"), "device": old.get("device"), "swap_device": old.get("swap_device"),
                        "size_bytes": old.get("size_bytes"), "encrypted": old.get("encrypted")}]
-        why_all = None
+        why_all, in_use = None, False
         if old.get("mode") != "serving" or old.get("attach") != "netlink":
             why_all = "no state of a daemon that served over netlink"
-        elif pid_alive(old.get("pid", 0)) and old.get("pid") != os.getpid():
-            why_all = f"its daemon (pid {old['pid']}) still runs"
+        elif daemon_pid(old) not in (None, os.getpid()):
+            why_all, in_use = f"its daemon (pid {old['pid']}) still runs", True
         kept = []
         for s in slices or []:
             if s.get("fdname") not in self.stored_fds:
@@ -4786,14 +4986,17 @@ class Daemon:
                 why = f"{s.get('device')} is no longer attached (dead_conn_timeout ran out?)"
             if why:
                 log.warning("systemd handed back the stored VRAM fd of %s, but %s: releasing it", s.get("device"), why)
-                self._let_go(s["fdname"])
+                # Zeroed first, unless a daemon still serves it (an older one: it holds no lock).
+                self._let_go(s["fdname"], s.get("gpu"), s.get("size_bytes"), scrub=not in_use)
                 continue
             s["backend"] = backend
             kept.append(s)
         kept_names = {s["fdname"] for s in kept}
         for name in [n for n in self.stored_fds if n not in kept_names]:
             log.warning("systemd handed back a stored fd %r that no slice of the last daemon names: releasing it", name)
-            self._let_go(name)
+            uuid = re.fullmatch(r"vram-(GPU-[0-9a-fA-F-]+)-\d+", name)
+            self._let_go(name, uuid.group(1) if uuid else (old.get("gpu") or {}).get("uuid"),
+                         old.get("size_bytes") if name == LEGACY_FDNAME else self.cfg["slice_size"], scrub=not in_use)
         if kept:
             devices = ", ".join(s["device"] for s in kept)
             if old.get("pid") == os.getpid():
@@ -4803,11 +5006,48 @@ class Daemon:
                             "new connections", old.get("pid"), devices)
         return old, kept
 
-    def _let_go(self, name):
+    def _let_go(self, name, uuid=None, size_bytes=None, scrub=True):
+        """A stored VRAM fd that is not taken over: zeroed once CUDA is up (_scrub_let_go), then released."""
         fd = self.stored_fds.pop(name, None)
+        if fd is not None and scrub and size_bytes:
+            self.to_scrub.append((name, fd, uuid, size_bytes))
+            return
         if fd is not None:
             os.close(fd)
         sd_notify("FDSTOREREMOVE=1", f"FDNAME={name}")
+
+    def _scrub_let_go(self, cuda):
+        """The swapped pages of the daemon before are in the VRAM let go: zero it before the driver
+        hands it to the next program, then unmap, release and close it, and drop systemd's copy.
+        The GPU's process does it; for a GPU no longer configured, a context of this process does,
+        for as long as it takes."""
+        for k, (name, fd, uuid, size) in enumerate(self.to_scrub):
+            g = next((g for g in self.gpus if g.info["uuid"] == uuid), None)
+            dev = store = None
+            try:
+                if g is not None:
+                    sid = LET_GO_SLICE + k
+                    g.gpu_call(CTL_IMPORT, sid, size, fds=[fd])
+                    g.gpu_call(CTL_FREE, sid, 1)
+                else:
+                    dev, ctx = VramStore.open_device(cuda, uuid or "0")
+                    store = VramStore.import_fd(cuda, dev, ctx, fd, size)
+                    fd = None               # the store's now
+                    cuda.check("cuMemsetD8_v2", cuda.cuMemsetD8_v2(store.dptr, 0, size))
+                    cuda.check("cuCtxSynchronize", cuda.cuCtxSynchronize())
+                log.info("zeroed and released %s of VRAM from the stored fd %r", format_size(size), name)
+            except Fatal as e:
+                log.warning("could not zero the stored VRAM %r before releasing it (%s): it goes back to the "
+                            "driver as it is", name, getattr(e, "why", e))
+            finally:
+                if store is not None:
+                    store.free(scrub=False)      # unmap, release, close the fd
+                if fd is not None:
+                    os.close(fd)
+                if dev is not None:
+                    cuda.cuDevicePrimaryCtxRelease_v2(dev)
+            sd_notify("FDSTOREREMOVE=1", f"FDNAME={name}")
+        self.to_scrub = []
 
     def _stop_orphans(self, old):
         """The dead daemon's workers may still serve its sockets: end them, so the kernel marks those dead."""
@@ -4819,7 +5059,9 @@ class Daemon:
                     argv = f.read().split(b"\0")
             except OSError:
                 continue
-            if b"worker" not in argv or not any(a.endswith(b"nbd_vram.py") for a in argv):
+            starts = old.get("worker_starts") or {}
+            if (b"worker" not in argv or not any(a.endswith(b"nbd_vram.py") for a in argv)
+                    or (str(pid) in starts and starts[str(pid)] != process_start(pid))):
                 log.debug("pid %d is no longer a worker of ours (%r): left alone", pid, argv[:3])
                 continue
             try:
@@ -4953,7 +5195,7 @@ class Daemon:
         slices = [sl.describe(swaps) for sl in self.slices]
         first = slices[0] if slices else {}
         cfg = self.cfg
-        state = {"pid": os.getpid(), "version": __version__, "mode": "serving",
+        state = {**identity(), "version": __version__, "mode": "serving",
                  "device": first.get("device"), "swap_device": first.get("swap_device"),
                  "attach": first.get("attach") or ("netlink" if cfg["attach"] != "ioctl" else "ioctl"),
                  "encrypted": any(s["encrypted"] for s in slices),
@@ -4967,6 +5209,7 @@ class Daemon:
                  "started": self.started, "power": self.power.state()}
         state["gpu"] = state["gpus"][0] if state["gpus"] else None
         state["worker_pids"] = [pid for g in self.gpus for pid in g.worker_pids()]
+        state["worker_starts"] = {str(pid): process_start(pid) for pid in state["worker_pids"]}
         state["handover"] = bool(slices) and all(sl.store.fd is not None and sl.attach_kind == "netlink"
                                                  for sl in self.slices)
         state["sysctl_saved"] = self.sysctl_saved
@@ -5225,9 +5468,10 @@ def cmd_run(args, flags):
     settings, origin = load_config(args.config, flags)
     setup_logging(settings["debug"])
     if os.geteuid() != 0:
-        raise type("NotRoot", (Fatal,), {"exit_code": EXIT_NOT_ROOT})(
+        raise NotRootError(
             "run needs root: it loads the nbd module, attaches /dev/nbdX and runs swapon "
             "(use sudo, or `nbd_vram.py serve` for an NBD server that needs none of that)")
+    hold_daemon_lock()      # before anything else; kept over the re-execs below
     if os.environ.get("PYTHONMALLOC") != "malloc":
         # Python's own allocator maps and unmaps arenas as it goes; under memory
         # pressure a new arena is a page the serving thread may not get.  glibc's
@@ -5244,18 +5488,33 @@ def cmd_run(args, flags):
     for name in [n for n in stored if not n.startswith(LEGACY_FDNAME)]:
         log.warning("systemd passed an fd named %r that this version does not use: closing it", name)
         os.close(stored.pop(name))
+    old = read_state()
+    if old and not stored and daemon_pid(old) is None:
+        # (With stored fds, the state says what to take over: the new one replaces it.)
+        log.info("removing the state that a daemon (pid %s) left when it died", old.get("pid"))
+        remove_state()
     if settings["encrypt"]:
         check_crypt_support()       # before anything is allocated, and while idle on battery too
     power = PowerPolicy(settings)
     warning = hibernation_resume_warning()
     if warning:
         log.warning("%s", warning)
-    if not stored and not wait_for_power(power, lambda: power.reload(args, flags)):
+    no_vram = os.environ.pop(NO_VRAM_ENV, None)
+    if not stored and not wait_for_power(power, lambda: power.reload(args, flags), no_vram):
         return EXIT_OK      # (after a crash, live swap is taken back first; the power policy decides next)
     daemon = Daemon(settings, power, lambda: power.reload(args, flags), stored)
     try:
         daemon.start()
         rc = daemon.loop()
+    except NoVramError as e:
+        daemon.stop()
+        if stored or RELEASED_ENV not in os.environ:
+            raise       # at the service's start: exit 7, and systemd tries again a few times
+        # Taking swap back after a power release: another program has the VRAM now.  Nothing was
+        # swapped there, so nothing is lost: idle again (a fresh process: no CUDA) and retry.
+        (log.debug if no_vram else log.warning)("power: taking VRAM swap back failed: %s; idle, trying again "
+                                                "every %g s", e, power.poll_s)
+        reexec(args.argv, dict(os.environ, **{NO_VRAM_ENV: str(e).split(";")[0]}))
     except BaseException:
         daemon.stop()
         raise
@@ -5288,7 +5547,7 @@ def gather_status():
     state = read_state()
     if not state:
         return {"running": False}
-    running = pid_alive(state.get("pid", 0))
+    running = daemon_pid(state) is not None
     status = dict(state, running=running)
     if state.get("mode") == "idle":
         status["healthy"] = running
@@ -5338,7 +5597,7 @@ def cmd_status(args):
         return EXIT_NOT_RUNNING
     if not args.json and st.get("mode") == "idle":
         rows = [("daemon", f"idle, pid {st['pid']}, since {st['started']}, version {st['version']}"),
-                ("swap", f"off, no VRAM held: {st['power']['why']}"),
+                ("swap", f"off, no VRAM held: {st.get('idle_why') or st['power']['why']}"),
                 ("power", describe_power(st["power"]))]
         for k, v in rows:
             print(f"{k:<8} {v}")
@@ -5396,13 +5655,15 @@ def cmd_resize(args):
         raise ConfigError(f"{args.command}: {e}") from None
     if nbytes <= 0:
         raise ConfigError(f"{args.command}: the size must be more than 0")
+    need_root(args.command, "it hands the daemon its request in the daemon's runtime directory and signals it")
     st = read_state()
-    if not st or not pid_alive(st.get("pid", 0)) or st.get("mode") != "serving":
+    if daemon_pid(st) is None or st.get("mode") != "serving":
         log.error("%s: no nbd-vram daemon is serving: nothing to %s", args.command, args.command)
         return EXIT_NOT_RUNNING
     rid = time.time()
     write_json(request_path(), {"id": rid, "op": args.command, "bytes": nbytes})
-    os.kill(st["pid"], signal.SIGUSR1)
+    if signal_daemon(signal.SIGUSR1, st) is None:
+        raise Fatal(f"the daemon (pid {st['pid']}) exited: see journalctl -u vram-swap-nbd")
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         time.sleep(0.2)
@@ -5411,36 +5672,28 @@ def cmd_resize(args):
         if req.get("id") == rid:
             (log.info if req["ok"] else log.warning)("%s %s: %s", args.command, format_size(nbytes), req["result"])
             return EXIT_OK if req["ok"] else EXIT_FAILURE
-        if not pid_alive(st["pid"]):
+        if daemon_pid(st) is None:
             raise Fatal(f"the daemon (pid {st['pid']}) exited: see journalctl -u vram-swap-nbd")
     raise Fatal(f"the daemon did not answer the {args.command} request within {args.timeout:.0f} s (a swapoff can "
                 "take long: see `nbd_vram.py status` and journalctl -u vram-swap-nbd)")
 
 
-def signal_daemon(sig=signal.SIGUSR1):
-    """Send SIG to the running daemon; its pid, or None if none runs."""
-    st = read_state()
-    pid = st.get("pid") if st else None
-    if not pid or not pid_alive(pid):
-        return None
-    os.kill(pid, sig)
-    return pid
-
-
 def cmd_sleep(args):
     """Before the system sleeps: have the daemon release VRAM swap; fail, so that the sleep is refused, if it cannot."""
+    need_root("sleep", "it marks the daemon's runtime directory and signals the daemon")
     os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
     with open(sleep_marker(), "w") as f:
         f.write(time.strftime("%Y-%m-%d %H:%M:%S\n"))
     asked = time.time()
-    pid = signal_daemon()
+    asked_state = read_state()
+    pid = signal_daemon(state=asked_state)
     if pid is None:
         log.info("sleep: no nbd-vram daemon is running: nothing to release")
         return EXIT_OK
     log.info("sleep: asking the daemon (pid %d) to release VRAM swap", pid)
     deadline = time.monotonic() + args.timeout
     while True:
-        if not pid_alive(pid):
+        if daemon_pid(asked_state) is None:
             log.info("sleep: the daemon has stopped: nothing to release")
             return EXIT_OK
         st = read_state() or {}      # none for a moment while the daemon starts over
@@ -5455,13 +5708,14 @@ def cmd_sleep(args):
             break
         time.sleep(0.2)
     os.unlink(sleep_marker())
-    signal_daemon()
+    signal_daemon(state=asked_state)
     raise Fatal(f"refusing to let the system sleep with swap on the GPU (its pages would be lost when it powers off): "
                 f"{why}; close some programs to free RAM, then try again")
 
 
 def cmd_wake(args):
     """After resume: let the daemon take VRAM swap back (a daemon someone stopped stays stopped)."""
+    need_root("wake", "it clears the mark in the daemon's runtime directory and signals the daemon")
     try:
         os.unlink(sleep_marker())
     except FileNotFoundError:
@@ -5473,8 +5727,9 @@ def cmd_wake(args):
 
 def cmd_upgrade(args):
     """After a new nbd_vram.py is in place: have the running daemon re-execute it, keeping swap."""
+    need_root("upgrade", "it signals the daemon")
     st = read_state()
-    if not st or not pid_alive(st.get("pid", 0)):
+    if daemon_pid(st) is None:
         log.error("upgrade: no nbd-vram daemon is running: nothing to upgrade")
         return EXIT_NOT_RUNNING
     if st.get("mode") != "serving" or not st.get("handover"):
@@ -5482,12 +5737,13 @@ def cmd_upgrade(args):
                     f"({'it is idle' if st.get('mode') == 'idle' else 'it predates that, or serves without an exportable VRAM fd or netlink'}): "
                     "use systemctl restart vram-swap-nbd (a full swapoff first)")
     pid, started = st["pid"], time.time()
-    os.kill(pid, signal.SIGUSR2)
+    if signal_daemon(signal.SIGUSR2, st) is None:
+        raise Fatal(f"the daemon (pid {pid}) exited before the upgrade: see journalctl -u vram-swap-nbd")
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         time.sleep(0.2)
         now = read_state() or {}
-        if not pid_alive(pid):
+        if daemon_pid(st) is None:
             raise Fatal(f"the daemon (pid {pid}) exited during the upgrade: see journalctl -u vram-swap-nbd")
         if now.get("mode") == "serving" and now.get("adopted_at", 0) >= started:
             log.info("upgraded: pid %d runs version %s, %s kept as swap", pid, now.get("version"), now.get("device"))
@@ -5512,10 +5768,15 @@ def cmd_serve(args):
         size = _size(args.size)
         min_size = _size(args.min_size)
         buffer_bytes = _buffer_size(args.buffer_size)
+        max_pinned = parse_size(args.max_pinned)
     except ValueError as e:
         raise ConfigError(f"serve: {e}") from None
+    if max_pinned < 2 * buffer_bytes:
+        raise ConfigError(f"serve: --max-pinned {args.max_pinned} is less than one connection's buffers "
+                          f"(2 x --buffer-size = {format_size(2 * buffer_bytes)}): raise it or lower --buffer-size")
     if min_size > size:
         min_size = size
+    check_socket_path(args.socket)      # before any VRAM is taken (UnixServer.open checks it again)
     cuda = Cuda(args.libcuda)
     dev, ctx = VramStore.open_device(cuda, args.gpu)
     gpu = cuda.device_info(dev)
@@ -5524,7 +5785,11 @@ def cmd_serve(args):
     store = VramStore.allocate(cuda, dev, ctx, size, min_size)
     copier = CopyServer(cuda, ctx, "GPU process")
     workers = ServeWorkers(args, buffer_bytes, store, copier, args.workers or min(8, os.cpu_count() or 1))
-    server = UnixServer(args.socket, workers.handoff, idle=workers.check)
+    server = UnixServer(args.socket, workers.handoff, idle=workers.check, buffer_bytes=buffer_bytes,
+                        max_pinned_bytes=max_pinned)
+    log.info("at most %d clients at once (--max-connections %d; --max-pinned %s / 2 x %s of buffers each)",
+             min(args.max_connections, max_pinned // (2 * buffer_bytes)), args.max_connections,
+             format_size(max_pinned), format_size(buffer_bytes))
     clean = False
     try:
         workers.start()
@@ -5607,6 +5872,8 @@ def build_parser():
     s.add_argument("--max-connections", type=int, default=256, help="clients at once (default 256)")
     s.add_argument("--workers", type=int, default=0, help="serving processes (default: one per CPU, at most 8)")
     s.add_argument("--buffer-size", default="8M", help="pinned staging per connection, each way (default 8M)")
+    s.add_argument("--max-pinned", default="2G", help="pinned buffers of all clients together, 2 x --buffer-size "
+                   "each: a client past it is refused (default 2G)")
     s.add_argument("--libcuda", default=None, help="path of libcuda.so.1 (default: $NBD_VRAM_LIBCUDA or the system's)")
     s.add_argument("--debug", action="store_true", help="log every connection and invalid request")
 

@@ -223,6 +223,47 @@ def test_world_writable_directory_refused(tmp_path, fakecuda):
     assert "world-writable without the sticky bit" in line
 
 
+def test_group_writable_directory_refused(tmp_path, fakecuda):
+    d = tmp_path / "shared"
+    d.mkdir()
+    os.chmod(d, 0o770)
+    line = serve_fails(d, fakecuda, "--size", "128M", "--min-size", "64M", code=1)
+    assert "group-writable without the sticky bit" in line
+
+
+def test_directory_of_another_user_refused(tmp_path, fakecuda):
+    d = tmp_path / "theirs"
+    d.mkdir()
+    os.chown(d, 65534, 65534)          # nobody's, mode 0755: only they can write it
+    line = serve_fails(d, fakecuda, "--size", "128M", "--min-size", "64M", code=1)
+    assert "belongs to another user (uid 65534)" in line
+
+
+def test_no_chmod_through_a_symlink_raced_in_after_bind(nv, tmp_path, monkeypatch):
+    """Someone who swaps the fresh socket for a symlink between bind and listen must not get
+    the link's target chmodded: the socket's mode comes from the umask alone."""
+    victim = tmp_path / "victim"
+    victim.write_text("theirs")
+    os.chmod(victim, 0o644)
+    path = str(tmp_path / "s.sock")
+    real_bind = socket.socket.bind
+
+    def racing_bind(self, addr):
+        real_bind(self, addr)
+        os.rename(addr, addr + ".moved")
+        os.symlink(victim, addr)
+    monkeypatch.setattr(socket.socket, "bind", racing_bind)
+    srv = nv.UnixServer(path, None, 1, 64 << 10)
+    try:
+        srv.open()
+    finally:
+        monkeypatch.setattr(socket.socket, "bind", real_bind)
+        if srv.listener:
+            srv.listener.close()
+    assert stat.S_IMODE(os.stat(victim).st_mode) == 0o644
+    assert stat.S_IMODE(os.lstat(path + ".moved").st_mode) == 0o600
+
+
 def test_sticky_world_writable_directory_allowed(tmp_path, fakecuda):
     d = tmp_path / "tmpish"
     d.mkdir()
@@ -284,6 +325,61 @@ def test_run_needs_root(tmp_path):
     assert p.returncode == 9, (p.returncode, p.stderr)
     assert_clean(p)
     assert len(p.stderr.strip().splitlines()) == 1 and "run needs root" in p.stderr
+
+
+def as_nobody():
+    """The prefix that runs a command as uid/gid 65534 (skips the test where that is not possible)."""
+    if os.geteuid() != 0:
+        return ()
+    setpriv = shutil.which("setpriv")
+    if not setpriv:
+        pytest.skip("running as root and setpriv (util-linux) is missing: cannot drop privileges")
+    return (setpriv, "--reuid", "65534", "--regid", "65534", "--clear-groups")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["status"], "cannot read the daemon's state"),
+    (["status", "--json"], "cannot read the daemon's state"),
+    (["shrink", "1G"], "shrink needs root"),
+    (["grow", "1G"], "grow needs root"),
+    (["upgrade"], "upgrade needs root"),
+    (["sleep"], "sleep needs root"),
+    (["wake"], "wake needs root"),
+])
+def test_commands_without_root_say_so(tmp_path, argv, words):
+    """Not "not running" or "no daemon" (wrong), nor a PermissionError traceback: one line, exit 9."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    (run / "state.json").write_text('{"pid": 1, "mode": "serving"}')
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "NBD_VRAM_RUNTIME_DIR": str(run)}
+    p = cli(*argv, env=env, prefix=as_nobody())
+    assert p.returncode == 9, (p.returncode, p.stdout, p.stderr)
+    assert_clean(p)
+    assert len(p.stderr.strip().splitlines()) == 1 and words in p.stderr and "root" in p.stderr, p.stderr
+    assert p.stdout == ""
+
+
+def test_socket_path_too_long_refused_before_allocating(tmp_path, fakecuda):
+    sock = str(tmp_path / ("s" * (107 - len(str(tmp_path)))))     # 108 bytes: one more than sun_path holds
+    assert len(sock) == 108
+    calls = tmp_path / "cuda.log"
+    p = cli("serve", "--socket", sock, "--size", "128M", "--min-size", "64M",
+            env=fake_env(fakecuda, FAKECUDA_LOG=str(calls)))
+    assert p.returncode == 4, (p.returncode, p.stderr)
+    assert_clean(p)
+    assert len(error_lines(p)) == 1 and "at most 107" in p.stderr and "shorter --socket" in p.stderr
+    assert not calls.exists() or "cuMemCreate" not in calls.read_text()
+
+
+@pytest.mark.parametrize("value, words", [("8M", "less than one connection's buffers"), ("lots", "serve: ")])
+def test_max_pinned_checked_before_allocating(tmp_path, fakecuda, value, words):
+    calls = tmp_path / "cuda.log"
+    p = cli("serve", "--socket", str(tmp_path / "s.sock"), "--size", "128M", "--min-size", "64M",
+            "--buffer-size", "8M", "--max-pinned", value, env=fake_env(fakecuda, FAKECUDA_LOG=str(calls)))
+    assert p.returncode == 4, (p.returncode, p.stderr)
+    assert_clean(p)
+    assert len(error_lines(p)) == 1 and words in p.stderr, p.stderr
+    assert not calls.exists() or "cuMemCreate" not in calls.read_text()
 
 
 def test_status_not_running(tmp_path):

@@ -323,11 +323,17 @@ def test_stale_mapping_without_cryptsetup(stale, monkeypatch):
 
 
 def test_mapping_of_a_live_daemon_is_left_alone(stale):
-    stale.nbd(0, owner=os.getpid())
-    stale.mapping("dm-0", "nbd-vram-0", "nbd0")
-    with pytest.raises(nv.Fatal, match=r"/dev/nbd0 is served by another nbd-vram daemon \(pid \d+\)"):
-        stale.daemon()._check_stale()
-    assert stale.calls() == []
+    # A daemon (an older one: this version's would hold the lock): the pid in the backend runs nbd_vram.py run.
+    daemon = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "/usr/local/bin/nbd_vram.py", "run"])
+    try:
+        stale.nbd(0, owner=daemon.pid)
+        stale.mapping("dm-0", "nbd-vram-0", "nbd0")
+        with pytest.raises(nv.Fatal, match=r"/dev/nbd0 is served by another nbd-vram daemon \(pid \d+\)"):
+            stale.daemon()._check_stale()
+        assert stale.calls() == []
+    finally:
+        daemon.kill()
+        daemon.wait()
 
 
 def test_detach_refuses_a_device_under_a_mapping(stale, tmp_path):

@@ -20,7 +20,7 @@ FDSTORE = ROOT / "tests" / "fdstore.py"
 
 
 class Supervised:
-    def __init__(self, tmp_path, fakecuda, conf_lines=""):
+    def __init__(self, tmp_path, fakecuda, conf_lines="", fake=None):
         self.tmp, self.run, self.events = tmp_path, tmp_path / "run", tmp_path / "events"
         self.sys = tmp_path / "sysroot"
         (self.sys / "sys/block").mkdir(parents=True)
@@ -30,7 +30,7 @@ class Supervised:
         self.env = fake_env(fakecuda, NBD_VRAM_CONFIG=str(conf), NBD_VRAM_SYSFS_ROOT=str(self.sys),
                             NBD_VRAM_RUNTIME_DIR=str(self.run), HARNESS_EVENTS=str(self.events), HARNESS_PROBE="1",
                             NBD_VRAM_POWER_SUPPLY=str(self.power_supply),
-                            PYTHONMALLOC="malloc")       # as the unit sets it: no re-exec at start
+                            PYTHONMALLOC="malloc", **(fake or {}))      # as the unit sets it: no re-exec at start
         self.env.pop("NOTIFY_SOCKET", None)
         self.log = open(tmp_path / "out.log", "w")
         self.proc = subprocess.Popen([sys.executable, str(FDSTORE), str(tmp_path / "fdstore"), "--",
@@ -160,7 +160,8 @@ def test_upgrade_refuses_what_it_cannot_do(tmp_path, fakecuda):
     assert p.returncode == 3 and "no nbd-vram daemon is running" in p.stderr
     (tmp_path / "run").mkdir()
     # A daemon of an older version (no "handover" in its state) must not get a SIGUSR2: it would die of it.
-    sleeper = subprocess.Popen(["sleep", "60"])
+    # (Its state names it by pid alone: it must at least run `nbd_vram.py run`, as this one seems to.)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "/usr/local/bin/nbd_vram.py", "run"])
     try:
         (tmp_path / "run/state.json").write_text(json.dumps({"pid": sleeper.pid, "mode": "serving", "version": "0.0.9"}))
         p = subprocess.run([sys.executable, str(ROOT / "nbd_vram.py"), "upgrade"], env=env, capture_output=True,
@@ -194,3 +195,39 @@ def test_power_release_takes_the_vram_out_of_the_fd_store(tmp_path, fakecuda):
         assert s.text().count("fdstore: stored 'vram-GPU-") == 2
     finally:
         assert s.stop() == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="run needs root")
+def test_stored_fd_let_go_is_zeroed_first(tmp_path, fakecuda):
+    """A stored VRAM fd that cannot be taken over holds the dead daemon's swapped pages: they are
+    zeroed before the memory goes back to the driver.  The fake's memory is a file here; the restarted
+    daemon finds the GPU full (another program), so nothing of its own overwrites the old block."""
+    backing, usage = tmp_path / "vram", tmp_path / "other-usage"
+    with open(backing, "wb") as f:
+        f.truncate(256 << 20)
+    usage.write_text("0\n")
+    s = Supervised(tmp_path, fakecuda, fake={"FAKECUDA_BACKING": str(backing), "FAKECUDA_OTHER_USAGE": str(usage)})
+    try:
+        first = s.wait_serving()
+        pattern = (tmp_path / "events.pattern").read_bytes()
+        end = first["slices"][0]["size_bytes"]                  # slice 0 is the file's first block
+        with open(backing, "rb") as f:
+            f.seek(end - 4096)
+            assert f.read(4096) == pattern                        # the probe's write, in VRAM
+        usage.write_text("256\n")                                 # the GPU is full now: the restart allocates nothing
+        os.kill(first["pid"], signal.SIGKILL)
+        for name in ("pid", "backend"):                           # and the device is gone: no takeover
+            (s.sys / "sys/block/nbd99" / name).unlink()
+        deadline = time.monotonic() + 60
+        while "could not allocate even 64 MiB of VRAM" not in s.text():      # past the let-go: it failed after
+            assert time.monotonic() < deadline, s.text()
+            time.sleep(0.2)
+        with open(backing, "rb") as f:
+            f.seek(end - 4096)
+            assert f.read(4096) == bytes(4096), "the let-go VRAM still holds the dead daemon's pages"
+        assert "zeroed and released 64 MiB of VRAM from the stored fd 'vram-GPU-" in s.text()
+        assert "fdstore: removed 'vram-GPU-" in s.text()
+        usage.write_text("0\n")
+        s.wait_serving(not_pid=first["pid"])
+    finally:
+        assert s.stop() == 0, s.text()

@@ -187,6 +187,80 @@ def test_oversized_option_closes_only_that_client(shared):
     other.disconnect()
 
 
+def test_65th_option_closes(shared):
+    """20,000 NBD_OPT_LIST would all be answered: the handshake takes at most 64 options."""
+    c = Client(shared.sock)
+    for _ in range(64):
+        c.send_option(OPT_LIST)
+        assert c.read_option_reply().type == REP_SERVER
+        assert c.read_option_reply().type == REP_ACK
+    c.send_option(OPT_LIST)
+    assert wait_closed(c)
+    c.close()
+    assert "more than 64 options in one handshake; closing this connection" in shared.log()
+    other = connect(shared)
+    check_usable(other)
+    other.disconnect()
+
+
+def test_handshake_deadline_drops_a_slow_drip_client(nv):
+    """A byte every 0.4 s never lets one receive time out; the handshake's deadline (1 s here,
+    HANDSHAKE_TIMEOUT_S in serve) still ends it."""
+    ours, theirs = socket.socketpair()
+    export = type("Export", (), {"size": 1 << 20, "flags": 1, "name": "", "description": ""})()
+    stop = threading.Event()
+
+    def drip():
+        recv_exact(theirs, 18)                              # the greeting
+        msg = struct.pack("!I", 3) + struct.pack("!QII", IHAVEOPT, OPT_LIST, 0) * 10
+        for b in msg:
+            if stop.wait(0.4):
+                return
+            try:
+                theirs.send(bytes([b]))
+            except OSError:
+                return
+    t = threading.Thread(target=drip, daemon=True)
+    t.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(socket.timeout):
+            nv.negotiate(ours, export, timeout_s=1.0)
+        assert 0.9 < time.monotonic() - t0 < 2.0
+    finally:
+        stop.set()
+        t.join(5)
+        ours.close()
+        theirs.close()
+
+
+@pytest.mark.parametrize("no_vmm", ["0", "1"])          # clients served by worker processes / by threads
+def test_pinned_budget_refuses_connections_over_it(make_server, no_vmm):
+    """Each client pins 2 x --buffer-size: with 1M buffers, 4M is two clients; a third is refused."""
+    srv = make_server(args=["--buffer-size", "1M", "--max-pinned", "4M"], FAKECUDA_NO_VMM=no_vmm)
+    assert "at most 2 clients at once" in srv.log()
+    a, b = connect(srv), connect(srv)
+    extra = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    extra.settimeout(10)
+    extra.connect(srv.sock)
+    assert extra.recv(1) == b""                              # closed without a greeting
+    extra.close()
+    assert "one more would pass the pinned-memory budget of 4 MiB (--max-pinned)" in srv.log()
+    check_usable(a)
+    a.disconnect()
+    deadline = time.monotonic() + 10
+    while True:                                              # a's buffers are free again
+        try:
+            c = connect(srv)
+            break
+        except (EOFError, ConnectionError):
+            assert time.monotonic() < deadline, srv.log()
+            time.sleep(0.1)
+    check_usable(c)
+    c.disconnect()
+    b.disconnect()
+
+
 # -- transmission: data ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("offset,length", [
