@@ -50,10 +50,11 @@ def test_gpu_fault_with_failing_swapoff_keeps_serving_and_retries(harness):   # 
     h = harness(policy="always", FAKECUDA_FAIL_COPY_N="2", HARNESS_SWAPOFF_RETRY_S="2")
     h.fails.touch()
     wait_failed_swapoffs(h, 1, 180)         # the start (three processes to spawn) can take long on a busy machine
-    # The retries come every 10 s (SWAPOFF_RETRY_S) from there, never forced: time those alone.
+    # The retries come every 2 s (SWAPOFF_RETRY_S under the harness) from there, never forced: time
+    # those alone (the daemon's start on a busy machine must not count).
     gaps = [wait_failed_swapoffs(h, n, 30) for n in (2, 3)]
     print(f"gaps between failed swapoffs: {gaps}")
-    assert all(8 < gap < 14 for gap in gaps), gaps
+    assert all(1.5 < gap < 6 for gap in gaps), gaps
     assert "disconnect" not in h.lines()
     assert "retrying every 2 s" in h.text()
     h.fails.unlink()
