@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -326,6 +327,8 @@ def test_mapping_of_a_live_daemon_is_left_alone(stale):
     # A daemon (an older one: this version's would hold the lock): the pid in the backend runs nbd_vram.py run.
     daemon = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "/usr/local/bin/nbd_vram.py", "run"])
     try:
+        while b"run" not in open(f"/proc/{daemon.pid}/cmdline", "rb").read().split(b"\0"):
+            time.sleep(0.05)            # Popen returns within exec, before the new argv is readable
         stale.nbd(0, owner=daemon.pid)
         stale.mapping("dm-0", "nbd-vram-0", "nbd0")
         with pytest.raises(nv.Fatal, match=r"/dev/nbd0 is served by another nbd-vram daemon \(pid \d+\)"):

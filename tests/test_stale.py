@@ -170,11 +170,19 @@ def test_a_reused_worker_pid_is_not_killed(nv):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "/usr/local/bin/nbd_vram.py",
                               "worker"])
     try:
+        deadline = time.monotonic() + 20        # Popen returns within exec, before the new argv is readable
+        while b"worker" not in open(f"/proc/{other.pid}/cmdline", "rb").read().split(b"\0"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         daemon = nv.Daemon.__new__(nv.Daemon)
         daemon._stop_orphans({"worker_pids": [other.pid], "worker_starts": {str(other.pid): start_ticks(other.pid) - 1}})
         assert other.poll() is None, "a process that only has a dead worker's pid was killed"
         daemon._stop_orphans({"worker_pids": [other.pid], "worker_starts": {str(other.pid): start_ticks(other.pid)}})
-        assert not os.path.exists(f"/proc/{other.pid}")                  # the worker itself: stopped (and reaped)
+        deadline = time.monotonic() + 20                                  # the worker itself: stopped
+        while os.path.exists(f"/proc/{other.pid}") and time.monotonic() < deadline:
+            other.poll()                # reaps it, if _stop_orphans gave up waiting first (a loaded machine)
+            time.sleep(0.1)
+        assert not os.path.exists(f"/proc/{other.pid}")
     finally:
         other.kill()
         other.wait()
