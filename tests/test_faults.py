@@ -79,9 +79,9 @@ def test_out_of_vram_when_taking_swap_back_stays_idle_and_retries(harness, tmp_p
     usage = tmp_path / "other-usage"
     usage.write_text("0\n")
     h = harness(policy="ac", FAKECUDA_OTHER_USAGE=str(usage))
-    h.wait_mode("serving")
+    h.wait_mode("serving", timeout=180)
     h.ac(False)
-    h.wait_mode("idle")
+    h.wait_mode("idle", timeout=120)
     usage.write_text("8192\n")                  # all of the fake GPU's memory
     h.ac(True)
     deadline = time.monotonic() + 60
@@ -90,7 +90,7 @@ def test_out_of_vram_when_taking_swap_back_stays_idle_and_retries(harness, tmp_p
         time.sleep(0.2)
     time.sleep(3.5)                              # a few more polls (power_poll = 1), each a try
     assert h.proc.poll() is None, h.text()
-    st = h.wait_mode("idle")
+    st = h.wait_mode("idle", timeout=120)
     assert "out of VRAM" in st["idle_why"] and "trying again every 1 s" in st["idle_why"], st
     text = h.text()
     assert "Traceback" not in text and not [l for l in text.splitlines() if "ERROR" in l], text
@@ -98,7 +98,7 @@ def test_out_of_vram_when_taking_swap_back_stays_idle_and_retries(harness, tmp_p
     for _ in range(8):                           # idle all along, also while a try is under way
         assert "out of VRAM" in h.cli("status").stdout
     usage.write_text("0\n")                     # the other program is gone
-    h.wait_mode("serving")
+    h.wait_mode("serving", timeout=180)         # a start is four processes: minutes on a loaded 2-core machine
     assert h.lines()[-3:] == ["attach 2", "probe ok", "swapon /dev/nbd-harness 1500"], h.lines()
     assert h.stop() == 0
 
