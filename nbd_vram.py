@@ -1372,7 +1372,12 @@ class IoContext(_Buffers):
             self.engine.close()
 
 
-REPLY_SPIN_S = float(os.environ.get("NBD_VRAM_REPLY_SPIN_US", "30")) / 1e6
+# Polling for a copy's answer (a worker) or the next message (the copy thread) saves a wakeup per
+# request, by burning a CPU while I/O flows; the threads are real-time, so only where CPUs are to
+# spare: with fewer than SPIN_MIN_CPUS a spinning thread would take the CPU reclaim needs.
+SPIN_MIN_CPUS = 4
+_SPIN_OK = (os.cpu_count() or 1) >= SPIN_MIN_CPUS
+REPLY_SPIN_S = float(os.environ.get("NBD_VRAM_REPLY_SPIN_US", "30" if _SPIN_OK else "0")) / 1e6
 
 
 class RemoteIoContext(_Buffers):
@@ -1451,7 +1456,7 @@ class CopyClient:
         raise CopyLost("the GPU process refused a buffer set: " + (answer[1:].decode(errors="replace") or "it exited"))
 
 
-COPY_SPIN_S = float(os.environ.get("NBD_VRAM_COPY_SPIN_US", "50")) / 1e6
+COPY_SPIN_S = float(os.environ.get("NBD_VRAM_COPY_SPIN_US", "50" if _SPIN_OK else "0")) / 1e6
 COPY_STREAMS = int(os.environ.get("NBD_VRAM_COPY_STREAMS", "4"))
 
 
@@ -1464,9 +1469,9 @@ class CopyServer:
     channel, issues all their copies on one stream, waits once, and answers
     each.  Under load the batches of several connections thus share one
     synchronization, and one thread never contends for the interpreter lock
-    with others.  After a round it polls again for up to COPY_SPIN_S before
-    sleeping: a request that follows within that time (the next one of a
-    busy connection) is taken without a wakeup.  thread_setup runs first in
+    with others.  After a round it polls again for up to COPY_SPIN_S (where CPUs
+    are to spare) before sleeping: a request that follows within that time (the
+    next one of a busy connection) is taken without a wakeup.  thread_setup runs first in
     the copy thread (it is on the swap I/O path).
     """
 
