@@ -206,10 +206,11 @@ t_ioctl() {
 
 # -- d: kill -9 the worker in the middle of a pressure run -----------------------------------
 # serving_workers: pids of `nbd_vram.py worker` processes, less a spare (--standby) still waiting
+# and the GPU process (--gpu-process: it copies, it serves no connection)
 serving_workers() {
   local p
   for p in $(pgrep -f 'nbd_vram.py worker' || true); do
-    tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | grep -q -- '--standby' || echo "$p"
+    tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | grep -q -E -- '--standby|--gpu-process' || echo "$p"
   done
 }
 t_worker_death() {
