@@ -178,7 +178,13 @@ DOWN = [f"swapoff {MAPPER}", "cryptsetup close nbd-vram-99", "disconnect", "free
 
 def test_swap_goes_on_the_mapping_and_stop_undoes_it_in_reverse(encrypted_harness):
     h = encrypted_harness(policy="always")
-    st = h.wait_mode("serving")
+    h.wait_mode("serving")
+    # The state says "serving" from the attach on; swapon comes a moment later.
+    deadline = time.monotonic() + 60
+    while not (h.lines()[-1:] == [f"swapon {MAPPER} 1500"] and h.state().get("swap_device") == MAPPER):
+        assert time.monotonic() < deadline, h.text()
+        time.sleep(0.1)
+    st = h.state()
     assert h.lines() == ["exec", "exec"] + UP
     assert st["device"] == "/dev/nbd-harness" and st["swap_device"] == MAPPER and st["encrypted"] is True
     assert st["encryption"] == {"mapping": "nbd-vram-99", "cipher": "aes-xts-plain64", "key_bits": 512,
