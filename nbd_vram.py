@@ -771,6 +771,7 @@ class VramStore:
         self.handle, self.fd = handle, fd
         self.imported = False       # mapped from another process's fd: that process owns the memory
         self.freed = False
+        self.quiet = False          # the GPU process frees for the daemon, which logs it
 
     @property
     def kind(self):
@@ -905,7 +906,7 @@ class VramStore:
             if self.fd is not None:
                 os.close(self.fd)
                 self.fd = None
-        log.log(logging.DEBUG if self.imported else logging.INFO, "%s %s of VRAM",
+        log.log(logging.DEBUG if self.imported or self.quiet else logging.INFO, "%s %s of VRAM",
                 "unmapped" if self.imported else "freed", format_size(self.size_bytes))
 
 
@@ -3720,6 +3721,7 @@ class GpuProcess:
             store = self.stores.pop(sid, None)
             if store is None:
                 raise Fatal(f"slice {sid} is not mapped")
+            store.quiet = True
             store.free(scrub=bool(scrub))
             return b"", []
         if tag == CTL_MEMINFO:
