@@ -151,8 +151,87 @@ class _JournalFormatter(logging.Formatter):
         return f"<{self.PRIORITY.get(record.levelno, 6)}>{record.getMessage()}"
 
 
-def setup_logging(debug=False):
-    handler = logging.StreamHandler(sys.stderr)
+LOG_QUEUE_LINES = 1000
+LOG_THREAD_STACK = 256 * 1024
+LOG_FLUSH_S = 5.0
+
+
+class _LogWriter(logging.Handler):
+    """Log lines written to stderr by a thread of their own, so that a process on the swap I/O path
+    never waits on its log: stderr may be a file on tmpfs whose last page is out in this very swap
+    (appending reads it back first), or a pipe whose reader's pages are.  Seen: the daemon stuck
+    appending "worker 1 ... exited" to /tmp/daemon.log while the kernel waited for the new worker's
+    sockets it was about to give.  Lines are formatted by the caller; past LOG_QUEUE_LINES waiting
+    lines, new ones are dropped and counted (said once the output moves again)."""
+
+    def __init__(self, stream):
+        super().__init__()
+        self.stream = stream
+        self.lines = collections.deque()
+        self.dropped = 0
+        self.writing = False
+        self.moved = threading.Condition()
+        old = threading.stack_size(LOG_THREAD_STACK)     # mlockall locks a thread's whole stack
+        try:
+            threading.Thread(target=self._write_lines, name="log writer", daemon=True).start()
+        finally:
+            threading.stack_size(old)
+
+    def emit(self, record):
+        try:
+            line = self.format(record) + "\n"
+        except Exception:
+            self.handleError(record)
+            return
+        with self.moved:
+            if len(self.lines) >= LOG_QUEUE_LINES:
+                self.dropped += 1
+                return
+            self.lines.append(line)
+            self.moved.notify_all()
+
+    def _write_lines(self):
+        while True:
+            with self.moved:
+                while not self.lines:
+                    self.writing = False
+                    self.moved.notify_all()
+                    self.moved.wait()
+                self.writing = True
+                text, dropped = "".join(self.lines), self.dropped
+                self.lines.clear()
+                self.dropped = 0
+            if dropped:
+                text += f"nbd-vram: WARNING: {dropped} log lines dropped: the log output was blocked\n"
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass            # nowhere left to say it
+
+    def wait_written(self, timeout):
+        """Until every line so far is out (or TIMEOUT seconds: the output may be blocked for good)."""
+        with self.moved:
+            return self.moved.wait_for(lambda: not self.lines and not self.writing, timeout)
+
+
+def flush_log(timeout=LOG_FLUSH_S):
+    """Before an exit or exec: the background writer's lines out (bounded: its output may be stuck)."""
+    for h in log.handlers:
+        if isinstance(h, _LogWriter):
+            h.wait_written(timeout)
+
+
+def setup_logging(debug=False, background=False):
+    """BACKGROUND: for the processes on the swap I/O path (run, serve, workers): see _LogWriter."""
+    flush_log()
+    old = log.handlers[0] if log.handlers else None
+    if not background:
+        handler = logging.StreamHandler(sys.stderr)
+    elif isinstance(old, _LogWriter) and old.stream is sys.stderr:
+        handler = old           # one writer thread a process
+    else:
+        handler = _LogWriter(sys.stderr)
     if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
         handler.setFormatter(_JournalFormatter())
     else:
@@ -3859,7 +3938,7 @@ class KernelWorker:
 
 def cmd_worker(args):
     """A serving process: serves the sockets it is given (see spawn_worker)."""
-    setup_logging(args.debug)
+    setup_logging(args.debug, background=True)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     libc = _libc()
     if args.lock:
@@ -4207,6 +4286,7 @@ def remove_state():
 
 def reexec(argv, environ=None):
     """Replace this process with a fresh `nbd_vram.py ARGV` (same pid, so systemd keeps tracking it)."""
+    flush_log()
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, os.path.abspath(sys.argv[0])] + list(argv), environ or os.environ)
@@ -5473,7 +5553,7 @@ def cmd_run(args, flags):
     # First of all, and inherited over the re-execs below: the default action of these ends the process.
     signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)
     settings, origin = load_config(args.config, flags)
-    setup_logging(settings["debug"])
+    setup_logging(settings["debug"], background=True)
     if os.geteuid() != 0:
         raise NotRootError(
             "run needs root: it loads the nbd module, attaches /dev/nbdX and runs swapon "
@@ -5770,7 +5850,7 @@ def cmd_power_event(args):
 ############################################################################
 
 def cmd_serve(args):
-    setup_logging(args.debug)
+    setup_logging(args.debug, background=True)
     try:
         size = _size(args.size)
         min_size = _size(args.min_size)
@@ -5988,6 +6068,8 @@ def main(argv=None):
         return 130
     except BrokenPipeError:
         return EXIT_OK
+    finally:
+        flush_log()
     return EXIT_USAGE
 
 

@@ -1,6 +1,7 @@
 """GPU faults under the daemon (`run` under tests/power_harness.py, the fake libcuda's fault switches):
 a failing copy is an EIO for that request only, is counted, and makes the daemon move swap off the
 GPU (swapoff) and stop, so that systemd starts it afresh; never zeros served as data."""
+import fcntl
 import os
 import re
 import time
@@ -135,3 +136,36 @@ def test_a_killed_gpu_process_is_replaced_and_the_data_kept(harness):   # noqa: 
     st = h.wait_mode("serving")
     assert new in st["worker_pids"] and old not in st["worker_pids"]
     assert h.stop() == 0
+
+
+def test_a_worker_killed_while_the_log_is_blocked_is_still_replaced(harness):   # noqa: F811
+    """The daemon's output blocked (here a full pipe nobody reads; in the kernel test it was a log file
+    on tmpfs whose last page was out in the very swap the dead worker served): the kernel must still
+    get the new worker's sockets.  Before the log lines had a writer thread of their own, the daemon
+    sat in the write of "worker ... exited" and the reconfigure never came."""
+    h = harness(policy="always", HARNESS_PROBE="1", log_pipe=True)
+    victim = h.wait_mode("serving")["worker_pids"][0]      # the serving workers come first
+    h.text()                                            # drain what the start said
+    fcntl.fcntl(h.log_pipe, fcntl.F_SETPIPE_SZ, 4096)
+    filler = os.open(f"/proc/self/fd/{h.log.fileno()}", os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        while True:
+            os.write(filler, b"x" * 512)
+    except BlockingIOError:
+        pass                                            # full: the next write of the daemon blocks
+    finally:
+        os.close(filler)
+    os.kill(victim, 9)
+    deadline = time.monotonic() + 60
+    while "probe kept ok" not in h.lines():
+        assert time.monotonic() < deadline, f"no reconfigure 60 s after the kill: {h.lines()}"
+        assert h.proc.poll() is None
+        time.sleep(0.2)
+    deadline = time.monotonic() + 30
+    while f"(pid {victim}) exited with -9" not in h.text() or "restarted" not in h.text():
+        assert time.monotonic() < deadline, h.text()[-2000:]
+        time.sleep(0.2)
+    assert "Traceback" not in h.text() and "probe kept BAD" not in h.lines()
+    assert h.stop() == 0
+    assert "stopping" in h.text()                       # the lines of the exit were written before it
+    os.close(h.log_pipe)

@@ -118,7 +118,7 @@ class Harness:
     """`nbd_vram.py run` under tests/power_harness.py, with a power_supply fixture tree; conf_lines are
     added to its configuration file, extra to its environment."""
 
-    def __init__(self, tmp_path, fakecuda, policy="ac", conf_lines="", **extra):
+    def __init__(self, tmp_path, fakecuda, policy="ac", conf_lines="", log_pipe=False, **extra):
         self.tmp = tmp_path
         self.sys = tmp_path / "sysroot"
         self.run = tmp_path / "run"
@@ -136,7 +136,15 @@ class Harness:
                             NBD_VRAM_RUNTIME_DIR=str(self.run), HARNESS_EVENTS=str(self.events),
                             HARNESS_SWAPOFF_FAILS=str(self.fails), **dict({"HARNESS_PROBE": "1"}, **extra))
         self.env.pop("NOTIFY_SOCKET", None)
-        self.log = open(tmp_path / "daemon.log", "w")
+        # log_pipe: the daemon's output is a pipe that this test reads only in text() (so a test can
+        # stop reading it); else a file.
+        self.log_pipe, self.log_bytes = None, b""
+        if log_pipe:
+            self.log_pipe, w = os.pipe()
+            os.set_blocking(self.log_pipe, False)
+            self.log = os.fdopen(w, "w")
+        else:
+            self.log = open(tmp_path / "daemon.log", "w")
         self.proc = subprocess.Popen([sys.executable, str(HARNESS), "run"], env=self.env, stdout=self.log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
@@ -159,7 +167,14 @@ class Harness:
         raise AssertionError(f"no {mode!r} state in {timeout} s: {self.state()}\n{self.text()}")
 
     def text(self):
-        return (self.tmp / "daemon.log").read_text()
+        if self.log_pipe is None:
+            return (self.tmp / "daemon.log").read_text()
+        try:
+            while chunk := os.read(self.log_pipe, 1 << 16):
+                self.log_bytes += chunk
+        except BlockingIOError:
+            pass
+        return self.log_bytes.decode(errors="replace")
 
     def lines(self):
         return [l.split(" ", 1)[1] for l in self.events.read_text().splitlines()] if self.events.exists() else []
