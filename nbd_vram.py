@@ -3878,7 +3878,10 @@ class KernelWorker:
 
     def run(self):
         args = self.args
-        self.pool = [self._buffers() for _ in range(args.standby)]
+        try:
+            self.pool = [self._buffers() for _ in range(args.standby)]
+        except CopyLost as e:
+            raise Fatal(f"{self.label}: {e}") from None
         if args.lock:
             lock_process(self.libc, self.label)
         self.ctl.sendall(WORKER_READY)
@@ -4122,6 +4125,7 @@ def _publish_counters(counters, slot, exports):
 ############################################################################
 
 SWAPOFF_RETRY_S = 10.0
+SPARE_RETRY_S = 30.0         # a spare worker that failed to start is tried again this often
 # Blocked in every thread from the start of `run` (and kept over its re-execs), taken by the main
 # thread with sigtimedwait.  SIGUSR1 (udev, `nbd_vram.py sleep`): read the power state now.
 # SIGUSR2 (`nbd_vram.py upgrade`): re-execute the file on disk, which takes the VRAM and the device over.
@@ -4469,6 +4473,7 @@ class GpuShare:
         self.ceiling = len(self.sizes)      # most slices allowed now (shrink/grow move it)
         self.slices = {}                    # number -> Slice
         self.workers, self.spare = [], None
+        self.spare_retry_at = None          # the spare failed to start: when to try again
         self.gpu_proc = None                # WorkerProc of the GPU process: the one CUDA context
         self.calm_since = None
         self.free_bytes = None
@@ -4584,16 +4589,20 @@ class GpuShare:
         if not self.workers:
             return
         n = max([w.nconns for w in self.workers] + [self.daemon.cfg["connections"]])
+        spare = None
         try:
             spare = self._spawn(0, standby=n)
             self._map_all(spare.ctl, "spare worker")
         except Fatal as e:
-            log.warning("%s: no spare worker (%s): a dead worker will be replaced by a new process", self.label, e)
-            if "spare" in locals():
+            log.warning("%s: no spare worker (%s): a dead worker would be replaced by a new process; "
+                        "trying again in %.0f s", self.label, e, SPARE_RETRY_S)
+            if spare is not None:
                 spare.ctl.close()
                 spare.proc.kill()
                 spare.proc.wait()
+            self.spare_retry_at = time.monotonic() + SPARE_RETRY_S
             return
+        self.spare_retry_at = None
         spare.pool = n
         self.spare = spare
         log.info("%s: spare worker ready: pid %d", self.label, spare.proc.pid)
@@ -4726,6 +4735,10 @@ class GpuShare:
             self.spare = None
             self.spawn_spare()
             self.daemon._write_state()
+        elif self.spare is None and self.spare_retry_at is not None and time.monotonic() >= self.spare_retry_at:
+            self.spawn_spare()
+            if self.spare:
+                self.daemon._write_state()
 
     def restart_gpu_process(self):
         """The GPU process died: every worker's copies died with it.  A new one maps every slice again

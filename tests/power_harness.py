@@ -24,7 +24,7 @@ such as fio (tests of shrink/grow under load): the handshake is answered here, t
 requests go to one of the slice's kernel ends (a client each, never reused) and the worker's
 replies come back; NBD_CMD_DISC is not passed on (it would end the kernel's connection).
 HARNESS_SWAPOFF_RETRY_S=S: the daemon retries a failed swapoff every S s instead of 10 (tests that wait
-for a second try).
+for a second try).  HARNESS_SPARE_RETRY_S=S: the same for a spare worker that failed to start (30).
 - reconfigure (NBD_CMD_RECONFIGURE after a worker or GPU process died): the slice's ends whose worker
   is gone (they read as closed) are dropped and the new ones taken; with HARNESS_PROBE=1 the pattern
   is read back through a new one ("probe kept ok").
@@ -309,6 +309,8 @@ def free_with_event(free):
 nv.load_nbd_module = lambda: None
 if os.environ.get("HARNESS_SWAPOFF_RETRY_S"):
     nv.SWAPOFF_RETRY_S = float(os.environ["HARNESS_SWAPOFF_RETRY_S"])
+if os.environ.get("HARNESS_SPARE_RETRY_S"):
+    nv.SPARE_RETRY_S = float(os.environ["HARNESS_SPARE_RETRY_S"])
 nv.Daemon._check_stale = lambda self: None
 nv.Daemon._attach = attach
 nv.Daemon._reattach = reattach

@@ -169,3 +169,41 @@ def test_a_worker_killed_while_the_log_is_blocked_is_still_replaced(harness):   
     assert h.stop() == 0
     assert "stopping" in h.text()                       # the lines of the exit were written before it
     os.close(h.log_pipe)
+
+
+def test_a_spare_that_fails_to_start_is_tried_again(harness, tmp_path):   # noqa: F811
+    """kill -9 of the spare worker while no memory can be pinned (the fake's cuMemHostRegister fails):
+    its replacement cannot start, the daemon says so and serves on; it tries again, and once pinning
+    works there is a spare again, which then takes a dead worker's place."""
+    fails = tmp_path / "no-pinning"
+    h = harness(policy="always", HARNESS_PROBE="1", HARNESS_SPARE_RETRY_S="2",
+                FAKECUDA_HOST_REGISTER_FAILS=str(fails))
+    st = h.wait_mode("serving")
+    spare = st["worker_pids"][2]            # two workers, the spare, the GPU process
+    fails.write_text("")
+    os.kill(spare, 9)
+    deadline = time.monotonic() + 60
+    while "no spare worker" not in h.text():
+        assert time.monotonic() < deadline and h.proc.poll() is None, h.text()
+        time.sleep(0.2)
+    fails.unlink()
+    deadline = time.monotonic() + 60
+    while True:
+        assert time.monotonic() < deadline and h.proc.poll() is None, h.text()
+        pids = h.state().get("worker_pids", [])
+        if len(pids) == 4 and spare not in pids:
+            break
+        time.sleep(0.2)
+    assert h.text().count("spare worker ready") == 2, h.text()
+    new_spare, victim = pids[2], pids[0]
+    os.kill(victim, 9)
+    deadline = time.monotonic() + 60
+    while "probe kept ok" not in h.lines():
+        assert time.monotonic() < deadline and h.proc.poll() is None, h.text()
+        time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while f"spare worker (pid {new_spare}) now serving" not in h.text():
+        assert time.monotonic() < deadline, h.text()
+        time.sleep(0.2)
+    assert "Traceback" not in h.text() and "probe kept BAD" not in h.lines()
+    assert h.stop() == 0

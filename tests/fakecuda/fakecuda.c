@@ -48,6 +48,9 @@
  *                                 and other devices work on.  Re-read at most every
  *                                 50 ms (CLOCK_MONOTONIC_COARSE): a change takes
  *                                 effect within ~50 ms; a missing file = none lost.
+ *   FAKECUDA_HOST_REGISTER_FAILS=PATH  while PATH exists, cuMemHostRegister_v2
+ *                                 returns CUDA_ERROR_OUT_OF_MEMORY (no more memory
+ *                                 can be pinned); checked at every call
  *   FAKECUDA_NO_DEVICE=1          cuInit returns CUDA_ERROR_NO_DEVICE
  *   FAKECUDA_INIT_FAILS=N         the first N cuInit calls return CUDA_ERROR_UNKNOWN
  *   FAKECUDA_FAIL_ALLOC_ABOVE=B   cuMemAlloc_v2/cuMemCreate of more than B bytes
@@ -247,7 +250,7 @@ static __thread struct CUctx_st *tls_ctx;
 static int cfg_no_device, cfg_no_vmm, cfg_log_fd = -1;
 static long cfg_init_fails, cfg_fail_every, cfg_lost_after;
 static unsigned long long cfg_fail_alloc_above;
-static const char *cfg_other_usage, *cfg_lost_devices;     /* paths, or NULL */
+static const char *cfg_other_usage, *cfg_lost_devices, *cfg_host_register_fails;   /* paths, or NULL */
 
 struct fk_ext { size_t off, size; };       /* a free extent of a backing file */
 struct fk_dev {
@@ -308,6 +311,8 @@ static void read_env(void)
     cfg_other_usage = s && *s ? s : NULL;
     s = getenv("FAKECUDA_LOST_DEVICES");
     cfg_lost_devices = s && *s ? s : NULL;
+    s = getenv("FAKECUDA_HOST_REGISTER_FAILS");
+    cfg_host_register_fails = s && *s ? s : NULL;
     /* FAKECUDA_BACKING=path0:path1:... - one backing file per device. */
     char *paths[FK_MAX_DEV];
     int npaths = 0;
@@ -936,6 +941,7 @@ CUresult cuMemHostRegister_v2(void *p, size_t bytesize, unsigned int Flags)
     API_BEGIN();
     NEED_CTX(dev);
     if (!p || bytesize == 0 || (Flags & ~0xFu)) return CUDA_ERROR_INVALID_VALUE;
+    if (cfg_host_register_fails && access(cfg_host_register_fails, F_OK) == 0) return CUDA_ERROR_OUT_OF_MEMORY;
     struct range r = { (uintptr_t)p, bytesize, bytesize, 0, R_HOST_REG, dev, 1, NULL };
     CUresult rc = CUDA_SUCCESS;
     pthread_mutex_lock(&g_lock);

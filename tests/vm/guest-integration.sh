@@ -233,6 +233,9 @@ t_worker_death() {
   killed_at=$(swap_used_mb)
   wpid=$(serving_workers)
   echo "worker_death: kill -9 $wpid with $killed_at MiB swapped out (uptime $(cut -d' ' -f1 /proc/uptime) s)"
+  # Should the replacement stall (it must not), the daemon's threads' kernel stacks say where: the
+  # mlocked watchdog dumps them 20 and 70 s after the kill, before the 120 s dead-connection timeout.
+  start_watchdog "$DPID" 5 2 20,70
   kill -9 "$wpid"
   killed=$SECONDS
   for _ in $(seq 1200); do kill -0 "$ppid" 2>/dev/null || break; sleep 0.5; done

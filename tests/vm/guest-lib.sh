@@ -36,10 +36,10 @@ fail_on_kernel_errors() {
   echo "fail_on_kernel_errors: kernel log shows errors:" >&2; echo "$hits" >&2; return 1
 }
 
-# start_watchdog PID [INTERVAL_S]: run watchdog.py on PID in the background (prints to the console)
+# start_watchdog PID [INTERVAL_S [MAX_DUMPS [DUMP_AT]]]: run watchdog.py on PID in the background (prints to the console)
 start_watchdog() {
   sysctl -qw kernel.sysrq=1
-  python3 "$NBD_VRAM_VM/watchdog.py" "$1" "${2:-5}" &
+  python3 "$NBD_VRAM_VM/watchdog.py" "$1" "${2:-5}" "${3:-3}" "${4:-}" &
 }
 
 # pressure [DATA_MB=32] [HOG_MB=MemTotal*3/2]: allocate DATA_MB MiB of random, checksummed 1 MiB

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""watchdog.py PID [INTERVAL_S=5] [MAX_DUMPS=3]: livelock detector for guest scripts (start it in the
+"""watchdog.py PID [INTERVAL_S=5] [MAX_DUMPS=3] [DUMP_AT=S1,S2,...]: livelock detector for guest scripts (start it in the
 background before the pressure; PID's child processes are watched too; guest-lib.sh's start_watchdog also enables sysrq and console logging).
 Every INTERVAL_S it reads /proc and prints one "WATCHDOG" line to the console when something looks
 stuck: a thread in state R whose system time grows while its user time and page faults are
@@ -7,7 +7,10 @@ frozen, or direct reclaim scanning (pgscan_direct) hard while stealing nothing a
 After three suspicious samples in a row it dumps every one of those threads (state, ticks, faults, syscall,
 kernel stack), raises the console log level and asks for a backtrace of every CPU (sysrq-l; needs
 kernel.sysrq=1; its "Call Trace" lines make fail_on_kernel_errors fail), at most MAX_DUMPS times. Exits when PID does. It is mlocked, but in a hard livelock it may still need a page and
-stay silent: silence from it is itself a sign."""
+stay silent: silence from it is itself a sign.
+DUMP_AT: also dump every thread of PID and its children S1, S2... seconds after the start, whatever they
+look like (a stall where every thread sleeps, e.g. on a page that swap cannot bring back).
+At most MAX_DUMPS of either kind."""
 import ctypes, glob, os, sys, time
 
 libc = ctypes.CDLL(None)
@@ -18,6 +21,8 @@ console = open("/dev/console", "w")
 pid = sys.argv[1]
 interval = float(sys.argv[2]) if len(sys.argv) > 2 else 5.0
 max_dumps = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+dump_at = sorted(float(x) for x in sys.argv[4].split(",")) if len(sys.argv) > 4 and sys.argv[4] else []
+started = time.monotonic()
 HZ = os.sysconf("SC_CLK_TCK")
 VM_KEYS = ("allocstall_normal", "pgscan_direct", "pgsteal_direct", "oom_kill", "pswpout", "pswpin")
 
@@ -72,6 +77,9 @@ def dump():
 prev_t, prev_vm, bad_in_row, dumps = threads(), vmstat(), 0, 0
 while os.path.exists(f"/proc/{pid}") and dumps < max_dumps:
     time.sleep(interval)
+    if dump_at and time.monotonic() - started >= dump_at[0]:
+        dumps += 1
+        say(f"WATCHDOG dump {dumps}/{max_dumps} at {dump_at.pop(0):.0f} s, as asked\n{dump()}")
     t, vm = threads(), vmstat()
     d = {k: vm[k] - prev_vm[k] for k in VM_KEYS}
     why = []
