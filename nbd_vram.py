@@ -3661,10 +3661,12 @@ CTL_IMPORT = b"I"      # to a GPU process: slice id, size; fd: map a stored slic
 CTL_FREE = b"R"        # to a GPU process: slice id, scrub: (zero,) unmap and release the slice
 CTL_MEMINFO = b"M"     # to a GPU process: answer: free and total VRAM
 CTL_CLIENT = b"L"      # to a GPU process: worker index; fd: that worker's registration socket (CopyServer)
+CTL_ENDED = b"E"       # to a worker: answer: (slice id, count) of connections that ended while their slice is served
 CTL_FIELDS = {CTL_SLICE: struct.Struct("=IQQ"), CTL_SERVE: struct.Struct("=II"), CTL_DROP: struct.Struct("=I"),
               CTL_BECOME: struct.Struct("=II"), CTL_POOL: struct.Struct("=I"), CTL_ALLOC: struct.Struct("=IQ"),
               CTL_IMPORT: struct.Struct("=IQ"), CTL_FREE: struct.Struct("=IB"), CTL_MEMINFO: struct.Struct("="),
-              CTL_CLIENT: struct.Struct("=I")}
+              CTL_CLIENT: struct.Struct("=I"), CTL_ENDED: struct.Struct("=")}
+CTL_ENDED_ITEM = struct.Struct("=II")
 CTL_OK, CTL_ERROR = b"k", b"e"
 CTL_MAX_FDS = 64       # connections of one slice (the connections setting's limit)
 
@@ -3929,6 +3931,17 @@ class KernelWorker:
             (n,) = fields
             while len(self.pool) < n:
                 self.pool.append(self._buffers())
+        elif tag == CTL_ENDED:
+            # Connections the kernel gave up on (a request past its timeout: it shuts its end down)
+            # while the slice is still served: their threads and buffers back to the pool.
+            answer = b""
+            for sid, ts in self.conns.items():
+                ended = [t for t in ts if not t.busy()]
+                if ended:
+                    self.conns[sid] = [t for t in ts if t.busy()]
+                    self.pool += ended
+                    answer += CTL_ENDED_ITEM.pack(sid, len(ended))
+            return answer, []
         elif tag == CTL_BECOME:
             self.args.index, self.slot = fields
             self.label = f"worker {self.args.index}"
@@ -4126,6 +4139,7 @@ def _publish_counters(counters, slot, exports):
 
 SWAPOFF_RETRY_S = 10.0
 SPARE_RETRY_S = 30.0         # a spare worker that failed to start is tried again this often
+HEAL_RETRY_S = 30.0          # and a connection the kernel gave up on that could not be replaced
 # Blocked in every thread from the start of `run` (and kept over its re-execs), taken by the main
 # thread with sigtimedwait.  SIGUSR1 (udev, `nbd_vram.py sleep`): read the power state now.
 # SIGUSR2 (`nbd_vram.py upgrade`): re-execute the file on disk, which takes the VRAM and the device over.
@@ -4474,6 +4488,7 @@ class GpuShare:
         self.slices = {}                    # number -> Slice
         self.workers, self.spare = [], None
         self.spare_retry_at = None          # the spare failed to start: when to try again
+        self.heal_retry_at = 0.0            # a connection could not be replaced: not before then
         self.gpu_proc = None                # WorkerProc of the GPU process: the one CUDA context
         self.calm_since = None
         self.free_bytes = None
@@ -4722,12 +4737,57 @@ class GpuShare:
         self.spawn_spare()      # swap works again: a new process can get its memory
         d._write_state()        # the worker pids a restart after a crash must stop
 
+    def heal(self, w, counters):
+        """Connections the kernel gave up on (a request past its timeout marks one dead; the device
+        serves on over the others): new sockets for them (NBD_CMD_RECONFIGURE), so that a stall
+        under pressure does not leave the device degraded for good.  Cheap when nothing ended: the
+        worker is asked only when its live count in the counters is short."""
+        if counters is None or w.slot is None or time.monotonic() < self.heal_retry_at:
+            return
+        if sum_counters(counters, {w.slot})[1] >= w.nconns:
+            return
+        try:
+            answer, _ = ctl_call(w.ctl, CTL_ENDED, who=f"worker {w.index}")
+        except Fatal as e:
+            log.warning("%s: %s", self.label, e)
+            return
+        for off in range(0, len(answer), CTL_ENDED_ITEM.size):
+            sid, n = CTL_ENDED_ITEM.unpack_from(answer, off)
+            sl = self.slices.get(sid)
+            if sl is None:
+                continue
+            w.conns[sid] = w.conns.get(sid, n) - n
+            if sl.attach_kind != "netlink":
+                log.error("%s: %d connection%s of %s ended (a request past the kernel's timeout?); with the "
+                          "ioctl attach it cannot get new ones: restart the service when swap is idle",
+                          self.label, n, "" if n == 1 else "s", sl.device)
+                continue
+            pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(n)]
+            try:
+                ctl_call(w.ctl, CTL_SERVE, sid, n, fds=[ours.fileno() for ours, _ in pairs], who=f"worker {w.index}")
+                w.conns[sid] += n
+                reconfigure(sl.index, [kernel for _, kernel in pairs], sl.backend, timeout_s=10)
+                log.warning("%s: the kernel gave up on %d connection%s of %s (a request past its timeout): "
+                            "gave it %s new", self.label, n, "" if n == 1 else "s", sl.device,
+                            "a" if n == 1 else n)
+            except (Fatal, OSError) as e:
+                log.error("%s: %d connection%s of %s ended and could not be replaced (%s); trying again in "
+                          "%.0f s", self.label, n, "" if n == 1 else "s", sl.device,
+                          getattr(e, "strerror", None) or e, HEAL_RETRY_S)
+                self.heal_retry_at = time.monotonic() + HEAL_RETRY_S
+            finally:
+                for ours, kernel in pairs:
+                    ours.close()
+                    kernel.close()
+
     def check_workers(self):
         if self.gpu_proc is not None and self.gpu_proc.proc.poll() is not None:
             self.restart_gpu_process()
         for k, w in enumerate(self.workers):
             if w.proc.poll() is not None:
                 self.respawn(k)
+            else:
+                self.heal(w, self.daemon.counters)
         if self.spare and self.spare.proc.poll() is not None:
             log.warning("%s: the spare worker (pid %d) exited with %s: starting another", self.label,
                         self.spare.proc.pid, self.spare.proc.returncode)

@@ -28,6 +28,8 @@ for a second try).  HARNESS_SPARE_RETRY_S=S: the same for a spare worker that fa
 - reconfigure (NBD_CMD_RECONFIGURE after a worker or GPU process died): the slice's ends whose worker
   is gone (they read as closed) are dropped and the new ones taken; with HARNESS_PROBE=1 the pattern
   is read back through a new one ("probe kept ok").
+HARNESS_GIVE_UP=FILE: once FILE exists, the last kernel end of /dev/nbd-harness is shut down, as the
+kernel does to a connection with a request past its timeout ("gave up a connection"; FILE is removed).
 HARNESS_PROBE=all: each slice gets its own pattern at attach, and at every disconnect the patterns
 of all the other slices are read back ("verify ok N" / "verify BAD"): releasing one slice must not
 touch the others.
@@ -36,6 +38,7 @@ import os
 import socket
 import sys
 import threading
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import nbd_vram as nv  # noqa: E402
@@ -210,6 +213,17 @@ def attach(self, sl, socks):
         ATTACHED.add(sl)
     if os.environ.get("HARNESS_NBD_DIR"):
         relay(sl)
+    if os.environ.get("HARNESS_GIVE_UP") and sl.device == DEVICE:
+        threading.Thread(target=give_up, args=(sl, os.environ["HARNESS_GIVE_UP"]), daemon=True).start()
+
+
+def give_up(sl, path):
+    """HARNESS_GIVE_UP (see the top)."""
+    while not os.path.exists(path):
+        time.sleep(0.1)
+    sl.kernel_ends[-1].shutdown(socket.SHUT_RDWR)
+    os.unlink(path)
+    event("gave up a connection")
 
 
 def reattach(self, sl, old, socks):

@@ -2,6 +2,7 @@
 a failing copy is an EIO for that request only, is counted, and makes the daemon move swap off the
 GPU (swapoff) and stop, so that systemd starts it afresh; never zeros served as data."""
 import fcntl
+import json
 import os
 import re
 import time
@@ -206,4 +207,32 @@ def test_a_spare_that_fails_to_start_is_tried_again(harness, tmp_path):   # noqa
         assert time.monotonic() < deadline, h.text()
         time.sleep(0.2)
     assert "Traceback" not in h.text() and "probe kept BAD" not in h.lines()
+    assert h.stop() == 0
+
+
+def test_a_connection_the_kernel_gave_up_on_is_replaced(harness, tmp_path):   # noqa: F811
+    """The kernel shuts a connection down when a request on it passes its timeout (a stall under
+    pressure) and serves on over the others: the daemon gives it a new socket (NBD_CMD_RECONFIGURE),
+    the data reads back through it, and status is healthy again, not degraded for good."""
+    trigger = tmp_path / "give-up"
+    h = harness(policy="always", HARNESS_PROBE="1", HARNESS_GIVE_UP=str(trigger))
+    h.wait_mode("serving")
+    trigger.write_text("")
+    deadline = time.monotonic() + 60
+    while "probe kept ok" not in h.lines():
+        assert time.monotonic() < deadline and h.proc.poll() is None, (h.lines(), h.text())
+        time.sleep(0.2)
+    assert h.lines()[-3:] == ["gave up a connection", "reconfigure 1", "probe kept ok"], h.lines()
+    deadline = time.monotonic() + 30
+    while "the kernel gave up on 1 connection of /dev/nbd-harness" not in h.text():
+        assert time.monotonic() < deadline, h.text()
+        time.sleep(0.2)
+    deadline = time.monotonic() + 30
+    while True:                                 # the worker's counters catch up within a tick or two
+        st = h.cli("status", "--json")
+        if st.returncode == 0 and json.loads(st.stdout).get("connections_live") == 2:
+            break
+        assert time.monotonic() < deadline, st.stdout + st.stderr
+        time.sleep(0.5)
+    assert "Traceback" not in h.text() and h.lines().count("reconfigure 1") == 1
     assert h.stop() == 0
