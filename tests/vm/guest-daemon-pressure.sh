@@ -54,7 +54,12 @@ for run in $(seq "${GUEST_RUNS:-1}"); do
   wd=$!
   pressure "${GUEST_DATA_MB:-48}" "${GUEST_HOG_MB:-700}"
   kill $wd 2>/dev/null || true
-  python3 "$NBD_VRAM_REPO/nbd_vram.py" status
+  # Healthy: every connection live (one the kernel gave up on, a request past its 30 s timeout
+  # under TCG, is replaced by the daemon within seconds: allow 30).
+  for _ in $(seq 30); do python3 "$NBD_VRAM_REPO/nbd_vram.py" status >/tmp/status.txt 2>&1 && break; sleep 1; done
+  cat /tmp/status.txt
+  grep -i 'gave up on' /tmp/daemon.log || true
+  python3 "$NBD_VRAM_REPO/nbd_vram.py" status >/dev/null
   fail_on_kernel_errors
   kill -TERM $pid
   rc=0; wait $pid || rc=$?
