@@ -215,12 +215,13 @@ serving_workers() {
 }
 t_worker_death() {
   part worker_death
-  local ppid wpids wpid newpid n r killed rc=0 killed_at
+  local ppid wpids wpid spid newpid n r killed rc=0 killed_at k kills=${GUEST_WD_KILLS:-1}
   # dead_conn_timeout 120 s (default 600): if the worker is not replaced, the kernel fails the held
   # I/O after 2 minutes (the guest may then panic: init's pages are on this swap) instead of 10.
   start_daemon worker --size 1G --min-size 256M --connections 2 --dead-conn-timeout 120
   wpids=$(serving_workers)
   [ "$(echo "$wpids" | wc -w)" -eq 1 ] || fail "expected one serving worker process, found: ${wpids:-none}"
+  wpid=$wpids
   (trap - ERR; pressure "${GUEST_DATA_MB:-48}" "$HOG") > /tmp/pressure-wd.log 2>&1 &
   ppid=$!
   # Kill once the hog is pushing pages out (swap used >= 150 MiB): requests are in flight.
@@ -229,15 +230,34 @@ t_worker_death() {
     kill -0 "$ppid" 2>/dev/null || break
     sleep 0.2
   done
-  kill -0 "$ppid" 2>/dev/null || { cat /tmp/pressure-wd.log; fail "pressure ended before the worker was killed"; }
-  killed_at=$(swap_used_mb)
-  wpid=$(serving_workers)
-  echo "worker_death: kill -9 $wpid with $killed_at MiB swapped out (uptime $(cut -d' ' -f1 /proc/uptime) s)"
-  # Should the replacement stall (it must not), the daemon's threads' kernel stacks say where: the
-  # mlocked watchdog dumps them 20 and 70 s after the kill, before the 120 s dead-connection timeout.
-  start_watchdog "$DPID" 5 2 20,70
-  kill -9 "$wpid"
-  killed=$SECONDS
+  # GUEST_WD_KILLS=N (a soak; the CI boot kills once): the serving worker is killed N times under the
+  # one pressure, each time once the previous kill's replacement serves and a new spare is ready.
+  # GUEST_WD_SPARE_FIRST=1: before the last kill, the spare is killed too (kill -9, just before the
+  # worker): then no spare can take over and a new process must start while swap is stalled.
+  for k in $(seq "$kills"); do
+    kill -0 "$ppid" 2>/dev/null || { cat /tmp/pressure-wd.log; fail "pressure ended before kill $k of $kills"; }
+    killed_at=$(swap_used_mb)
+    if [ "$k" -eq "$kills" ] && [ "${GUEST_WD_SPARE_FIRST:-0}" = 1 ]; then
+      spid=$(sed -n 's/.*spare worker ready: pid \([0-9]*\).*/\1/p' "$DLOG" | tail -n 1)
+      echo "worker_death: kill -9 of the spare $spid just before the worker"
+      kill -9 "$spid"
+    fi
+    echo "worker_death: kill $k of $kills: kill -9 $wpid with $killed_at MiB swapped out (uptime $(cut -d' ' -f1 /proc/uptime) s)"
+    # Should the replacement stall (it must not), the daemon's threads' kernel stacks say where: the
+    # mlocked watchdog dumps them 20 and 70 s after the kill, before the 120 s dead-connection timeout.
+    [ "$k" -gt 1 ] || start_watchdog "$DPID" 5 2 20,70
+    kill -9 "$wpid"
+    killed=$SECONDS
+    [ "$k" -lt "$kills" ] || break
+    for _ in $(seq 600); do
+      [ "$(grep -c 'worker 1 restarted' "$DLOG")" -ge "$k" ] &&
+        [ "$(grep -c 'spare worker ready' "$DLOG")" -ge $(( k + 1 )) ] && break
+      sleep 0.2
+    done
+    [ "$(grep -c 'spare worker ready' "$DLOG")" -ge $(( k + 1 )) ] || fail "no new spare 120 s after kill $k"
+    wpid=$(sed -n 's/.*worker 1 restarted (pid \([0-9]*\)).*/\1/p' "$DLOG" | tail -n 1)
+    echo "worker_death: kill $k: worker 1 is pid $wpid again after $(( SECONDS - killed )) s"
+  done
   for _ in $(seq 1200); do kill -0 "$ppid" 2>/dev/null || break; sleep 0.5; done
   if kill -0 "$ppid" 2>/dev/null; then
     echo "--- pressure still runs 600 s after the kill; blocked tasks (sysrq-w):"
@@ -251,7 +271,7 @@ t_worker_death() {
   [ "$rc" -eq 0 ] || fail "pressure exited $rc after the worker was killed"
   grep -q 'MiB verified' /tmp/pressure-wd.log || fail "pressure printed no 'verified' line"
   grep -E 'worker 1 .*exited|restarted|RECONFIGURE' "$DLOG" || true
-  grep -q 'worker 1 restarted' "$DLOG" || fail "the daemon's log does not show worker 1 restarted"
+  [ "$(grep -c 'worker 1 restarted' "$DLOG")" -eq "$kills" ] || fail "the daemon's log does not show worker 1 restarted $kills time(s)"
   ! grep -q 'RECONFIGURE.*failed' "$DLOG" || fail "NBD_CMD_RECONFIGURE failed"
   # The kernel answers a RECONFIGURE with no dead slot left with success, dropping the socket:
   # every connection of a replaced worker must have been taken back.
