@@ -216,7 +216,8 @@ serving_workers() {
 }
 t_worker_death() {
   part worker_death
-  local ppid wpids wpid spid newpid n r killed rc=0 killed_at k kills=${GUEST_WD_KILLS:-1}
+  local ppid wpids wpid spid newpid n r killed rc=0 killed_at k kills=${GUEST_WD_KILLS:-1} seen
+  seen=$(dmesg | wc -l)         # the kernel's lines of this part come after these
   # dead_conn_timeout 120 s (default 600): if the worker is not replaced, the kernel fails the held
   # I/O after 2 minutes (the guest may then panic: init's pages are on this swap) instead of 10.
   start_daemon worker --size 1G --min-size 256M --connections 2 --dead-conn-timeout 120
@@ -278,7 +279,7 @@ t_worker_death() {
   # every connection of a replaced worker must have been taken back.
   # (Plus one for each connection the kernel gave up on, a request past its 30 s timeout under TCG,
   # that the daemon replaced: "the kernel gave up on N connection(s)".)
-  n=$(dmesg | grep -c 'reconnected socket' || true)
+  n=$(dmesg | tail -n +$(( seen + 1 )) | grep -c 'reconnected socket' || true)
   r=$(grep -c 'worker 1 restarted' "$DLOG" || true)
   h=$(sed -n 's/.*the kernel gave up on \([0-9]*\) connection.*/\1/p' "$DLOG" | awk '{s += $1} END {print s + 0}')
   echo "worker_death: $r replacement(s), $h connection(s) given up by the kernel and replaced, $n sockets reconnected"

@@ -51,7 +51,7 @@ done
 # load 4-5): report only past 120 s, as the guest scripts do for soft lockups (watchdog_thresh).
 t0=$(date +%s)
 set +e
-timeout -k 10 "${VM_TIMEOUT:-900}" qemu-system-x86_64 -machine q35,accel=tcg -cpu max -smp "$cpus" -m "$mem" \
+timeout -k 10 "${VM_TIMEOUT:-900}" qemu-system-x86_64 -machine q35,accel=tcg -cpu "${VM_CPU:-max}" -smp "$cpus" -m "$mem" \
   -nographic -vga none -no-reboot -kernel "$D/vmlinuz" -initrd "$D/initrd.img" \
   -append "console=ttyS0 quiet panic=-1 rcupdate.rcu_cpu_stall_timeout=120 lab.cmd=$script" \
   -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
