@@ -85,6 +85,16 @@ class Server:
             self.logf.flush()
         return self.log_path.read_text()
 
+    def logged(self, text, count=1, timeout_s=10):
+        """Whether TEXT is in the log COUNT times within TIMEOUT_S (serve's lines are written by a
+        thread of their own: one may come a moment after what it tells of)."""
+        deadline = time.monotonic() + timeout_s
+        while self.log().count(text) < count:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
     def stop(self, timeout=20):
         if self.proc.poll() is None:
             self.proc.terminate()

@@ -197,7 +197,7 @@ def test_65th_option_closes(shared):
     c.send_option(OPT_LIST)
     assert wait_closed(c)
     c.close()
-    assert "more than 64 options in one handshake; closing this connection" in shared.log()
+    assert shared.logged("more than 64 options in one handshake; closing this connection"), shared.log()
     other = connect(shared)
     check_usable(other)
     other.disconnect()
@@ -238,14 +238,14 @@ def test_handshake_deadline_drops_a_slow_drip_client(nv):
 def test_pinned_budget_refuses_connections_over_it(make_server, no_vmm):
     """Each client pins 2 x --buffer-size: with 1M buffers, 4M is two clients; a third is refused."""
     srv = make_server(args=["--buffer-size", "1M", "--max-pinned", "4M"], FAKECUDA_NO_VMM=no_vmm)
-    assert "at most 2 clients at once" in srv.log()
+    assert srv.logged("at most 2 clients at once"), srv.log()
     a, b = connect(srv), connect(srv)
     extra = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     extra.settimeout(10)
     extra.connect(srv.sock)
     assert extra.recv(1) == b""                              # closed without a greeting
     extra.close()
-    assert "one more would pass the pinned-memory budget of 4 MiB (--max-pinned)" in srv.log()
+    assert srv.logged("one more would pass the pinned-memory budget of 4 MiB (--max-pinned)"), srv.log()
     check_usable(a)
     a.disconnect()
     deadline = time.monotonic() + 10
@@ -449,7 +449,7 @@ def test_invalid_request_keeps_connection(shared, cmd, offset, length, flags, wa
     assert (err, cookie) == (want, c.cookie)
     check_usable(c)
     c.disconnect()
-    assert "invalid request:" in shared.log()
+    assert shared.logged("invalid request:"), shared.log()
 
 
 @pytest.mark.parametrize("length,flags,want", [
@@ -477,8 +477,8 @@ def test_invalid_requests_logged_then_counted(server):
         assert c.simple(9, 0, 1) == EINVAL
     check_usable(c)
     c.disconnect()
-    assert server.log().count("invalid request:") == 10
-    assert "only counted" in server.log()
+    assert server.logged("invalid request:", count=10) and server.log().count("invalid request:") == 10, server.log()
+    assert server.logged("only counted"), server.log()
 
 
 def test_disconnect_ends_connection(shared):
@@ -502,7 +502,7 @@ def test_bad_magic_closes_only_that_connection(server):
     assert good.read(MiB, len(data)) == (0, data)
     check_usable(good)
     good.disconnect()
-    assert "bad request magic 0xdeadbeef" in server.log()
+    assert server.logged("bad request magic 0xdeadbeef"), server.log()
 
 
 def test_truncated_header_then_close(server):
@@ -515,7 +515,7 @@ def test_truncated_header_then_close(server):
     deadline = time.monotonic() + 5
     while "read 10 of 28" not in server.log() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert "read 10 of 28" in server.log()
+    assert server.logged("read 10 of 28"), server.log()
 
 
 @pytest.mark.parametrize("length,sent", [(65536, 1000), (20 * MiB, 9 * MiB)])
@@ -546,7 +546,7 @@ def test_requests_before_a_cut_off_write_are_answered(server):
     assert (err, cookie, got) == (0, 41, data)
     assert wait_closed(c)
     c.close()
-    assert "write payload" in server.log()
+    assert server.logged("write payload"), server.log()
     other = connect(server)
     assert other.read(0, 10000) == (0, bytes(10000))        # nothing of the cut-off write landed
     check_usable(other)
@@ -657,7 +657,7 @@ def test_max_connections_refuses_extra(make_server):
             time.sleep(0.1)
     check_usable(c)
     c.disconnect()
-    assert "refusing a connection" in srv.log()
+    assert srv.logged("refusing a connection"), srv.log()
 
 
 def rss_kib(pid):
@@ -716,7 +716,7 @@ def test_copy_failure_gets_eio_and_connection_survives(make_server):
     assert other.read(0, 65536) == (0, data)
     other.disconnect()
     c.disconnect()
-    assert "CUDA_ERROR_ILLEGAL_ADDRESS" in srv.log()
+    assert srv.logged("CUDA_ERROR_ILLEGAL_ADDRESS"), srv.log()
 
 
 @pytest.mark.parametrize("fail_n", [1, 2])
@@ -794,7 +794,7 @@ def test_device_lost(make_server):
         assert c.write(0, b"\1" * MAX_REQUEST) == EIO
     c.disconnect()
     assert srv.proc.poll() is None
-    assert "CUDA_ERROR_DEVICE_UNAVAILABLE" in srv.log()
+    assert srv.logged("CUDA_ERROR_DEVICE_UNAVAILABLE"), srv.log()
     # A new client gets through the handshake, and the server stays up.
     d = Client(srv.sock)
     d.go()
@@ -841,4 +841,4 @@ def test_a_dead_worker_is_replaced_and_serve_serves_on(make_server):
     b.disconnect()
     assert srv.proc.poll() is None
     assert len(children(srv.proc.pid)) == 2 and first[0] not in children(srv.proc.pid)
-    assert f"(pid {first[0]}) exited with -9" in srv.log()
+    assert srv.logged(f"(pid {first[0]}) exited with -9"), srv.log()
