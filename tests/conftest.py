@@ -54,6 +54,17 @@ def fakenvml(tmp_path_factory):
     return str(out)
 
 
+def eventually(read, text, count=1, timeout_s=10):
+    """Whether read() holds TEXT COUNT times within TIMEOUT_S: the daemon's and serve's log lines are
+    written by a thread of their own, so one may come a moment after what it tells of."""
+    deadline = time.monotonic() + timeout_s
+    while read().count(text) < count:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def fake_env(fakecuda, **extra):
     env = dict(os.environ, NBD_VRAM_LIBCUDA=fakecuda, NBD_VRAM_CUINIT_TRIES="1", PYTHONUNBUFFERED="1")
     env.update({k: str(v) for k, v in extra.items()})
@@ -86,14 +97,8 @@ class Server:
         return self.log_path.read_text()
 
     def logged(self, text, count=1, timeout_s=10):
-        """Whether TEXT is in the log COUNT times within TIMEOUT_S (serve's lines are written by a
-        thread of their own: one may come a moment after what it tells of)."""
-        deadline = time.monotonic() + timeout_s
-        while self.log().count(text) < count:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-        return True
+        """Whether TEXT is in the log COUNT times within TIMEOUT_S (see eventually)."""
+        return eventually(self.log, text, count, timeout_s)
 
     def stop(self, timeout=20):
         if self.proc.poll() is None:

@@ -17,6 +17,7 @@ import time
 import pytest
 
 import nbd_vram as nv
+from conftest import eventually
 from nbdclient import Client
 from test_power import Harness, started
 
@@ -148,7 +149,7 @@ def test_shrink_grow_and_the_reserve_with_data_verified(elastic, tmp_path):
         h.wait(lambda: len(h.slices()) == 1, "released down to one slice under the reserve")
         time.sleep(2.5)
         assert h.slices() == [(0, 0)]                 # held: 1024 - 400 - 64 = 560 free
-        assert "below the reserve of 512 MiB" in h.text()
+        assert eventually(h.text, "below the reserve of 512 MiB"), h.text()
         # It quits: after reclaim_after (2 s) of room, the slices come back, one a poll, up to the ceiling (3).
         h.other.write_text("0\n")
         h.wait(lambda: len(h.slices()) == 3, "slices taken back")
@@ -210,7 +211,7 @@ def test_memory_clock_cap_set_and_reset(elastic, tmp_path, fakenvml):
     h = elastic("memory_clock_max = 6000\n", NBD_VRAM_LIBNVML=fakenvml, FAKENVML_STATE=str(state))
     h.wait_mode("serving")
     assert state.read_text().split() == ["0", "405", "5001"]            # highest supported <= 6000
-    assert "memory clock capped at 5001 MHz" in h.text()
+    assert eventually(h.text, "memory clock capped at 5001 MHz"), h.text()
     assert h.stop() == 0
     assert state.read_text().strip() == ""                              # reset on stop
 

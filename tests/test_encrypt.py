@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SCRIPT, fake_env, load_module
+from conftest import SCRIPT, eventually, fake_env, load_module
 from test_power import Harness, started
 
 nv = load_module()
@@ -189,7 +189,7 @@ def test_swap_goes_on_the_mapping_and_stop_undoes_it_in_reverse(encrypted_harnes
     assert st["device"] == "/dev/nbd-harness" and st["swap_device"] == MAPPER and st["encrypted"] is True
     assert st["encryption"] == {"mapping": "nbd-vram-99", "cipher": "aes-xts-plain64", "key_bits": 512,
                                 "sector_bytes": 4096}
-    assert f"encrypted swap: {MAPPER} over /dev/nbd-harness" in h.text()
+    assert eventually(h.text, f"encrypted swap: {MAPPER} over /dev/nbd-harness"), h.text()
 
     # status, with the mapping in the fixture /proc/swaps as the kernel would list it
     (h.sys / "proc").mkdir(exist_ok=True)

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from conftest import eventually
 from test_power import Harness, harness  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="run needs root")
@@ -58,7 +59,7 @@ def test_gpu_fault_with_failing_swapoff_keeps_serving_and_retries(harness):   # 
     print(f"gaps between failed swapoffs: {gaps}")
     assert all(1.5 < gap < 6 for gap in gaps), gaps
     assert "disconnect" not in h.lines()
-    assert "retrying every 2 s" in h.text()
+    assert eventually(h.text, "retrying every 2 s"), h.text()
     h.fails.unlink()
     assert wait_exit(h, 30) == 1 and h.lines()[-2:] == ["swapoff /dev/nbd-harness", "disconnect"]
 
@@ -168,7 +169,7 @@ def test_a_worker_killed_while_the_log_is_blocked_is_still_replaced(harness):   
         time.sleep(0.2)
     assert "Traceback" not in h.text() and "probe kept BAD" not in h.lines()
     assert h.stop() == 0
-    assert "stopping" in h.text()                       # the lines of the exit were written before it
+    assert eventually(h.text, "stopping"), h.text()                       # the lines of the exit were written before it
     os.close(h.log_pipe)
 
 

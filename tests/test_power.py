@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, fake_env
+from conftest import ROOT, eventually, fake_env
 
 HARNESS = ROOT / "tests" / "power_harness.py"
 
@@ -283,9 +283,9 @@ def test_battery_threshold_and_sighup_reload(harness, tmp_path):
     conf.write_text(conf.read_text().replace("power = battery", "power = battery\nbattery_threshold = 90"))
     h.proc.send_signal(signal.SIGHUP)
     st = h.wait_mode("idle")
-    assert "on battery at 80%, below battery_threshold 90%" in h.text()
+    assert eventually(h.text, "on battery at 80%, below battery_threshold 90%"), h.text()
     assert st["power"]["why"] == "released on battery; comes back on AC"
-    assert "SIGHUP: battery_threshold = 90 (was 20)" in h.text()
+    assert eventually(h.text, "SIGHUP: battery_threshold = 90 (was 20)"), h.text()
     assert st["power"]["released"] is True
     conf.write_text(conf.read_text().replace("battery_threshold = 90", "battery_threshold = 10"))
     h.proc.send_signal(signal.SIGHUP)
@@ -305,7 +305,7 @@ def test_bad_config_on_sighup_keeps_the_old_one(harness, tmp_path):
     deadline = time.monotonic() + 10
     while "configuration not reloaded" not in h.text() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert "configuration not reloaded, the old one stays" in h.text()
+    assert eventually(h.text, "configuration not reloaded, the old one stays"), h.text()
     assert h.state()["mode"] == "serving" and h.proc.poll() is None
     assert h.stop() == 0
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, fake_env
+from conftest import ROOT, eventually, fake_env
 
 HARNESS = ROOT / "tests" / "power_harness.py"
 FDSTORE = ROOT / "tests" / "fdstore.py"
@@ -88,14 +88,14 @@ def test_sigkill_then_restart_keeps_the_vram_and_its_data(tmp_path, fakecuda):
     s = Supervised(tmp_path, fakecuda)
     try:
         first = s.wait_serving()
-        assert "fdstore: stored 'vram-GPU-" in s.text()
+        assert eventually(s.text, "fdstore: stored 'vram-GPU-"), s.text()
         assert s.lines() == ["exec", "attach 2", "probe ok", "swapon /dev/nbd-harness 1500"]
         workers = first["worker_pids"]
         os.kill(first["pid"], signal.SIGKILL)
         time.sleep(0.3)
         assert all(alive(p) for p in workers), "workers died with the daemon (they must keep swap served)"
         second = s.wait_serving(not_pid=first["pid"])
-        assert "with 1 stored fd(s) ['vram-GPU-" in s.text()
+        assert eventually(s.text, "with 1 stored fd(s) ['vram-GPU-"), s.text()
         # Taken over: no new allocation, no mkswap, the old workers stopped, the data still there.
         assert s.lines()[4:] == ["exec", "reattach 2", "probe kept ok"], s.lines()
         deadline = time.monotonic() + 10
@@ -110,7 +110,7 @@ def test_sigkill_then_restart_keeps_the_vram_and_its_data(tmp_path, fakecuda):
         rc = s.stop()
     assert rc == 0, s.text()
     assert s.lines()[-2:] == ["swapoff /dev/nbd-harness", "disconnect"]
-    assert "fdstore: removed 'vram-GPU-" in s.text()
+    assert eventually(s.text, "fdstore: removed 'vram-GPU-"), s.text()
     assert not (s.run / "state.json").exists()
 
 
@@ -125,7 +125,7 @@ def test_stored_fd_without_a_device_is_released(tmp_path, fakecuda):
             (s.sys / "sys/block/nbd99" / name).unlink()
         (s.sys / "proc/swaps").write_text("Filename\tType\tSize\tUsed\tPriority\n")
         s.wait_serving(not_pid=first["pid"])
-        assert "no longer attached (dead_conn_timeout ran out?): releasing it" in s.text()
+        assert eventually(s.text, "no longer attached (dead_conn_timeout ran out?): releasing it"), s.text()
         assert s.lines()[4:7] == ["exec", "attach 2", "probe ok"], s.lines()
     finally:
         assert s.stop() == 0
@@ -183,13 +183,13 @@ def test_power_release_takes_the_vram_out_of_the_fd_store(tmp_path, fakecuda):
     (ac / "online").write_text("1\n")
     try:
         s.wait_serving()
-        assert "fdstore: stored 'vram-GPU-" in s.text()
+        assert eventually(s.text, "fdstore: stored 'vram-GPU-"), s.text()
         (ac / "online").write_text("0\n")
         deadline = time.monotonic() + 30
         while s.state().get("mode") != "idle" and time.monotonic() < deadline:
             time.sleep(0.1)
         assert s.state().get("mode") == "idle", s.text()
-        assert "fdstore: removed 'vram-GPU-" in s.text()
+        assert eventually(s.text, "fdstore: removed 'vram-GPU-"), s.text()
         (ac / "online").write_text("1\n")
         s.wait_serving()
         assert s.text().count("fdstore: stored 'vram-GPU-") == 2
@@ -226,8 +226,8 @@ def test_stored_fd_let_go_is_zeroed_first(tmp_path, fakecuda):
         with open(backing, "rb") as f:
             f.seek(end - 4096)
             assert f.read(4096) == bytes(4096), "the let-go VRAM still holds the dead daemon's pages"
-        assert "zeroed and released 64 MiB of VRAM from the stored fd 'vram-GPU-" in s.text()
-        assert "fdstore: removed 'vram-GPU-" in s.text()
+        assert eventually(s.text, "zeroed and released 64 MiB of VRAM from the stored fd 'vram-GPU-"), s.text()
+        assert eventually(s.text, "fdstore: removed 'vram-GPU-"), s.text()
         usage.write_text("0\n")
         s.wait_serving(not_pid=first["pid"])
     finally:

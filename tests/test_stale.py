@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, fake_env
+from conftest import ROOT, eventually, fake_env
 from test_power import Harness
 
 SCRIPT = ROOT / "nbd_vram.py"
@@ -101,7 +101,7 @@ def test_the_lock_says_who_runs_over_re_execs(tmp_path, fakecuda, bystander):
     h = Harness(tmp_path, fakecuda, policy="ac")
     try:
         h.wait_mode("serving")
-        assert f"removing the state that a daemon (pid {bystander.pid}) left when it died" in h.text()
+        assert eventually(h.text, f"removing the state that a daemon (pid {bystander.pid}) left when it died"), h.text()
 
         def second():
             env = dict(h.env, HARNESS_EVENTS=str(tmp_path / "events2"))
