@@ -3573,6 +3573,37 @@ def default_workers(connections):
     return max(1, min(connections, (os.cpu_count() or 2) // 2, 8))
 
 
+# A child process of this file (GPU process, worker, spare) runs its code from bytecode cached in the
+# runtime directory: compiling these ~6,000 lines is most of a Python start on a slow machine (5 s of
+# 10 in the kernel tests' emulated guest), and a daemon starts four or more children, one of them
+# while swap is stalled if a worker dies without a spare.  Only this file's bytecode goes there
+# (the prefix is unset again before its imports run), and only into a directory that no one but
+# this user can write: whoever can write the cache runs code as this process.
+_CHILD_BOOT = "; ".join((
+    "import importlib.machinery, importlib.util, sys",
+    "path, sys.pycache_prefix = sys.argv[1], sys.argv[2] or None",
+    "sys.dont_write_bytecode = not sys.argv[2]",
+    "del sys.argv[1:3]",
+    "sys.argv[0], sys.path[0] = path, path.rpartition('/')[0] or '.'",
+    "loader = importlib.machinery.SourceFileLoader('nbd_vram', path)",
+    "code = loader.get_code('nbd_vram')",
+    "sys.pycache_prefix, sys.dont_write_bytecode = None, False",
+    "m = sys.modules['nbd_vram'] = importlib.util.module_from_spec(importlib.util.spec_from_loader('nbd_vram', loader))",
+    "exec(code, m.__dict__)",
+    "sys.exit(m.main())"))
+
+
+def child_argv(*args):
+    """argv of a new process of this file with ARGS (see _CHILD_BOOT)."""
+    cache = os.path.join(runtime_dir(), "pycache")
+    try:
+        st = os.stat(runtime_dir())
+        private = st.st_uid == os.geteuid() and not st.st_mode & 0o022
+    except OSError:
+        private = False
+    return [sys.executable, "-c", _CHILD_BOOT, os.path.abspath(__file__), cache if private else "", *args]
+
+
 def spawn_worker(libcuda, buffer_bytes, lock=False, debug=False, index=0, max_connections=256,
                  standby=0, realtime=False, gpu=None, slot=None, copier=None, vram=None):
     """Start `nbd_vram.py worker`; returns (Popen, parent's end of its control socket).
@@ -3586,8 +3617,8 @@ def spawn_worker(libcuda, buffer_bytes, lock=False, debug=False, index=0, max_co
     # SOCK_SEQPACKET: each control message arrives whole, with its fds.
     ctl, child_ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     fds = [child_ctl.fileno()]
-    argv = [sys.executable, os.path.abspath(__file__), "worker", "--ctl-fd", str(child_ctl.fileno()),
-            "--buffer-size", str(buffer_bytes), "--index", str(index), "--max-connections", str(max_connections)]
+    argv = child_argv("worker", "--ctl-fd", str(child_ctl.fileno()), "--buffer-size", str(buffer_bytes),
+                      "--index", str(index), "--max-connections", str(max_connections))
     if copier is None:
         argv += ["--gpu-process", "--gpu", gpu]
         if libcuda:

@@ -3,6 +3,7 @@ free and copy in the GPU process; serve a slice's sockets, drop it, become a dea
 a worker), with the kernel's ends of the sockets held here."""
 import os
 import socket
+import subprocess
 import time
 
 import pytest
@@ -236,3 +237,21 @@ def test_gpu_process_free_zeroes_unless_told_not_to_and_meminfo(nv, gpu, fakecud
         nv.ctl_call(gpu.ctl, nv.CTL_FREE, 7, 1)
     ctl.close()
     assert proc.wait(30) == nv.EXIT_OK
+
+
+def test_children_run_from_bytecode_cached_only_where_no_one_else_can_write(nv, monkeypatch, tmp_path):
+    """A worker's start compiles nothing once the first has cached this file's bytecode in the runtime
+    directory; a runtime directory that others can write gets no cache (whoever writes it runs code
+    as the daemon), and the child still runs."""
+    private, shared = tmp_path / "private", tmp_path / "shared"
+    private.mkdir(mode=0o700)
+    shared.mkdir()
+    shared.chmod(0o777)
+    for where, cached in ((private, True), (shared, False)):
+        monkeypatch.setenv("NBD_VRAM_RUNTIME_DIR", str(where))
+        argv = nv.child_argv("--version")
+        assert argv[4] == (str(where / "pycache") if cached else "")
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and nv.__version__ in out.stdout + out.stderr, out
+        pycs = list(where.rglob("*.pyc"))
+        assert [p.name.split(".")[0] for p in pycs] == (["nbd_vram"] if cached else []), pycs

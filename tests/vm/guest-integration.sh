@@ -71,7 +71,9 @@ pass() { echo "=== $PART: PASS ($(( SECONDS - T0 )) s)"; PART=""; }
 start_daemon() {
   local name=$1 until=$(( SECONDS + 300 )); shift
   DLOG=/tmp/daemon-$name.log
-  python3 "$REPO/nbd_vram.py" run "$@" >"$DLOG" 2>&1 &
+  # PYTHONMALLOC=malloc as the unit sets it: no re-exec to get it (a Python start is ~5-10 s under
+  # TCG; the part `pressure` and the CPU tests start the daemon without it and cover the re-exec).
+  PYTHONMALLOC=malloc python3 "$REPO/nbd_vram.py" run "$@" >"$DLOG" 2>&1 &
   DPID=$!
   DEV=""
   SWAPDEV=""
