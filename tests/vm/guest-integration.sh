@@ -526,13 +526,14 @@ sys.exit(1 if bad else 0)
 PY
 }
 
-# crypt_check MAPPER NBD BAR TOKEN: TOKEN is on the plaintext side (MAPPER, read O_DIRECT); the same
+# crypt_check MAPPER NBD BAR TOKEN MARKER_PID: TOKEN is on the plaintext side (MAPPER, read O_DIRECT at
+# the pages MARKER_PID has out in swap, all of MAPPER if none has it); the same
 # 4 KiB of the ciphertext side (NBD) differ, are not zeros, hold no TOKEN and are found in the BAR
 # (so the BAR is where this device's bytes live); and TOKEN is nowhere in the BAR.
 crypt_check() {
   python3 - "$@" <<'PY'
-import mmap, os, sys
-mapper, nbd, bar, token = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].encode()
+import mmap, os, struct, sys
+mapper, nbd, bar, token, marker_pid = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].encode(), sys.argv[5]
 PAGE, CHUNK = 4096, 4 << 20
 
 def find_direct(path):
@@ -556,7 +557,35 @@ def read_direct(path, off):
     finally:
         os.close(fd)
 
-at = find_direct(mapper)
+def swapped_offsets(pid):
+    """Where PID's pages that are out in swap are, in pages from the swap area's start (its
+    /proc/PID/pagemap: bit 62 swapped, bits 5-54 the swap offset)."""
+    offs = []
+    with open("/proc/%s/maps" % pid) as maps, open("/proc/%s/pagemap" % pid, "rb") as pagemap:
+        for line in maps:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            try:
+                pagemap.seek(lo // PAGE * 8)
+                entries = pagemap.read((hi - lo) // PAGE * 8)
+            except (OSError, OverflowError):
+                continue                    # [vsyscall] and the like
+            offs += [e >> 5 & ((1 << 50) - 1) for (e,) in struct.iter_unpack("<Q", entries) if e >> 62 & 1]
+    return offs
+
+def find_swapped(path, pid):
+    """The marker on PATH at one of the marker process's swapped pages: a few 4 KiB reads instead of
+    reading (and decrypting, under TCG) the whole device."""
+    for off in swapped_offsets(pid):
+        page = read_direct(path, off * PAGE)
+        i = page.find(token)
+        if i >= 0:
+            return off * PAGE + i
+    return -1
+
+at = find_swapped(mapper, marker_pid)
+if at < 0:
+    print("crypt_check: the marker is at none of the marker process's swapped pages: reading all of %s" % mapper)
+    at = find_direct(mapper)
 if at < 0:
     sys.exit("crypt_check: the marker is not on the plaintext side %s: nothing to look for" % mapper)
 page = at - at % PAGE
@@ -626,7 +655,7 @@ sys.exit(not (s["active"] and s["encrypted"] and s["device"] == sys.argv[1]))' "
   swapped=$(awk '$1 == "VmSwap:" {print $2}' "/proc/$mpid/status")
   echo "encrypt: ${swapped:-0} KiB of the 16 MiB marker are in swap"
   [ "${swapped:-0}" -ge 4096 ] || fail "less than 4 MiB of the marker reached swap"
-  crypt_check "$SWAPDEV" "$DEV" "$BAR" "$token"
+  crypt_check "$SWAPDEV" "$DEV" "$BAR" "$token" "$mpid"
   touch "$hold"
   rc=0; wait "$job" || rc=$?
   cat /tmp/marker.log
