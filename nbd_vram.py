@@ -5040,7 +5040,10 @@ class Daemon:
         sl = Slice(g, number, store)
         g.slices[number] = sl
         sl.undo.append((f"free the VRAM of {sl.name}", store.free))
-        if store.fd is not None and sd_notify("FDSTORE=1", f"FDNAME={sl.fdname}", fds=[store.fd]):
+        # FDPOLL=0: systemd polls a stored fd and drops it, silently (a debug line), on EPOLLERR or
+        # EPOLLHUP, which is meant for sockets.  This fd is memory, not a connection: a driver's
+        # poll (sysfs, seen under systemd 252) must not take the VRAM and its pages out of the store.
+        if store.fd is not None and sd_notify("FDSTORE=1", "FDPOLL=0", f"FDNAME={sl.fdname}", fds=[store.fd]):
             # systemd keeps a reference: if this process dies, the memory and the pages in it
             # survive, and the restarted daemon gets the fd back (LISTEN_FDS) and reattaches.
             sl.undo.append((f"drop the stored fd of {sl.name}",

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """fdstore.py STATE_DIR -- COMMAND...: what systemd does for vram-swap-nbd.service, for machines
-without systemd as init (the QEMU guest, CPU tests).
+without systemd as init (the CPU tests; the kernel tests boot systemd itself: tests/vm/guest-systemd.sh).
 
 Runs COMMAND with NOTIFY_SOCKET pointing here and keeps what it sends: READY=1 and STATUS=
 (written to STATE_DIR/ready and STATE_DIR/status), fds with FDSTORE=1 + FDNAME= (one per name and
-inode, as systemd dedups them), FDSTOREREMOVE=1 + FDNAME=.  When COMMAND dies of a signal or exits
+inode, as systemd dedups them; without FDPOLL=0 an fd that polls EPOLLERR or EPOLLHUP is dropped, as
+systemd does), FDSTOREREMOVE=1 + FDNAME=.  When COMMAND dies of a signal or exits
 non-zero (Restart=on-failure), it is started again after RESTART_S (1 s) with the stored fds as
 LISTEN_FDS / LISTEN_FDNAMES / LISTEN_PID, from fd 3 on.  When it exits 0, so does this, closing
 the store (a `systemctl stop`).  The pid of the running COMMAND is in STATE_DIR/pid; every start
@@ -12,6 +13,7 @@ and exit is a line on stdout.
 """
 import array
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -19,6 +21,13 @@ import threading
 import time
 
 RESTART_S = 1.0
+
+
+def polled_error(fd):
+    """What systemd's poll of a stored fd sees at once (it keeps polling; this looks once): an error or hangup."""
+    p = select.poll()
+    p.register(fd, 0)
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in p.poll(0))
 
 
 def main():
@@ -46,6 +55,9 @@ def main():
                         old = store.get(name)
                         if old is not None and os.fstat(old).st_ino == os.fstat(fd).st_ino:
                             os.close(fd)        # the same file again: kept once
+                        elif fields.get("FDPOLL") != "0" and polled_error(fd):
+                            os.close(fd)        # systemd polls stored fds and drops them on EPOLLERR/EPOLLHUP
+                            print(f"fdstore: dropped {name!r}: EPOLLERR or EPOLLHUP, and no FDPOLL=0", flush=True)
                         else:
                             if old is not None:
                                 os.close(old)
