@@ -125,7 +125,7 @@ def test_main_unit_settings():
         ("Service", "TimeoutStopSec"): "1800",
         ("Service", "TimeoutStartSec"): "120",
         ("Service", "SendSIGKILL"): "no",
-        ("Service", "KillMode"): "mixed",
+        ("Service", "KillMode"): "process",
         ("Service", "Restart"): "on-failure",
         ("Service", "RestartSec"): "10",
         ("Service", "FileDescriptorStoreMax"): "16",
