@@ -123,7 +123,7 @@ def test_main_unit_settings():
         ("Service", "LimitMEMLOCK"): "infinity",
         ("Service", "OOMScoreAdjust"): "-1000",
         ("Service", "TimeoutStopSec"): "1800",
-        ("Service", "TimeoutStartSec"): "120",
+        ("Service", "TimeoutStartSec"): "600",
         ("Service", "SendSIGKILL"): "no",
         ("Service", "KillMode"): "process",
         ("Service", "Restart"): "on-failure",
