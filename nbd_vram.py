@@ -3581,8 +3581,8 @@ def default_workers(connections):
 # this user can write: whoever can write the cache runs code as this process.
 _CHILD_BOOT = "; ".join((
     "import importlib.machinery, importlib.util, sys",
-    "path, sys.pycache_prefix = sys.argv[1], sys.argv[2] or None",
-    "sys.dont_write_bytecode = not sys.argv[2]",
+    "sys.pycache_prefix, path = sys.argv[1] or None, sys.argv[2]",
+    "sys.dont_write_bytecode = not sys.argv[1]",
     "del sys.argv[1:3]",
     "sys.argv[0], sys.path[0] = path, path.rpartition('/')[0] or '.'",
     "loader = importlib.machinery.SourceFileLoader('nbd_vram', path)",
@@ -3594,14 +3594,15 @@ _CHILD_BOOT = "; ".join((
 
 
 def child_argv(*args):
-    """argv of a new process of this file with ARGS (see _CHILD_BOOT)."""
+    """argv of a new process of this file with ARGS (see _CHILD_BOOT).  The file's path comes just
+    before ARGS, as in `python3 nbd_vram.py worker ...`: pgrep -f 'nbd_vram.py worker' finds them."""
     cache = os.path.join(runtime_dir(), "pycache")
     try:
         st = os.stat(runtime_dir())
         private = st.st_uid == os.geteuid() and not st.st_mode & 0o022
     except OSError:
         private = False
-    return [sys.executable, "-c", _CHILD_BOOT, os.path.abspath(__file__), cache if private else "", *args]
+    return [sys.executable, "-c", _CHILD_BOOT, cache if private else "", os.path.abspath(__file__), *args]
 
 
 def spawn_worker(libcuda, buffer_bytes, lock=False, debug=False, index=0, max_connections=256,

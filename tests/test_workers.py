@@ -250,7 +250,8 @@ def test_children_run_from_bytecode_cached_only_where_no_one_else_can_write(nv, 
     for where, cached in ((private, True), (shared, False)):
         monkeypatch.setenv("NBD_VRAM_RUNTIME_DIR", str(where))
         argv = nv.child_argv("--version")
-        assert argv[4] == (str(where / "pycache") if cached else "")
+        assert argv[3] == (str(where / "pycache") if cached else "")
+        assert f"{nv.__file__} --version" in " ".join(argv)       # as `pgrep -f 'nbd_vram.py worker'` expects
         out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and nv.__version__ in out.stdout + out.stderr, out
         pycs = list(where.rglob("*.pyc"))
