@@ -176,14 +176,18 @@ UP = ["attach 2", "probe ok", OPEN, f"swapon {MAPPER} 1500"]
 DOWN = [f"swapoff {MAPPER}", "cryptsetup close nbd-vram-99", "disconnect", "free VRAM"]
 
 
-def test_swap_goes_on_the_mapping_and_stop_undoes_it_in_reverse(encrypted_harness):
-    h = encrypted_harness(policy="always")
-    h.wait_mode("serving")
-    # The state says "serving" from the attach on; swapon comes a moment later.
-    deadline = time.monotonic() + 60
+def wait_swapon(h, timeout_s=60):
+    """The state says "serving" from the attach on; swapon of the mapping comes a moment later."""
+    deadline = time.monotonic() + timeout_s
     while not (h.lines()[-1:] == [f"swapon {MAPPER} 1500"] and h.state().get("swap_device") == MAPPER):
         assert time.monotonic() < deadline, h.text()
         time.sleep(0.1)
+
+
+def test_swap_goes_on_the_mapping_and_stop_undoes_it_in_reverse(encrypted_harness):
+    h = encrypted_harness(policy="always")
+    h.wait_mode("serving")
+    wait_swapon(h)
     st = h.state()
     assert h.lines() == ["exec", "exec"] + UP
     assert st["device"] == "/dev/nbd-harness" and st["swap_device"] == MAPPER and st["encrypted"] is True
@@ -213,12 +217,14 @@ def test_swap_goes_on_the_mapping_and_stop_undoes_it_in_reverse(encrypted_harnes
 def test_power_release_swaps_off_the_mapping_then_closes_it(encrypted_harness):
     h = encrypted_harness(policy="ac")
     h.wait_mode("serving")
+    wait_swapon(h)
     h.ac(False)
     h.proc.send_signal(signal.SIGUSR1)
     h.wait_mode("idle")
     assert h.lines()[len(UP) + 2:] == DOWN + ["exec"]
     h.ac(True)
     h.wait_mode("serving")
+    wait_swapon(h)
     assert h.lines()[len(UP) + len(DOWN) + 3:] == UP         # a new mapping, with a new key
     assert h.stop() == 0
     assert h.lines()[-4:] == DOWN
