@@ -1,22 +1,25 @@
 #!/bin/bash
 # Guest script: the kernel-in-the-loop integration tests, one boot. Each part prints
 # "=== NAME: PASS"; the first failure stops the script (non-zero exit, with the daemon's log).
-#   pressure      guest-daemon-pressure.sh: `run` as swap under `pressure 48 700`, clean stop,
-#                 GUEST_RUNS times (it prints "=== pressure run N: PASS" for each)
 #   smoke         test_smoke.sh --stop from the checkout
 #   fill          test_fill.sh auto against a running daemon's device; swap restored; clean stop
 #   ioctl         run --attach ioctl: 8 MiB O_DIRECT round trip (sha256) with swap off; clean stop
-#   worker_death  kill -9 the worker under memory pressure: respawned, every checksum verified,
-#                 no I/O error in the kernel log; clean stop
+#   worker_death  the daemon started by hand (it re-executes itself with PYTHONMALLOC=malloc), its
+#                 serving threads SCHED_RR; kill -9 the worker under memory pressure: respawned, every
+#                 checksum verified, no I/O error in the kernel log; clean stop
 #   install       install.sh --yes in writable copies of /etc and /usr/local, the installed
 #                 daemon started as the unit's ExecStart, swap at 1500, install.sh --uninstall
-#   power         AC unplugged with data out in VRAM swap: released, data back intact; AC back: swap back
-#   encrypt       --encrypt yes: swap on /dev/mapper/nbd-vram-N over the nbd device, data verified under
-#                 pressure, a marker swapped out is nowhere in the BAR as plaintext; the mapping is closed
+#   restart       the daemon SIGKILLed under load, restarted from its stored VRAM fd; an upgrade in place
+#   encrypt_power --encrypt yes --power ac: swap on /dev/mapper/nbd-vram-N over the nbd device; data and a
+#                 marker held out in swap, the marker nowhere in the BAR as plaintext; AC unplugged:
+#                 released (swapoff, mapping closed, disconnected, freed), data and marker back intact;
+#                 AC back: encrypted swap back; teardowns in reverse order
 #   elastic       two "GPUs" (both BARs), --gpus all, 128 MiB slices: swap striped over both (equal
 #                 priorities), `shrink` under the hog, another program on GPU 1 (FAKECUDA_OTHER_USAGE) makes
 #                 the daemon give back slices holding pages, every checksum verified; they come back after
 #                 reclaim_after once it is gone
+#   pressure      (not in the default set) guest-daemon-pressure.sh: `run` as swap under `pressure 48
+#                 700`, clean stop, GUEST_RUNS times; worker_death's pressure proves the same in CI
 # Needs: run.sh with VRAM_MB=1024 (1 GiB BAR), VRAM2_MB=512 for elastic, and a 512 MiB guest; GUEST_FAKECUDA (guest path of the
 # fake libcuda.so.1, default /mnt/libcuda.so.1); GUEST_PARTS (default: all of them, in that order);
 # cryptsetup on the host (the guest runs the host's userland) for encrypt.
@@ -34,7 +37,7 @@ export NBD_VRAM_LIBCUDA=$LIB FAKECUDA_BACKING=$BAR NBD_VRAM_RUNTIME_DIR=/run/nbd
 export NBD_VRAM_CONFIG=/tmp/nbd-vram.conf PYTHONUNBUFFERED=1
 : > /tmp/nbd-vram.conf               # every setting from flags; no /etc/nbd-vram.conf is read
 # The hog of the parts that only need pages out in swap while they kill, unplug, restart or encrypt
-# (worker_death, power, restart, encrypt): 400 MiB puts ~250 MiB out (500 put ~350 in ~25 % more
+# (worker_death, restart, encrypt_power): 400 MiB puts ~250 MiB out (500 put ~350 in ~25 % more
 # time), past every threshold they wait for (150, 64, 4 MiB); the part `pressure` keeps 700
 # (~500 MiB out), elastic its 450.
 HOG=${GUEST_PART_HOG_MB:-400}
@@ -72,8 +75,9 @@ start_daemon() {
   local name=$1 until=$(( SECONDS + 300 )); shift
   DLOG=/tmp/daemon-$name.log
   # PYTHONMALLOC=malloc as the unit sets it: no re-exec to get it (a Python start is ~5-10 s under
-  # TCG; the part `pressure` and the CPU tests start the daemon without it and cover the re-exec).
-  PYTHONMALLOC=malloc python3 "$REPO/nbd_vram.py" run "$@" >"$DLOG" 2>&1 &
+  # TCG).  DAEMON_MALLOC= (empty) starts it as a user would by hand, so the daemon re-executes
+  # itself with it (worker_death does, as do the CPU tests).
+  PYTHONMALLOC=${DAEMON_MALLOC-malloc} python3 "$REPO/nbd_vram.py" run "$@" >"$DLOG" 2>&1 &
   DPID=$!
   DEV=""
   SWAPDEV=""
@@ -111,10 +115,16 @@ is_swap() {
 # has_swap: any swap device is on (a cheap test to run before a python3 one)
 has_swap() { [ "$(wc -l < /proc/swaps)" -gt 1 ]; }
 
-# state_key KEY: KEY from the running daemon's state.json (empty if none)
+# state_key KEY: the top-level KEY of the running daemon's state.json (empty if none), printed as
+# Python prints it (True, False, None).  awk, not python3: a Python start costs 3-5 s under TCG,
+# and the parts poll this.  The daemon writes the file with json.dump(indent=1) and renames it into
+# place: a top-level key starts its own line after one space.
 state_key() {
-  python3 -c 'import json, sys; print(json.load(open(sys.argv[1])).get(sys.argv[2], ""))' \
-    "$NBD_VRAM_RUNTIME_DIR/state.json" "$1" 2>/dev/null || true
+  awk -v k="\"$1\":" 'substr($0, 1, length(k) + 1) == " " k {
+      v = substr($0, length(k) + 2); sub(/^ +/, "", v); sub(/,$/, "", v)
+      if (v ~ /^".*"$/) v = substr(v, 2, length(v) - 2)
+      else if (v == "true") v = "True"; else if (v == "false") v = "False"; else if (v == "null") v = "None"
+      print v; exit }' "$NBD_VRAM_RUNTIME_DIR/state.json" 2>/dev/null || true
 }
 
 swap_prio() { awk -v d="$1" '$1 == d {print $5}' /proc/swaps; }
@@ -218,11 +228,23 @@ serving_workers() {
 }
 t_worker_death() {
   part worker_death
-  local ppid wpids wpid spid newpid n r killed rc=0 killed_at k kills=${GUEST_WD_KILLS:-1} seen
+  local ppid wpids wpid spid newpid n r killed rc=0 killed_at k kills=${GUEST_WD_KILLS:-1} seen rr
   seen=$(dmesg | wc -l)         # the kernel's lines of this part come after these
   # dead_conn_timeout 120 s (default 600): if the worker is not replaced, the kernel fails the held
   # I/O after 2 minutes (the guest may then panic: init's pages are on this swap) instead of 10.
-  start_daemon worker --size 1G --min-size 256M --connections 2 --dead-conn-timeout 120
+  DAEMON_MALLOC="" start_daemon worker --size 1G --min-size 256M --connections 2 --dead-conn-timeout 120
+  tr '\0' '\n' < "/proc/$DPID/environ" | grep -qx PYTHONMALLOC=malloc ||
+    fail "the daemon, started without PYTHONMALLOC=malloc, did not re-execute itself with it"
+  grep VmLck "/proc/$DPID/status"
+  # Serving threads are SCHED_RR (realtime = yes): one per connection, in the worker.  Each thread
+  # switches itself when it starts, which under TCG may be a moment after swapon.
+  for _ in $(seq 60); do
+    rr=$(ps -eLo cls=,comm= | awk '$1 == "RR" && $2 == "python3"' | wc -l)
+    [ "$rr" -ge 2 ] && break
+    sleep 0.5
+  done
+  echo "worker_death: serving threads SCHED_RR: $rr"
+  [ "$rr" -ge 1 ] || fail "no serving thread is SCHED_RR (realtime = yes)"
   wpids=$(serving_workers)
   [ "$(echo "$wpids" | wc -w)" -eq 1 ] || fail "expected one serving worker process, found: ${wpids:-none}"
   wpid=$wpids
@@ -380,55 +402,6 @@ t_install() {
 
 # -- f: power policy: AC unplugged with data out in VRAM swap, swapoff brings it back ---------
 # A pretend AC adapter and battery (NBD_VRAM_POWER_SUPPLY; the rest of /sys is the kernel's).
-t_power() {
-  part power
-  local ps=/tmp/power_supply hold=/tmp/power-hold ppid used rc=0 st
-  mkdir -p "$ps/AC" "$ps/BAT0"
-  echo Mains >"$ps/AC/type"; echo 1 >"$ps/AC/online"
-  echo Battery >"$ps/BAT0/type"; echo 60 >"$ps/BAT0/capacity"; echo Charging >"$ps/BAT0/status"
-  export NBD_VRAM_POWER_SUPPLY=$ps
-  start_daemon power --size 1G --min-size 256M --connections 2 --power ac --power-poll 2
-  rm -f "$hold"
-  PRESSURE_HOLD=$hold pressure 48 "$HOG" >/tmp/pressure-power.log 2>&1 &
-  ppid=$!
-  for _ in $(seq 1800); do grep -q 'pressure: holding' /tmp/pressure-power.log && break
-    kill -0 "$ppid" 2>/dev/null || break; sleep 0.5; done
-  cat /tmp/pressure-power.log
-  grep -q 'pressure: holding' /tmp/pressure-power.log || fail "the pressure did not reach its hold"
-  used=$(awk -v d="$DEV" '$1 == d {print $4}' /proc/swaps)
-  echo "power: ${used:-0} KiB in VRAM swap before the unplug"
-  [ "${used:-0}" -gt 0 ] || fail "nothing in VRAM swap to bring back"
-
-  echo 0 >"$ps/AC/online"; echo Discharging >"$ps/BAT0/status"
-  python3 "$REPO/nbd_vram.py" power-event          # what the udev rule runs
-  for _ in $(seq 600); do   # (idle comes after the swapoff: state_key's python3 only from then)
-    ! grep -q "^$DEV " /proc/swaps && [ "$(state_key mode)" = idle ] && break
-    kill -0 "$DPID" 2>/dev/null || fail "the daemon died during the release"; sleep 0.5; done
-  [ "$(state_key mode)" = idle ] || fail "the daemon did not release VRAM swap within 300 s of the unplug"
-  python3 "$REPO/nbd_vram.py" status
-  [ "$(state_key pid)" = "$DPID" ] || fail "the idle daemon is not the same process (pid $(state_key pid), was $DPID)"
-  ! grep -q "^$DEV " /proc/swaps || fail "$DEV is still swap after the release"
-  check_disconnected
-  ! grep -q libcuda "/proc/$DPID/maps" || fail "the idle daemon still maps libcuda"
-  ! pgrep -f 'nbd_vram.py worker' >/dev/null || fail "worker processes outlived the release"
-  touch "$hold"
-  wait "$ppid" || rc=$?
-  cat /tmp/pressure-power.log
-  [ "$rc" -eq 0 ] || fail "data came back from the released swap corrupted (pressure exited $rc)"
-  grep -q 'MiB verified' /tmp/pressure-power.log || fail "pressure printed no 'verified' line"
-
-  echo 1 >"$ps/AC/online"; echo Charging >"$ps/BAT0/status"     # no signal: the 2 s poll sees it
-  for _ in $(seq 600); do
-    if grep -q '^/dev/nbd' /proc/swaps; then st=$(state_key mode); DEV=$(state_key device)
-      [ "$st" = serving ] && [ -n "$DEV" ] && grep -q "^$DEV " /proc/swaps && break; fi; sleep 0.5; done
-  grep -q "^$DEV " /proc/swaps || fail "VRAM swap did not come back within 300 s of AC"
-  echo "power: swap back on $DEV at priority $(swap_prio "$DEV")"
-  grep -E 'power: ' "$DLOG" || true
-  kernel_clean
-  stop_daemon
-  unset NBD_VRAM_POWER_SUPPLY
-  pass
-}
 
 # -- g: the daemon SIGKILLed under swap load and restarted with its stored VRAM fd, then an
 # upgrade in place under load: nothing lost, no I/O error.  tests/fdstore.py does what systemd
@@ -612,11 +585,16 @@ sys.exit("crypt_check: FAIL: " + "; ".join(bad) if bad else 0)
 PY
 }
 
-t_encrypt() {
-  part encrypt
-  local name dm nbd token hold=/tmp/encrypt-hold job mpid swapped rc=0 order
+t_encrypt_power() {
+  part encrypt_power
+  local name dm nbd token hold=/tmp/encrypt-hold mhold=/tmp/marker-hold job mpid ppid swapped used rc=0 order
+  local ps=/tmp/power_supply st
   command -v cryptsetup >/dev/null || fail "cryptsetup is not installed on the host (apt-get install cryptsetup-bin)"
-  start_daemon encrypt --size 1G --min-size 256M --connections 2 --encrypt yes
+  mkdir -p "$ps/AC" "$ps/BAT0"
+  echo Mains >"$ps/AC/type"; echo 1 >"$ps/AC/online"
+  echo Battery >"$ps/BAT0/type"; echo 60 >"$ps/BAT0/capacity"; echo Charging >"$ps/BAT0/status"
+  export NBD_VRAM_POWER_SUPPLY=$ps
+  start_daemon encrypt --size 1G --min-size 256M --connections 2 --encrypt yes --power ac --power-poll 2
   nbd=${DEV#/dev/}
   name=nbd-vram-${nbd#nbd}
   [ "$SWAPDEV" = "/dev/mapper/$name" ] || fail "the swap device is '$SWAPDEV', not /dev/mapper/$name"
@@ -640,36 +618,74 @@ s = json.load(sys.stdin)["swap"]
 sys.exit(not (s["active"] and s["encrypted"] and s["device"] == sys.argv[1]))' "$SWAPDEV" \
     || fail "status --json does not show the encrypted swap active on $SWAPDEV"
 
-  # A marker pushed out to swap along with the pressure's checksummed data.
+  # A marker pushed out to swap along with the pressure's checksummed data; both are held out there
+  # (PRESSURE_HOLD) for the ciphertext check and then for the power release.
   token=NBDVRAM-PLAINTEXT-$(od -An -tx1 -N12 /dev/urandom | tr -d ' \n')
-  rm -f "$hold"
-  hold_marker "$token" 16 "$hold" >/tmp/marker.log 2>&1 &
+  rm -f "$hold" "$mhold"
+  hold_marker "$token" 16 "$mhold" >/tmp/marker.log 2>&1 &
   job=$!
   for _ in $(seq 100); do grep -q 'marker: ready' /tmp/marker.log && break; sleep 0.2; done
   mpid=$(sed -n 's/^marker: ready, pid //p' /tmp/marker.log)
   [ -n "$mpid" ] || { cat /tmp/marker.log; fail "the marker process did not start"; }
-  pressure 48 "$HOG" >/tmp/pressure-encrypt.log 2>&1 || rc=$?
+  PRESSURE_HOLD=$hold pressure 48 "$HOG" >/tmp/pressure-encrypt.log 2>&1 &
+  ppid=$!
+  for _ in $(seq 1800); do grep -q 'pressure: holding' /tmp/pressure-encrypt.log && break
+    kill -0 "$ppid" 2>/dev/null || break; sleep 0.5; done
   cat /tmp/pressure-encrypt.log
-  [ "$rc" -eq 0 ] || fail "pressure exited $rc: data through the encrypted swap came back wrong"
-  grep -q 'MiB verified' /tmp/pressure-encrypt.log || fail "pressure printed no 'verified' line"
+  grep -q 'pressure: holding' /tmp/pressure-encrypt.log || fail "the pressure did not reach its hold"
   swapped=$(awk '$1 == "VmSwap:" {print $2}' "/proc/$mpid/status")
   echo "encrypt: ${swapped:-0} KiB of the 16 MiB marker are in swap"
   [ "${swapped:-0}" -ge 4096 ] || fail "less than 4 MiB of the marker reached swap"
   crypt_check "$SWAPDEV" "$DEV" "$BAR" "$token" "$mpid"
-  touch "$hold"
-  rc=0; wait "$job" || rc=$?
+
+  # AC unplugged (power = ac) with the data and the marker out in encrypted VRAM swap: swapoff brings
+  # them back through the mapping, which is closed before the device is let go and the VRAM freed.
+  used=$(swap_used_mb)
+  echo "power: $used MiB in VRAM swap before the unplug"
+  [ "$used" -gt 0 ] || fail "nothing in VRAM swap to bring back"
+  echo 0 >"$ps/AC/online"; echo Discharging >"$ps/BAT0/status"
+  python3 "$REPO/nbd_vram.py" power-event          # what the udev rule runs
+  for _ in $(seq 600); do
+    ! has_swap && [ "$(state_key mode)" = idle ] && break
+    kill -0 "$DPID" 2>/dev/null || fail "the daemon died during the release"; sleep 0.5; done
+  [ "$(state_key mode)" = idle ] || fail "the daemon did not release VRAM swap within 300 s of the unplug"
+  python3 "$REPO/nbd_vram.py" status
+  [ "$(state_key pid)" = "$DPID" ] || fail "the idle daemon is not the same process (pid $(state_key pid), was $DPID)"
+  ! has_swap || fail "swap is still on after the release: $(tail -n +2 /proc/swaps)"
+  if [ -n "$(dm_named "$name")" ] || [ -e "/dev/mapper/$name" ]; then fail "the mapping $name outlived the release"; fi
+  check_disconnected
+  ! grep -q libcuda "/proc/$DPID/maps" || fail "the idle daemon still maps libcuda"
+  ! pgrep -f 'nbd_vram.py worker' >/dev/null || fail "worker processes outlived the release"
+  touch "$hold" "$mhold"
+  wait "$ppid" || rc=$?
+  cat /tmp/pressure-encrypt.log
+  [ "$rc" -eq 0 ] || fail "data came back from the released encrypted swap corrupted (pressure exited $rc)"
+  grep -q 'MiB verified' /tmp/pressure-encrypt.log || fail "pressure printed no 'verified' line"
+  wait "$job" || rc=$?
   cat /tmp/marker.log
   [ "$rc" -eq 0 ] || fail "the marker came back from the encrypted swap changed"
 
+  echo 1 >"$ps/AC/online"; echo Charging >"$ps/BAT0/status"     # no signal: the 2 s poll sees it
+  for _ in $(seq 600); do
+    if has_swap; then st=$(state_key mode); DEV=$(state_key device); SWAPDEV=$(state_key swap_device)
+      [ "$st" = serving ] && [ -n "$SWAPDEV" ] && is_swap "$SWAPDEV" && break; fi; sleep 0.5; done
+  { [ -n "$SWAPDEV" ] && is_swap "$SWAPDEV"; } || fail "VRAM swap did not come back within 300 s of AC"
+  [ "$SWAPDEV" = "/dev/mapper/nbd-vram-${DEV#/dev/nbd}" ] || fail "swap came back on '$SWAPDEV', not a mapping over $DEV"
+  echo "power: swap back on $SWAPDEV over $DEV"
+  grep -E 'power: ' "$DLOG" || true
+
   kernel_clean
+  name=nbd-vram-${DEV#/dev/nbd}
   stop_daemon
+  unset NBD_VRAM_POWER_SUPPLY
   if [ -n "$(dm_named "$name")" ] || [ -e "/dev/mapper/$name" ]; then fail "the mapping $name outlived the daemon"; fi
-  # Teardown strictly in reverse: swapoff the mapping, close it, disconnect, free.
-  order=$(awk -v s="swap off on $SWAPDEV" -v c="closed the dm-crypt mapping $name" -v d="disconnected $DEV" '
+  # Teardown strictly in reverse, at the release and at the stop: swapoff the mapping, close it,
+  # disconnect, free.
+  order=$(awk -v s="swap off on /dev/mapper/nbd-vram-" -v c="closed the dm-crypt mapping nbd-vram-" -v d="disconnected /dev/nbd" '
     index($0, s) {print "swapoff"} index($0, c) {print "close"} index($0, d) {print "disconnect"}
     / freed [0-9.]+ [KMGT]?i?B of VRAM/ {print "free"}' "$DLOG" | tr '\n' ' ')
-  echo "encrypt: teardown in the daemon's log: $order"
-  [ "$order" = "swapoff close disconnect free " ] || fail "teardown order: '$order'"
+  echo "encrypt: teardowns in the daemon's log: $order"
+  [ "$order" = "swapoff close disconnect free swapoff close disconnect free " ] || fail "teardown order: '$order'"
   pass
 }
 
@@ -747,6 +763,6 @@ t_elastic() {
   pass
 }
 
-PARTS=${GUEST_PARTS:-pressure smoke fill ioctl worker_death install power restart encrypt elastic}
+PARTS=${GUEST_PARTS:-smoke fill ioctl worker_death install restart encrypt_power elastic}
 for p in $PARTS; do "t_$p"; done
 echo "=== integration: PASS ($PARTS)"
