@@ -143,10 +143,26 @@ def footprint(pid, export_mib):
             continue
         vram[p] = mib
     used = sum(vram.get(p, 0) for p in pids)
+    each = [{"pid": p, "role": role(p), "pss_mib": _kib(f"/proc/{p}/smaps_rollup", "Pss") / 1024,
+             "anon_mib": _kib(f"/proc/{p}/smaps_rollup", "Pss_Anon") / 1024, "vram_mib": vram.get(p, 0)}
+            for p in pids]
     return {"processes": len(pids), "contexts": sum(1 for p in pids if p in vram), "vram_mib": used,
             "vram_beyond_export_mib": used - export_mib,
-            "pss_mib": sum(_kib(f"/proc/{p}/smaps_rollup", "Pss") for p in pids) / 1024,
-            "locked_mib": sum(_kib(f"/proc/{p}/status", "VmLck") for p in pids) / 1024}
+            "pss_mib": sum(e["pss_mib"] for e in each),
+            "locked_mib": sum(_kib(f"/proc/{p}/status", "VmLck") for p in pids) / 1024,
+            "each": each}
+
+
+def role(pid):
+    """What a process of a server is, from its command line: daemon, GPU process, worker, spare."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return "?"
+    if "worker" not in argv:
+        return os.path.basename(argv[1] if len(argv) > 1 and argv[0].endswith(("python3", "python")) else argv[0])
+    return "GPU process" if "--gpu-process" in argv else "spare" if "--standby" in argv else "worker"
 
 
 def prefill(anchors, sock, size=SIZE):

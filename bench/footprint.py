@@ -28,15 +28,37 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--anchors", required=True)
     ap.add_argument("--size-mib", type=int, default=2048)
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL:SETTING;SETTING",
+                    help="also run `run` with these configuration lines added (e.g. 'workers 2:workers = 2')")
     a = ap.parse_args()
+    rows = []
+    for variant in ["defaults:"] + a.variant:
+        label, _, lines = variant.partition(":")
+        rows.append((f"nbd_vram.py run, {label}", run_footprint(a.size_mib, [x.strip() for x in lines.split(";") if x.strip()])))
+    rows.append(("C original, defaults (4 threads)", c_footprint(a.anchors, a.size_mib)))
+    print(f"| server ({a.size_mib} MiB of VRAM lent) | processes | CUDA contexts | VRAM beyond the export | "
+          "RAM (PSS) | RAM locked |")
+    print("|---|---|---|---|---|---|")
+    for name, fp in rows:
+        print(f"| {name} | {fp['processes']} | {fp['contexts']} | {fp['vram_beyond_export_mib']} MiB | "
+              f"{fp['pss_mib']:.0f} MiB | {fp['locked_mib']:.0f} MiB |")
+    print()
+    print("| server | process | RAM (PSS) | of it anonymous | VRAM |")
+    print("|---|---|---|---|---|")
+    for name, fp in rows:
+        for e in fp["each"]:
+            print(f"| {name} | {e['role']} | {e['pss_mib']:.0f} MiB | {e['anon_mib']:.0f} MiB | {e['vram_mib']} MiB |")
+
+
+def run_footprint(size_mib, conf_lines):
+    """`run` under the harness with the shipped defaults but SIZE_MIB and CONF_LINES, once serving."""
     tmp = tempfile.mkdtemp(prefix="nbd-vram-footprint-")
     conf = os.path.join(tmp, "nbd-vram.conf")
     with open(conf, "w") as f:
-        f.write(f"size = {a.size_mib}M\nmin_size = {a.size_mib}M\npower = always\n")
+        f.write(f"size = {size_mib}M\nmin_size = {size_mib}M\npower = always\n" + "".join(x + "\n" for x in conf_lines))
     env = dict(os.environ, NBD_VRAM_CONFIG=conf, NBD_VRAM_RUNTIME_DIR=os.path.join(tmp, "run"),
                HARNESS_EVENTS=os.path.join(tmp, "events"), NBD_VRAM_SYSFS_ROOT=os.path.join(tmp, "sys"))
     env.pop("NOTIFY_SOCKET", None)
-    rows = []
     log = open(os.path.join(tmp, "run.log"), "w")
     run = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "power_harness.py"), "run"], env=env,
                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -53,26 +75,24 @@ def main():
                 raise SystemExit(f"footprint: run did not start; see {log.name}")
             time.sleep(0.2)
         time.sleep(2)
-        rows.append(("nbd_vram.py run, defaults", footprint(run.pid, a.size_mib)))
+        return footprint(run.pid, size_mib)
     finally:
         run.terminate()
         run.wait(120)
+
+
+def c_footprint(anchors, size_mib):
+    tmp = tempfile.mkdtemp(prefix="nbd-vram-footprint-c-")
     sock = os.path.join(tmp, "c.sock")
-    c = subprocess.Popen([os.path.join(a.anchors, "c-original", "run-nbd-vram.sh"), str(a.size_mib), sock],
+    c = subprocess.Popen([os.path.join(anchors, "c-original", "run-nbd-vram.sh"), str(size_mib), sock],
                          stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         wait_socket(sock, c, "the C original")
         time.sleep(2)
-        rows.append(("C original, defaults (4 threads)", footprint(c.pid, a.size_mib)))
+        return footprint(c.pid, size_mib)
     finally:
         c.terminate()
         c.wait(20)
-    print(f"| server ({a.size_mib} MiB of VRAM lent) | processes | CUDA contexts | VRAM beyond the export | "
-          "RAM (PSS) | RAM locked |")
-    print("|---|---|---|---|---|---|")
-    for name, fp in rows:
-        print(f"| {name} | {fp['processes']} | {fp['contexts']} | {fp['vram_beyond_export_mib']} MiB | "
-              f"{fp['pss_mib']:.0f} MiB | {fp['locked_mib']:.0f} MiB |")
 
 
 if __name__ == "__main__":

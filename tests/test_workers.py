@@ -1,12 +1,16 @@
 """Kernel-mode worker processes and the GPU process (what `run` starts): the control channels (allocate,
 free and copy in the GPU process; serve a slice's sockets, drop it, become a dead worker's replacement in
 a worker), with the kernel's ends of the sockets held here."""
+import json
 import os
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
+
+from conftest import ROOT
 
 
 class Gpu:
@@ -256,3 +260,34 @@ def test_children_run_from_bytecode_cached_only_where_no_one_else_can_write(nv, 
         assert out.returncode == 0 and nv.__version__ in out.stdout + out.stderr, out
         pycs = list(where.rglob("*.pyc"))
         assert [p.name.split(".")[0] for p in pycs] == (["nbd_vram"] if cached else []), pycs
+
+
+HEAP_PROBE = r"""
+import ctypes, json, sys
+sys.path.insert(0, sys.argv[1])
+import nbd_vram as nv
+libc = nv._libc()
+want = int(sys.argv[2])
+junk = [bytes(100) for _ in range(20000)]       # ~2.5 MiB of objects, then freed: free heap already there
+del junk
+before = libc.mallinfo2()
+nv.prepare_memory(libc, want)
+after = libc.mallinfo2()
+nv.prepare_memory(libc, want)                   # enough is free now: nothing more is grown
+again = libc.mallinfo2()
+print(json.dumps({"free_before": before.fordblks, "arena_before": before.arena, "free_after": after.fordblks,
+                  "arena_after": after.arena, "arena_again": again.arena}))
+"""
+
+
+@pytest.mark.parametrize("want", [4 << 20, 48 << 20], ids=["less-than-free", "more-than-free"])
+def test_heap_reserve_counts_what_is_free_already(want):
+    """prepare_memory grows the heap only until WANT bytes are free (nothing where that much is free
+    already: not WANT on top of it), and a second call grows nothing."""
+    p = subprocess.run([sys.executable, "-c", HEAP_PROBE, str(ROOT), str(want)], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONMALLOC="malloc"), timeout=60)
+    assert p.returncode == 0, p.stderr
+    m = json.loads(p.stdout)
+    assert m["free_after"] >= want, m
+    assert m["arena_after"] - m["arena_before"] <= max(0, want - m["free_before"]) + (2 << 20), m  # + M_TOP_PAD and rounding
+    assert m["arena_again"] == m["arena_after"], m
