@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# install.sh: install nbd-vram (nbd_vram.py, its systemd units and /etc/nbd-vram.conf) from
-# this checkout, or remove it again with --uninstall.  Run as root; see --help.
+# install.sh: install nbd-vram (nbd_vram.py, its systemd units or OpenRC script, and
+# /etc/nbd-vram.conf) from this checkout, or remove it again with --uninstall.  Run as root;
+# see --help.
 # SPDX-License-Identifier: MIT
 set -euo pipefail
 umask 022
@@ -10,11 +11,14 @@ usage() {
 usage: install.sh [options]          install or update nbd-vram from this checkout
        install.sh --uninstall [--purge]
 
-Installs /usr/local/bin/nbd_vram.py, /etc/systemd/system/vram-swap-nbd.service and
-vram-swap-nbd-sleep.service, and /etc/nbd-vram.conf (never overwritten: a newer shipped
-one goes to /etc/nbd-vram.conf.new), then enables and starts vram-swap-nbd.service.
-Running it again installs only what changed; a running service is stopped (a full
-swapoff) only when its files are replaced.
+Installs /usr/local/bin/nbd_vram.py, the service for the init system that runs (systemd:
+/etc/systemd/system/vram-swap-nbd.service and vram-swap-nbd-sleep.service; OpenRC:
+/etc/init.d/nbd-vram, /etc/conf.d/nbd-vram and the elogind sleep hook
+/etc/elogind/system-sleep/nbd-vram), a udev rule for power events and /etc/nbd-vram.conf
+(never overwritten: a newer shipped one goes to /etc/nbd-vram.conf.new), then enables and
+starts the service.  Running it again installs only what changed; a running service is
+stopped (a full swapoff) only when its files are replaced, and upgraded in place (swap
+stays on) when only the program changed.
 
 options:
   --size SIZE               VRAM to use as swap (e.g. 6G), written to the config on first
@@ -24,14 +28,18 @@ options:
                             yes writes "power = ac" (VRAM swap only on AC power)
   -y, --yes                 accept every proposal without asking (also implied when
                             standard input is not a terminal)
-  --no-enable               do not enable the units (not started at boot)
+  --init systemd|openrc     the init system to install for (default: the one running, PID
+                            1's; systemd's units where neither runs, as in a staging root)
+  --no-enable               do not enable the service (not started at boot)
   --no-start                do not start (or restart) the service
-  --uninstall               stop the service (swapoff), disable and remove the units, the
-                            binary and the README; keeps /etc/nbd-vram.conf
-  --purge                   with --uninstall: remove /etc/nbd-vram.conf (and .new) too
+  --uninstall               stop the service (swapoff), disable and remove the units or
+                            the OpenRC script, the binary and the README; keeps
+                            /etc/nbd-vram.conf and /etc/conf.d/nbd-vram
+  --purge                   with --uninstall: remove those (and their .new) too
   --root DIR, --prefix DIR  install into DIR instead of / (a staging tree, for packaging and
                             tests): no root needed, nothing is started or stopped, and units
                             are enabled with `systemctl --root=DIR` where systemctl exists
+                            (OpenRC: a link in DIR/etc/runlevels/default)
   -n, --dry-run             print the steps, change nothing
   -h, --help                this text
 EOF
@@ -46,9 +54,11 @@ ENABLE=1
 START=1
 UNINSTALL=0
 PURGE=0
+INIT=""
 DRY=0
 UNIT=vram-swap-nbd.service
 SLEEP_UNIT=vram-swap-nbd-sleep.service
+SERVICE=nbd-vram                # OpenRC's name for it
 UDEV_RULE=90-nbd-vram-power.rules
 MARK="# Written by install.sh on first install."
 
@@ -68,6 +78,8 @@ while (( $# )); do
         --power-management) [ $# -ge 2 ] || die "--power-management needs yes or no"; POWER=$2; shift ;;
         --power-management=*) POWER=${1#*=} ;;
         -y|--yes) YES=1 ;;
+        --init) [ $# -ge 2 ] || die "--init needs systemd or openrc"; INIT=$2; shift ;;
+        --init=*) INIT=${1#*=} ;;
         --no-enable) ENABLE=0 ;;
         --no-start) START=0 ;;
         --uninstall) UNINSTALL=1 ;;
@@ -84,6 +96,10 @@ case $POWER in
     ""|yes|no) ;;
     *) die "--power-management takes yes or no, not '$POWER'" ;;
 esac
+case $INIT in
+    ""|systemd|openrc) ;;
+    *) die "--init takes systemd or openrc, not '$INIT'" ;;
+esac
 if (( PURGE && ! UNINSTALL )); then die "--purge goes with --uninstall"; fi
 if [ -n "$ROOT" ]; then
     ROOT=$(realpath -m -- "$ROOT")
@@ -97,21 +113,42 @@ UNITDIR=$ROOT/etc/systemd/system
 CONF=$ROOT/etc/nbd-vram.conf
 DOC=$ROOT/usr/local/share/doc/nbd-vram/README.md
 RULE=$ROOT/etc/udev/rules.d/$UDEV_RULE
+INITD=$ROOT/etc/init.d/$SERVICE
+CONFD=$ROOT/etc/conf.d/$SERVICE
+SLEEP_HOOK=$ROOT/etc/elogind/system-sleep/$SERVICE
+RUNLEVEL_LINK=$ROOT/etc/runlevels/default/$SERVICE
 RUNDIR=${NBD_VRAM_RUNTIME_DIR:-/run/nbd-vram}
 
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 
+# The init system: systemd where it runs (/run/systemd/system), OpenRC where it runs (it booted
+# the machine: /run/openrc/softlevel, whatever PID 1 is), else --init or systemd's units.
+openrc_running() { [ -e /run/openrc/softlevel ]; }
+if [ -z "$INIT" ]; then
+    if [ -z "$ROOT" ] && [ ! -d /run/systemd/system ] && openrc_running; then INIT=openrc; else INIT=systemd; fi
+fi
 # How systemctl can be used: live (PID 1 is systemd), offline (staging root: enable and
-# disable only, with --root) or none.
-if [ -n "$ROOT" ]; then
-    if command -v systemctl >/dev/null; then SYSTEMD=offline; else SYSTEMD=none; fi
+# disable only, with --root) or none.  OpenRC's tools: live (OpenRC booted this machine) or none
+# (a staging root, or another init: files only).
+SYSTEMD=none
+OPENRC=none
+if [ "$INIT" = openrc ]; then
+    if [ -z "$ROOT" ] && openrc_running; then
+        { command -v openrc-run >/dev/null && command -v rc-service >/dev/null; } ||
+            die "OpenRC runs but openrc-run or rc-service is not on PATH: install OpenRC's tools (openrc)"
+        command -v supervise-daemon >/dev/null ||
+            die "OpenRC's supervise-daemon is not installed (OpenRC 0.21 or later has it; the init script needs it)"
+        OPENRC=live
+    elif [ -z "$ROOT" ]; then
+        note "OpenRC did not boot this machine (no /run/openrc/softlevel): installing its files, skipping every rc-service and rc-update step"
+    fi
+elif [ -n "$ROOT" ]; then
+    if command -v systemctl >/dev/null; then SYSTEMD=offline; fi
 elif ! command -v systemctl >/dev/null; then
-    SYSTEMD=none
     note "systemctl not found: skipping every systemctl step (daemon-reload, enable, start, stop)"
 elif [ ! -d /run/systemd/system ]; then
-    SYSTEMD=none
-    note "PID 1 is not systemd (a container or VM?): skipping every systemctl step (daemon-reload, enable, start, stop)"
+    note "PID 1 is not systemd (a container or VM?), and OpenRC did not boot it: installing systemd's units, skipping every systemctl step (daemon-reload, enable, start, stop); --init openrc installs OpenRC's script instead"
 else
     SYSTEMD=live
 fi
@@ -129,6 +166,14 @@ unit_active() {  # active, or on its way (activating, deactivating, reloading)
     esac
 }
 
+openrc_active() {  # started, or stopping (a stop whose swapoff failed: the daemon still runs)
+    [ "$OPENRC" = live ] && [ -e "$INITD" ] || return 1
+    rc-service "$SERVICE" status >/dev/null 2>&1 && return 0
+    [ -e "/run/openrc/stopping/$SERVICE" ]
+}
+
+service_active() { unit_active || openrc_active; }
+
 # Stop the service: its stop is a swapoff, which can take minutes and is never forced.
 # state_key KEY: KEY from the running daemon's state.json ("" if none)
 state_key() {
@@ -136,12 +181,20 @@ state_key() {
 }
 
 stop_service() {
-    unit_active || return 0
-    note "stopping $UNIT: a full swapoff, every page on VRAM comes back to RAM (can take minutes)"
-    if run systemctl stop "$UNIT" && { (( DRY )) || ! unit_active; }; then
-        return 0
+    if unit_active; then
+        note "stopping $UNIT: a full swapoff, every page on VRAM comes back to RAM (can take minutes)"
+        if run systemctl stop "$UNIT" && { (( DRY )) || ! unit_active; }; then
+            return 0
+        fi
+        die "$UNIT did not stop (swapoff still running or failing, see journalctl -u $UNIT); nothing was changed: free some RAM and run install.sh again"
     fi
-    die "$UNIT did not stop (swapoff still running or failing, see journalctl -u $UNIT); nothing was changed: free some RAM and run install.sh again"
+    if openrc_active; then
+        note "stopping $SERVICE: a full swapoff, every page on VRAM comes back to RAM (can take minutes)"
+        if run rc-service "$SERVICE" stop && { (( DRY )) || ! openrc_active; }; then
+            return 0
+        fi
+        die "$SERVICE did not stop (swapoff still running or failing, see /var/log/nbd-vram.log); nothing was changed: free some RAM and run install.sh again"
+    fi
 }
 
 # daemon_pid: the pid of the daemon that $RUNDIR/state.json describes if that very process still
@@ -164,9 +217,11 @@ stop_stray_daemon() {
     [ -n "$pid" ] || return 0
     if [ "$SYSTEMD" = live ]; then
         main=$(systemctl show -p MainPID --value "$UNIT" 2>/dev/null || echo 0)
+    elif [ "$OPENRC" = live ]; then
+        main=$(cat "/run/openrc/options/$SERVICE/child_pid" 2>/dev/null || echo 0)
     fi
     [ "$pid" != "$main" ] || return 0
-    note "an nbd_vram.py daemon not started by systemd is running (pid $pid, a smoke test?): stopping it"
+    note "an nbd_vram.py daemon not started by the service is running (pid $pid, a smoke test?): stopping it"
     run kill -TERM "$pid"
     (( ! DRY )) || return 0
     while [ -d "/proc/$pid" ]; do
@@ -322,6 +377,64 @@ systemctl_offline() {  # enable/disable in the staging root
     run systemctl --root="$ROOT" "$@"
 }
 
+# service_files_differ: installing would change the service's files (a running service is stopped first)
+service_files_differ() {
+    if [ "$INIT" = openrc ]; then
+        differs "$SRC/openrc/nbd-vram.initd" "$INITD" 0755 || differs "$SRC/openrc/nbd-vram.sleep" "$SLEEP_HOOK" 0755
+    else
+        differs "$SRC/$UNIT" "$UNITDIR/$UNIT" 0644 || differs "$SRC/$SLEEP_UNIT" "$UNITDIR/$SLEEP_UNIT" 0644
+    fi
+}
+
+install_service_files() {
+    if [ "$INIT" = systemd ]; then
+        install_file "$SRC/$UNIT" "$UNITDIR/$UNIT" 0644
+        install_file "$SRC/$SLEEP_UNIT" "$UNITDIR/$SLEEP_UNIT" 0644
+        return
+    fi
+    install_file "$SRC/openrc/nbd-vram.initd" "$INITD" 0755
+    install_file "$SRC/openrc/nbd-vram.sleep" "$SLEEP_HOOK" 0755
+    # conf.d is the admin's, as /etc/nbd-vram.conf is: never overwritten
+    if [ ! -e "$CONFD" ]; then
+        install_file "$SRC/openrc/nbd-vram.confd" "$CONFD" 0644
+    elif cmp -s "$SRC/openrc/nbd-vram.confd" "$CONFD"; then
+        note "up to date: $CONFD"
+    elif differs "$SRC/openrc/nbd-vram.confd" "$CONFD.new" 0644; then
+        run install -m 0644 "$SRC/openrc/nbd-vram.confd" "$CONFD.new"
+        note "kept your $CONFD; the shipped one is $CONFD.new"
+    fi
+    if [ -z "$ROOT" ] && [ -d /etc/elogind ] && ! grep -Eqs '^[[:space:]]*AllowSuspendInterrupts[[:space:]]*=[[:space:]]*yes' /etc/elogind/sleep.conf /etc/elogind/sleep.conf.d/*.conf; then
+        echo "install.sh: warning: elogind lets the machine sleep even when the release of VRAM swap fails (the GPU's pages would be lost): set AllowSuspendInterrupts=yes in /etc/elogind/sleep.conf" >&2
+    fi
+}
+
+enable_service() {
+    if (( ! ENABLE )); then
+        note "not enabling the service (--no-enable)"
+        return
+    fi
+    case $INIT:$SYSTEMD:$OPENRC in
+        systemd:live:*)
+            run systemctl daemon-reload
+            # reenable: an older sleep unit was WantedBy=sleep.target, this one is RequiredBy=
+            run systemctl enable "$UNIT" && run systemctl reenable "$SLEEP_UNIT" ;;
+        systemd:offline:*)
+            systemctl_offline enable "$UNIT" && systemctl_offline reenable "$SLEEP_UNIT" ;;
+        systemd:none:*)
+            if [ -n "$ROOT" ]; then note "systemctl not found: units not enabled in $ROOT"; fi ;;
+        openrc:*:live)
+            if [ -L "$RUNLEVEL_LINK" ]; then note "up to date: $SERVICE is in the default runlevel"; else run rc-update add "$SERVICE" default; fi ;;
+        openrc:*:none)
+            # what rc-update add does: a link in the runlevel's directory
+            if [ "$(readlink "$RUNLEVEL_LINK" 2>/dev/null)" = "/etc/init.d/$SERVICE" ]; then
+                note "up to date: $RUNLEVEL_LINK"
+            else
+                run mkdir -p "$(dirname "$RUNLEVEL_LINK")"
+                run ln -sfn "/etc/init.d/$SERVICE" "$RUNLEVEL_LINK"
+            fi ;;
+    esac
+}
+
 do_uninstall() {
     require_root
     note "uninstalling nbd-vram${ROOT:+ from $ROOT}"
@@ -334,6 +447,11 @@ do_uninstall() {
     fi
     remove_file "$UNITDIR/$SLEEP_UNIT"
     remove_file "$UNITDIR/$UNIT"
+    # OpenRC's files, whichever init runs now (a machine may have moved from one to the other)
+    if [ "$OPENRC" = live ] && [ -L "$RUNLEVEL_LINK" ]; then run rc-update del "$SERVICE" default; fi
+    remove_file "$RUNLEVEL_LINK"
+    remove_file "$INITD"
+    remove_file "$SLEEP_HOOK"
     remove_file "$RULE"
     reload_udev
     remove_file "$BIN"
@@ -355,8 +473,11 @@ do_uninstall() {
     if (( PURGE )); then
         remove_file "$CONF"
         remove_file "$CONF.new"
-    elif [ -e "$CONF" ]; then
-        note "kept $CONF (--purge removes it)"
+        remove_file "$CONFD"
+        remove_file "$CONFD.new"
+    else
+        if [ -e "$CONF" ]; then note "kept $CONF (--purge removes it)"; fi
+        if [ -e "$CONFD" ]; then note "kept $CONFD (--purge removes it)"; fi
     fi
     note "nbd-vram is uninstalled"
 }
@@ -364,7 +485,7 @@ do_uninstall() {
 do_install() {
     require_root
     local f
-    for f in nbd_vram.py nbd-vram.conf "$UNIT" "$SLEEP_UNIT"; do
+    for f in nbd_vram.py nbd-vram.conf "$UNIT" "$SLEEP_UNIT" openrc/nbd-vram.initd openrc/nbd-vram.confd openrc/nbd-vram.sleep; do
         [ -f "$SRC/$f" ] || die "$SRC/$f is missing: run install.sh from a complete nbd-vram checkout"
     done
     command -v python3 >/dev/null || die "python3 is not installed (nbd_vram.py needs Python 3)"
@@ -385,13 +506,13 @@ do_install() {
 
     stop_stray_daemon
     local changed=0 inplace=0
-    if differs "$SRC/$UNIT" "$UNITDIR/$UNIT" 0644 || differs "$SRC/$SLEEP_UNIT" "$UNITDIR/$SLEEP_UNIT" 0644; then
+    if service_files_differ; then
         changed=1
         stop_service
     elif differs "$SRC/nbd_vram.py" "$BIN" 0755; then
         # Only the program changed: a running daemon that can re-execute itself keeps swap on
         # (`nbd_vram.py upgrade`); anything else is stopped (a full swapoff) and started again.
-        if unit_active && (( START )) && [ "$(state_key handover)" = True ]; then
+        if service_active && (( START )) && [ "$(state_key handover)" = True ]; then
             inplace=1
         else
             changed=1
@@ -399,8 +520,7 @@ do_install() {
         fi
     fi
     install_file "$SRC/nbd_vram.py" "$BIN" 0755
-    install_file "$SRC/$UNIT" "$UNITDIR/$UNIT" 0644
-    install_file "$SRC/$SLEEP_UNIT" "$UNITDIR/$SLEEP_UNIT" 0644
+    install_service_files
     write_udev_rule
     if differs "$TMP/$UDEV_RULE" "$RULE" 0644; then
         install_file "$TMP/$UDEV_RULE" "$RULE" 0644
@@ -410,38 +530,34 @@ do_install() {
     CONF_BAD=0
     install_config
 
-    case $SYSTEMD in
-        live)
-            run systemctl daemon-reload
-            # reenable: an older sleep unit was WantedBy=sleep.target, this one is RequiredBy=
-            if (( ENABLE )); then run systemctl enable "$UNIT" && run systemctl reenable "$SLEEP_UNIT"; else note "not enabling the units (--no-enable)"; fi
-            ;;
-        offline)
-            if (( ENABLE )); then systemctl_offline enable "$UNIT" && systemctl_offline reenable "$SLEEP_UNIT"; else note "not enabling the units (--no-enable)"; fi
-            ;;
-        none)
-            if [ -n "$ROOT" ]; then note "systemctl not found: units not enabled in $ROOT"; fi
-            ;;
-    esac
-
-    if [ "$SYSTEMD" != live ]; then
+    enable_service
+    # The name and the commands of the service, for the lines below.
+    local svc=$UNIT start="systemctl start $UNIT" restart="systemctl restart $UNIT" logs="journalctl -u $UNIT"
+    if [ "$INIT" = openrc ]; then
+        svc=$SERVICE start="rc-service $SERVICE start" restart="rc-service $SERVICE restart" logs="/var/log/nbd-vram.log"
+    fi
+    if [ "$SYSTEMD" != live ] && [ "$OPENRC" != live ]; then
         if [ -n "$ROOT" ]; then note "staging root: nothing started or stopped"; fi
     elif (( inplace )); then
         note "upgrading the running daemon in place: swap stays on, the new version takes its VRAM over"
-        run "$BIN" upgrade || die "the in-place upgrade failed (see above and journalctl -u $UNIT); systemctl restart $UNIT starts the new version after a full swapoff"
+        run "$BIN" upgrade || die "the in-place upgrade failed (see above and $logs); $restart starts the new version after a full swapoff"
     elif (( ! START )); then
         if (( changed )); then
-            note "not starting $UNIT (--no-start); if it was running, it is now stopped"
+            note "not starting $svc (--no-start); if it was running, it is now stopped"
         else
-            note "not starting $UNIT (--no-start)"
+            note "not starting $svc (--no-start)"
         fi
     elif (( CONF_BAD )); then
-        note "not starting $UNIT: fix $CONF first, then: systemctl start $UNIT"
+        note "not starting $svc: fix $CONF first, then: $start"
+    elif [ "$INIT" = openrc ] && openrc_active; then
+        note "$svc is running and nothing of it changed"
     else
-        note "starting $UNIT (allocates VRAM, attaches /dev/nbdX, swapon)"
-        if ! run systemctl start "$UNIT"; then
+        note "starting $svc (allocates VRAM, attaches /dev/nbdX, swapon)"
+        if [ "$INIT" = openrc ]; then
+            run rc-service "$SERVICE" start || die "$SERVICE failed to start: see the line above and $logs"
+        elif ! run systemctl start "$UNIT"; then
             systemctl --no-pager status "$UNIT" 2>&1 | tail -n 15 >&2 || true
-            die "$UNIT failed to start: see journalctl -u $UNIT"
+            die "$UNIT failed to start: see $logs"
         fi
     fi
     if [ -z "$ROOT" ] && command -v swapon >/dev/null; then run swapon --show; fi

@@ -4383,7 +4383,7 @@ def wait_for_power(power, reload, no_vram=None):
         log.info("idle, holding no VRAM: %s", power.why)
     while True:
         why = f"out of VRAM ({no_vram}); trying again every {power.poll_s:g} s" if no_vram else power.why
-        write_json(state_path(), {**identity(), "version": __version__, "mode": "idle", "started": started,
+        write_json(state_path(), {**identity(), "version": __version__, "mode": "idle", "ready": True, "started": started,
                                   "power": power.state(), "idle_why": why})
         sd_notify("READY=1", f"STATUS=idle, holding no VRAM: {why}")
         info = signal.sigtimedwait(DAEMON_SIGNALS, power.poll_s)
@@ -4921,6 +4921,7 @@ class Daemon:
         self.reload = reload or (lambda: None)      # SIGHUP: re-read the power settings
         self.release_failed = None                  # (time, why) of the last swapoff the power policy asked for
         self.started = None
+        self.ready = False      # in state.json: swap is on (what READY=1 tells systemd; init scripts wait for it)
         self.adopted_at = None          # when this daemon took a dead (or re-executed) one's devices over
         self.libc = _libc()
         self.undo = []
@@ -5033,6 +5034,7 @@ class Daemon:
         self._memory_clock_cap()
         for g in self.gpus:
             g.mem_free()        # for status: what is free now that every slice is taken
+        self.ready = True
         self._write_state()
         status = self._status_line()
         sd_notify("READY=1", f"STATUS={status}")
@@ -5418,7 +5420,7 @@ class Daemon:
         slices = [sl.describe(swaps) for sl in self.slices]
         first = slices[0] if slices else {}
         cfg = self.cfg
-        state = {**identity(), "version": __version__, "mode": "serving",
+        state = {**identity(), "version": __version__, "mode": "serving", "ready": self.ready,
                  "device": first.get("device"), "swap_device": first.get("swap_device"),
                  "attach": first.get("attach") or ("netlink" if cfg["attach"] != "ioctl" else "ioctl"),
                  "encrypted": any(s["encrypted"] for s in slices),

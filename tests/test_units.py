@@ -355,6 +355,51 @@ def test_uninstall_keeps_config_unless_purge(tmp_path):
     assert purge.returncode == 0 and ETC_CONF not in tree(staging)
 
 
+OPENRC_FILES = {"etc/init.d/nbd-vram": ("openrc/nbd-vram.initd", 0o755),
+                "etc/conf.d/nbd-vram": ("openrc/nbd-vram.confd", 0o644),
+                "etc/elogind/system-sleep/nbd-vram": ("openrc/nbd-vram.sleep", 0o755)}
+
+
+def test_install_for_openrc_into_staging_root(tmp_path):
+    """--init openrc: the init script, its conf.d and the elogind sleep hook instead of the units, in the
+    default runlevel as rc-update puts it there; the admin's conf.d is never overwritten; --uninstall
+    removes the rest, --purge the configuration too."""
+    staging = tmp_path / "staging"
+    stubs = make_stubs(tmp_path)
+    p = install(staging, stubs, "--init", "openrc", "--yes", "--no-start")
+    assert p.returncode == 0, p.stdout + p.stderr
+    t = tree(staging)
+    for rel, (src, mode) in OPENRC_FILES.items():
+        assert t[rel][:2] == ("file", mode), rel
+        assert (staging / rel).read_bytes() == (ROOT / src).read_bytes()
+    assert t["etc/runlevels/default/nbd-vram"] == ("link", None, "/etc/init.d/nbd-vram")
+    assert t[BIN][:2] == ("file", 0o755) and ETC_CONF in t and "etc/udev/rules.d/90-nbd-vram-power.rules" in t
+    assert not [rel for rel in t if "systemd" in rel]
+    again = install(staging, stubs, "--init", "openrc", "--yes", "--no-start")
+    assert again.returncode == 0 and tree(staging) == t and "+ " not in again.stdout, again.stdout
+
+    (staging / "etc/conf.d/nbd-vram").write_text("start_timeout=900\n")          # the admin's own
+    p = install(staging, stubs, "--init", "openrc", "--yes", "--no-start")
+    assert p.returncode == 0 and (staging / "etc/conf.d/nbd-vram").read_text() == "start_timeout=900\n"
+    assert (staging / "etc/conf.d/nbd-vram.new").read_bytes() == (ROOT / "openrc/nbd-vram.confd").read_bytes()
+
+    un = install(staging, stubs, "--uninstall")
+    assert un.returncode == 0, un.stdout + un.stderr
+    t = tree(staging)
+    assert not [rel for rel in ("etc/init.d/nbd-vram", "etc/elogind/system-sleep/nbd-vram",
+                                "etc/runlevels/default/nbd-vram", BIN) if rel in t]
+    assert "etc/conf.d/nbd-vram" in t and "kept" in un.stdout
+    purge = install(staging, stubs, "--uninstall", "--purge")
+    assert purge.returncode == 0
+    assert not [rel for rel in tree(staging) if rel.startswith("etc/conf.d/nbd-vram") or rel == ETC_CONF]
+
+
+def test_install_init_choice_is_checked(tmp_path):
+    p = install(tmp_path / "staging", make_stubs(tmp_path), "--init", "runit")
+    assert p.returncode == 1 and p.stderr.strip() == "install.sh: error: --init takes systemd or openrc, not 'runit'"
+    assert not (tmp_path / "staging").exists()
+
+
 def test_install_dry_run_changes_nothing(tmp_path):
     staging = tmp_path / "staging"
     p = install(staging, make_stubs(tmp_path), "--dry-run", "--yes")
@@ -445,6 +490,18 @@ def test_shellcheck(script):
     args = [] if script in OUR_SCRIPTS else ["--severity=error"]
     p = subprocess.run([exe, "--shell=bash", *args, str(ROOT / script)], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("script", ["openrc/nbd-vram.initd", "openrc/nbd-vram.sleep"])
+def test_openrc_scripts_are_clean_posix_sh(script):
+    """OpenRC runs its scripts with /bin/sh (dash, busybox): shellcheck as sh, with its own directives."""
+    exe = shutil.which("shellcheck")
+    if not exe:
+        pytest.skip("shellcheck is not installed (apt-get install -y shellcheck)")
+    p = subprocess.run([exe, "--shell=sh", str(ROOT / script)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert os.access(ROOT / script, os.X_OK)
+    assert "# SPDX-License-Identifier: MIT" in (ROOT / script).read_text()
 
 
 @pytest.mark.parametrize("script", OUR_SCRIPTS)
