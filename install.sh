@@ -40,6 +40,8 @@ options:
                             tests): no root needed, nothing is started or stopped, and units
                             are enabled with `systemctl --root=DIR` where systemctl exists
                             (OpenRC: a link in DIR/etc/runlevels/default)
+  --no-checks               with --root: skip the checks of this machine (NVIDIA driver, nbd
+                            module), for a tree built on one machine for others (packages)
   -n, --dry-run             print the steps, change nothing
   -h, --help                this text
 EOF
@@ -56,6 +58,7 @@ UNINSTALL=0
 PURGE=0
 INIT=""
 DRY=0
+CHECKS=1
 UNIT=vram-swap-nbd.service
 SLEEP_UNIT=vram-swap-nbd-sleep.service
 SERVICE=nbd-vram                # OpenRC's name for it
@@ -86,6 +89,7 @@ while (( $# )); do
         --purge) PURGE=1 ;;
         --root|--prefix) [ $# -ge 2 ] || die "$1 needs a directory"; ROOT=$2; shift ;;
         --root=*|--prefix=*) ROOT=${1#*=} ;;
+        --no-checks) CHECKS=0 ;;
         -n|--dry-run) DRY=1 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "install.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
@@ -101,6 +105,7 @@ case $INIT in
     *) die "--init takes systemd or openrc, not '$INIT'" ;;
 esac
 if (( PURGE && ! UNINSTALL )); then die "--purge goes with --uninstall"; fi
+if (( ! CHECKS )) && [ -z "$ROOT" ]; then die "--no-checks goes with --root (a tree for other machines)"; fi
 if [ -n "$ROOT" ]; then
     ROOT=$(realpath -m -- "$ROOT")
     [ "$ROOT" != / ] || ROOT=""
@@ -493,10 +498,12 @@ do_install() {
         command -v "$f" >/dev/null || die "$f is not installed (install util-linux)"
     done
     # grep without -q: -q exits at the first match, and ldconfig's SIGPIPE fails the pipeline under pipefail
-    if ! { ldconfig -p 2>/dev/null | grep 'libcuda\.so\.1' >/dev/null; } && ! command -v nvidia-smi >/dev/null; then
+    if (( ! CHECKS )); then
+        note "--no-checks: not checking this machine for the NVIDIA driver and the nbd module"
+    elif ! { ldconfig -p 2>/dev/null | grep 'libcuda\.so\.1' >/dev/null; } && ! command -v nvidia-smi >/dev/null; then
         die "no NVIDIA driver: libcuda.so.1 is not in the linker cache (ldconfig -p) and nvidia-smi is not installed; install the NVIDIA driver first"
     fi
-    if [ ! -d /sys/module/nbd ] && ! modprobe -n nbd >/dev/null 2>&1; then
+    if (( CHECKS )) && [ ! -d /sys/module/nbd ] && ! modprobe -n nbd >/dev/null 2>&1; then
         die "this kernel has no nbd module (modprobe -n nbd fails): install your distribution's extra kernel modules (e.g. linux-modules-extra-$(uname -r)), or build CONFIG_BLK_DEV_NBD"
     fi
     if [ -e "$UNITDIR/vram-swap-nbd-suspend.service" ]; then

@@ -1,7 +1,9 @@
-"""Shared fixtures: the fake libcuda and fake NVML (built with gcc), nbd_vram imported by path, a running `serve`."""
+"""Shared fixtures: the fake libcuda and fake NVML (built with gcc), nbd_vram imported by path, a running
+`serve`, a mount namespace to install into."""
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -69,6 +71,53 @@ def fake_env(fakecuda, **extra):
     env = dict(os.environ, NBD_VRAM_LIBCUDA=fakecuda, NBD_VRAM_CUINIT_TRIES="1", PYTHONUNBUFFERED="1")
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+OPENRC_DIRS = ("daemons exclusive failed hotplugged inactive options scheduled started starting stopping tmp "
+               "wasinactive").split()
+
+
+class Namespace:
+    """A mount namespace held open by a sleeping process, for tests that install into the system: /run
+    is a fresh tmpfs (with OPENRC, OpenRC looks booted there: /run/openrc/softlevel), and each of
+    OVERLAYS (e.g. /etc, /usr) an overlay whose writes land in TMP; nothing of the host changes.
+    run() runs a command in it; close() kills every process left in it."""
+
+    def __init__(self, tmp, overlays=(), openrc=False):
+        self.tmp = tmp
+        setup = ["mount -t tmpfs -o mode=0755 tmpfs /run"]
+        if openrc:
+            setup += ["mkdir -p " + " ".join(f"/run/openrc/{d}" for d in OPENRC_DIRS), "touch /run/openrc/softlevel"]
+        for i, d in enumerate(overlays):
+            up, work = tmp / f"overlay{i}" / "up", tmp / f"overlay{i}" / "work"
+            up.mkdir(parents=True)
+            work.mkdir()
+            setup.append(f"mount -t overlay overlay -o lowerdir={d},upperdir={up},workdir={work} {d}")
+        self.holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                                        " && ".join(setup) + " && echo ready && exec sleep 100000"],
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        line = self.holder.stdout.readline()
+        if line.strip() != "ready":
+            self.holder.kill()
+            pytest.skip(f"no mount namespace with tmpfs and overlays here: {line.strip()} {self.holder.stdout.read()}")
+        self.ns = os.readlink(f"/proc/{self.holder.pid}/ns/mnt")
+
+    def run(self, *cmd, env=None, timeout=120):
+        p = subprocess.run(["nsenter", "--target", str(self.holder.pid), "--mount", "--", *map(str, cmd)],
+                           capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+        p.out = p.stdout + p.stderr
+        return p
+
+    def close(self):
+        """Every process of the namespace (supervisor, daemon, workers) killed, then the holder."""
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if int(pid) != self.holder.pid and os.readlink(f"/proc/{pid}/ns/mnt") == self.ns:
+                    os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
+        self.holder.kill()
+        self.holder.wait()
 
 
 class Server:

@@ -6,19 +6,17 @@ of its own (unshare): a fresh tmpfs on /run with /run/openrc/softlevel, as if Op
 overlays on /etc, /usr/local and /var/log whose writes land in the test's tmp_path; nothing of the
 host changes.  The daemon is `nbd_vram.py run` under tests/power_harness.py (the kernel's part
 played, everything else the daemon's own code), reached through the conf.d setting NBD_VRAM_BIN.
-The kernel guest runs the same script against the real nbd driver (tests/vm, part openrc).
 Needs root, unshare/nsenter and the openrc package (.ci/run installs it).
 """
 import json
 import os
 import shutil
 import signal
-import subprocess
 import time
 
 import pytest
 
-from conftest import ROOT, eventually
+from conftest import ROOT, Namespace, eventually
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "nsenter", "openrc-run", "supervise-daemon",
@@ -28,48 +26,6 @@ pytestmark = pytest.mark.skipif(
 INITD = ROOT / "openrc" / "nbd-vram.initd"
 SLEEP_HOOK = ROOT / "openrc" / "nbd-vram.sleep"
 HARNESS = ROOT / "tests" / "power_harness.py"
-OPENRC_DIRS = ("daemons exclusive failed hotplugged inactive options scheduled started starting stopping tmp "
-               "wasinactive").split()
-
-
-class Namespace:
-    """A mount namespace held open by a sleeping process: /run is a fresh tmpfs in which OpenRC looks
-    booted, /etc, /usr/local and /var/log are overlays writing into TMP.  run() runs a command in it."""
-
-    def __init__(self, tmp):
-        self.tmp = tmp
-        setup = ["mount -t tmpfs -o mode=0755 tmpfs /run", "mkdir -p " + " ".join(f"/run/openrc/{d}" for d in OPENRC_DIRS),
-                 "touch /run/openrc/softlevel"]
-        for i, d in enumerate(("/etc", "/usr/local", "/var/log")):
-            up, work = tmp / f"overlay{i}" / "up", tmp / f"overlay{i}" / "work"
-            up.mkdir(parents=True)
-            work.mkdir()
-            setup.append(f"mount -t overlay overlay -o lowerdir={d},upperdir={up},workdir={work} {d}")
-        self.holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                                        " && ".join(setup) + " && echo ready && exec sleep 100000"],
-                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        line = self.holder.stdout.readline()
-        if line.strip() != "ready":
-            self.holder.kill()
-            pytest.skip(f"no mount namespace with tmpfs and overlays here: {line.strip()} {self.holder.stdout.read()}")
-        self.ns = os.readlink(f"/proc/{self.holder.pid}/ns/mnt")
-
-    def run(self, *cmd, env=None, timeout=120):
-        p = subprocess.run(["nsenter", "--target", str(self.holder.pid), "--mount", "--", *map(str, cmd)],
-                           capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
-        p.out = p.stdout + p.stderr
-        return p
-
-    def close(self):
-        """Every process of the namespace (supervisor, daemon, workers) killed, then the holder."""
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                if int(pid) != self.holder.pid and os.readlink(f"/proc/{pid}/ns/mnt") == self.ns:
-                    os.kill(int(pid), signal.SIGKILL)
-            except OSError:
-                pass
-        self.holder.kill()
-        self.holder.wait()
 
 
 class Service:
@@ -121,7 +77,7 @@ class Service:
 
 @pytest.fixture
 def ns(tmp_path):
-    n = Namespace(tmp_path)
+    n = Namespace(tmp_path, overlays=("/etc", "/usr/local", "/var/log"), openrc=True)
     yield n
     n.close()
 

@@ -132,8 +132,8 @@ def install_sh_functions():
 
 
 def stop_stray_daemon(run, fakecuda):
-    script = (f"set -euo pipefail\nROOT=''\nSRC={ROOT}\nRUNDIR={run}\nSYSTEMD=none\nDRY=0\nUNIT=vram-swap-nbd.service\n"
-              + install_sh_functions() + "stop_stray_daemon\n")
+    script = (f"set -euo pipefail\nROOT=''\nSRC={ROOT}\nRUNDIR={run}\nSYSTEMD=none\nOPENRC=none\nDRY=0\n"
+              "UNIT=vram-swap-nbd.service\nSERVICE=nbd-vram\n" + install_sh_functions() + "stop_stray_daemon\n")
     return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
 
 
