@@ -117,6 +117,12 @@ BIN=$ROOT/usr/local/bin/nbd_vram.py
 UNITDIR=$ROOT/etc/systemd/system
 CONF=$ROOT/etc/nbd-vram.conf
 DOC=$ROOT/usr/local/share/doc/nbd-vram/README.md
+LINK=$ROOT/usr/local/bin/nbd-vram               # the command's other name
+MAN8=$ROOT/usr/local/share/man/man8/nbd-vram.8
+MAN8_LINK=$ROOT/usr/local/share/man/man8/nbd_vram.py.8
+MAN5=$ROOT/usr/local/share/man/man5/nbd-vram.conf.5
+COMPLETION=$ROOT/usr/local/share/bash-completion/completions/nbd_vram.py
+COMPLETION_LINK=$ROOT/usr/local/share/bash-completion/completions/nbd-vram
 RULE=$ROOT/etc/udev/rules.d/$UDEV_RULE
 INITD=$ROOT/etc/init.d/$SERVICE
 CONFD=$ROOT/etc/conf.d/$SERVICE
@@ -250,6 +256,15 @@ install_file() {  # SRC DEST MODE
         run install -D -m "$3" "$1" "$2"
     else
         note "up to date: $2"
+    fi
+}
+
+install_link() {  # TARGET LINK: a relative symlink
+    if [ "$(readlink "$2" 2>/dev/null)" = "$1" ]; then
+        note "up to date: $2"
+    else
+        run mkdir -p "$(dirname "$2")"
+        run ln -sfn "$1" "$2"
     fi
 }
 
@@ -461,6 +476,12 @@ do_uninstall() {
     reload_udev
     remove_file "$BIN"
     remove_file "$DOC"
+    remove_file "$LINK"
+    remove_file "$MAN8"
+    remove_file "$MAN8_LINK"
+    remove_file "$MAN5"
+    remove_file "$COMPLETION"
+    remove_file "$COMPLETION_LINK"
     if [ -d "$(dirname "$DOC")" ]; then run rmdir --ignore-fail-on-non-empty "$(dirname "$DOC")"; fi
     if [ "$SYSTEMD" = live ]; then
         run systemctl daemon-reload
@@ -490,7 +511,8 @@ do_uninstall() {
 do_install() {
     require_root
     local f
-    for f in nbd_vram.py nbd-vram.conf "$UNIT" "$SLEEP_UNIT" openrc/nbd-vram.initd openrc/nbd-vram.confd openrc/nbd-vram.sleep; do
+    for f in nbd_vram.py nbd-vram.conf "$UNIT" "$SLEEP_UNIT" openrc/nbd-vram.initd openrc/nbd-vram.confd openrc/nbd-vram.sleep \
+             docs/nbd-vram.8 docs/nbd-vram.conf.5 docs/nbd-vram.bash-completion; do
         [ -f "$SRC/$f" ] || die "$SRC/$f is missing: run install.sh from a complete nbd-vram checkout"
     done
     command -v python3 >/dev/null || die "python3 is not installed (nbd_vram.py needs Python 3)"
@@ -534,6 +556,13 @@ do_install() {
         reload_udev
     fi
     if [ -f "$SRC/README.md" ]; then install_file "$SRC/README.md" "$DOC" 0644; fi
+    install_link nbd_vram.py "$LINK"
+    install_file "$SRC/docs/nbd-vram.8" "$MAN8" 0644
+    install_file "$SRC/docs/nbd-vram.conf.5" "$MAN5" 0644
+    printf '.so man8/nbd-vram.8\n' >"$TMP/nbd_vram.py.8"      # man nbd_vram.py shows the same page
+    install_file "$TMP/nbd_vram.py.8" "$MAN8_LINK" 0644
+    install_file "$SRC/docs/nbd-vram.bash-completion" "$COMPLETION" 0644
+    install_link nbd_vram.py "$COMPLETION_LINK"
     CONF_BAD=0
     install_config
 

@@ -45,18 +45,25 @@ stage() {
     while IFS= read -r rel; do
         case $rel in
             usr/local/bin/*) to=usr/bin/${rel#usr/local/bin/} ;;
-            usr/local/share/doc/*) to=usr/share/doc/${rel#usr/local/share/doc/} ;;
+            usr/local/share/*) to=usr/share/${rel#usr/local/share/} ;;
             etc/systemd/system/*.service) to=$lib/systemd/system/${rel#etc/systemd/system/} ;;
             etc/udev/rules.d/*) to=$lib/udev/rules.d/${rel#etc/udev/rules.d/} ;;
             etc/nbd-vram.conf) to=$rel; cp "$SRC/nbd-vram.conf" "$tmp/root/$rel" ;;
             *) die "install.sh installed $rel, which this script does not know where to put in a package" ;;
         esac
+        if [ -L "$tmp/root/$rel" ]; then          # (install.sh's links are relative, within one directory)
+            mkdir -p "$(dirname "$dest/$to")"
+            ln -sfn "$(readlink "$tmp/root/$rel")" "$dest/$to"
+            continue
+        fi
         install -D -m "$(stat -c %a "$tmp/root/$rel")" "$tmp/root/$rel" "$dest/$to"
         case $to in
             *.service|*.rules)
                 sed -i -e 's#/usr/local/bin/#/usr/bin/#g' -e 's#/usr/local/share/doc/#/usr/share/doc/#g' "$dest/$to" ;;
+            usr/share/man/*)
+                if [ "$layout" = debian ]; then gzip -9n "$dest/$to"; fi ;;      # (makepkg compresses its own)
         esac
-    done < <(cd "$tmp/root" && find . -type f | sed 's#^\./##' | sort)
+    done < <(cd "$tmp/root" && find . \( -type f -o -type l \) ! -path './etc/systemd/system/*.*/*' | sed 's#^\./##' | sort)
     for f in "$dest/$lib/systemd/system/"*.service "$dest/$lib/udev/rules.d/"*; do
         ! grep -q /usr/local "$f" || die "$f still names /usr/local"
     done

@@ -272,6 +272,14 @@ def test_install_into_staging_root(tmp_path):
         assert t.get("etc/systemd/system/sleep.target.requires/vram-swap-nbd-sleep.service", ("",))[0] == "link"
     rule = (staging / "etc/udev/rules.d/90-nbd-vram-power.rules").read_text()
     assert 'SUBSYSTEM=="power_supply", ACTION=="change", RUN+="/usr/local/bin/nbd_vram.py power-event"' in rule
+    # the other name, the manual pages (man nbd_vram.py shows nbd-vram(8)), the bash completion for both names
+    assert t["usr/local/bin/nbd-vram"] == ("link", None, "nbd_vram.py")
+    for rel, src in (("usr/local/share/man/man8/nbd-vram.8", "docs/nbd-vram.8"),
+                     ("usr/local/share/man/man5/nbd-vram.conf.5", "docs/nbd-vram.conf.5"),
+                     ("usr/local/share/bash-completion/completions/nbd_vram.py", "docs/nbd-vram.bash-completion")):
+        assert t[rel][:2] == ("file", 0o644) and (staging / rel).read_bytes() == (ROOT / src).read_bytes(), rel
+    assert (staging / "usr/local/share/man/man8/nbd_vram.py.8").read_text() == ".so man8/nbd-vram.8\n"
+    assert t["usr/local/share/bash-completion/completions/nbd-vram"] == ("link", None, "nbd_vram.py")
 
     again = install(staging, stubs, "--yes", "--no-start")
     assert again.returncode == 0, again.stdout + again.stderr
