@@ -158,11 +158,13 @@ class Harness:
             return {}
 
     def wait_mode(self, mode, timeout=60):
+        """MODE in the state, and ready: "serving" is written from the attach on, swapon comes after."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"daemon exited {self.proc.returncode}:\n{self.text()}"
-            if self.state().get("mode") == mode and self.state().get("pid") == self.proc.pid:
-                return self.state()
+            st = self.state()
+            if st.get("mode") == mode and st.get("pid") == self.proc.pid and st.get("ready"):
+                return st
             time.sleep(0.1)
         raise AssertionError(f"no {mode!r} state in {timeout} s: {self.state()}\n{self.text()}")
 
