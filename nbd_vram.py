@@ -372,8 +372,6 @@ _PROTOTYPES = {
     "cuGetErrorString": (CUresult, CUresult, _p(ctypes.c_char_p)),
     # CUresult cuInit(unsigned int Flags);
     "cuInit": (CUresult, ctypes.c_uint),
-    # CUresult cuDriverGetVersion(int *driverVersion);
-    "cuDriverGetVersion": (CUresult, _p(ctypes.c_int)),
     # CUresult cuDeviceGetCount(int *count);
     "cuDeviceGetCount": (CUresult, _p(ctypes.c_int)),
     # CUresult cuDeviceGet(CUdevice *device, int ordinal);
@@ -606,7 +604,6 @@ NVML_SUCCESS = 0
 NVML_ERROR_INSUFFICIENT_SIZE = 7
 NVML_CLOCK_MEM = 2                       # nvmlClockType_t
 NVML_VALUE_NOT_AVAILABLE = 2**64 - 1     # (unsigned long long)-1, e.g. usedGpuMemory without per-process accounting
-NVML_DEVICE_UUID_V2_BUFFER_SIZE = 96
 
 # nvmlReturn_t values, by name (nvml.h's enum nvmlReturn_enum).
 NVML_ERROR_NAMES = {
@@ -644,16 +641,8 @@ _NVML_PROTOTYPES = {
     "nvmlShutdown": (nvmlReturn_t,),
     # const char *nvmlErrorString(nvmlReturn_t result);
     "nvmlErrorString": (ctypes.c_char_p, nvmlReturn_t),
-    # nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *deviceCount);
-    "nvmlDeviceGetCount_v2": (nvmlReturn_t, _p(_uint)),
-    # nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice_t *device);
-    "nvmlDeviceGetHandleByIndex_v2": (nvmlReturn_t, _uint, _p(nvmlDevice_t)),
     # nvmlReturn_t nvmlDeviceGetHandleByUUID(const char *uuid, nvmlDevice_t *device);
     "nvmlDeviceGetHandleByUUID": (nvmlReturn_t, ctypes.c_char_p, _p(nvmlDevice_t)),
-    # nvmlReturn_t nvmlDeviceGetHandleByPciBusId_v2(const char *pciBusId, nvmlDevice_t *device);
-    "nvmlDeviceGetHandleByPciBusId_v2": (nvmlReturn_t, ctypes.c_char_p, _p(nvmlDevice_t)),
-    # nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t device, char *uuid, unsigned int length);
-    "nvmlDeviceGetUUID": (nvmlReturn_t, nvmlDevice_t, ctypes.c_char_p, _uint),
     # nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory);
     "nvmlDeviceGetMemoryInfo": (nvmlReturn_t, nvmlDevice_t, _p(nvmlMemory_t)),
     # nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t device, unsigned int *infoCount, nvmlProcessInfo_t *infos);
@@ -2707,10 +2696,8 @@ NBD_SET_SOCK = _IO(0xAB, 0)
 NBD_SET_BLKSIZE = _IO(0xAB, 1)
 NBD_DO_IT = _IO(0xAB, 3)
 NBD_CLEAR_SOCK = _IO(0xAB, 4)
-NBD_CLEAR_QUE = _IO(0xAB, 5)
 NBD_SET_SIZE_BLOCKS = _IO(0xAB, 7)
 NBD_DISCONNECT = _IO(0xAB, 8)
-NBD_SET_TIMEOUT = _IO(0xAB, 9)
 NBD_SET_FLAGS = _IO(0xAB, 10)
 
 
@@ -3505,7 +3492,7 @@ class PowerPolicy:
     def poll_s(self):
         return float(self.cfg["power_poll"])
 
-    def evaluate(self, swap_on=False):
+    def evaluate(self):
         """Read the supplies and decide; logs a change of mind once."""
         self.readings = read_power()
         if self.readings.ac is None and not self._desktop_logged and self.cfg["power"] != "always":
@@ -5390,7 +5377,6 @@ class Daemon:
             except NvmlError as e:
                 log.warning("%s: memory clock not capped: %s", g.label, e)
                 continue
-            g.clock_cap = got
             log.info("%s: memory clock capped at %d MHz (memory_clock_max = %d)", g.label, got, mhz)
             self.undo.append((f"reset the memory clock of {g.label}", lambda g=g: self.nvml.reset_memory_clock(g.info["uuid"])))
 
@@ -5625,7 +5611,7 @@ class Daemon:
 
     def _power_check(self):
         """Ask the power policy; if it wants VRAM swap gone, swapoff every slice.  True when all are off."""
-        if self.power.evaluate(self.swap_on) or not self.swap_on:
+        if self.power.evaluate() or not self.swap_on:
             self._write_state()
             return False
         why = self.power.why
