@@ -27,6 +27,7 @@ What it deliberately does not do: compression, overcommit, or serving
 anything but the one VRAM-backed export.
 """
 
+import argparse
 import array
 import collections
 import ctypes
@@ -6055,13 +6056,12 @@ def cmd_detach(args):
     return EXIT_OK
 
 
-class _Parser(__import__("argparse").ArgumentParser):
+class _Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see --help)\n")
 
 
 def build_parser():
-    import argparse
     p = _Parser(prog="nbd_vram.py", allow_abbrev=False,
                 description="Use spare NVIDIA GPU memory as a Linux swap device, served over NBD.",
                 epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
