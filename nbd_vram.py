@@ -67,6 +67,26 @@ RUNTIME_DIR = "/run/nbd-vram"
 MiB = 1 << 20
 GiB = 1 << 30
 
+# The environment.  Settings come from the config file, the VRAM_* variables (ENV_KEYS, under
+# Configuration) and flags.  These NBD_VRAM_* variables are hooks for tests, benchmarks and
+# development, each read where it is used:
+#   NBD_VRAM_CONFIG          the config file instead of DEFAULT_CONFIG (load_config)
+#   NBD_VRAM_LIBCUDA         the CUDA driver library, as `libcuda =` in the config (Cuda)
+#   NBD_VRAM_LIBNVML         the NVML library (Nvml.open)
+#   NBD_VRAM_CUINIT_TRIES    cuInit attempts, 2 s apart, while a GPU wakes up (Cuda.init; 10; the tests make it 1)
+#   NBD_VRAM_RUNTIME_DIR     instead of RUNTIME_DIR (runtime_dir)
+#   NBD_VRAM_SYSFS_ROOT      prefix of every /sys and /proc read (sys_root): fixture trees in the tests
+#   NBD_VRAM_POWER_SUPPLY    the power_supply class directory itself (power_supply_dir)
+#   NBD_VRAM_BATCH_COPY=0    no cuMemcpyBatchAsync: grouped copies one by one (CopyEngine)
+#   NBD_VRAM_GROUP_WRITES=0  small writes are not grouped (Transmission)
+#   NBD_VRAM_REPLY_SPIN_US, NBD_VRAM_COPY_SPIN_US, NBD_VRAM_COPY_STREAMS: tuning the copy loop (bench/)
+#   NBD_VRAM_PROFILE=DIR     a cProfile file per connection in DIR (bench/profile-worker.sh)
+# The daemon sets these for itself over its own re-exec (cmd_run), never by hand:
+LOCK_ENV = "NBD_VRAM_LOCK_FD"               # the daemon lock's fd, kept open over every re-exec
+HANDOVER_ENV = "NBD_VRAM_HANDOVER_FD"       # `upgrade`: the VRAM fds, kept open over the re-exec
+RELEASED_ENV = "NBD_VRAM_POWER_RELEASED"    # after a power release
+NO_VRAM_ENV = "NBD_VRAM_NO_VRAM"            # after taking swap back failed for want of VRAM: why
+
 # Exit codes, also listed in `nbd_vram.py --help`.
 EXIT_OK = 0
 EXIT_FAILURE = 1        # anything not listed below
@@ -1988,7 +2008,7 @@ class Transmission:
          uses_gpu, seg_first, seg_end, unpack, poll, rg, wg) = self.hot
         n = tx_used = 0
         gpu_work = False
-        after = None            # what to do once this batch is answered
+        then = None             # once this batch is answered: a step of _end_batch, or the ProtocolError to raise
         while n < MAX_BATCH:
             avail = self.end - self.start
             if avail < REQ_SIZE:
@@ -2000,13 +2020,13 @@ class Transmission:
                 except (BlockingIOError, InterruptedError):
                     break
                 if not k:
-                    after = "eof"
+                    then = "eof"
                     break
                 self.end += k
                 continue
             magic, flags, typ, cookie, offset, length = unpack(rx, self.start)
             if magic != NBD_REQUEST_MAGIC:
-                after = f"bad request magic {magic:#x}"
+                then = ProtocolError(f"bad request magic {magic:#x}")
                 break
             if typ == _CMD_WRITE:
                 need = REQ_SIZE + length
@@ -2014,7 +2034,7 @@ class Transmission:
                 if avail < need:
                     if self.start + need > rx_cap:
                         if n == 0:
-                            after = "large-write" if need > rx_cap else "compact"
+                            then = "large-write" if need > rx_cap else "compact"
                         break
                     try:
                         if (length >= STREAM_WRITE_MIN and not flags & ~NBD_CMD_FLAG_FUA and length <= MAX_REQUEST
@@ -2024,7 +2044,7 @@ class Transmission:
                         else:
                             recv_into_exact(self.sock, rx[self.end:self.start + need], "write payload")
                     except ProtocolError as e:
-                        after = str(e)      # the client hung up mid-payload: answer what came before, then close
+                        then = e            # the client hung up mid-payload: answer what came before, then close
                         break
                     self.end = self.start + need
                 if flags & ~NBD_CMD_FLAG_FUA or not 0 < length <= MAX_REQUEST or offset > size - length:
@@ -2069,7 +2089,7 @@ class Transmission:
                     err = 0
                 if not err and length > tx_cap - tx_used:
                     if n == 0:
-                        after = "large-read"
+                        then = "large-read"
                     break
                 self.start += REQ_SIZE
                 cookies[n], data_len[n], uses_gpu[n], errors[n] = cookie, 0, False, err
@@ -2103,7 +2123,7 @@ class Transmission:
                 continue
             self.start += REQ_SIZE
             if typ == _CMD_DISC:
-                after = "disc"
+                then = "disc"
                 break
             cookies[n], data_len[n], uses_gpu[n] = cookie, 0, False
             err, why = check_request(typ, flags, offset, length, size)
@@ -2133,24 +2153,29 @@ class Transmission:
             self._submit(n)
         if n:
             self._reply(n)
-        if after is None:
+        if then is None:
             return None
-        if after == "compact":
+        return self._end_batch(then)
+
+    def _end_batch(self, then):
+        """What a batch ended with, once it is answered: a close, a request too large for the buffers,
+        or a protocol error."""
+        if then == "compact":
             self._compact()
             return None
-        if after == "large-write":
+        if then == "large-write":
             self._large_write()
             return None
-        if after == "large-read":
+        if then == "large-read":
             return self._large_read()
-        if after == "disc":
+        if then == "disc":
             return "client sent NBD_CMD_DISC"
-        if after == "eof":
+        if then == "eof":
             if self.end > self.start:
                 raise ProtocolError(f"client closed the connection: read {self.end - self.start} of {REQ_SIZE} "
                                     "header bytes")
             return "client closed the connection"
-        raise ProtocolError(after)
+        raise then
 
     def _close_groups(self, n):
         """The waiting groups (their requests up to n) become one segment each of the message."""
@@ -3469,8 +3494,6 @@ def power_decision(policy, threshold, readings, released, sleeping=False):
 
 
 SLEEP_MARKER = "sleeping"           # in the runtime dir: `nbd_vram.py sleep` made it, `wake` removes it
-RELEASED_ENV = "NBD_VRAM_POWER_RELEASED"   # carried over the daemon's re-exec after a power release
-NO_VRAM_ENV = "NBD_VRAM_NO_VRAM"    # over the re-exec after taking swap back failed for want of VRAM: why
 
 
 def sleep_marker():
@@ -4195,12 +4218,10 @@ DAEMON_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, 
 RELEASED = "released"       # Daemon.loop: the power policy had swap turned off
 HANDOVER = "handover"       # Daemon.loop: SIGUSR2
 GPU_FAILED = "gpu-failed"   # Daemon.loop: GPU I/O errors, swap moved off the GPU
-HANDOVER_ENV = "NBD_VRAM_HANDOVER_FD"   # the VRAM fd, kept open over that re-exec
 LET_GO_SLICE = 1 << 30      # slice ids the GPU process maps a let-go stored fd under, to zero it
-LEGACY_FDNAME = "vram"      # a slice's VRAM fd in systemd's fd store is named vram-GPU_UUID-NUMBER; before slices, "vram"
+FDNAME_PREFIX = "vram"      # a slice's VRAM fd in systemd's fd store is named vram-GPU_UUID-NUMBER
+OLD_FDNAME = FDNAME_PREFIX  # ... and before slices, the one fd was named just "vram"
 
-
-LOCK_ENV = "NBD_VRAM_LOCK_FD"   # the daemon lock's fd, kept open over the daemon's re-execs
 
 
 def process_start(pid):
@@ -4463,7 +4484,7 @@ class Slice:
         self.gpu, self.number, self.store = gpu, number, store
         self.export = Export(store)
         self.priority = slice_priority(gpu.daemon.cfg["priority"], number)
-        self.fdname = f"vram-{gpu.info['uuid']}-{number}"
+        self.fdname = f"{FDNAME_PREFIX}-{gpu.info['uuid']}-{number}"
         self.index = self.device = self.swap_device = self.crypt = self.backend = self.attach_kind = None
         self.swap_on = False
         self.undo = []
@@ -4967,9 +4988,9 @@ class Daemon:
                 log.info("%s: took back slice %d (%s of VRAM) from systemd's fd store, with the swapped pages in it",
                          g.label, s["number"], format_size(store.size_bytes))
                 prepared.append((self._prepare_slice(g, s["number"], store), s))
-                if s["fdname"] == LEGACY_FDNAME:
+                if s["fdname"] == OLD_FDNAME:
                     # Stored again under the slice's name just now: drop systemd's copy under the old one.
-                    sd_notify("FDSTOREREMOVE=1", f"FDNAME={LEGACY_FDNAME}")
+                    sd_notify("FDSTOREREMOVE=1", f"FDNAME={OLD_FDNAME}")
             if old and "ceilings" in old:
                 g.ceiling = min(old["ceilings"].get(g.info["uuid"], g.ceiling), len(g.sizes))
             if not adopt:
@@ -5179,7 +5200,7 @@ class Daemon:
         slices = old.get("slices")
         if slices is None and old.get("device"):
             # The state of a version before slices: one device, its fd stored as "vram".
-            slices = [{"gpu": (old.get("gpu") or {}).get("uuid"), "number": 0, "fdname": LEGACY_FDNAME,
+            slices = [{"gpu": (old.get("gpu") or {}).get("uuid"), "number": 0, "fdname": OLD_FDNAME,
                        "index": old.get("index"), "device": old.get("device"), "swap_device": old.get("swap_device"),
                        "size_bytes": old.get("size_bytes"), "encrypted": old.get("encrypted")}]
         why_all, in_use = None, False
@@ -5207,7 +5228,7 @@ class Daemon:
             log.warning("systemd handed back a stored fd %r that no slice of the last daemon names: releasing it", name)
             uuid = re.fullmatch(r"vram-(GPU-[0-9a-fA-F-]+)-\d+", name)
             self._let_go(name, uuid.group(1) if uuid else (old.get("gpu") or {}).get("uuid"),
-                         old.get("size_bytes") if name == LEGACY_FDNAME else self.cfg["slice_size"], scrub=not in_use)
+                         old.get("size_bytes") if name == OLD_FDNAME else self.cfg["slice_size"], scrub=not in_use)
         if kept:
             devices = ", ".join(s["device"] for s in kept)
             if old.get("pid") == os.getpid():
@@ -5693,9 +5714,9 @@ def cmd_run(args, flags):
     for item in filter(None, handed.split(",")):
         name, _, fd = item.rpartition("=")
         if fd.isdigit():
-            stored[name or LEGACY_FDNAME] = int(fd)         # a bare number: a version before slices
+            stored[name or OLD_FDNAME] = int(fd)         # a bare number: a version before slices
             os.set_inheritable(int(fd), False)
-    for name in [n for n in stored if not n.startswith(LEGACY_FDNAME)]:
+    for name in [n for n in stored if not n.startswith(FDNAME_PREFIX)]:
         log.warning("systemd passed an fd named %r that this version does not use: closing it", name)
         os.close(stored.pop(name))
     old = read_state()
