@@ -325,6 +325,204 @@ def format_size(n):
 
 
 ############################################################################
+# Runtime and system files #################################################
+############################################################################
+# The daemon's files in the runtime dir (its lock, state, the requests of shrink and grow, the sleep
+# marker) and the readers of /proc and /sys that swap, power, the daemon and status share.  Every
+# /proc and /sys path goes through sys_root(), so that the tests can use fixture trees.
+
+
+def runtime_dir():
+    return os.environ.get("NBD_VRAM_RUNTIME_DIR", RUNTIME_DIR)
+
+
+def sys_root():
+    """Prefix for /proc and /sys reads, so tests can use fixture trees."""
+    return os.environ.get("NBD_VRAM_SYSFS_ROOT", "/")
+
+
+def read_text(path, default=None):
+    """A sysfs/procfs file's stripped contents, or default if it cannot be read."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return default
+
+
+def _read(path, default=None):
+    return read_text(os.path.join(sys_root(), path.lstrip("/")), default)
+
+
+def nbd_devices():
+    """Indexes of every /dev/nbdN the kernel has, in order."""
+    try:
+        names = os.listdir(os.path.join(sys_root(), "sys/block"))
+    except OSError:
+        return []
+    return sorted(int(n[3:]) for n in names if n.startswith("nbd") and n[3:].isdigit())
+
+
+def nbd_connected(index):
+    return _read(f"/sys/block/nbd{index}/pid") is not None
+
+
+def active_swaps():
+    """{device path: (size KiB, used KiB, priority)} from /proc/swaps."""
+    swaps = {}
+    text = _read("/proc/swaps", "")
+    for line in text.splitlines()[1:]:
+        f = line.split()
+        if len(f) >= 5:
+            swaps[f[0]] = (int(f[2]), int(f[3]), int(f[4]))
+    return swaps
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def state_path():
+    return os.path.join(runtime_dir(), "state.json")
+
+
+def read_state():
+    try:
+        with open(state_path()) as f:
+            return json.load(f)
+    except PermissionError:
+        raise NotRootError(f"cannot read the daemon's state ({state_path()}): permission denied; "
+                           "run this as root (sudo)") from None
+    except (OSError, ValueError):
+        return None
+
+
+def remove_state():
+    try:
+        os.unlink(state_path())
+    except FileNotFoundError:
+        pass
+
+
+def request_path():
+    return os.path.join(runtime_dir(), "request.json")
+
+
+SLEEP_MARKER = "sleeping"           # in the runtime dir: `nbd_vram.py sleep` made it, `wake` removes it
+
+
+def sleep_marker():
+    return os.path.join(runtime_dir(), SLEEP_MARKER)
+
+
+def process_start(pid):
+    """When PID started: field 22 of /proc/PID/stat (clock ticks after boot); None if no such process.
+    The kernel reuses a pid as soon as its process is gone, never a (boot id, pid, start time)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()       # the name in () may hold spaces
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def boot_id():
+    return read_text("/proc/sys/kernel/random/boot_id")
+
+
+def identity():
+    """What the state names this process by: the pid, and what tells it from a later one with that pid."""
+    return {"pid": os.getpid(), "pid_start": process_start(os.getpid()), "boot_id": boot_id()}
+
+
+def _runs_daemon(pid):
+    """PID runs `nbd_vram.py run` (all that can be checked of a daemon older than pid_start)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return b"run" in argv and any(a.endswith(b"nbd_vram.py") for a in argv)
+
+
+def daemon_pid(state):
+    """The pid of the daemon STATE describes if that very process still runs, else None.
+
+    Its pid alone proves nothing: a daemon killed with -9 leaves its state behind, and the kernel
+    gives the pid to the next process.  The state names the daemon by pid, start time and boot id."""
+    pid = (state or {}).get("pid")
+    if type(pid) is not int or pid <= 0:
+        return None
+    if "pid_start" not in state:
+        return pid if _runs_daemon(pid) else None
+    start = process_start(pid)
+    if start is None or start != state["pid_start"] or state.get("boot_id") != boot_id():
+        return None
+    return pid
+
+
+def signal_daemon(sig=signal.SIGUSR1, state=None):
+    """Send SIG to the daemon the state (read now, or STATE) describes; its pid, or None if none runs.
+
+    The pid is checked through a pidfd opened first, so the signal cannot reach a process that got
+    the pid in between (SIGUSR1 and SIGUSR2 kill a process that does not expect them)."""
+    st = read_state() if state is None else state
+    pid = daemon_pid(st)
+    if pid is None:
+        return None
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    except (AttributeError, OSError):
+        pidfd = None        # no pidfd (Linux before 5.3): the check just made has to do
+    try:
+        if daemon_pid(st) != pid:
+            return None
+        if pidfd is None:
+            os.kill(pid, sig)
+        else:
+            signal.pidfd_send_signal(pidfd, sig)
+    except ProcessLookupError:
+        return None
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+    return pid
+
+
+def hold_daemon_lock():
+    """Take the lock that says a daemon runs (flock of RUNTIME_DIR/daemon.lock), or keep it after a
+    re-exec: its fd stays open over exec (its number in LOCK_ENV), and the kernel drops it only when
+    this process ends, however it ends.  Refuses to start while another daemon holds it."""
+    os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
+    path = os.path.join(runtime_dir(), "daemon.lock")
+    fd = os.environ.pop(LOCK_ENV, "")
+    fd = int(fd) if fd.isdigit() else None
+    if fd is not None:
+        try:
+            if not os.path.samestat(os.fstat(fd), os.stat(path)):
+                fd = None
+        except OSError:
+            fd = None
+    if fd is None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)      # a no-op on our own (inherited) lock
+    except BlockingIOError:
+        os.close(fd)
+        pid = daemon_pid(read_state())
+        raise Fatal(f"another nbd-vram daemon{f' (pid {pid})' if pid else ''} is running (it holds {path}); "
+                    "stop it first (systemctl stop vram-swap-nbd)") from None
+    os.set_inheritable(fd, True)        # subprocesses do not get it all the same: Popen closes every other fd
+    os.environ[LOCK_ENV] = str(fd)
+    return fd
+
+
+############################################################################
 # CUDA driver binding (libcuda.so.1 via ctypes) ############################
 ############################################################################
 
@@ -2857,48 +3055,6 @@ def reconfigure(index, socks, backend, timeout_s):
         time.sleep(0.2)
 
 
-def sys_root():
-    """Prefix for /proc and /sys reads, so tests can use fixture trees."""
-    return os.environ.get("NBD_VRAM_SYSFS_ROOT", "/")
-
-
-def read_text(path, default=None):
-    """A sysfs/procfs file's stripped contents, or default if it cannot be read."""
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return default
-
-
-def _read(path, default=None):
-    return read_text(os.path.join(sys_root(), path.lstrip("/")), default)
-
-
-def nbd_devices():
-    """Indexes of every /dev/nbdN the kernel has, in order."""
-    try:
-        names = os.listdir(os.path.join(sys_root(), "sys/block"))
-    except OSError:
-        return []
-    return sorted(int(n[3:]) for n in names if n.startswith("nbd") and n[3:].isdigit())
-
-
-def nbd_connected(index):
-    return _read(f"/sys/block/nbd{index}/pid") is not None
-
-
-def active_swaps():
-    """{device path: (size KiB, used KiB, priority)} from /proc/swaps."""
-    swaps = {}
-    text = _read("/proc/swaps", "")
-    for line in text.splitlines()[1:]:
-        f = line.split()
-        if len(f) >= 5:
-            swaps[f[0]] = (int(f[2]), int(f[3]), int(f[4]))
-    return swaps
-
-
 def load_nbd_module():
     if os.path.isdir(os.path.join(sys_root(), "sys/module/nbd")):
         return
@@ -3493,13 +3649,6 @@ def power_decision(policy, threshold, readings, released, sleeping=False):
     return True, f"on battery at {readings.capacity}%, releases below {threshold}%"
 
 
-SLEEP_MARKER = "sleeping"           # in the runtime dir: `nbd_vram.py sleep` made it, `wake` removes it
-
-
-def sleep_marker():
-    return os.path.join(runtime_dir(), SLEEP_MARKER)
-
-
 class PowerPolicy:
     """The daemon's view of power: readings, the decision, and what status shows."""
 
@@ -3602,10 +3751,6 @@ MAX_GPUS = 16
 WORKER_SLOTS = 40           # counter slots a GPU: its slot 0 (threads of the daemon) and workers 1..32
 COUNTERS_BYTES = 1 << 16    # 682 slots: 1 + MAX_GPUS * WORKER_SLOTS fit
 STATUS_INTERVAL_S = 2.0
-
-
-def runtime_dir():
-    return os.environ.get("NBD_VRAM_RUNTIME_DIR", RUNTIME_DIR)
 
 
 def default_workers(connections):
@@ -4223,118 +4368,6 @@ FDNAME_PREFIX = "vram"      # a slice's VRAM fd in systemd's fd store is named v
 OLD_FDNAME = FDNAME_PREFIX  # ... and before slices, the one fd was named just "vram"
 
 
-
-def process_start(pid):
-    """When PID started: field 22 of /proc/PID/stat (clock ticks after boot); None if no such process.
-    The kernel reuses a pid as soon as its process is gone, never a (boot id, pid, start time)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()       # the name in () may hold spaces
-        return int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def boot_id():
-    return read_text("/proc/sys/kernel/random/boot_id")
-
-
-def identity():
-    """What the state names this process by: the pid, and what tells it from a later one with that pid."""
-    return {"pid": os.getpid(), "pid_start": process_start(os.getpid()), "boot_id": boot_id()}
-
-
-def _runs_daemon(pid):
-    """PID runs `nbd_vram.py run` (all that can be checked of a daemon older than pid_start)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:
-        return False
-    return b"run" in argv and any(a.endswith(b"nbd_vram.py") for a in argv)
-
-
-def daemon_pid(state):
-    """The pid of the daemon STATE describes if that very process still runs, else None.
-
-    Its pid alone proves nothing: a daemon killed with -9 leaves its state behind, and the kernel
-    gives the pid to the next process.  The state names the daemon by pid, start time and boot id."""
-    pid = (state or {}).get("pid")
-    if type(pid) is not int or pid <= 0:
-        return None
-    if "pid_start" not in state:
-        return pid if _runs_daemon(pid) else None
-    start = process_start(pid)
-    if start is None or start != state["pid_start"] or state.get("boot_id") != boot_id():
-        return None
-    return pid
-
-
-def signal_daemon(sig=signal.SIGUSR1, state=None):
-    """Send SIG to the daemon the state (read now, or STATE) describes; its pid, or None if none runs.
-
-    The pid is checked through a pidfd opened first, so the signal cannot reach a process that got
-    the pid in between (SIGUSR1 and SIGUSR2 kill a process that does not expect them)."""
-    st = read_state() if state is None else state
-    pid = daemon_pid(st)
-    if pid is None:
-        return None
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return None
-    except (AttributeError, OSError):
-        pidfd = None        # no pidfd (Linux before 5.3): the check just made has to do
-    try:
-        if daemon_pid(st) != pid:
-            return None
-        if pidfd is None:
-            os.kill(pid, sig)
-        else:
-            signal.pidfd_send_signal(pidfd, sig)
-    except ProcessLookupError:
-        return None
-    finally:
-        if pidfd is not None:
-            os.close(pidfd)
-    return pid
-
-
-def hold_daemon_lock():
-    """Take the lock that says a daemon runs (flock of RUNTIME_DIR/daemon.lock), or keep it after a
-    re-exec: its fd stays open over exec (its number in LOCK_ENV), and the kernel drops it only when
-    this process ends, however it ends.  Refuses to start while another daemon holds it."""
-    os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
-    path = os.path.join(runtime_dir(), "daemon.lock")
-    fd = os.environ.pop(LOCK_ENV, "")
-    fd = int(fd) if fd.isdigit() else None
-    if fd is not None:
-        try:
-            if not os.path.samestat(os.fstat(fd), os.stat(path)):
-                fd = None
-        except OSError:
-            fd = None
-    if fd is None:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)      # a no-op on our own (inherited) lock
-    except BlockingIOError:
-        os.close(fd)
-        pid = daemon_pid(read_state())
-        raise Fatal(f"another nbd-vram daemon{f' (pid {pid})' if pid else ''} is running (it holds {path}); "
-                    "stop it first (systemctl stop vram-swap-nbd)") from None
-    os.set_inheritable(fd, True)        # subprocesses do not get it all the same: Popen closes every other fd
-    os.environ[LOCK_ENV] = str(fd)
-    return fd
-
-
-def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def _reap(pid):
     """True if PID was an exited child of this process (now reaped)."""
     try:
@@ -4343,32 +4376,10 @@ def _reap(pid):
         return False
 
 
-def state_path():
-    return os.path.join(runtime_dir(), "state.json")
-
-
-def read_state():
-    try:
-        with open(state_path()) as f:
-            return json.load(f)
-    except PermissionError:
-        raise NotRootError(f"cannot read the daemon's state ({state_path()}): permission denied; "
-                           "run this as root (sudo)") from None
-    except (OSError, ValueError):
-        return None
-
-
 def need_root(command, why):
     """One line and exit 9 for a command that only root can do, instead of a wrong answer or a traceback."""
     if os.geteuid() != 0:
         raise NotRootError(f"{command} needs root: {why} (use sudo)")
-
-
-def remove_state():
-    try:
-        os.unlink(state_path())
-    except FileNotFoundError:
-        pass
 
 
 def reexec(argv, environ=None):
@@ -5677,10 +5688,6 @@ class Daemon:
     def stored_fds_for_handover(self):
         """{fd name: fd} of every slice, kept open over an upgrade's exec."""
         return {sl.fdname: sl.store.fd for sl in self.slices}
-
-
-def request_path():
-    return os.path.join(runtime_dir(), "request.json")
 
 
 def gpu_specs(text, count):
