@@ -4168,69 +4168,6 @@ class KernelWorker:
         return b"", []
 
 
-def cmd_worker(args):
-    """A serving process: serves the sockets it is given (see spawn_worker)."""
-    setup_logging(args.debug, background=True)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
-    libc = _libc()
-    if args.lock:
-        prepare_memory(libc, HEAP_RESERVE if args.gpu_process else RELAY_HEAP_RESERVE)
-    threading.stack_size(THREAD_STACK)
-    ctl = socket.socket(fileno=args.ctl_fd)
-    if args.gpu_process:
-        cuda = Cuda(args.libcuda)
-        dev, ctx = VramStore.open_device(cuda, args.gpu)
-        return GpuProcess(args, cuda, dev, ctx, libc, ctl).run()
-    if args.copier_fd is None:
-        raise Fatal("worker: --copier-fd is needed without --gpu-process")
-    if args.kernel:
-        return KernelWorker(args, libc, ctl, CopyClient(socket.socket(fileno=args.copier_fd))).run()
-    if args.vram_address is None or args.vram_size is None:
-        raise Fatal("worker: --copier-fd, --vram-address and --vram-size are needed without --kernel")
-    # Serve mode: no CUDA here; the parent copies (CopyServer) and passes accepted client sockets.
-    client = CopyClient(socket.socket(fileno=args.copier_fd))
-    export = Export(types.SimpleNamespace(dptr=args.vram_address, size_bytes=args.vram_size))
-    label = f"worker {args.index}"
-
-    def make_io():
-        return RemoteIoContext(client, args.buffer_size, args.buffer_size)
-
-    # The parent closes ctl to stop us.
-    ctl.sendall(WORKER_READY)
-    clients = {}
-    sel = selectors.DefaultSelector()
-    sel.register(ctl, selectors.EVENT_READ)
-    while True:
-        if not sel.select(1.0):
-            if signal.SIGTERM in signal.sigpending():
-                break
-            continue
-        fd = recv_fd(ctl)
-        if fd is None:
-            break
-        if fd < 0:
-            continue
-        conn = socket.socket(fileno=fd)
-        clients = {th: c for th, c in clients.items() if th.is_alive()}
-        if len(clients) >= args.max_connections:
-            log.warning("%s: refusing a connection: already %d clients (the limit, --max-connections)",
-                        label, len(clients))
-            conn.close()
-            continue
-        t = threading.Thread(target=serve_connection, args=(conn, export, f"{label} client {len(clients) + 1}"),
-                             kwargs={"make_io": make_io}, daemon=True)
-        clients[t] = conn
-        t.start()
-    for s in clients.values():
-        try:
-            s.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-    for t in clients:
-        t.join(10)
-    return EXIT_OK
-
-
 class ServeWorkers:
     """`serve`'s worker processes: CUDA-free, each registered with the parent's CopyServer.
 
@@ -5700,9 +5637,115 @@ def gpu_specs(text, count):
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
-def cmd_run(args, flags):
+############################################################################
+# Status ###################################################################
+############################################################################
+
+def gather_status():
+    state = read_state()
+    if not state:
+        return {"running": False}
+    running = daemon_pid(state) is not None
+    status = dict(state, running=running)
+    if state.get("mode") == "idle":
+        status["healthy"] = running
+        return status
+    try:
+        with open(os.path.join(runtime_dir(), "counters"), "rb") as f:
+            totals, conns, newest = sum_counters(f.read())
+        if newest:
+            status["connections_live"] = conns
+            status["counters"] = totals
+            status["counters_age_s"] = round(time.time() - newest / 1000, 1)
+    except OSError:
+        pass
+    swaps = active_swaps()
+    slices = state.get("slices") or []
+    for sl in slices:
+        found = find_swap(sl["swap_device"], swaps=swaps) if sl.get("swap_device") else None
+        sl["swap"] = ({"active": True, "size_bytes": found[1][0] * 1024, "used_bytes": found[1][1] * 1024,
+                       "priority": found[1][2]} if found else {"active": False})
+    active = [sl["swap"] for sl in slices if sl["swap"]["active"]]
+    status["swap"] = {"active": bool(active), "slices": len(slices), "active_slices": len(active),
+                      "size_bytes": sum(a["size_bytes"] for a in active), "used_bytes": sum(a["used_bytes"] for a in active),
+                      "priority": max((a["priority"] for a in active), default=None),
+                      "device": state.get("swap_device"), "encrypted": bool(state.get("encrypted"))}
+    c = status.get("counters", {})
+    # A connection the kernel marked dead and nobody reconnected: its queue's I/O goes over the others.
+    want = state.get("connections", 0) * len(slices)
+    missing = "connections_live" in status and status["connections_live"] < want
+    failed = [g for g in state.get("gpus") or [] if g.get("failed")]
+    status["healthy"] = (running and len(active) == len(slices) and (bool(slices) or bool(state.get("gpus")))
+                         and not c.get("io_errors") and not missing and not failed)
+    return status
+
+
+def describe_power(p):
+    line = f"{p['policy']}: {p.get('readings') or 'not read yet'}; VRAM swap {'wanted' if p['wanted'] else 'not wanted'}"
+    return line + (f" ({p['why']})" if p.get("why") else "")
+
+
+############################################################################
+# Command line #############################################################
+############################################################################
+# One cmd_* for each command word, in the parser's order, each taking the parsed arguments and
+# returning the exit status; build_parser names each one with set_defaults(cmd=...).
+
+def config_flags(args):
+    """The settings given as flags to run and check-config: {key: text}, unset ones None."""
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_")}
+
+
+def cmd_serve(args):
+    setup_logging(args.debug, background=True)
+    try:
+        size = _size(args.size)
+        min_size = _size(args.min_size)
+        buffer_bytes = _buffer_size(args.buffer_size)
+        max_pinned = parse_size(args.max_pinned)
+    except ValueError as e:
+        raise ConfigError(f"serve: {e}") from None
+    if max_pinned < 2 * buffer_bytes:
+        raise ConfigError(f"serve: --max-pinned {args.max_pinned} is less than one connection's buffers "
+                          f"(2 x --buffer-size = {format_size(2 * buffer_bytes)}): raise it or lower --buffer-size")
+    if min_size > size:
+        min_size = size
+    check_socket_path(args.socket)      # before any VRAM is taken (UnixServer.open checks it again)
+    cuda = Cuda(args.libcuda)
+    dev, ctx = VramStore.open_device(cuda, args.gpu)
+    gpu = cuda.device_info(dev)
+    log.info("GPU %d: %s (%s, %s), %s", dev, gpu["name"], gpu["uuid"], gpu["pci_bus_id"],
+             format_size(gpu["total_bytes"]))
+    store = VramStore.allocate(cuda, dev, ctx, size, min_size)
+    copier = CopyServer(cuda, ctx, "GPU process")
+    workers = ServeWorkers(args, buffer_bytes, store, copier, args.workers or min(8, os.cpu_count() or 1))
+    server = UnixServer(args.socket, workers.handoff, idle=workers.check, buffer_bytes=buffer_bytes,
+                        max_pinned_bytes=max_pinned)
+    log.info("at most %d clients at once (--max-connections %d; --max-pinned %s / 2 x %s of buffers each)",
+             min(args.max_connections, max_pinned // (2 * buffer_bytes)), args.max_connections,
+             format_size(max_pinned), format_size(buffer_bytes))
+    clean = False
+    try:
+        workers.start()
+        server.open()
+        log.info("serving %s of VRAM on %s (NBD, fixed newstyle; any export name)", format_size(store.size_bytes),
+                 args.socket)
+        sd_notify("READY=1")
+        server.serve()
+    finally:
+        server.close()
+        clean = workers.stop()
+        if clean:
+            store.free()
+        else:
+            log.error("some connections did not stop; leaving VRAM to the driver at exit")
+    return EXIT_OK
+
+
+def cmd_run(args):
     # First of all, and inherited over the re-execs below: the default action of these ends the process.
     signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)
+    flags = config_flags(args)
     settings, origin = load_config(args.config, flags)
     setup_logging(settings["debug"], background=True)
     if os.geteuid() != 0:
@@ -5777,52 +5820,15 @@ def cmd_run(args, flags):
     return rc
 
 
-############################################################################
-# Status ###################################################################
-############################################################################
-
-def gather_status():
-    state = read_state()
-    if not state:
-        return {"running": False}
-    running = daemon_pid(state) is not None
-    status = dict(state, running=running)
-    if state.get("mode") == "idle":
-        status["healthy"] = running
-        return status
-    try:
-        with open(os.path.join(runtime_dir(), "counters"), "rb") as f:
-            totals, conns, newest = sum_counters(f.read())
-        if newest:
-            status["connections_live"] = conns
-            status["counters"] = totals
-            status["counters_age_s"] = round(time.time() - newest / 1000, 1)
-    except OSError:
-        pass
-    swaps = active_swaps()
-    slices = state.get("slices") or []
-    for sl in slices:
-        found = find_swap(sl["swap_device"], swaps=swaps) if sl.get("swap_device") else None
-        sl["swap"] = ({"active": True, "size_bytes": found[1][0] * 1024, "used_bytes": found[1][1] * 1024,
-                       "priority": found[1][2]} if found else {"active": False})
-    active = [sl["swap"] for sl in slices if sl["swap"]["active"]]
-    status["swap"] = {"active": bool(active), "slices": len(slices), "active_slices": len(active),
-                      "size_bytes": sum(a["size_bytes"] for a in active), "used_bytes": sum(a["used_bytes"] for a in active),
-                      "priority": max((a["priority"] for a in active), default=None),
-                      "device": state.get("swap_device"), "encrypted": bool(state.get("encrypted"))}
-    c = status.get("counters", {})
-    # A connection the kernel marked dead and nobody reconnected: its queue's I/O goes over the others.
-    want = state.get("connections", 0) * len(slices)
-    missing = "connections_live" in status and status["connections_live"] < want
-    failed = [g for g in state.get("gpus") or [] if g.get("failed")]
-    status["healthy"] = (running and len(active) == len(slices) and (bool(slices) or bool(state.get("gpus")))
-                         and not c.get("io_errors") and not missing and not failed)
-    return status
-
-
-def describe_power(p):
-    line = f"{p['policy']}: {p.get('readings') or 'not read yet'}; VRAM swap {'wanted' if p['wanted'] else 'not wanted'}"
-    return line + (f" ({p['why']})" if p.get("why") else "")
+def cmd_check_config(args):
+    settings, origin = load_config(args.config, config_flags(args))
+    for o in OPTIONS:
+        print(f"{o.key:<16} = {format_setting(o.key, settings[o.key]):<14} # {origin[o.key]}")
+    if settings["encrypt"]:
+        # A setting that run would refuse on this machine: fail here too (exit 11), touching nothing.
+        sys.stdout.flush()
+        check_crypt_support(load=False)
+    return EXIT_OK
 
 
 def cmd_status(args):
@@ -5885,35 +5891,94 @@ def cmd_status(args):
     return EXIT_OK if st["healthy"] else EXIT_DEGRADED
 
 
-def cmd_resize(args):
-    """shrink / grow SIZE: ask the running daemon to give back or take more VRAM, and wait for its answer."""
+def cmd_worker(args):
+    """A serving process: serves the sockets it is given (see spawn_worker)."""
+    setup_logging(args.debug, background=True)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+    libc = _libc()
+    if args.lock:
+        prepare_memory(libc, HEAP_RESERVE if args.gpu_process else RELAY_HEAP_RESERVE)
+    threading.stack_size(THREAD_STACK)
+    ctl = socket.socket(fileno=args.ctl_fd)
+    if args.gpu_process:
+        cuda = Cuda(args.libcuda)
+        dev, ctx = VramStore.open_device(cuda, args.gpu)
+        return GpuProcess(args, cuda, dev, ctx, libc, ctl).run()
+    if args.copier_fd is None:
+        raise Fatal("worker: --copier-fd is needed without --gpu-process")
+    if args.kernel:
+        return KernelWorker(args, libc, ctl, CopyClient(socket.socket(fileno=args.copier_fd))).run()
+    if args.vram_address is None or args.vram_size is None:
+        raise Fatal("worker: --copier-fd, --vram-address and --vram-size are needed without --kernel")
+    # Serve mode: no CUDA here; the parent copies (CopyServer) and passes accepted client sockets.
+    client = CopyClient(socket.socket(fileno=args.copier_fd))
+    export = Export(types.SimpleNamespace(dptr=args.vram_address, size_bytes=args.vram_size))
+    label = f"worker {args.index}"
+
+    def make_io():
+        return RemoteIoContext(client, args.buffer_size, args.buffer_size)
+
+    # The parent closes ctl to stop us.
+    ctl.sendall(WORKER_READY)
+    clients = {}
+    sel = selectors.DefaultSelector()
+    sel.register(ctl, selectors.EVENT_READ)
+    while True:
+        if not sel.select(1.0):
+            if signal.SIGTERM in signal.sigpending():
+                break
+            continue
+        fd = recv_fd(ctl)
+        if fd is None:
+            break
+        if fd < 0:
+            continue
+        conn = socket.socket(fileno=fd)
+        clients = {th: c for th, c in clients.items() if th.is_alive()}
+        if len(clients) >= args.max_connections:
+            log.warning("%s: refusing a connection: already %d clients (the limit, --max-connections)",
+                        label, len(clients))
+            conn.close()
+            continue
+        t = threading.Thread(target=serve_connection, args=(conn, export, f"{label} client {len(clients) + 1}"),
+                             kwargs={"make_io": make_io}, daemon=True)
+        clients[t] = conn
+        t.start()
+    for s in clients.values():
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    for t in clients:
+        t.join(10)
+    return EXIT_OK
+
+
+def cmd_detach(args):
+    """Disconnect an nbd device this tool attached, after checking it is not live swap."""
+    m = re.fullmatch(r"(?:/dev/)?nbd(\d+)", args.device)
+    if not m:
+        raise ConfigError(f"detach: {args.device!r} is not an nbd device (e.g. /dev/nbd0)")
+    dev = f"/dev/nbd{m.group(1)}"
+    if find_swap(dev):
+        raise Fatal(f"{dev} is active swap; run `swapoff {dev}` first (disconnecting live swap kills "
+                    "every process with pages on it)")
+    mapping = crypt_mappings().get(int(m.group(1)))
+    if mapping:
+        name, dm = mapping
+        mapper = f"/dev/mapper/{name}"
+        first = f"`swapoff {mapper}`, then " if find_swap(mapper, f"/dev/{dm}") else ""
+        raise Fatal(f"{dev} holds the encrypted swap mapping {mapper}; run {first}`cryptsetup close {name}` first")
+    if not nbd_connected(int(m.group(1))):
+        print(f"{dev} is not connected")
+        return EXIT_OK
+    nl = NbdNetlink()
     try:
-        nbytes = parse_size(args.size)
-    except ValueError as e:
-        raise ConfigError(f"{args.command}: {e}") from None
-    if nbytes <= 0:
-        raise ConfigError(f"{args.command}: the size must be more than 0")
-    need_root(args.command, "it hands the daemon its request in the daemon's runtime directory and signals it")
-    st = read_state()
-    if daemon_pid(st) is None or st.get("mode") != "serving":
-        log.error("%s: no nbd-vram daemon is serving: nothing to %s", args.command, args.command)
-        return EXIT_NOT_RUNNING
-    rid = time.time()
-    write_json(request_path(), {"id": rid, "op": args.command, "bytes": nbytes})
-    if signal_daemon(signal.SIGUSR1, st) is None:
-        raise Fatal(f"the daemon (pid {st['pid']}) exited: see journalctl -u vram-swap-nbd")
-    deadline = time.monotonic() + args.timeout
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
-        now = read_state() or {}
-        req = now.get("request") or {}
-        if req.get("id") == rid:
-            (log.info if req["ok"] else log.warning)("%s %s: %s", args.command, format_size(nbytes), req["result"])
-            return EXIT_OK if req["ok"] else EXIT_FAILURE
-        if daemon_pid(st) is None:
-            raise Fatal(f"the daemon (pid {st['pid']}) exited: see journalctl -u vram-swap-nbd")
-    raise Fatal(f"the daemon did not answer the {args.command} request within {args.timeout:.0f} s (a swapoff can "
-                "take long: see `nbd_vram.py status` and journalctl -u vram-swap-nbd)")
+        nl.disconnect(int(m.group(1)))
+    finally:
+        nl.close()
+    print(f"{dev} disconnected")
+    return EXIT_OK
 
 
 def cmd_sleep(args):
@@ -5963,6 +6028,43 @@ def cmd_wake(args):
     return EXIT_OK
 
 
+def cmd_power_event(args):
+    """udev, on every power_supply change: have a running daemon read the power state now."""
+    signal_daemon()
+    return EXIT_OK
+
+
+def cmd_resize(args):
+    """shrink / grow SIZE: ask the running daemon to give back or take more VRAM, and wait for its answer."""
+    try:
+        nbytes = parse_size(args.size)
+    except ValueError as e:
+        raise ConfigError(f"{args.command}: {e}") from None
+    if nbytes <= 0:
+        raise ConfigError(f"{args.command}: the size must be more than 0")
+    need_root(args.command, "it hands the daemon its request in the daemon's runtime directory and signals it")
+    st = read_state()
+    if daemon_pid(st) is None or st.get("mode") != "serving":
+        log.error("%s: no nbd-vram daemon is serving: nothing to %s", args.command, args.command)
+        return EXIT_NOT_RUNNING
+    rid = time.time()
+    write_json(request_path(), {"id": rid, "op": args.command, "bytes": nbytes})
+    if signal_daemon(signal.SIGUSR1, st) is None:
+        raise Fatal(f"the daemon (pid {st['pid']}) exited: see journalctl -u vram-swap-nbd")
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = read_state() or {}
+        req = now.get("request") or {}
+        if req.get("id") == rid:
+            (log.info if req["ok"] else log.warning)("%s %s: %s", args.command, format_size(nbytes), req["result"])
+            return EXIT_OK if req["ok"] else EXIT_FAILURE
+        if daemon_pid(st) is None:
+            raise Fatal(f"the daemon (pid {st['pid']}) exited: see journalctl -u vram-swap-nbd")
+    raise Fatal(f"the daemon did not answer the {args.command} request within {args.timeout:.0f} s (a swapoff can "
+                "take long: see `nbd_vram.py status` and journalctl -u vram-swap-nbd)")
+
+
 def cmd_upgrade(args):
     """After a new nbd_vram.py is in place: have the running daemon re-execute it, keeping swap."""
     need_root("upgrade", "it signals the daemon")
@@ -5988,100 +6090,6 @@ def cmd_upgrade(args):
             return EXIT_OK
     raise Fatal(f"the daemon (pid {pid}) did not report the upgrade within {args.timeout:.0f} s: "
                 "see journalctl -u vram-swap-nbd")
-
-
-def cmd_power_event(args):
-    """udev, on every power_supply change: have a running daemon read the power state now."""
-    signal_daemon()
-    return EXIT_OK
-
-
-############################################################################
-# Command line #############################################################
-############################################################################
-
-def cmd_serve(args):
-    setup_logging(args.debug, background=True)
-    try:
-        size = _size(args.size)
-        min_size = _size(args.min_size)
-        buffer_bytes = _buffer_size(args.buffer_size)
-        max_pinned = parse_size(args.max_pinned)
-    except ValueError as e:
-        raise ConfigError(f"serve: {e}") from None
-    if max_pinned < 2 * buffer_bytes:
-        raise ConfigError(f"serve: --max-pinned {args.max_pinned} is less than one connection's buffers "
-                          f"(2 x --buffer-size = {format_size(2 * buffer_bytes)}): raise it or lower --buffer-size")
-    if min_size > size:
-        min_size = size
-    check_socket_path(args.socket)      # before any VRAM is taken (UnixServer.open checks it again)
-    cuda = Cuda(args.libcuda)
-    dev, ctx = VramStore.open_device(cuda, args.gpu)
-    gpu = cuda.device_info(dev)
-    log.info("GPU %d: %s (%s, %s), %s", dev, gpu["name"], gpu["uuid"], gpu["pci_bus_id"],
-             format_size(gpu["total_bytes"]))
-    store = VramStore.allocate(cuda, dev, ctx, size, min_size)
-    copier = CopyServer(cuda, ctx, "GPU process")
-    workers = ServeWorkers(args, buffer_bytes, store, copier, args.workers or min(8, os.cpu_count() or 1))
-    server = UnixServer(args.socket, workers.handoff, idle=workers.check, buffer_bytes=buffer_bytes,
-                        max_pinned_bytes=max_pinned)
-    log.info("at most %d clients at once (--max-connections %d; --max-pinned %s / 2 x %s of buffers each)",
-             min(args.max_connections, max_pinned // (2 * buffer_bytes)), args.max_connections,
-             format_size(max_pinned), format_size(buffer_bytes))
-    clean = False
-    try:
-        workers.start()
-        server.open()
-        log.info("serving %s of VRAM on %s (NBD, fixed newstyle; any export name)", format_size(store.size_bytes),
-                 args.socket)
-        sd_notify("READY=1")
-        server.serve()
-    finally:
-        server.close()
-        clean = workers.stop()
-        if clean:
-            store.free()
-        else:
-            log.error("some connections did not stop; leaving VRAM to the driver at exit")
-    return EXIT_OK
-
-
-def cmd_check_config(args, flags):
-    settings, origin = load_config(args.config, flags)
-    for o in OPTIONS:
-        print(f"{o.key:<16} = {format_setting(o.key, settings[o.key]):<14} # {origin[o.key]}")
-    if settings["encrypt"]:
-        # A setting that run would refuse on this machine: fail here too (exit 11), touching nothing.
-        sys.stdout.flush()
-        check_crypt_support(load=False)
-    return EXIT_OK
-
-
-def cmd_detach(args):
-    """Disconnect an nbd device this tool attached, after checking it is not live swap."""
-    m = re.fullmatch(r"(?:/dev/)?nbd(\d+)", args.device)
-    if not m:
-        raise ConfigError(f"detach: {args.device!r} is not an nbd device (e.g. /dev/nbd0)")
-    dev = f"/dev/nbd{m.group(1)}"
-    if find_swap(dev):
-        raise Fatal(f"{dev} is active swap; run `swapoff {dev}` first (disconnecting live swap kills "
-                    "every process with pages on it)")
-    mapping = crypt_mappings().get(int(m.group(1)))
-    if mapping:
-        name, dm = mapping
-        mapper = f"/dev/mapper/{name}"
-        first = f"`swapoff {mapper}`, then " if find_swap(mapper, f"/dev/{dm}") else ""
-        raise Fatal(f"{dev} holds the encrypted swap mapping {mapper}; run {first}`cryptsetup close {name}` first")
-    if not nbd_connected(int(m.group(1))):
-        print(f"{dev} is not connected")
-        return EXIT_OK
-    nl = NbdNetlink()
-    try:
-        nl.disconnect(int(m.group(1)))
-    finally:
-        nl.close()
-    print(f"{dev} disconnected")
-    return EXIT_OK
 
 
 class _Parser(argparse.ArgumentParser):
@@ -6113,6 +6121,7 @@ def build_parser():
                    "each: a client past it is refused (default 2G)")
     s.add_argument("--libcuda", default=None, help="path of libcuda.so.1 (default: $NBD_VRAM_LIBCUDA or the system's)")
     s.add_argument("--debug", action="store_true", help="log every connection and invalid request")
+    s.set_defaults(cmd=cmd_serve)
 
     r = sub.add_parser("run", allow_abbrev=False, help="the swap daemon (what the systemd unit starts)",
                        description="Allocate VRAM, attach it to the kernel as /dev/nbdX and make it swap; on SIGTERM "
@@ -6123,6 +6132,8 @@ def build_parser():
     c = sub.add_parser("check-config", allow_abbrev=False, help="validate the configuration and print it",
                        description="Read the configuration as run would, print every setting and where it came "
                                    "from, and touch nothing.")
+    r.set_defaults(cmd=cmd_run)
+    c.set_defaults(cmd=cmd_check_config)
     for q in (r, c):
         q.add_argument("--config", default=None, help=f"configuration file (default {DEFAULT_CONFIG})")
         for o in OPTIONS:
@@ -6134,6 +6145,7 @@ def build_parser():
 
     st = sub.add_parser("status", allow_abbrev=False, help="show the running daemon's GPUs, slices, swap use and I/O counts")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(cmd=cmd_status)
 
     w = sub.add_parser("worker", allow_abbrev=False, help="(internal) a serving process started by serve and run")
     w.add_argument("--copier-fd", type=int, default=None)
@@ -6152,16 +6164,20 @@ def build_parser():
     w.add_argument("--realtime", action="store_true")
     w.add_argument("--standby", type=int, default=0)
     w.add_argument("--debug", action="store_true")
+    w.set_defaults(cmd=cmd_worker)
 
     d = sub.add_parser("detach", allow_abbrev=False, help="disconnect an nbd device left behind (refuses live swap)")
     d.add_argument("device", help="/dev/nbdN")
+    d.set_defaults(cmd=cmd_detach)
     sl = sub.add_parser("sleep", allow_abbrev=False,
                         help="before system sleep: release VRAM swap; fails (refusing the sleep) if swapoff cannot")
     sl.add_argument("--timeout", type=float, default=900.0, metavar="SECONDS",
                     help="give up (and refuse the sleep) after this long (default 900)")
-    sub.add_parser("wake", allow_abbrev=False, help="after resume: let the daemon take VRAM swap back")
+    sl.set_defaults(cmd=cmd_sleep)
+    sub.add_parser("wake", allow_abbrev=False, help="after resume: let the daemon take VRAM swap back"
+                   ).set_defaults(cmd=cmd_wake)
     sub.add_parser("power-event", allow_abbrev=False,
-                   help="tell the daemon the power supply changed (the udev rule runs this)")
+                   help="tell the daemon the power supply changed (the udev rule runs this)").set_defaults(cmd=cmd_power_event)
     for op, what in (("shrink", "give SIZE of VRAM back to GPU programs now (the emptiest slices: swapoff, "
                                 "then free)"),
                      ("grow", "take SIZE of VRAM back as swap (up to size a GPU, above the reserve)")):
@@ -6170,10 +6186,12 @@ def build_parser():
         rs.add_argument("size", metavar="SIZE", help="e.g. 2G")
         rs.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
                         help="how long to wait for the daemon's answer (default 600)")
+        rs.set_defaults(cmd=cmd_resize)
     u = sub.add_parser("upgrade", allow_abbrev=False,
                        help="have the running daemon re-execute nbd_vram.py from disk, keeping swap and VRAM")
     u.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
                    help="how long to wait for the new version to report (default 120)")
+    u.set_defaults(cmd=cmd_upgrade)
     return p
 
 
@@ -6187,30 +6205,8 @@ def main(argv=None):
         return EXIT_USAGE
     if not log.handlers:
         setup_logging(False)
-    flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_")}
     try:
-        if args.command == "serve":
-            return cmd_serve(args)
-        if args.command == "run":
-            return cmd_run(args, flags)
-        if args.command == "check-config":
-            return cmd_check_config(args, flags)
-        if args.command == "status":
-            return cmd_status(args)
-        if args.command == "detach":
-            return cmd_detach(args)
-        if args.command == "sleep":
-            return cmd_sleep(args)
-        if args.command == "wake":
-            return cmd_wake(args)
-        if args.command == "power-event":
-            return cmd_power_event(args)
-        if args.command == "upgrade":
-            return cmd_upgrade(args)
-        if args.command in ("shrink", "grow"):
-            return cmd_resize(args)
-        if args.command == "worker":
-            return cmd_worker(args)
+        return args.cmd(args)
     except Fatal as e:
         log.error("%s", e)
         return e.exit_code
@@ -6220,7 +6216,6 @@ def main(argv=None):
         return EXIT_OK
     finally:
         flush_log()
-    return EXIT_USAGE
 
 
 if __name__ == "__main__":
