@@ -4287,6 +4287,201 @@ def _publish_counters(counters, slot, exports):
 
 
 ############################################################################
+# Takeover (crash restart, upgrade) ########################################
+############################################################################
+# A daemon that starts where another one left off: after a crash (systemd hands back the VRAM fds
+# it stored, and the old workers still serve the devices) or an upgrade in place (the same process,
+# re-executed).  Which slices can be taken over, what was left behind and must be refused or cleaned
+# up, and the old processes to stop once the new ones are ready.
+
+FDNAME_PREFIX = "vram"      # a slice's VRAM fd in systemd's fd store is named vram-GPU_UUID-NUMBER
+OLD_FDNAME = FDNAME_PREFIX  # ... and before slices, the one fd was named just "vram"
+LET_GO_SLICE = 1 << 30      # slice ids the GPU process maps a let-go stored fd under, to zero it
+
+
+def _reap(pid):
+    """True if PID was an exited child of this process (now reaped)."""
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:
+        return False
+
+
+def check_stale():
+    """Refuse to start over a device an earlier daemon left behind, and never reuse live swap."""
+    old = read_state()
+    # (A daemon of this version holds the lock that run took; this finds an older one.)
+    if daemon_pid(old) not in (None, os.getpid()):
+        raise Fatal(f"another nbd-vram daemon (pid {old['pid']}) is serving {old.get('device')}; "
+                    "stop it first (systemctl stop vram-swap-nbd)")
+    swaps = active_swaps()
+    mappings = crypt_mappings()
+    for index in nbd_devices():
+        backend = _read(f"/sys/block/nbd{index}/backend", "") or ""
+        ours = backend.startswith("nbd-vram:") and nbd_connected(index)
+        if not ours and index not in mappings:
+            continue
+        dev = f"/dev/nbd{index}"
+        owner = int(backend.split(":")[1]) if ours and backend.split(":")[1].isdigit() else 0
+        if owner and owner != os.getpid() and _runs_daemon(owner):
+            raise Fatal(f"{dev} is served by another nbd-vram daemon (pid {owner}); stop it first")
+        if index in mappings:
+            close_stale_mapping(dev, owner, *mappings[index], swaps)
+        if not ours:
+            continue
+        if find_swap(dev, swaps=swaps):
+            raise Fatal(f"{dev} is still active swap from an nbd-vram daemon (pid {owner}) that died; "
+                        f"refusing to start over it: run `swapoff {dev}` (it fails if the pages are lost), "
+                        f"then `nbd_vram.py detach {dev}`")
+        log.warning("%s was left connected by an nbd-vram daemon (pid %d) that died, and is not swap: "
+                    "disconnecting it", dev, owner)
+        nl = NbdNetlink()
+        try:
+            nl.disconnect(index)
+        finally:
+            nl.close()
+
+
+def close_stale_mapping(dev, owner, name, dm, swaps):
+    """A dm-crypt mapping that a dead daemon left over DEV: refuse if it is swap, else close it."""
+    mapper = f"/dev/mapper/{name}"
+    by = f"an nbd-vram daemon (pid {owner}) that died" if owner else "an nbd-vram daemon that is gone"
+    if find_swap(mapper, f"/dev/{dm}", swaps=swaps):
+        raise Fatal(f"{mapper} (dm-crypt over {dev}) is still active swap from {by}; refusing to start over it: "
+                    f"run `swapoff {mapper}` (it fails if the pages are lost), `cryptsetup close {name}`, "
+                    f"then `nbd_vram.py detach {dev}`")
+    if not shutil.which("cryptsetup"):
+        raise Fatal(f"{mapper} (dm-crypt over {dev}) was left by {by}, and cryptsetup is not installed "
+                    f"to close it: run `dmsetup remove {name}`")
+    log.warning("%s (dm-crypt over %s) was left by %s, and is not swap: closing it", mapper, dev, by)
+    crypt_close(name)
+
+
+def adoptable(stored_fds, slice_size):
+    """After a crash (or an upgrade in place): (the old state, its slices that can be taken over,
+    the stored VRAM let go that is to be zeroed first: see let_go).
+
+    A slice can if systemd gave us back its VRAM fd (in STORED_FDS, {fd name: fd}) and its device
+    still waits for it (dead_conn_timeout); a stored fd that cannot be used is let go (and taken
+    out of stored_fds)."""
+    to_scrub = []
+    if not stored_fds:
+        return None, [], to_scrub
+    old = read_state() or {}
+    slices = old.get("slices")
+    if slices is None and old.get("device"):
+        # The state of a version before slices: one device, its fd stored as "vram".
+        slices = [{"gpu": (old.get("gpu") or {}).get("uuid"), "number": 0, "fdname": OLD_FDNAME,
+                   "index": old.get("index"), "device": old.get("device"), "swap_device": old.get("swap_device"),
+                   "size_bytes": old.get("size_bytes"), "encrypted": old.get("encrypted")}]
+    why_all, in_use = None, False
+    if old.get("mode") != "serving" or old.get("attach") != "netlink":
+        why_all = "no state of a daemon that served over netlink"
+    elif daemon_pid(old) not in (None, os.getpid()):
+        why_all, in_use = f"its daemon (pid {old['pid']}) still runs", True
+    kept = []
+    for s in slices or []:
+        if s.get("fdname") not in stored_fds:
+            continue
+        index, why = s.get("index"), why_all
+        backend = _read(f"/sys/block/nbd{index}/backend", "") if index is not None else ""
+        if not why and (not nbd_connected(index) or not (backend or "").startswith("nbd-vram:")):
+            why = f"{s.get('device')} is no longer attached (dead_conn_timeout ran out?)"
+        if why:
+            log.warning("systemd handed back the stored VRAM fd of %s, but %s: releasing it", s.get("device"), why)
+            # Zeroed first, unless a daemon still serves it (an older one: it holds no lock).
+            let_go(stored_fds, to_scrub, s["fdname"], s.get("gpu"), s.get("size_bytes"), scrub=not in_use)
+            continue
+        s["backend"] = backend
+        kept.append(s)
+    kept_names = {s["fdname"] for s in kept}
+    for name in [n for n in stored_fds if n not in kept_names]:
+        log.warning("systemd handed back a stored fd %r that no slice of the last daemon names: releasing it", name)
+        uuid = re.fullmatch(r"vram-(GPU-[0-9a-fA-F-]+)-\d+", name)
+        let_go(stored_fds, to_scrub, name, uuid.group(1) if uuid else (old.get("gpu") or {}).get("uuid"),
+                     old.get("size_bytes") if name == OLD_FDNAME else slice_size, scrub=not in_use)
+    if kept:
+        devices = ", ".join(s["device"] for s in kept)
+        if old.get("pid") == os.getpid():
+            log.info("upgrade in place: taking %s over: same VRAM, new workers and connections", devices)
+        else:
+            log.warning("the daemon before this one (pid %s) died with %s as swap; taking over: same VRAM, "
+                        "new connections", old.get("pid"), devices)
+    return old, kept, to_scrub
+
+
+def let_go(stored_fds, to_scrub, name, uuid=None, size_bytes=None, scrub=True):
+    """A stored VRAM fd that is not taken over: put on TO_SCRUB ((fd name, fd, GPU UUID, bytes), zeroed
+    by scrub_let_go once CUDA is up), else released now."""
+    fd = stored_fds.pop(name, None)
+    if fd is not None and scrub and size_bytes:
+        to_scrub.append((name, fd, uuid, size_bytes))
+        return
+    if fd is not None:
+        os.close(fd)
+    sd_notify("FDSTOREREMOVE=1", f"FDNAME={name}")
+
+
+def scrub_let_go(cuda, gpus, to_scrub):
+    """The swapped pages of the daemon before are in the VRAM let go: zero it before the driver
+    hands it to the next program, then unmap, release and close it, and drop systemd's copy.
+    The GPU's process does it; for a GPU no longer configured, a context of this process does,
+    for as long as it takes."""
+    for k, (name, fd, uuid, size) in enumerate(to_scrub):
+        g = next((g for g in gpus if g.info["uuid"] == uuid), None)
+        dev = store = None
+        try:
+            if g is not None:
+                sid = LET_GO_SLICE + k
+                g.gpu_call(CTL_IMPORT, sid, size, fds=[fd])
+                g.gpu_call(CTL_FREE, sid, 1)
+            else:
+                dev, ctx = VramStore.open_device(cuda, uuid or "0")
+                store = VramStore.import_fd(cuda, dev, ctx, fd, size)
+                fd = None               # the store's now
+                cuda.check("cuMemsetD8_v2", cuda.cuMemsetD8_v2(store.dptr, 0, size))
+                cuda.check("cuCtxSynchronize", cuda.cuCtxSynchronize())
+            log.info("zeroed and released %s of VRAM from the stored fd %r", format_size(size), name)
+        except Fatal as e:
+            log.warning("could not zero the stored VRAM %r before releasing it (%s): it goes back to the "
+                        "driver as it is", name, getattr(e, "why", e))
+        finally:
+            if store is not None:
+                store.free(scrub=False)      # unmap, release, close the fd
+            if fd is not None:
+                os.close(fd)
+            if dev is not None:
+                cuda.cuDevicePrimaryCtxRelease_v2(dev)
+        sd_notify("FDSTOREREMOVE=1", f"FDNAME={name}")
+
+
+def stop_orphans(old):
+    """The dead daemon's workers may still serve its sockets: end them, so the kernel marks those dead."""
+    for pid in old.get("worker_pids", []):
+        if _reap(pid):
+            continue        # our child (an upgrade re-executes the same process) that already exited
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        starts = old.get("worker_starts") or {}
+        if (b"worker" not in argv or not any(a.endswith(b"nbd_vram.py") for a in argv)
+                or (str(pid) in starts and starts[str(pid)] != process_start(pid))):
+            log.debug("pid %d is no longer a worker of ours (%r): left alone", pid, argv[:3])
+            continue
+        try:
+            os.kill(pid, signal.SIGKILL)     # workers ignore SIGTERM: a stray one must not end live swap
+        except ProcessLookupError:
+            continue
+        for _ in range(100):
+            if _reap(pid) or not os.path.exists(f"/proc/{pid}"):
+                break
+            time.sleep(0.05)
+        log.info("stopped worker pid %d of the daemon that died", pid)
+
+
+############################################################################
 # Daemon ###################################################################
 ############################################################################
 
@@ -4300,17 +4495,6 @@ DAEMON_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, 
 RELEASED = "released"       # Daemon.loop: the power policy had swap turned off
 HANDOVER = "handover"       # Daemon.loop: SIGUSR2
 GPU_FAILED = "gpu-failed"   # Daemon.loop: GPU I/O errors, swap moved off the GPU
-LET_GO_SLICE = 1 << 30      # slice ids the GPU process maps a let-go stored fd under, to zero it
-FDNAME_PREFIX = "vram"      # a slice's VRAM fd in systemd's fd store is named vram-GPU_UUID-NUMBER
-OLD_FDNAME = FDNAME_PREFIX  # ... and before slices, the one fd was named just "vram"
-
-
-def _reap(pid):
-    """True if PID was an exited child of this process (now reaped)."""
-    try:
-        return os.waitpid(pid, os.WNOHANG)[0] == pid
-    except ChildProcessError:
-        return False
 
 
 def need_root(command, why):
@@ -4873,7 +5057,6 @@ class Daemon:
     def __init__(self, settings, power=None, reload=None, stored_fds=None):
         self.cfg = settings
         self.stored_fds = dict(stored_fds or {})     # from systemd's fd store: a restart after a crash
-        self.to_scrub = []              # (fd name, fd, GPU UUID, bytes) of stored VRAM not taken over
         self.power = power or PowerPolicy(settings)
         self.reload = reload or (lambda: None)      # SIGHUP: re-read the power settings
         self.release_failed = None                  # (time, why) of the last swapoff the power policy asked for
@@ -4909,9 +5092,9 @@ class Daemon:
                  format_size(cfg["reserve"]) if cfg["reserve"] is not None else "off")
         os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
         load_nbd_module()
-        old, adopt = self._adoptable()
+        old, adopt, to_scrub = adoptable(self.stored_fds, cfg["slice_size"])
         if not adopt:
-            self._check_stale()
+            check_stale()
 
         cuda = Cuda(cfg["libcuda"])
         cuda.init()
@@ -4921,7 +5104,7 @@ class Daemon:
             g.start_gpu_process()
             # Stopped after the workers (it copies for them until they are gone).
             g.undo.append((f"stop the GPU process of {g.label}", g._stop_gpu_process))
-        self._scrub_let_go(cuda)
+        scrub_let_go(cuda, self.gpus, to_scrub)
         self._open_counters()
         # Locked like a worker even when workers serve: this process must be able to replace a dead
         # worker while memory is full and the swap on that worker's connections is stalled.
@@ -4968,7 +5151,7 @@ class Daemon:
         if adopt:
             # Only now, with the new workers ready and locked: until here the old ones serve the swap
             # (starting processes needs memory that only that swap may be able to free).
-            self._stop_orphans(old)
+            stop_orphans(old)
             self.sysctl_saved = dict(old.get("sysctl_saved") or {})    # what to restore is what was there first
             self.adopted_at = time.time()
         for (sl, kernel_ends), s in prepared:
@@ -5103,157 +5286,6 @@ class Daemon:
                  format_size(g.held_bytes()))
         return True
 
-    def _check_stale(self):
-        """Refuse to start over a device an earlier daemon left behind, and never reuse live swap."""
-        old = read_state()
-        # (A daemon of this version holds the lock that run took; this finds an older one.)
-        if daemon_pid(old) not in (None, os.getpid()):
-            raise Fatal(f"another nbd-vram daemon (pid {old['pid']}) is serving {old.get('device')}; "
-                        "stop it first (systemctl stop vram-swap-nbd)")
-        swaps = active_swaps()
-        mappings = crypt_mappings()
-        for index in nbd_devices():
-            backend = _read(f"/sys/block/nbd{index}/backend", "") or ""
-            ours = backend.startswith("nbd-vram:") and nbd_connected(index)
-            if not ours and index not in mappings:
-                continue
-            dev = f"/dev/nbd{index}"
-            owner = int(backend.split(":")[1]) if ours and backend.split(":")[1].isdigit() else 0
-            if owner and owner != os.getpid() and _runs_daemon(owner):
-                raise Fatal(f"{dev} is served by another nbd-vram daemon (pid {owner}); stop it first")
-            if index in mappings:
-                self._close_stale_mapping(dev, owner, *mappings[index], swaps)
-            if not ours:
-                continue
-            if find_swap(dev, swaps=swaps):
-                raise Fatal(f"{dev} is still active swap from an nbd-vram daemon (pid {owner}) that died; "
-                            f"refusing to start over it: run `swapoff {dev}` (it fails if the pages are lost), "
-                            f"then `nbd_vram.py detach {dev}`")
-            log.warning("%s was left connected by an nbd-vram daemon (pid %d) that died, and is not swap: "
-                        "disconnecting it", dev, owner)
-            nl = NbdNetlink()
-            try:
-                nl.disconnect(index)
-            finally:
-                nl.close()
-
-    def _adoptable(self):
-        """After a crash (or an upgrade in place): (the old state, its slices that can be taken over).
-
-        A slice can if systemd gave us back its VRAM fd and its device still waits for it
-        (dead_conn_timeout); a stored fd that cannot be used is let go."""
-        if not self.stored_fds:
-            return None, []
-        old = read_state() or {}
-        slices = old.get("slices")
-        if slices is None and old.get("device"):
-            # The state of a version before slices: one device, its fd stored as "vram".
-            slices = [{"gpu": (old.get("gpu") or {}).get("uuid"), "number": 0, "fdname": OLD_FDNAME,
-                       "index": old.get("index"), "device": old.get("device"), "swap_device": old.get("swap_device"),
-                       "size_bytes": old.get("size_bytes"), "encrypted": old.get("encrypted")}]
-        why_all, in_use = None, False
-        if old.get("mode") != "serving" or old.get("attach") != "netlink":
-            why_all = "no state of a daemon that served over netlink"
-        elif daemon_pid(old) not in (None, os.getpid()):
-            why_all, in_use = f"its daemon (pid {old['pid']}) still runs", True
-        kept = []
-        for s in slices or []:
-            if s.get("fdname") not in self.stored_fds:
-                continue
-            index, why = s.get("index"), why_all
-            backend = _read(f"/sys/block/nbd{index}/backend", "") if index is not None else ""
-            if not why and (not nbd_connected(index) or not (backend or "").startswith("nbd-vram:")):
-                why = f"{s.get('device')} is no longer attached (dead_conn_timeout ran out?)"
-            if why:
-                log.warning("systemd handed back the stored VRAM fd of %s, but %s: releasing it", s.get("device"), why)
-                # Zeroed first, unless a daemon still serves it (an older one: it holds no lock).
-                self._let_go(s["fdname"], s.get("gpu"), s.get("size_bytes"), scrub=not in_use)
-                continue
-            s["backend"] = backend
-            kept.append(s)
-        kept_names = {s["fdname"] for s in kept}
-        for name in [n for n in self.stored_fds if n not in kept_names]:
-            log.warning("systemd handed back a stored fd %r that no slice of the last daemon names: releasing it", name)
-            uuid = re.fullmatch(r"vram-(GPU-[0-9a-fA-F-]+)-\d+", name)
-            self._let_go(name, uuid.group(1) if uuid else (old.get("gpu") or {}).get("uuid"),
-                         old.get("size_bytes") if name == OLD_FDNAME else self.cfg["slice_size"], scrub=not in_use)
-        if kept:
-            devices = ", ".join(s["device"] for s in kept)
-            if old.get("pid") == os.getpid():
-                log.info("upgrade in place: taking %s over: same VRAM, new workers and connections", devices)
-            else:
-                log.warning("the daemon before this one (pid %s) died with %s as swap; taking over: same VRAM, "
-                            "new connections", old.get("pid"), devices)
-        return old, kept
-
-    def _let_go(self, name, uuid=None, size_bytes=None, scrub=True):
-        """A stored VRAM fd that is not taken over: zeroed once CUDA is up (_scrub_let_go), then released."""
-        fd = self.stored_fds.pop(name, None)
-        if fd is not None and scrub and size_bytes:
-            self.to_scrub.append((name, fd, uuid, size_bytes))
-            return
-        if fd is not None:
-            os.close(fd)
-        sd_notify("FDSTOREREMOVE=1", f"FDNAME={name}")
-
-    def _scrub_let_go(self, cuda):
-        """The swapped pages of the daemon before are in the VRAM let go: zero it before the driver
-        hands it to the next program, then unmap, release and close it, and drop systemd's copy.
-        The GPU's process does it; for a GPU no longer configured, a context of this process does,
-        for as long as it takes."""
-        for k, (name, fd, uuid, size) in enumerate(self.to_scrub):
-            g = next((g for g in self.gpus if g.info["uuid"] == uuid), None)
-            dev = store = None
-            try:
-                if g is not None:
-                    sid = LET_GO_SLICE + k
-                    g.gpu_call(CTL_IMPORT, sid, size, fds=[fd])
-                    g.gpu_call(CTL_FREE, sid, 1)
-                else:
-                    dev, ctx = VramStore.open_device(cuda, uuid or "0")
-                    store = VramStore.import_fd(cuda, dev, ctx, fd, size)
-                    fd = None               # the store's now
-                    cuda.check("cuMemsetD8_v2", cuda.cuMemsetD8_v2(store.dptr, 0, size))
-                    cuda.check("cuCtxSynchronize", cuda.cuCtxSynchronize())
-                log.info("zeroed and released %s of VRAM from the stored fd %r", format_size(size), name)
-            except Fatal as e:
-                log.warning("could not zero the stored VRAM %r before releasing it (%s): it goes back to the "
-                            "driver as it is", name, getattr(e, "why", e))
-            finally:
-                if store is not None:
-                    store.free(scrub=False)      # unmap, release, close the fd
-                if fd is not None:
-                    os.close(fd)
-                if dev is not None:
-                    cuda.cuDevicePrimaryCtxRelease_v2(dev)
-            sd_notify("FDSTOREREMOVE=1", f"FDNAME={name}")
-        self.to_scrub = []
-
-    def _stop_orphans(self, old):
-        """The dead daemon's workers may still serve its sockets: end them, so the kernel marks those dead."""
-        for pid in old.get("worker_pids", []):
-            if _reap(pid):
-                continue        # our child (an upgrade re-executes the same process) that already exited
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    argv = f.read().split(b"\0")
-            except OSError:
-                continue
-            starts = old.get("worker_starts") or {}
-            if (b"worker" not in argv or not any(a.endswith(b"nbd_vram.py") for a in argv)
-                    or (str(pid) in starts and starts[str(pid)] != process_start(pid))):
-                log.debug("pid %d is no longer a worker of ours (%r): left alone", pid, argv[:3])
-                continue
-            try:
-                os.kill(pid, signal.SIGKILL)     # workers ignore SIGTERM: a stray one must not end live swap
-            except ProcessLookupError:
-                continue
-            for _ in range(100):
-                if _reap(pid) or not os.path.exists(f"/proc/{pid}"):
-                    break
-                time.sleep(0.05)
-            log.info("stopped worker pid %d of the daemon that died", pid)
-
     def _reattach(self, sl, old, socks):
         """NBD_CMD_RECONFIGURE: new sockets for the device the dead daemon served."""
         sl.index, sl.device, sl.backend, sl.attach_kind = old["index"], old["device"], old["backend"], "netlink"
@@ -5264,21 +5296,6 @@ class Daemon:
                                  f"waits for dead_conn_timeout, then fails") from None
         sl.undo.append((f"disconnect {sl.device}", lambda: self._detach_netlink(sl)))
         log.info("reattached %s with %d new connections", sl.device, len(socks))
-
-    @staticmethod
-    def _close_stale_mapping(dev, owner, name, dm, swaps):
-        """A dm-crypt mapping that a dead daemon left over DEV: refuse if it is swap, else close it."""
-        mapper = f"/dev/mapper/{name}"
-        by = f"an nbd-vram daemon (pid {owner}) that died" if owner else "an nbd-vram daemon that is gone"
-        if find_swap(mapper, f"/dev/{dm}", swaps=swaps):
-            raise Fatal(f"{mapper} (dm-crypt over {dev}) is still active swap from {by}; refusing to start over it: "
-                        f"run `swapoff {mapper}` (it fails if the pages are lost), `cryptsetup close {name}`, "
-                        f"then `nbd_vram.py detach {dev}`")
-        if not shutil.which("cryptsetup"):
-            raise Fatal(f"{mapper} (dm-crypt over {dev}) was left by {by}, and cryptsetup is not installed "
-                        f"to close it: run `dmsetup remove {name}`")
-        log.warning("%s (dm-crypt over %s) was left by %s, and is not swap: closing it", mapper, dev, by)
-        crypt_close(name)
 
     def _attach(self, sl, socks):
         cfg, size, flags = self.cfg, sl.export.size, sl.export.flags

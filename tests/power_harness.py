@@ -325,7 +325,7 @@ if os.environ.get("HARNESS_SWAPOFF_RETRY_S"):
     nv.SWAPOFF_RETRY_S = float(os.environ["HARNESS_SWAPOFF_RETRY_S"])
 if os.environ.get("HARNESS_SPARE_RETRY_S"):
     nv.SPARE_RETRY_S = float(os.environ["HARNESS_SPARE_RETRY_S"])
-nv.Daemon._check_stale = lambda self: None
+nv.check_stale = lambda: None
 nv.Daemon._attach = attach
 nv.Daemon._reattach = reattach
 nv.reconfigure = reconfigure
