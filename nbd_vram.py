@@ -297,6 +297,19 @@ def sd_listen_fds():
     return fds
 
 
+def run_undo(steps, label, failed=None):
+    """Pop and run (what, fn) undo steps, last pushed first; a failing step is logged (and
+    failed(what) called) and the rest still run."""
+    while steps:
+        what, fn = steps.pop()
+        try:
+            fn()
+        except Exception as e:
+            log.error("%s: %s failed: %s", label, what, e)
+            if failed:
+                failed(what)
+
+
 ############################################################################
 # Sizes ####################################################################
 ############################################################################
@@ -4287,6 +4300,660 @@ def _publish_counters(counters, slot, exports):
 
 
 ############################################################################
+# Slice: one allocation = one nbd device = one swap area ###################
+############################################################################
+# A GPU's VRAM is served as slices, so that one can be given back alone when another program
+# needs the memory: each its own allocation (SliceMemory), nbd device and swap priority.  A slice
+# lives by a few settings (SliceSettings), fixed when the daemon starts; its GPU (GpuShare, below)
+# allocates its memory and has its workers serve its connections.
+
+FDNAME_PREFIX = "vram"      # a slice's VRAM fd in systemd's fd store is named vram-GPU_UUID-NUMBER
+OLD_FDNAME = FDNAME_PREFIX  # ... and before slices, the one fd was named just "vram"
+
+
+class SliceSettings(collections.namedtuple("SliceSettings", "priority connections encrypt discard attach "
+                                                             "dead_conn_timeout")):
+    """What a slice needs of the configuration: the settings of the same names."""
+    __slots__ = ()
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(*(cfg[key] for key in cls._fields))
+
+
+def slice_sizes(size, slice_size, align=SIZE_ALIGN):
+    """The sizes of one GPU's slices: size cut into slice_size pieces, the last one the rest."""
+    sizes, left = [], size // align * align
+    while left >= align:
+        sizes.append(min(slice_size, left))
+        left -= sizes[-1]
+    return sizes
+
+
+def slice_priority(base, number):
+    """Slice 0 at the configured priority, each next one a step lower, so the kernel fills them in
+    order and the last stay empty longest; slice N of every GPU shares a priority (the kernel
+    stripes swap over devices of equal priority)."""
+    return max(base - number, min(base, 0))
+
+
+class SliceMemory:
+    """A slice's VRAM as the daemon sees it: the GPU process maps it (at dptr, in its own address
+    space) and frees it when asked; the daemon holds the exported fd (None with cuMemAlloc), which
+    systemd's fd store keeps a copy of."""
+
+    def __init__(self, gpu, number, size_bytes, dptr, fd):
+        self.gpu, self.number, self.size_bytes, self.dptr, self.fd = gpu, number, size_bytes, dptr, fd
+        self.freed = False
+
+    @property
+    def kind(self):
+        return "cuMemCreate+fd" if self.fd is not None else "cuMemAlloc"
+
+    def free(self, scrub=True):
+        """Zero the memory (the next CUDA program must not read swapped-out secrets), then free it."""
+        if self.freed:
+            return
+        self.freed = True
+        try:
+            self.gpu.gpu_call(CTL_FREE, self.number, int(scrub))
+            log.info("freed %s of VRAM (slice %d of %s)", format_size(self.size_bytes), self.number, self.gpu.label)
+        finally:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+
+
+class Slice:
+    """One piece of VRAM swap: its own allocation, nbd device and swap priority.
+
+    Released alone: swapoff moves only its pages; then its undo steps run in
+    reverse (close the mapping, disconnect, end its connections, scrub and free).
+    """
+
+    def __init__(self, gpu, number, store, settings):
+        self.gpu, self.number, self.store, self.settings = gpu, number, store, settings
+        self.export = Export(store)
+        self.priority = slice_priority(settings.priority, number)
+        self.fdname = f"{FDNAME_PREFIX}-{gpu.info['uuid']}-{number}"
+        self.index = self.device = self.swap_device = self.crypt = self.backend = self.attach_kind = None
+        self.swap_on = False
+        self.undo = []
+
+    @property
+    def name(self):
+        return f"slice {self.number} of GPU {self.gpu.info['index']}"
+
+    def used_kib(self, swaps):
+        found = find_swap(self.swap_device, swaps=swaps) if self.swap_device else None
+        return found[1][1] if found else 0
+
+    def run_undo(self):
+        def failed(what):
+            if what.startswith("end the connections"):
+                # Something may still serve from this VRAM: freeing it now could serve garbage.
+                log.error("%s: leaving its VRAM allocated; the driver reclaims it when the daemon exits", self.name)
+                self.undo[:] = [u for u in self.undo if not u[0].startswith("free")]
+        run_undo(self.undo, self.name, failed)
+
+    def describe(self, swaps=None):
+        d = {"gpu": self.gpu.info["uuid"], "gpu_index": self.gpu.info["index"], "number": self.number,
+             "fdname": self.fdname, "index": self.index, "device": self.device, "swap_device": self.swap_device,
+             "size_bytes": self.store.size_bytes, "priority": self.priority, "encrypted": bool(self.crypt), "mapping": self.crypt,
+             "backend": self.backend, "attach": self.attach_kind, "swap_on": self.swap_on,
+             "connections": self.settings.connections, "allocation": self.store.kind}
+        if swaps is not None:
+            d["used_bytes"] = self.used_kib(swaps) * 1024
+        return d
+
+    # -- its life, in order ------------------------------------------------------------
+
+    @classmethod
+    def prepare(cls, g, number, store, settings):
+        """A new slice of G on STORE, and everything of it that comes before the kernel: fd stored,
+        workers serving its sockets.  Returns (slice, the kernel's ends of the socketpairs)."""
+        sl = cls(g, number, store, settings)
+        g.slices[number] = sl
+        sl.undo.append((f"free the VRAM of {sl.name}", store.free))
+        # FDPOLL=0: systemd polls a stored fd and drops it, silently (a debug line), on EPOLLERR or
+        # EPOLLHUP, which is meant for sockets.  This fd is memory, not a connection: a driver's
+        # poll (sysfs, seen under systemd 252) must not take the VRAM and its pages out of the store.
+        if store.fd is not None and sd_notify("FDSTORE=1", "FDPOLL=0", f"FDNAME={sl.fdname}", fds=[store.fd]):
+            # systemd keeps a reference: if this process dies, the memory and the pages in it
+            # survive, and the restarted daemon gets the fd back (LISTEN_FDS) and reattaches.
+            sl.undo.append((f"drop the stored fd of {sl.name}",
+                            lambda: sd_notify("FDSTOREREMOVE=1", f"FDNAME={sl.fdname}")))
+        pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(settings.connections)]
+        g.serve(sl, [ours for ours, _ in pairs])
+        return sl, [k for _, k in pairs]
+
+    def attach(self, socks):
+        """Give the kernel SOCKS as a new nbd device (netlink, or the classic ioctls)."""
+        settings, size, flags = self.settings, self.export.size, self.export.flags
+        backend = self.backend = f"nbd-vram:{os.getpid()}:{self.gpu.info['uuid']}:{self.number}"
+        if settings.attach in ("auto", "netlink"):
+            try:
+                nl = NbdNetlink()
+            except NbdKernelError:
+                if settings.attach == "netlink":
+                    raise
+                log.info("netlink nbd is missing; attaching with the classic ioctls")
+            else:
+                try:
+                    self.index = nl.connect(socks, size, flags, dead_conn_timeout_s=settings.dead_conn_timeout,
+                                          backend=backend)
+                except OSError as e:
+                    raise NbdKernelError(f"attach: NBD_CMD_CONNECT failed: {e.strerror} "
+                                         f"({'are you root?' if e.errno == errno.EPERM else 'check dmesg'})") from None
+                finally:
+                    nl.close()
+                self.attach_kind = "netlink"
+                self.undo.append((f"disconnect /dev/nbd{self.index}", self.detach))
+        if self.index is None:
+            ia = IoctlAttach()
+            self.index = ia.connect(socks, size, flags)
+            self.attach_kind = "ioctl"
+            self.undo.append((f"disconnect /dev/nbd{self.index}", ia.disconnect))
+        self.device = f"/dev/nbd{self.index}"
+        want = str(size // 512)
+        deadline = time.monotonic() + 10
+        while _read(f"/sys/block/nbd{self.index}/size") != want or not os.path.exists(self.device):
+            if time.monotonic() > deadline:
+                raise NbdKernelError(f"attach {self.device}: the kernel did not show the device's size in 10 s "
+                                     "(check dmesg)")
+            time.sleep(0.05)
+        log.info("attached %s (%s, %s, %d connections): %s", self.device, format_size(size), self.attach_kind,
+                 len(socks), self.name)
+
+    def reattach(self, old, socks):
+        """NBD_CMD_RECONFIGURE: new sockets for the device the dead daemon served (OLD: its state of the slice)."""
+        self.index, self.device, self.backend, self.attach_kind = old["index"], old["device"], old["backend"], "netlink"
+        try:
+            reconfigure(self.index, socks, self.backend, timeout_s=60)
+        except OSError as e:
+            raise NbdKernelError(f"reattach {self.device}: NBD_CMD_RECONFIGURE failed: {e.strerror}; its swap "
+                                 f"waits for dead_conn_timeout, then fails") from None
+        self.undo.append((f"disconnect {self.device}", self.detach))
+        log.info("reattached %s with %d new connections", self.device, len(socks))
+
+    def detach(self):
+        """Disconnect a device attached over netlink (the ioctl attach pushes its own undo step)."""
+        nl = NbdNetlink()
+        try:
+            nl.disconnect(self.index)
+        finally:
+            nl.close()
+        log.info("disconnected %s", self.device)
+
+    def enable_swap(self, old=None):
+        """dm-crypt (encrypt = yes) and swapon, for a slice attached to the kernel."""
+        settings = self.settings
+        self.swap_device = self.device
+        if settings.encrypt or (old and old.get("encrypted")):
+            name = crypt_name(self.index)
+            if old and os.path.exists(f"/dev/mapper/{name}"):
+                # The dead daemon's mapping, its key still in the kernel: the swapped pages read back through it.
+                self.swap_device = f"/dev/mapper/{name}"
+            else:
+                self.swap_device = crypt_open(self.device, name, settings.discard)
+            self.crypt = name
+            # Pushed after the disconnect, so run before it: swapoff, close, disconnect, free.
+            self.undo.append((f"close the dm-crypt mapping {name}", lambda: crypt_close(name)))
+        if old and find_swap(self.swap_device):
+            log.info("%s is still swap: nothing lost", self.swap_device)
+        else:
+            swap_enable(self.swap_device, self.priority, settings.discard)
+        self.swap_on = True
+
+    def release(self, why):
+        """swapoff (never forced), then the slice's undo steps, and its GPU forgets it.  False if swapoff failed."""
+        g = self.gpu
+        if self.swap_on:
+            used = self.used_kib(active_swaps())
+            log.info("%s: releasing %s (%s): swapoff %s (%s of pages on it)", g.label, self.name, why, self.swap_device,
+                     format_size(used * 1024))
+            t0 = time.monotonic()
+            if not swap_disable(self.swap_device):
+                log.warning("%s: swapoff %s failed (RAM cannot take its pages back now); %s stays", g.label,
+                            self.swap_device, self.name)
+                return False
+            self.swap_on = False
+            log.info("%s: swapoff %s took %.1f s for %s", g.label, self.swap_device, time.monotonic() - t0,
+                     format_size(used * 1024))
+        self.run_undo()
+        del g.slices[self.number]
+        g.last_action = f"{time.strftime('%H:%M:%S')} released slice {self.number} ({why})"
+        log.info("%s: %s released (%s); %s of VRAM still swap on this GPU", g.label, self.name, why,
+                 format_size(g.held_bytes()))
+        return True
+
+
+############################################################################
+# One GPU: its GPU process, workers and slices #############################
+############################################################################
+
+SPARE_RETRY_S = 30.0         # a spare worker that failed to start is tried again this often
+HEAL_RETRY_S = 30.0          # and a connection the kernel gave up on that could not be replaced
+
+
+class GpuSettings(collections.namedtuple("GpuSettings", "size slice_size libcuda buffer_size debug realtime workers "
+                                                         "connections")):
+    """What a GPU's share needs of the configuration: the settings of the same names."""
+    __slots__ = ()
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(*(cfg[key] for key in cls._fields))
+
+
+class WorkerProc:
+    """A kernel-mode worker as the daemon sees it: its process, control socket and connections."""
+
+    def __init__(self, proc, ctl, index, slot):
+        self.proc, self.ctl, self.index, self.slot = proc, ctl, index, slot
+        self.conns = {}         # slice number -> how many of its connections this worker serves
+        self.pool = 0           # a spare's buffer sets
+
+    @property
+    def nconns(self):
+        return sum(self.conns.values())
+
+
+class GpuShare:
+    """One GPU's part of the daemon: its GPU process, worker processes and slices."""
+
+    def __init__(self, ordinal, cuda, dev, settings, slice_settings, counters, state_changed):
+        """SETTINGS: GpuSettings; SLICE_SETTINGS: for its slices; COUNTERS: () -> the I/O counters'
+        mmap (None before they exist); STATE_CHANGED: () -> None, after a change status must show
+        (a worker replaced)."""
+        self.ordinal, self.cuda, self.dev = ordinal, cuda, dev
+        self.settings, self.slice_settings = settings, slice_settings
+        self.counters, self.state_changed = counters, state_changed
+        self.info = cuda.device_info(dev)
+        self.vmm = (cuda.has_vmm and cuda.attribute(CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED, dev)
+                    and cuda.attribute(CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED, dev))
+        self.sizes = slice_sizes(settings.size, settings.slice_size)
+        self.ceiling = len(self.sizes)      # most slices allowed now (shrink/grow move it)
+        self.slices = {}                    # number -> Slice
+        self.workers, self.spare = [], None
+        self.spare_retry_at = None          # the spare failed to start: when to try again
+        self.heal_retry_at = 0.0            # a connection could not be replaced: not before then
+        self.gpu_proc = None                # WorkerProc of the GPU process: the one CUDA context
+        self.calm_since = None
+        self.free_bytes = None
+        self.failed = None                  # why this GPU was given up
+        self.io_errors_seen = 0
+        self.fault_swapoff_at = None
+        self.last_action = None
+        self.undo = []
+
+    @property
+    def label(self):
+        return f"GPU {self.info['index']}"
+
+    @property
+    def slots(self):
+        return range(1 + self.ordinal * WORKER_SLOTS, 1 + (self.ordinal + 1) * WORKER_SLOTS)
+
+    def held_bytes(self):
+        return sum(s.store.size_bytes for s in self.slices.values())
+
+    def mem_free(self):
+        """Free VRAM on this GPU now (the last known figure if the GPU process cannot answer)."""
+        try:
+            answer, _ = self.gpu_call(CTL_MEMINFO)
+        except Fatal as e:
+            log.warning("%s", e)
+            return self.free_bytes or 0
+        self.free_bytes = struct.unpack("=QQ", answer)[0]
+        return self.free_bytes
+
+    def gpu_call(self, tag, *fields, fds=()):
+        if self.gpu_proc is None:
+            raise Fatal(f"{self.label}: its GPU process is not running")
+        return ctl_call(self.gpu_proc.ctl, tag, *fields, fds=fds, who=f"{self.label}'s GPU process")
+
+    def free_number(self):
+        """The lowest slice number not in use (a slice taken back gets the place of one released)."""
+        return next(n for n in range(len(self.sizes) + 1) if n not in self.slices)
+
+    # -- VRAM -----------------------------------------------------------------------------
+
+    def allocate(self, number, reserve=None):
+        """A new slice's VRAM, or None (logged) if the GPU cannot give it (above the reserve)."""
+        want = self.sizes[number]
+        if reserve is not None and self.mem_free() - want < reserve:
+            log.info("%s: slice %d (%s) not taken: %s free, the reserve is %s", self.label, number,
+                     format_size(want), format_size(self.free_bytes), format_size(reserve))
+            return None
+        try:
+            answer, fds = self.gpu_call(CTL_ALLOC, number, want)
+        except Fatal as e:
+            log.info("%s: slice %d (%s) not taken: %s (%s free)", self.label, number, format_size(want),
+                     getattr(e, "why", e), format_size(self.mem_free()))
+            return None
+        return SliceMemory(self, number, want, _U64.unpack(answer)[0], fds[0] if fds else None)
+
+    def import_slice(self, number, fd, size):
+        """A slice stored by a daemon before this one (crash restart, upgrade): mapped again, pages and all."""
+        try:
+            answer, _ = self.gpu_call(CTL_IMPORT, number, size, fds=[fd])
+        except BaseException:
+            os.close(fd)
+            raise
+        return SliceMemory(self, number, size, _U64.unpack(answer)[0], fd)
+
+    def take_slice(self, reserve):
+        """Take one more slice (the RESERVE allows it): allocate, serve, attach, swapon."""
+        number = self.free_number()
+        store = self.allocate(number, reserve)
+        if store is None:
+            return False
+        sl, kernel_ends = Slice.prepare(self, number, store, self.slice_settings)
+        try:
+            sl.attach(kernel_ends)
+            sl.enable_swap()
+        except Exception:
+            for k in kernel_ends:
+                k.close()
+            sl.run_undo()
+            del self.slices[number]
+            raise
+        for k in kernel_ends:
+            k.close()
+        self.last_action = f"{time.strftime('%H:%M:%S')} took slice {number} ({format_size(store.size_bytes)}) on {sl.swap_device}"
+        log.info("%s: took slice %d back: %s on %s, swap priority %d", self.label, number,
+                 format_size(store.size_bytes), sl.swap_device, sl.priority)
+        return True
+
+    # -- serving processes ----------------------------------------------------------------
+
+    def start_gpu_process(self):
+        """The process that holds this GPU's CUDA context; ready on return."""
+        settings = self.settings
+        proc, ctl = spawn_worker(settings.libcuda, settings.buffer_size, lock=True, debug=settings.debug,
+                                 realtime=settings.realtime, gpu=self.info["uuid"])
+        wait_worker_ready(proc, ctl)
+        self.gpu_proc = WorkerProc(proc, ctl, 0, None)
+        log.info("%s: GPU process: pid %d", self.label, proc.pid)
+
+    def _stop_gpu_process(self):
+        gp, self.gpu_proc = self.gpu_proc, None
+        if gp is None:
+            return
+        gp.ctl.close()          # with no worker left, it exits
+        try:
+            gp.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            raise Fatal(f"the GPU process {gp.proc.pid} did not exit after its workers") from None
+
+    def start_workers(self):
+        """The worker processes that will serve every slice of this GPU; ready on return."""
+        settings = self.settings
+        n = min(settings.workers or default_workers(settings.connections), settings.connections)
+        self.workers = [self._spawn(w + 1) for w in range(n)]
+        self.undo.append((f"stop the workers of {self.label}", self._join_workers))
+        log.info("%s: %d worker process%s: pids %s", self.label, n, "" if n == 1 else "es",
+                 " ".join(str(w.proc.pid) for w in self.workers))
+
+    def _spawn(self, index, standby=0):
+        settings = self.settings
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.gpu_call(CTL_CLIENT, index, fds=[mine.fileno()])
+            proc, ctl = spawn_worker(settings.libcuda, settings.buffer_size, lock=True, debug=settings.debug, index=index,
+                                     standby=standby, realtime=settings.realtime, gpu=self.info["uuid"],
+                                     slot=self.slots[index], copier=theirs)
+        finally:
+            mine.close()
+            theirs.close()
+        wait_worker_ready(proc, ctl)
+        return WorkerProc(proc, ctl, index, self.slots[index])
+
+    def spawn_spare(self):
+        """A worker with every slice mapped and buffers for the busiest worker's connections, ready
+        before any worker dies: taking over then needs no new process and no memory."""
+        if not self.workers:
+            return
+        n = max([w.nconns for w in self.workers] + [self.settings.connections])
+        spare = None
+        try:
+            spare = self._spawn(0, standby=n)
+            self._map_all(spare.ctl, "spare worker")
+        except Fatal as e:
+            log.warning("%s: no spare worker (%s): a dead worker would be replaced by a new process; "
+                        "trying again in %.0f s", self.label, e, SPARE_RETRY_S)
+            if spare is not None:
+                spare.ctl.close()
+                spare.proc.kill()
+                spare.proc.wait()
+            self.spare_retry_at = time.monotonic() + SPARE_RETRY_S
+            return
+        self.spare_retry_at = None
+        spare.pool = n
+        self.spare = spare
+        log.info("%s: spare worker ready: pid %d", self.label, spare.proc.pid)
+
+    def stop_spare(self):
+        if self.spare:
+            spare, self.spare = self.spare, None
+            spare.ctl.close()           # it exits on EOF: it serves nothing
+            try:
+                spare.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                spare.proc.kill()
+                spare.proc.wait()
+
+    def _join_workers(self):
+        self.stop_spare()
+        for w in self.workers:
+            w.ctl.close()               # with no connection left, it exits
+        for w in self.workers:
+            try:
+                w.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                raise Fatal(f"worker {w.proc.pid} did not exit after the devices were disconnected") from None
+        self.workers = []
+
+    def serve(self, sl, socks):
+        """Have the workers serve SL's connections SOCKS."""
+        for w in self.workers + ([self.spare] if self.spare else []):
+            self._map(w.ctl, sl, f"worker pid {w.proc.pid}")
+        for k, w in enumerate(self.workers):
+            mine = socks[k::len(self.workers)]
+            if mine:
+                ctl_call(w.ctl, CTL_SERVE, sl.number, len(mine), fds=[s.fileno() for s in mine],
+                         who=f"worker {w.index}")
+                w.conns[sl.number] = len(mine)
+        for s in socks:
+            s.close()           # the workers have them now
+        busiest = max(w.nconns for w in self.workers)
+        if self.spare and busiest > self.spare.pool:
+            try:
+                ctl_call(self.spare.ctl, CTL_POOL, busiest, who="spare worker")
+                self.spare.pool = busiest
+            except Fatal as e:
+                log.warning("%s: %s", self.label, e)
+        sl.undo.append((f"end the connections of {sl.name}", lambda: self._drop(sl)))
+
+    def _drop(self, sl):
+        """After the disconnect: every worker forgets the slice (its connections have ended)."""
+        for w in self.workers + ([self.spare] if self.spare else []):
+            if w.proc.poll() is None:
+                ctl_call(w.ctl, CTL_DROP, sl.number, who=f"worker pid {w.proc.pid}")
+            w.conns.pop(sl.number, None)
+
+    @staticmethod
+    def _map(ctl, sl, who):
+        ctl_call(ctl, CTL_SLICE, sl.number, sl.store.size_bytes, sl.store.dptr, who=who)
+
+    def _map_all(self, ctl, who):
+        """Every slice of this GPU made known to a new worker (or spare)."""
+        for sl in self.slices.values():
+            self._map(ctl, sl, who)
+
+    @staticmethod
+    def _give(ctl, pairs, who):
+        """{slice number: [(ours, kernel's)]}: our ends to a worker, to serve."""
+        for sid, ps in pairs.items():
+            ctl_call(ctl, CTL_SERVE, sid, len(ps), fds=[ours.fileno() for ours, _ in ps], who=who)
+
+    def respawn(self, k):
+        """Worker k died: new sockets for its connections (NBD_CMD_RECONFIGURE), served by the spare or a new process."""
+        dead = self.workers[k]
+        log.error("%s: worker %d (pid %d) exited with %s; its %d connection%s to the kernel died: starting a new one",
+                  self.label, dead.index, dead.proc.pid, dead.proc.returncode, dead.nconns, "" if dead.nconns == 1 else "s")
+        dead.ctl.close()
+        pairs = {sid: [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(n)]
+                 for sid, n in dead.conns.items() if sid in self.slices}
+        spare, self.spare = self.spare, None
+        new = None
+        if spare and spare.proc.poll() is None:
+            # The spare takes over: no new process (and no memory) needed while swap is stalled.
+            try:
+                self._give(spare.ctl, pairs, "spare worker")
+                ctl_call(spare.ctl, CTL_BECOME, dead.index, dead.slot, who="spare worker")
+                new = WorkerProc(spare.proc, spare.ctl, dead.index, dead.slot)
+            except Fatal as e:
+                log.error("%s: %s; starting a new worker instead", self.label, e)
+                spare.ctl.close()
+                spare.proc.kill()
+                spare.proc.wait()
+                for ps in pairs.values():       # the spare may hold some of them: new pairs for a new worker
+                    for ours, kernel in ps:
+                        ours.close()
+                        kernel.close()
+                pairs = {sid: [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in ps]
+                         for sid, ps in pairs.items()}
+        if new is None:
+            new = self._spawn(dead.index)
+            self._map_all(new.ctl, f"worker {dead.index}")
+            self._give(new.ctl, pairs, f"worker {dead.index}")
+        new.conns = {sid: len(ps) for sid, ps in pairs.items()}
+        self.workers[k] = new
+        for ps in pairs.values():
+            for ours, _ in ps:
+                ours.close()
+        for sid, ps in pairs.items():
+            sl = self.slices[sid]
+            try:
+                reconfigure(sl.index, [kernel for _, kernel in ps], sl.backend, timeout_s=30)
+                log.info("%s: worker %d restarted (pid %d); %s has its connections back", self.label, new.index,
+                         new.proc.pid, sl.device)
+            except OSError as e:
+                log.error("NBD_CMD_RECONFIGURE of %s failed: %s; worker %d's connections stay dead (the kernel "
+                          "sends their I/O over the others); restart the service when swap is idle",
+                          sl.device, e.strerror, new.index)
+            for _, kernel in ps:
+                kernel.close()
+        self.spawn_spare()      # swap works again: a new process can get its memory
+        self.state_changed()    # the worker pids a restart after a crash must stop
+
+    def heal(self, w, counters):
+        """Connections the kernel gave up on (a request past its timeout marks one dead; the device
+        serves on over the others): new sockets for them (NBD_CMD_RECONFIGURE), so that a stall
+        under pressure does not leave the device degraded for good.  Cheap when nothing ended: the
+        worker is asked only when its live count in the counters is short."""
+        if counters is None or w.slot is None or time.monotonic() < self.heal_retry_at:
+            return
+        if sum_counters(counters, {w.slot})[1] >= w.nconns:
+            return
+        try:
+            answer, _ = ctl_call(w.ctl, CTL_ENDED, who=f"worker {w.index}")
+        except Fatal as e:
+            log.warning("%s: %s", self.label, e)
+            return
+        for off in range(0, len(answer), CTL_ENDED_ITEM.size):
+            sid, n = CTL_ENDED_ITEM.unpack_from(answer, off)
+            sl = self.slices.get(sid)
+            if sl is None:
+                continue
+            w.conns[sid] = w.conns.get(sid, n) - n
+            if sl.attach_kind != "netlink":
+                log.error("%s: %d connection%s of %s ended (a request past the kernel's timeout?); with the "
+                          "ioctl attach it cannot get new ones: restart the service when swap is idle",
+                          self.label, n, "" if n == 1 else "s", sl.device)
+                continue
+            pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(n)]
+            try:
+                ctl_call(w.ctl, CTL_SERVE, sid, n, fds=[ours.fileno() for ours, _ in pairs], who=f"worker {w.index}")
+                w.conns[sid] += n
+                reconfigure(sl.index, [kernel for _, kernel in pairs], sl.backend, timeout_s=10)
+                log.warning("%s: the kernel gave up on %d connection%s of %s (a request past its timeout): "
+                            "gave it %s new", self.label, n, "" if n == 1 else "s", sl.device,
+                            "a" if n == 1 else n)
+            except (Fatal, OSError) as e:
+                log.error("%s: %d connection%s of %s ended and could not be replaced (%s); trying again in "
+                          "%.0f s", self.label, n, "" if n == 1 else "s", sl.device,
+                          getattr(e, "strerror", None) or e, HEAL_RETRY_S)
+                self.heal_retry_at = time.monotonic() + HEAL_RETRY_S
+            finally:
+                for ours, kernel in pairs:
+                    ours.close()
+                    kernel.close()
+
+    def check_workers(self):
+        if self.gpu_proc is not None and self.gpu_proc.proc.poll() is not None:
+            self.restart_gpu_process()
+        for k, w in enumerate(self.workers):
+            if w.proc.poll() is not None:
+                self.respawn(k)
+            else:
+                self.heal(w, self.counters())
+        if self.spare and self.spare.proc.poll() is not None:
+            log.warning("%s: the spare worker (pid %d) exited with %s: starting another", self.label,
+                        self.spare.proc.pid, self.spare.proc.returncode)
+            self.spare.ctl.close()
+            self.spare = None
+            self.spawn_spare()
+            self.state_changed()
+        elif self.spare is None and self.spare_retry_at is not None and time.monotonic() >= self.spare_retry_at:
+            self.spawn_spare()
+            if self.spare:
+                self.state_changed()
+
+    def restart_gpu_process(self):
+        """The GPU process died: every worker's copies died with it.  A new one maps every slice again
+        from the daemon's fds (the pages are still there), then every worker is replaced and the
+        kernel gets new sockets for every connection (NBD_CMD_RECONFIGURE)."""
+        dead = self.gpu_proc
+        log.error("%s: the GPU process (pid %d) exited with %s; every connection of this GPU stalls until "
+                  "it is replaced: starting a new one", self.label, dead.proc.pid, dead.proc.returncode)
+        dead.ctl.close()
+        self.gpu_proc = None
+        if not self.vmm:
+            raise Fatal(f"{self.label}: the GPU process died, and with cuMemAlloc (no exportable VRAM) the "
+                        "swapped pages died with it")
+        self.start_gpu_process()
+        for sl in self.slices.values():
+            fd = os.dup(sl.store.fd)
+            answer, _ = self.gpu_call(CTL_IMPORT, sl.number, sl.store.size_bytes, fds=[fd])
+            os.close(fd)
+            sl.store.dptr = _U64.unpack(answer)[0]
+        if self.spare:
+            self.spare.proc.kill()
+            self.stop_spare()
+        for w in self.workers:
+            w.proc.kill()       # its copies went to the dead process: none of its connections can be served
+            w.proc.wait()
+        for k in range(len(self.workers)):
+            self.respawn(k)
+
+    def stop(self):
+        """After its slices are gone: the workers' undo steps."""
+        run_undo(self.undo, "stopping")
+
+    def worker_pids(self):
+        return ([w.proc.pid for w in self.workers] + ([self.spare.proc.pid] if self.spare else [])
+                + ([self.gpu_proc.proc.pid] if self.gpu_proc else []))
+
+    def describe(self):
+        return dict(self.info, ordinal=self.ordinal, free_bytes=self.free_bytes, ceiling=self.ceiling,
+                    max_slices=len(self.sizes), held_bytes=self.held_bytes(), failed=self.failed,
+                    last_action=self.last_action, worker_pids=self.worker_pids())
+
+
+############################################################################
 # Takeover (crash restart, upgrade) ########################################
 ############################################################################
 # A daemon that starts where another one left off: after a crash (systemd hands back the VRAM fds
@@ -4294,8 +4961,6 @@ def _publish_counters(counters, slot, exports):
 # re-executed).  Which slices can be taken over, what was left behind and must be refused or cleaned
 # up, and the old processes to stop once the new ones are ready.
 
-FDNAME_PREFIX = "vram"      # a slice's VRAM fd in systemd's fd store is named vram-GPU_UUID-NUMBER
-OLD_FDNAME = FDNAME_PREFIX  # ... and before slices, the one fd was named just "vram"
 LET_GO_SLICE = 1 << 30      # slice ids the GPU process maps a let-go stored fd under, to zero it
 
 
@@ -4486,8 +5151,6 @@ def stop_orphans(old):
 ############################################################################
 
 SWAPOFF_RETRY_S = 10.0
-SPARE_RETRY_S = 30.0         # a spare worker that failed to start is tried again this often
-HEAL_RETRY_S = 30.0          # and a connection the kernel gave up on that could not be replaced
 # Blocked in every thread from the start of `run` (and kept over its re-execs), taken by the main
 # thread with sigtimedwait.  SIGUSR1 (udev, `nbd_vram.py sleep`): read the power state now.
 # SIGUSR2 (`nbd_vram.py upgrade`): re-execute the file on disk, which takes the VRAM and the device over.
@@ -4542,19 +5205,6 @@ def wait_for_power(power, reload, no_vram=None):
         no_vram = None          # not wanted now anyway: idle for the power policy's reason
 
 
-def run_undo(steps, label, failed=None):
-    """Pop and run (what, fn) undo steps, last pushed first; a failing step is logged (and
-    failed(what) called) and the rest still run."""
-    while steps:
-        what, fn = steps.pop()
-        try:
-            fn()
-        except Exception as e:
-            log.error("%s: %s failed: %s", label, what, e)
-            if failed:
-                failed(what)
-
-
 def elastic_decision(reserve, free, held, ceiling, next_bytes, calm_since, now, reclaim_after):
     """What one GPU's slices should do now: (action, calm_since).
 
@@ -4576,470 +5226,37 @@ def elastic_decision(reserve, free, held, ceiling, next_bytes, calm_since, now, 
     return None, None
 
 
-def slice_sizes(size, slice_size, align=SIZE_ALIGN):
-    """The sizes of one GPU's slices: size cut into slice_size pieces, the last one the rest."""
-    sizes, left = [], size // align * align
-    while left >= align:
-        sizes.append(min(slice_size, left))
-        left -= sizes[-1]
-    return sizes
+def move_ceilings(live, op, units):
+    """A shrink or grow of UNITS slices: one at a time, off the GPU that holds the most (shrink) or
+    onto the one that holds the fewest (grow), lowest ordinal first among equals.  Returns the set
+    of GPUs whose ceiling moved."""
+    moved = set()
+    for _ in range(units):
+        if op == "shrink":
+            cands = [g for g in live if min(g.ceiling, len(g.slices)) > 0]
+            if not cands:
+                break
+            g = max(cands, key=lambda g: (min(g.ceiling, len(g.slices)), -g.ordinal))
+            g.ceiling = min(g.ceiling, len(g.slices)) - 1
+            moved.add(g)
+        elif op == "grow":
+            cands = [g for g in live if max(g.ceiling, len(g.slices)) < len(g.sizes)]
+            if not cands:
+                break
+            g = min(cands, key=lambda g: (max(g.ceiling, len(g.slices)), g.ordinal))
+            g.ceiling = max(g.ceiling, len(g.slices)) + 1
+            moved.add(g)
+    return moved
 
 
-def slice_priority(base, number):
-    """Slice 0 at the configured priority, each next one a step lower, so the kernel fills them in
-    order and the last stay empty longest; slice N of every GPU shares a priority (the kernel
-    stripes swap over devices of equal priority)."""
-    return max(base - number, min(base, 0))
-
-
-class WorkerProc:
-    """A kernel-mode worker as the daemon sees it: its process, control socket and connections."""
-
-    def __init__(self, proc, ctl, index, slot):
-        self.proc, self.ctl, self.index, self.slot = proc, ctl, index, slot
-        self.conns = {}         # slice number -> how many of its connections this worker serves
-        self.pool = 0           # a spare's buffer sets
-
-    @property
-    def nconns(self):
-        return sum(self.conns.values())
-
-
-class Slice:
-    """One piece of VRAM swap: its own allocation, nbd device and swap priority.
-
-    Released alone: swapoff moves only its pages; then its undo steps run in
-    reverse (close the mapping, disconnect, end its connections, scrub and free).
-    """
-
-    def __init__(self, gpu, number, store):
-        self.gpu, self.number, self.store = gpu, number, store
-        self.export = Export(store)
-        self.priority = slice_priority(gpu.daemon.cfg["priority"], number)
-        self.fdname = f"{FDNAME_PREFIX}-{gpu.info['uuid']}-{number}"
-        self.index = self.device = self.swap_device = self.crypt = self.backend = self.attach_kind = None
-        self.swap_on = False
-        self.undo = []
-
-    @property
-    def name(self):
-        return f"slice {self.number} of GPU {self.gpu.info['index']}"
-
-    def used_kib(self, swaps):
-        found = find_swap(self.swap_device, swaps=swaps) if self.swap_device else None
-        return found[1][1] if found else 0
-
-    def run_undo(self):
-        def failed(what):
-            if what.startswith("end the connections"):
-                # Something may still serve from this VRAM: freeing it now could serve garbage.
-                log.error("%s: leaving its VRAM allocated; the driver reclaims it when the daemon exits", self.name)
-                self.undo[:] = [u for u in self.undo if not u[0].startswith("free")]
-        run_undo(self.undo, self.name, failed)
-
-    def describe(self, swaps=None):
-        d = {"gpu": self.gpu.info["uuid"], "gpu_index": self.gpu.info["index"], "number": self.number,
-             "fdname": self.fdname, "index": self.index, "device": self.device, "swap_device": self.swap_device,
-             "size_bytes": self.store.size_bytes, "priority": self.priority, "encrypted": bool(self.crypt), "mapping": self.crypt,
-             "backend": self.backend, "attach": self.attach_kind, "swap_on": self.swap_on,
-             "connections": self.gpu.daemon.cfg["connections"], "allocation": self.store.kind}
-        if swaps is not None:
-            d["used_bytes"] = self.used_kib(swaps) * 1024
-        return d
-
-
-class SliceMemory:
-    """A slice's VRAM as the daemon sees it: the GPU process maps it (at dptr, in its own address
-    space) and frees it when asked; the daemon holds the exported fd (None with cuMemAlloc), which
-    systemd's fd store keeps a copy of."""
-
-    def __init__(self, gpu, number, size_bytes, dptr, fd):
-        self.gpu, self.number, self.size_bytes, self.dptr, self.fd = gpu, number, size_bytes, dptr, fd
-        self.freed = False
-
-    @property
-    def kind(self):
-        return "cuMemCreate+fd" if self.fd is not None else "cuMemAlloc"
-
-    def free(self, scrub=True):
-        """Zero the memory (the next CUDA program must not read swapped-out secrets), then free it."""
-        if self.freed:
-            return
-        self.freed = True
-        try:
-            self.gpu.gpu_call(CTL_FREE, self.number, int(scrub))
-            log.info("freed %s of VRAM (slice %d of %s)", format_size(self.size_bytes), self.number, self.gpu.label)
-        finally:
-            if self.fd is not None:
-                os.close(self.fd)
-                self.fd = None
-
-
-class GpuShare:
-    """One GPU's part of the daemon: its GPU process, worker processes and slices."""
-
-    def __init__(self, daemon, ordinal, cuda, dev):
-        self.daemon, self.ordinal, self.cuda, self.dev = daemon, ordinal, cuda, dev
-        self.info = cuda.device_info(dev)
-        self.vmm = (cuda.has_vmm and cuda.attribute(CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED, dev)
-                    and cuda.attribute(CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED, dev))
-        cfg = daemon.cfg
-        self.sizes = slice_sizes(cfg["size"], cfg["slice_size"])
-        self.ceiling = len(self.sizes)      # most slices allowed now (shrink/grow move it)
-        self.slices = {}                    # number -> Slice
-        self.workers, self.spare = [], None
-        self.spare_retry_at = None          # the spare failed to start: when to try again
-        self.heal_retry_at = 0.0            # a connection could not be replaced: not before then
-        self.gpu_proc = None                # WorkerProc of the GPU process: the one CUDA context
-        self.calm_since = None
-        self.free_bytes = None
-        self.failed = None                  # why this GPU was given up
-        self.io_errors_seen = 0
-        self.fault_swapoff_at = None
-        self.last_action = None
-        self.undo = []
-
-    @property
-    def label(self):
-        return f"GPU {self.info['index']}"
-
-    @property
-    def slots(self):
-        return range(1 + self.ordinal * WORKER_SLOTS, 1 + (self.ordinal + 1) * WORKER_SLOTS)
-
-    def held_bytes(self):
-        return sum(s.store.size_bytes for s in self.slices.values())
-
-    def mem_free(self):
-        """Free VRAM on this GPU now (the last known figure if the GPU process cannot answer)."""
-        try:
-            answer, _ = self.gpu_call(CTL_MEMINFO)
-        except Fatal as e:
-            log.warning("%s", e)
-            return self.free_bytes or 0
-        self.free_bytes = struct.unpack("=QQ", answer)[0]
-        return self.free_bytes
-
-    def gpu_call(self, tag, *fields, fds=()):
-        if self.gpu_proc is None:
-            raise Fatal(f"{self.label}: its GPU process is not running")
-        return ctl_call(self.gpu_proc.ctl, tag, *fields, fds=fds, who=f"{self.label}'s GPU process")
-
-    def free_number(self):
-        """The lowest slice number not in use (a slice taken back gets the place of one released)."""
-        return next(n for n in range(len(self.sizes) + 1) if n not in self.slices)
-
-    # -- VRAM -----------------------------------------------------------------------------
-
-    def allocate(self, number, reserve=None):
-        """A new slice's VRAM, or None (logged) if the GPU cannot give it (above the reserve)."""
-        want = self.sizes[number]
-        if reserve is not None and self.mem_free() - want < reserve:
-            log.info("%s: slice %d (%s) not taken: %s free, the reserve is %s", self.label, number,
-                     format_size(want), format_size(self.free_bytes), format_size(reserve))
-            return None
-        try:
-            answer, fds = self.gpu_call(CTL_ALLOC, number, want)
-        except Fatal as e:
-            log.info("%s: slice %d (%s) not taken: %s (%s free)", self.label, number, format_size(want),
-                     getattr(e, "why", e), format_size(self.mem_free()))
-            return None
-        return SliceMemory(self, number, want, _U64.unpack(answer)[0], fds[0] if fds else None)
-
-    def import_slice(self, number, fd, size):
-        """A slice stored by a daemon before this one (crash restart, upgrade): mapped again, pages and all."""
-        try:
-            answer, _ = self.gpu_call(CTL_IMPORT, number, size, fds=[fd])
-        except BaseException:
-            os.close(fd)
-            raise
-        return SliceMemory(self, number, size, _U64.unpack(answer)[0], fd)
-
-    # -- serving processes ----------------------------------------------------------------
-
-    def start_gpu_process(self):
-        """The process that holds this GPU's CUDA context; ready on return."""
-        cfg = self.daemon.cfg
-        proc, ctl = spawn_worker(cfg["libcuda"], cfg["buffer_size"], lock=True, debug=cfg["debug"],
-                                 realtime=cfg["realtime"], gpu=self.info["uuid"])
-        wait_worker_ready(proc, ctl)
-        self.gpu_proc = WorkerProc(proc, ctl, 0, None)
-        log.info("%s: GPU process: pid %d", self.label, proc.pid)
-
-    def _stop_gpu_process(self):
-        gp, self.gpu_proc = self.gpu_proc, None
-        if gp is None:
-            return
-        gp.ctl.close()          # with no worker left, it exits
-        try:
-            gp.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            raise Fatal(f"the GPU process {gp.proc.pid} did not exit after its workers") from None
-
-    def start_workers(self):
-        """The worker processes that will serve every slice of this GPU; ready on return."""
-        cfg = self.daemon.cfg
-        n = min(cfg["workers"] or default_workers(cfg["connections"]), cfg["connections"])
-        self.workers = [self._spawn(w + 1) for w in range(n)]
-        self.undo.append((f"stop the workers of {self.label}", self._join_workers))
-        log.info("%s: %d worker process%s: pids %s", self.label, n, "" if n == 1 else "es",
-                 " ".join(str(w.proc.pid) for w in self.workers))
-
-    def _spawn(self, index, standby=0):
-        cfg = self.daemon.cfg
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            self.gpu_call(CTL_CLIENT, index, fds=[mine.fileno()])
-            proc, ctl = spawn_worker(cfg["libcuda"], cfg["buffer_size"], lock=True, debug=cfg["debug"], index=index,
-                                     standby=standby, realtime=cfg["realtime"], gpu=self.info["uuid"],
-                                     slot=self.slots[index], copier=theirs)
-        finally:
-            mine.close()
-            theirs.close()
-        wait_worker_ready(proc, ctl)
-        return WorkerProc(proc, ctl, index, self.slots[index])
-
-    def spawn_spare(self):
-        """A worker with every slice mapped and buffers for the busiest worker's connections, ready
-        before any worker dies: taking over then needs no new process and no memory."""
-        if not self.workers:
-            return
-        n = max([w.nconns for w in self.workers] + [self.daemon.cfg["connections"]])
-        spare = None
-        try:
-            spare = self._spawn(0, standby=n)
-            self._map_all(spare.ctl, "spare worker")
-        except Fatal as e:
-            log.warning("%s: no spare worker (%s): a dead worker would be replaced by a new process; "
-                        "trying again in %.0f s", self.label, e, SPARE_RETRY_S)
-            if spare is not None:
-                spare.ctl.close()
-                spare.proc.kill()
-                spare.proc.wait()
-            self.spare_retry_at = time.monotonic() + SPARE_RETRY_S
-            return
-        self.spare_retry_at = None
-        spare.pool = n
-        self.spare = spare
-        log.info("%s: spare worker ready: pid %d", self.label, spare.proc.pid)
-
-    def stop_spare(self):
-        if self.spare:
-            spare, self.spare = self.spare, None
-            spare.ctl.close()           # it exits on EOF: it serves nothing
-            try:
-                spare.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                spare.proc.kill()
-                spare.proc.wait()
-
-    def _join_workers(self):
-        self.stop_spare()
-        for w in self.workers:
-            w.ctl.close()               # with no connection left, it exits
-        for w in self.workers:
-            try:
-                w.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                raise Fatal(f"worker {w.proc.pid} did not exit after the devices were disconnected") from None
-        self.workers = []
-
-    def serve(self, sl, socks):
-        """Have the workers serve SL's connections SOCKS."""
-        for w in self.workers + ([self.spare] if self.spare else []):
-            self._map(w.ctl, sl, f"worker pid {w.proc.pid}")
-        for k, w in enumerate(self.workers):
-            mine = socks[k::len(self.workers)]
-            if mine:
-                ctl_call(w.ctl, CTL_SERVE, sl.number, len(mine), fds=[s.fileno() for s in mine],
-                         who=f"worker {w.index}")
-                w.conns[sl.number] = len(mine)
-        for s in socks:
-            s.close()           # the workers have them now
-        busiest = max(w.nconns for w in self.workers)
-        if self.spare and busiest > self.spare.pool:
-            try:
-                ctl_call(self.spare.ctl, CTL_POOL, busiest, who="spare worker")
-                self.spare.pool = busiest
-            except Fatal as e:
-                log.warning("%s: %s", self.label, e)
-        sl.undo.append((f"end the connections of {sl.name}", lambda: self._drop(sl)))
-
-    def _drop(self, sl):
-        """After the disconnect: every worker forgets the slice (its connections have ended)."""
-        for w in self.workers + ([self.spare] if self.spare else []):
-            if w.proc.poll() is None:
-                ctl_call(w.ctl, CTL_DROP, sl.number, who=f"worker pid {w.proc.pid}")
-            w.conns.pop(sl.number, None)
-
-    @staticmethod
-    def _map(ctl, sl, who):
-        ctl_call(ctl, CTL_SLICE, sl.number, sl.store.size_bytes, sl.store.dptr, who=who)
-
-    def _map_all(self, ctl, who):
-        """Every slice of this GPU made known to a new worker (or spare)."""
-        for sl in self.slices.values():
-            self._map(ctl, sl, who)
-
-    @staticmethod
-    def _give(ctl, pairs, who):
-        """{slice number: [(ours, kernel's)]}: our ends to a worker, to serve."""
-        for sid, ps in pairs.items():
-            ctl_call(ctl, CTL_SERVE, sid, len(ps), fds=[ours.fileno() for ours, _ in ps], who=who)
-
-    def respawn(self, k):
-        """Worker k died: new sockets for its connections (NBD_CMD_RECONFIGURE), served by the spare or a new process."""
-        d, dead = self.daemon, self.workers[k]
-        log.error("%s: worker %d (pid %d) exited with %s; its %d connection%s to the kernel died: starting a new one",
-                  self.label, dead.index, dead.proc.pid, dead.proc.returncode, dead.nconns, "" if dead.nconns == 1 else "s")
-        dead.ctl.close()
-        pairs = {sid: [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(n)]
-                 for sid, n in dead.conns.items() if sid in self.slices}
-        spare, self.spare = self.spare, None
-        new = None
-        if spare and spare.proc.poll() is None:
-            # The spare takes over: no new process (and no memory) needed while swap is stalled.
-            try:
-                self._give(spare.ctl, pairs, "spare worker")
-                ctl_call(spare.ctl, CTL_BECOME, dead.index, dead.slot, who="spare worker")
-                new = WorkerProc(spare.proc, spare.ctl, dead.index, dead.slot)
-            except Fatal as e:
-                log.error("%s: %s; starting a new worker instead", self.label, e)
-                spare.ctl.close()
-                spare.proc.kill()
-                spare.proc.wait()
-                for ps in pairs.values():       # the spare may hold some of them: new pairs for a new worker
-                    for ours, kernel in ps:
-                        ours.close()
-                        kernel.close()
-                pairs = {sid: [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in ps]
-                         for sid, ps in pairs.items()}
-        if new is None:
-            new = self._spawn(dead.index)
-            self._map_all(new.ctl, f"worker {dead.index}")
-            self._give(new.ctl, pairs, f"worker {dead.index}")
-        new.conns = {sid: len(ps) for sid, ps in pairs.items()}
-        self.workers[k] = new
-        for ps in pairs.values():
-            for ours, _ in ps:
-                ours.close()
-        for sid, ps in pairs.items():
-            sl = self.slices[sid]
-            try:
-                reconfigure(sl.index, [kernel for _, kernel in ps], sl.backend, timeout_s=30)
-                log.info("%s: worker %d restarted (pid %d); %s has its connections back", self.label, new.index,
-                         new.proc.pid, sl.device)
-            except OSError as e:
-                log.error("NBD_CMD_RECONFIGURE of %s failed: %s; worker %d's connections stay dead (the kernel "
-                          "sends their I/O over the others); restart the service when swap is idle",
-                          sl.device, e.strerror, new.index)
-            for _, kernel in ps:
-                kernel.close()
-        self.spawn_spare()      # swap works again: a new process can get its memory
-        d._write_state()        # the worker pids a restart after a crash must stop
-
-    def heal(self, w, counters):
-        """Connections the kernel gave up on (a request past its timeout marks one dead; the device
-        serves on over the others): new sockets for them (NBD_CMD_RECONFIGURE), so that a stall
-        under pressure does not leave the device degraded for good.  Cheap when nothing ended: the
-        worker is asked only when its live count in the counters is short."""
-        if counters is None or w.slot is None or time.monotonic() < self.heal_retry_at:
-            return
-        if sum_counters(counters, {w.slot})[1] >= w.nconns:
-            return
-        try:
-            answer, _ = ctl_call(w.ctl, CTL_ENDED, who=f"worker {w.index}")
-        except Fatal as e:
-            log.warning("%s: %s", self.label, e)
-            return
-        for off in range(0, len(answer), CTL_ENDED_ITEM.size):
-            sid, n = CTL_ENDED_ITEM.unpack_from(answer, off)
-            sl = self.slices.get(sid)
-            if sl is None:
-                continue
-            w.conns[sid] = w.conns.get(sid, n) - n
-            if sl.attach_kind != "netlink":
-                log.error("%s: %d connection%s of %s ended (a request past the kernel's timeout?); with the "
-                          "ioctl attach it cannot get new ones: restart the service when swap is idle",
-                          self.label, n, "" if n == 1 else "s", sl.device)
-                continue
-            pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(n)]
-            try:
-                ctl_call(w.ctl, CTL_SERVE, sid, n, fds=[ours.fileno() for ours, _ in pairs], who=f"worker {w.index}")
-                w.conns[sid] += n
-                reconfigure(sl.index, [kernel for _, kernel in pairs], sl.backend, timeout_s=10)
-                log.warning("%s: the kernel gave up on %d connection%s of %s (a request past its timeout): "
-                            "gave it %s new", self.label, n, "" if n == 1 else "s", sl.device,
-                            "a" if n == 1 else n)
-            except (Fatal, OSError) as e:
-                log.error("%s: %d connection%s of %s ended and could not be replaced (%s); trying again in "
-                          "%.0f s", self.label, n, "" if n == 1 else "s", sl.device,
-                          getattr(e, "strerror", None) or e, HEAL_RETRY_S)
-                self.heal_retry_at = time.monotonic() + HEAL_RETRY_S
-            finally:
-                for ours, kernel in pairs:
-                    ours.close()
-                    kernel.close()
-
-    def check_workers(self):
-        if self.gpu_proc is not None and self.gpu_proc.proc.poll() is not None:
-            self.restart_gpu_process()
-        for k, w in enumerate(self.workers):
-            if w.proc.poll() is not None:
-                self.respawn(k)
-            else:
-                self.heal(w, self.daemon.counters)
-        if self.spare and self.spare.proc.poll() is not None:
-            log.warning("%s: the spare worker (pid %d) exited with %s: starting another", self.label,
-                        self.spare.proc.pid, self.spare.proc.returncode)
-            self.spare.ctl.close()
-            self.spare = None
-            self.spawn_spare()
-            self.daemon._write_state()
-        elif self.spare is None and self.spare_retry_at is not None and time.monotonic() >= self.spare_retry_at:
-            self.spawn_spare()
-            if self.spare:
-                self.daemon._write_state()
-
-    def restart_gpu_process(self):
-        """The GPU process died: every worker's copies died with it.  A new one maps every slice again
-        from the daemon's fds (the pages are still there), then every worker is replaced and the
-        kernel gets new sockets for every connection (NBD_CMD_RECONFIGURE)."""
-        dead = self.gpu_proc
-        log.error("%s: the GPU process (pid %d) exited with %s; every connection of this GPU stalls until "
-                  "it is replaced: starting a new one", self.label, dead.proc.pid, dead.proc.returncode)
-        dead.ctl.close()
-        self.gpu_proc = None
-        if not self.vmm:
-            raise Fatal(f"{self.label}: the GPU process died, and with cuMemAlloc (no exportable VRAM) the "
-                        "swapped pages died with it")
-        self.start_gpu_process()
-        for sl in self.slices.values():
-            fd = os.dup(sl.store.fd)
-            answer, _ = self.gpu_call(CTL_IMPORT, sl.number, sl.store.size_bytes, fds=[fd])
-            os.close(fd)
-            sl.store.dptr = _U64.unpack(answer)[0]
-        if self.spare:
-            self.spare.proc.kill()
-            self.stop_spare()
-        for w in self.workers:
-            w.proc.kill()       # its copies went to the dead process: none of its connections can be served
-            w.proc.wait()
-        for k in range(len(self.workers)):
-            self.respawn(k)
-
-    def stop(self):
-        """After its slices are gone: the workers' undo steps."""
-        run_undo(self.undo, "stopping")
-
-    def worker_pids(self):
-        return ([w.proc.pid for w in self.workers] + ([self.spare.proc.pid] if self.spare else [])
-                + ([self.gpu_proc.proc.pid] if self.gpu_proc else []))
-
-    def describe(self):
-        return dict(self.info, ordinal=self.ordinal, free_bytes=self.free_bytes, ceiling=self.ceiling,
-                    max_slices=len(self.sizes), held_bytes=self.held_bytes(), failed=self.failed,
-                    last_action=self.last_action, worker_pids=self.worker_pids())
+def gpu_specs(text, count):
+    """The gpus setting as a list of --gpu specs: 'all' is every index."""
+    text = str(text).strip()
+    if text.lower() == "all":
+        if count == 0:
+            raise NoGpuError("no NVIDIA GPU found: check `nvidia-smi`")
+        return [str(i) for i in range(count)]
+    return [s.strip() for s in text.split(",") if s.strip()]
 
 
 class Daemon:
@@ -5056,6 +5273,7 @@ class Daemon:
 
     def __init__(self, settings, power=None, reload=None, stored_fds=None):
         self.cfg = settings
+        self.slice_settings = SliceSettings.from_config(settings)
         self.stored_fds = dict(stored_fds or {})     # from systemd's fd store: a restart after a crash
         self.power = power or PowerPolicy(settings)
         self.reload = reload or (lambda: None)      # SIGHUP: re-read the power settings
@@ -5080,7 +5298,7 @@ class Daemon:
     def swap_on(self):
         return any(sl.swap_on for sl in self.slices)
 
-    # -- startup ------------------------------------------------------------------------
+    # -- start: in call order -----------------------------------------------------------
 
     def start(self):
         cfg = self.cfg
@@ -5118,7 +5336,7 @@ class Daemon:
                 store = g.import_slice(s["number"], self.stored_fds.pop(s["fdname"]), s["size_bytes"])
                 log.info("%s: took back slice %d (%s of VRAM) from systemd's fd store, with the swapped pages in it",
                          g.label, s["number"], format_size(store.size_bytes))
-                prepared.append((self._prepare_slice(g, s["number"], store), s))
+                prepared.append((Slice.prepare(g, s["number"], store, self.slice_settings), s))
                 if s["fdname"] == OLD_FDNAME:
                     # Stored again under the slice's name just now: drop systemd's copy under the old one.
                     sd_notify("FDSTOREREMOVE=1", f"FDNAME={OLD_FDNAME}")
@@ -5129,7 +5347,7 @@ class Daemon:
                     store = g.allocate(number, cfg["reserve"])
                     if store is None:
                         break
-                    prepared.append((self._prepare_slice(g, number, store), None))
+                    prepared.append((Slice.prepare(g, number, store, self.slice_settings), None))
             g.spawn_spare()
         total = sum(sl.store.size_bytes for (sl, _), _ in prepared)
         if not adopt and total < cfg["min_size"]:
@@ -5156,9 +5374,9 @@ class Daemon:
             self.adopted_at = time.time()
         for (sl, kernel_ends), s in prepared:
             if s:
-                self._reattach(sl, s, kernel_ends)
+                sl.reattach(s, kernel_ends)
             else:
-                self._attach(sl, kernel_ends)
+                sl.attach(kernel_ends)
             for k in kernel_ends:
                 k.close()      # the kernel holds its own references now
         self._write_state()
@@ -5169,7 +5387,7 @@ class Daemon:
         if self.sysctl_saved:
             self.undo.append(("restore sysctls", self._restore_sysctls))
         for (sl, _), s in prepared:
-            self._swap_on(sl, s)
+            sl.enable_swap(s)
         self._memory_clock_cap()
         for g in self.gpus:
             g.mem_free()        # for status: what is free now that every slice is taken
@@ -5177,16 +5395,6 @@ class Daemon:
         status = self._status_line()
         sd_notify("READY=1", f"STATUS={status}")
         log.info("ready: %s", status)
-
-    def _status_line(self):
-        parts = []
-        for g in self.gpus:
-            if g.slices:
-                devs = ", ".join(sl.swap_device for sl in sorted(g.slices.values(), key=lambda s: s.number))
-                parts.append(f"{format_size(g.held_bytes())} of {g.label} on {devs}")
-        enc = " (encrypted)" if any(sl.crypt for sl in self.slices) else ""
-        return (f"serving {'; '.join(parts) or 'nothing'}{enc}, swap priority {self.cfg['priority']} and down, "
-                f"{self.cfg['connections']} connections a slice")
 
     def _open_gpus(self, cuda, adopted_uuids):
         specs = gpu_specs(self.cfg["gpus"], cuda.device_count())
@@ -5196,176 +5404,13 @@ class Daemon:
             if dev not in devs:
                 devs.append(dev)
         for dev in devs:
-            g = GpuShare(self, len(self.gpus), cuda, dev)
+            g = GpuShare(len(self.gpus), cuda, dev, GpuSettings.from_config(self.cfg), self.slice_settings,
+                         counters=lambda: self.counters, state_changed=self._write_state)
             self.gpus.append(g)
             log.info("%s: %s (%s, %s), %s", g.label, g.info["name"], g.info["uuid"], g.info["pci_bus_id"],
                      format_size(g.info["total_bytes"]))
         if len(self.gpus) > MAX_GPUS:
             raise ConfigError(f"gpus: {len(self.gpus)} GPUs; at most {MAX_GPUS} are supported")
-
-    def _prepare_slice(self, g, number, store):
-        """Everything of a slice that comes before the kernel: fd stored, workers serving its sockets.
-        Returns (slice, the kernel's ends of the socketpairs)."""
-        sl = Slice(g, number, store)
-        g.slices[number] = sl
-        sl.undo.append((f"free the VRAM of {sl.name}", store.free))
-        # FDPOLL=0: systemd polls a stored fd and drops it, silently (a debug line), on EPOLLERR or
-        # EPOLLHUP, which is meant for sockets.  This fd is memory, not a connection: a driver's
-        # poll (sysfs, seen under systemd 252) must not take the VRAM and its pages out of the store.
-        if store.fd is not None and sd_notify("FDSTORE=1", "FDPOLL=0", f"FDNAME={sl.fdname}", fds=[store.fd]):
-            # systemd keeps a reference: if this process dies, the memory and the pages in it
-            # survive, and the restarted daemon gets the fd back (LISTEN_FDS) and reattaches.
-            sl.undo.append((f"drop the stored fd of {sl.name}",
-                            lambda: sd_notify("FDSTOREREMOVE=1", f"FDNAME={sl.fdname}")))
-        pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(self.cfg["connections"])]
-        g.serve(sl, [ours for ours, _ in pairs])
-        return sl, [k for _, k in pairs]
-
-    def _swap_on(self, sl, old=None):
-        """dm-crypt (encrypt = yes) and swapon, for a slice attached to the kernel."""
-        cfg = self.cfg
-        sl.swap_device = sl.device
-        if cfg["encrypt"] or (old and old.get("encrypted")):
-            name = crypt_name(sl.index)
-            if old and os.path.exists(f"/dev/mapper/{name}"):
-                # The dead daemon's mapping, its key still in the kernel: the swapped pages read back through it.
-                sl.swap_device = f"/dev/mapper/{name}"
-            else:
-                sl.swap_device = crypt_open(sl.device, name, cfg["discard"])
-            sl.crypt = name
-            # Pushed after the disconnect, so run before it: swapoff, close, disconnect, free.
-            sl.undo.append((f"close the dm-crypt mapping {name}", lambda: crypt_close(name)))
-        if old and find_swap(sl.swap_device):
-            log.info("%s is still swap: nothing lost", sl.swap_device)
-        else:
-            swap_enable(sl.swap_device, sl.priority, cfg["discard"])
-        sl.swap_on = True
-
-    def _add_slice(self, g):
-        """Take one more slice on G (the reserve allows it): allocate, serve, attach, swapon."""
-        number = g.free_number()
-        store = g.allocate(number, self.cfg["reserve"])
-        if store is None:
-            return False
-        sl, kernel_ends = self._prepare_slice(g, number, store)
-        try:
-            self._attach(sl, kernel_ends)
-            self._swap_on(sl)
-        except Exception:
-            for k in kernel_ends:
-                k.close()
-            sl.run_undo()
-            del g.slices[number]
-            raise
-        for k in kernel_ends:
-            k.close()
-        g.last_action = f"{time.strftime('%H:%M:%S')} took slice {number} ({format_size(store.size_bytes)}) on {sl.swap_device}"
-        log.info("%s: took slice %d back: %s on %s, swap priority %d", g.label, number,
-                 format_size(store.size_bytes), sl.swap_device, sl.priority)
-        return True
-
-    def _release_slice(self, sl, why):
-        """swapoff (never forced), then the slice's undo steps.  False if swapoff failed."""
-        g = sl.gpu
-        if sl.swap_on:
-            used = sl.used_kib(active_swaps())
-            log.info("%s: releasing %s (%s): swapoff %s (%s of pages on it)", g.label, sl.name, why, sl.swap_device,
-                     format_size(used * 1024))
-            t0 = time.monotonic()
-            if not swap_disable(sl.swap_device):
-                log.warning("%s: swapoff %s failed (RAM cannot take its pages back now); %s stays", g.label,
-                            sl.swap_device, sl.name)
-                return False
-            sl.swap_on = False
-            log.info("%s: swapoff %s took %.1f s for %s", g.label, sl.swap_device, time.monotonic() - t0,
-                     format_size(used * 1024))
-        sl.run_undo()
-        del g.slices[sl.number]
-        g.last_action = f"{time.strftime('%H:%M:%S')} released slice {sl.number} ({why})"
-        log.info("%s: %s released (%s); %s of VRAM still swap on this GPU", g.label, sl.name, why,
-                 format_size(g.held_bytes()))
-        return True
-
-    def _reattach(self, sl, old, socks):
-        """NBD_CMD_RECONFIGURE: new sockets for the device the dead daemon served."""
-        sl.index, sl.device, sl.backend, sl.attach_kind = old["index"], old["device"], old["backend"], "netlink"
-        try:
-            reconfigure(sl.index, socks, sl.backend, timeout_s=60)
-        except OSError as e:
-            raise NbdKernelError(f"reattach {sl.device}: NBD_CMD_RECONFIGURE failed: {e.strerror}; its swap "
-                                 f"waits for dead_conn_timeout, then fails") from None
-        sl.undo.append((f"disconnect {sl.device}", lambda: self._detach_netlink(sl)))
-        log.info("reattached %s with %d new connections", sl.device, len(socks))
-
-    def _attach(self, sl, socks):
-        cfg, size, flags = self.cfg, sl.export.size, sl.export.flags
-        backend = sl.backend = f"nbd-vram:{os.getpid()}:{sl.gpu.info['uuid']}:{sl.number}"
-        if cfg["attach"] in ("auto", "netlink"):
-            try:
-                nl = NbdNetlink()
-            except NbdKernelError:
-                if cfg["attach"] == "netlink":
-                    raise
-                log.info("netlink nbd is missing; attaching with the classic ioctls")
-            else:
-                try:
-                    sl.index = nl.connect(socks, size, flags, dead_conn_timeout_s=cfg["dead_conn_timeout"],
-                                          backend=backend)
-                except OSError as e:
-                    raise NbdKernelError(f"attach: NBD_CMD_CONNECT failed: {e.strerror} "
-                                         f"({'are you root?' if e.errno == errno.EPERM else 'check dmesg'})") from None
-                finally:
-                    nl.close()
-                sl.attach_kind = "netlink"
-                sl.undo.append((f"disconnect /dev/nbd{sl.index}", lambda: self._detach_netlink(sl)))
-        if sl.index is None:
-            ia = IoctlAttach()
-            sl.index = ia.connect(socks, size, flags)
-            sl.attach_kind = "ioctl"
-            sl.undo.append((f"disconnect /dev/nbd{sl.index}", ia.disconnect))
-        sl.device = f"/dev/nbd{sl.index}"
-        want = str(size // 512)
-        deadline = time.monotonic() + 10
-        while _read(f"/sys/block/nbd{sl.index}/size") != want or not os.path.exists(sl.device):
-            if time.monotonic() > deadline:
-                raise NbdKernelError(f"attach {sl.device}: the kernel did not show the device's size in 10 s "
-                                     "(check dmesg)")
-            time.sleep(0.05)
-        log.info("attached %s (%s, %s, %d connections): %s", sl.device, format_size(size), sl.attach_kind,
-                 len(socks), sl.name)
-
-    @staticmethod
-    def _detach_netlink(sl):
-        nl = NbdNetlink()
-        try:
-            nl.disconnect(sl.index)
-        finally:
-            nl.close()
-        log.info("disconnected %s", sl.device)
-
-    def _restore_sysctls(self):
-        for key, old in self.sysctl_saved.items():
-            try:
-                sysctl_set(key, old)
-            except OSError as e:
-                log.warning("could not restore vm.%s to %s: %s", key, old, e.strerror)
-
-    def _memory_clock_cap(self):
-        mhz = self.cfg["memory_clock_max"]
-        if mhz is None:
-            return
-        if self.nvml is None:
-            log.warning("memory_clock_max = %d: NVML (libnvidia-ml.so.1) is not available, so the memory clock "
-                        "is not capped; install the driver's NVML library or set memory_clock_max = off", mhz)
-            return
-        for g in self.gpus:
-            try:
-                got = self.nvml.lock_memory_clock(g.info["uuid"], mhz)
-            except NvmlError as e:
-                log.warning("%s: memory clock not capped: %s", g.label, e)
-                continue
-            log.info("%s: memory clock capped at %d MHz (memory_clock_max = %d)", g.label, got, mhz)
-            self.undo.append((f"reset the memory clock of {g.label}", lambda g=g: self.nvml.reset_memory_clock(g.info["uuid"])))
 
     def _open_counters(self):
         path = os.path.join(runtime_dir(), "counters")
@@ -5376,12 +5421,6 @@ class Daemon:
         finally:
             os.close(fd)
         self.undo.append(("remove counters", lambda: os.unlink(path)))
-
-    def _update_counters(self):
-        """Slices served from threads of this process (no workers): their counters, one slot a GPU."""
-        for g in self.gpus:
-            if not g.workers:
-                _publish_counters(self.counters, g.slots[0], [sl.export for sl in g.slices.values()])
 
     def _write_state(self):
         if self.started is None:
@@ -5417,7 +5456,41 @@ class Daemon:
             state["request"] = self.request
         write_json(state_path(), state)
 
-    # -- serving ------------------------------------------------------------------------
+    def _restore_sysctls(self):
+        for key, old in self.sysctl_saved.items():
+            try:
+                sysctl_set(key, old)
+            except OSError as e:
+                log.warning("could not restore vm.%s to %s: %s", key, old, e.strerror)
+
+    def _memory_clock_cap(self):
+        mhz = self.cfg["memory_clock_max"]
+        if mhz is None:
+            return
+        if self.nvml is None:
+            log.warning("memory_clock_max = %d: NVML (libnvidia-ml.so.1) is not available, so the memory clock "
+                        "is not capped; install the driver's NVML library or set memory_clock_max = off", mhz)
+            return
+        for g in self.gpus:
+            try:
+                got = self.nvml.lock_memory_clock(g.info["uuid"], mhz)
+            except NvmlError as e:
+                log.warning("%s: memory clock not capped: %s", g.label, e)
+                continue
+            log.info("%s: memory clock capped at %d MHz (memory_clock_max = %d)", g.label, got, mhz)
+            self.undo.append((f"reset the memory clock of {g.label}", lambda g=g: self.nvml.reset_memory_clock(g.info["uuid"])))
+
+    def _status_line(self):
+        parts = []
+        for g in self.gpus:
+            if g.slices:
+                devs = ", ".join(sl.swap_device for sl in sorted(g.slices.values(), key=lambda s: s.number))
+                parts.append(f"{format_size(g.held_bytes())} of {g.label} on {devs}")
+        enc = " (encrypted)" if any(sl.crypt for sl in self.slices) else ""
+        return (f"serving {'; '.join(parts) or 'nothing'}{enc}, swap priority {self.cfg['priority']} and down, "
+                f"{self.cfg['connections']} connections a slice")
+
+    # -- serve until told to stop, and the checks of every round ---------------------------
 
     def loop(self):
         """Serve until a stop signal (EXIT_OK), the power policy's release (RELEASED), GPU failures
@@ -5454,7 +5527,100 @@ class Daemon:
                 self.next_elastic = time.monotonic() + self.cfg["vram_poll"]
                 self._elastic()
 
-    # -- elastic VRAM ---------------------------------------------------------------------
+    def _update_counters(self):
+        """Slices served from threads of this process (no workers): their counters, one slot a GPU."""
+        for g in self.gpus:
+            if not g.workers:
+                _publish_counters(self.counters, g.slots[0], [sl.export for sl in g.slices.values()])
+
+    def _take_request(self):
+        """`nbd_vram.py shrink/grow SIZE`: move the ceilings, then release or take slices until they hold."""
+        path = request_path()
+        try:
+            with open(path) as f:
+                req = json.load(f)
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            log.warning("ignoring an unreadable shrink/grow request %s: %s", path, e)
+            return
+        op, nbytes = req.get("op"), int(req.get("bytes") or 0)
+        units = max(1, -(-nbytes // self.cfg["slice_size"]))
+        live = [g for g in self.gpus if not g.failed]
+        moved = move_ceilings(live, op, units)
+        log.info("%s %s requested: slices allowed now %s", op, format_size(nbytes),
+                 ", ".join(f"{g.label} {g.ceiling} of {len(g.sizes)}" for g in self.gpus))
+        done = []
+        for _ in range(units * len(self.gpus) + len(self.gpus)):
+            step = self._elastic(hurry=True)
+            done += step
+            if not step or any(s.startswith("could not") for s in step):
+                break
+        held = sum(g.held_bytes() for g in self.gpus)
+        # Done when every GPU is at or under its ceiling (shrink), and every GPU whose ceiling was
+        # raised has reached it (grow); a GPU held under its ceiling by the reserve is not this request's.
+        ok = all(len(g.slices) <= g.ceiling for g in live) and all(len(g.slices) >= g.ceiling for g in moved
+                                                                      if op == "grow")
+        failed = [s for s in done if s.startswith("could not")]
+        if not ok and not failed:
+            failed = ["not every GPU reached its new size (out of VRAM, or the reserve)"]
+        self.request = {"id": req.get("id"), "op": op, "bytes": nbytes, "ok": ok, "done": done, "held_bytes": held,
+                        "result": "; ".join([f"{format_size(held)} of VRAM is swap now"] + failed)}
+        self._write_state()
+
+    def _power_check(self):
+        """Ask the power policy; if it wants VRAM swap gone, swapoff every slice.  True when all are off."""
+        if self.power.evaluate() or not self.swap_on:
+            self._write_state()
+            return False
+        why = self.power.why
+        log.info("power: releasing VRAM swap (%s)", why)
+        sd_notify(f"STATUS=releasing VRAM swap ({why})")
+        for sl in sorted(self.slices, key=lambda s: -s.priority):
+            if sl.swap_on and not swap_disable(sl.swap_device):
+                # Never forced: the pages on VRAM belong to running processes.
+                self.release_failed = (time.time(),
+                                       f"swapoff {sl.swap_device} failed: RAM cannot take the swapped pages back now")
+                log.warning("power: VRAM swap stays on (%s); trying again in %d s", self.release_failed[1],
+                            self.power.poll_s)
+                sd_notify(f"STATUS=serving; power wants VRAM swap released ({why}) but swapoff failed; retrying")
+                self._write_state()
+                return False
+            sl.swap_on = False
+        self.power.released = not self.power.sleeping
+        return True     # stop() then closes the mappings, disconnects and frees
+
+    def _gpu_fault_check(self):
+        """CUDA errors on I/O (each already an EIO to its request): move swap off that GPU while RAM
+        allows, and give the GPU up; the others serve on.  True once no GPU is left."""
+        for g in self.gpus:
+            if g.failed:
+                continue
+            errors = sum_counters(self.counters, set(g.slots))[0]["io_errors"]
+            new, g.io_errors_seen = errors > g.io_errors_seen, errors    # a replaced worker's slot restarts at 0
+            if not (new or g.fault_swapoff_at) or not g.slices:
+                continue
+            if g.fault_swapoff_at and time.monotonic() < g.fault_swapoff_at:
+                continue
+            log.error("%s: %d GPU I/O errors (the requests got EIO; see the lines above): moving its swap off "
+                      "the GPU, back into RAM (swapoff)", g.label, errors)
+            sd_notify(f"STATUS=GPU I/O errors on {g.label}: swapoff")
+            for sl in sorted(g.slices.values(), key=lambda s: -s.number):
+                if not sl.release("GPU I/O errors"):
+                    g.fault_swapoff_at = time.monotonic() + SWAPOFF_RETRY_S
+                    log.error("%s: swapoff failed (RAM cannot take the pages back now); retrying every %d s; pages "
+                              "on the failing GPU fail their page-in with an I/O error", g.label, SWAPOFF_RETRY_S)
+                    break
+            else:
+                g.failed = f"GPU I/O errors at {time.strftime('%H:%M:%S')}"
+                g.ceiling = 0
+                g.stop()
+                log.error("%s: swap is off this GPU; it is given up until the service restarts%s", g.label,
+                          "" if any(not h.failed for h in self.gpus) else
+                          "; no GPU is left: stopping (systemd starts the service again with new CUDA contexts)")
+            self._write_state()
+        return bool(self.gpus) and all(g.failed for g in self.gpus)
 
     def _elastic(self, hurry=False):
         """One step for every GPU: give a slice back if the reserve or a shrink asks, take one if allowed.
@@ -5484,7 +5650,7 @@ class Daemon:
                     self._log_gpu_users(g)
                 swaps = active_swaps()
                 sl = min(g.slices.values(), key=lambda s: (s.used_kib(swaps), -s.number))
-                if self._release_slice(sl, why):
+                if sl.release(why):
                     done.append(f"released {sl.name}")
                 else:
                     self.elastic_retry_at = time.monotonic() + SWAPOFF_RETRY_S * 6
@@ -5492,7 +5658,7 @@ class Daemon:
                 self._write_state()
             elif action == "grow":
                 try:
-                    ok = self._add_slice(g)
+                    ok = g.take_slice(cfg["reserve"])
                 except Fatal as e:
                     log.error("%s: taking a slice back failed: %s", g.label, e)
                     ok = False
@@ -5514,111 +5680,7 @@ class Daemon:
             log.info("%s: other programs on the GPU: %s", g.label, ", ".join(
                 f"{name} (pid {pid}{', ' + format_size(used) if used else ''})" for pid, used, name in users))
 
-    def _take_request(self):
-        """`nbd_vram.py shrink/grow SIZE`: move the ceilings, then release or take slices until they hold."""
-        path = request_path()
-        try:
-            with open(path) as f:
-                req = json.load(f)
-            os.unlink(path)
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as e:
-            log.warning("ignoring an unreadable shrink/grow request %s: %s", path, e)
-            return
-        op, nbytes = req.get("op"), int(req.get("bytes") or 0)
-        units = max(1, -(-nbytes // self.cfg["slice_size"]))
-        live = [g for g in self.gpus if not g.failed]
-        moved = set()           # the GPUs whose ceiling this request moved
-        for _ in range(units):
-            if op == "shrink":
-                cands = [g for g in live if min(g.ceiling, len(g.slices)) > 0]
-                if not cands:
-                    break
-                g = max(cands, key=lambda g: (min(g.ceiling, len(g.slices)), -g.ordinal))
-                g.ceiling = min(g.ceiling, len(g.slices)) - 1
-                moved.add(g)
-            elif op == "grow":
-                cands = [g for g in live if max(g.ceiling, len(g.slices)) < len(g.sizes)]
-                if not cands:
-                    break
-                g = min(cands, key=lambda g: (max(g.ceiling, len(g.slices)), g.ordinal))
-                g.ceiling = max(g.ceiling, len(g.slices)) + 1
-                moved.add(g)
-        log.info("%s %s requested: slices allowed now %s", op, format_size(nbytes),
-                 ", ".join(f"{g.label} {g.ceiling} of {len(g.sizes)}" for g in self.gpus))
-        done = []
-        for _ in range(units * len(self.gpus) + len(self.gpus)):
-            step = self._elastic(hurry=True)
-            done += step
-            if not step or any(s.startswith("could not") for s in step):
-                break
-        held = sum(g.held_bytes() for g in self.gpus)
-        # Done when every GPU is at or under its ceiling (shrink), and every GPU whose ceiling was
-        # raised has reached it (grow); a GPU held under its ceiling by the reserve is not this request's.
-        ok = all(len(g.slices) <= g.ceiling for g in live) and all(len(g.slices) >= g.ceiling for g in moved
-                                                                      if op == "grow")
-        failed = [s for s in done if s.startswith("could not")]
-        if not ok and not failed:
-            failed = ["not every GPU reached its new size (out of VRAM, or the reserve)"]
-        self.request = {"id": req.get("id"), "op": op, "bytes": nbytes, "ok": ok, "done": done, "held_bytes": held,
-                        "result": "; ".join([f"{format_size(held)} of VRAM is swap now"] + failed)}
-        self._write_state()
-
-    def _gpu_fault_check(self):
-        """CUDA errors on I/O (each already an EIO to its request): move swap off that GPU while RAM
-        allows, and give the GPU up; the others serve on.  True once no GPU is left."""
-        for g in self.gpus:
-            if g.failed:
-                continue
-            errors = sum_counters(self.counters, set(g.slots))[0]["io_errors"]
-            new, g.io_errors_seen = errors > g.io_errors_seen, errors    # a replaced worker's slot restarts at 0
-            if not (new or g.fault_swapoff_at) or not g.slices:
-                continue
-            if g.fault_swapoff_at and time.monotonic() < g.fault_swapoff_at:
-                continue
-            log.error("%s: %d GPU I/O errors (the requests got EIO; see the lines above): moving its swap off "
-                      "the GPU, back into RAM (swapoff)", g.label, errors)
-            sd_notify(f"STATUS=GPU I/O errors on {g.label}: swapoff")
-            for sl in sorted(g.slices.values(), key=lambda s: -s.number):
-                if not self._release_slice(sl, "GPU I/O errors"):
-                    g.fault_swapoff_at = time.monotonic() + SWAPOFF_RETRY_S
-                    log.error("%s: swapoff failed (RAM cannot take the pages back now); retrying every %d s; pages "
-                              "on the failing GPU fail their page-in with an I/O error", g.label, SWAPOFF_RETRY_S)
-                    break
-            else:
-                g.failed = f"GPU I/O errors at {time.strftime('%H:%M:%S')}"
-                g.ceiling = 0
-                g.stop()
-                log.error("%s: swap is off this GPU; it is given up until the service restarts%s", g.label,
-                          "" if any(not h.failed for h in self.gpus) else
-                          "; no GPU is left: stopping (systemd starts the service again with new CUDA contexts)")
-            self._write_state()
-        return bool(self.gpus) and all(g.failed for g in self.gpus)
-
-    def _power_check(self):
-        """Ask the power policy; if it wants VRAM swap gone, swapoff every slice.  True when all are off."""
-        if self.power.evaluate() or not self.swap_on:
-            self._write_state()
-            return False
-        why = self.power.why
-        log.info("power: releasing VRAM swap (%s)", why)
-        sd_notify(f"STATUS=releasing VRAM swap ({why})")
-        for sl in sorted(self.slices, key=lambda s: -s.priority):
-            if sl.swap_on and not swap_disable(sl.swap_device):
-                # Never forced: the pages on VRAM belong to running processes.
-                self.release_failed = (time.time(),
-                                       f"swapoff {sl.swap_device} failed: RAM cannot take the swapped pages back now")
-                log.warning("power: VRAM swap stays on (%s); trying again in %d s", self.release_failed[1],
-                            self.power.poll_s)
-                sd_notify(f"STATUS=serving; power wants VRAM swap released ({why}) but swapoff failed; retrying")
-                self._write_state()
-                return False
-            sl.swap_on = False
-        self.power.released = not self.power.sleeping
-        return True     # stop() then closes the mappings, disconnects and frees
-
-    # -- teardown -----------------------------------------------------------------------
+    # -- stop -----------------------------------------------------------------------------
 
     def stop(self):
         """Strictly in reverse: swapoff (retried until it succeeds), close the mappings, disconnect, free VRAM."""
@@ -5642,16 +5704,6 @@ class Daemon:
     def stored_fds_for_handover(self):
         """{fd name: fd} of every slice, kept open over an upgrade's exec."""
         return {sl.fdname: sl.store.fd for sl in self.slices}
-
-
-def gpu_specs(text, count):
-    """The gpus setting as a list of --gpu specs: 'all' is every index."""
-    text = str(text).strip()
-    if text.lower() == "all":
-        if count == 0:
-            raise NoGpuError("no NVIDIA GPU found: check `nvidia-smi`")
-        return [str(i) for i in range(count)]
-    return [s.strip() for s in text.split(",") if s.strip()]
 
 
 ############################################################################
