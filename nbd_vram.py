@@ -3662,11 +3662,18 @@ def power_decision(policy, threshold, readings, released, sleeping=False):
     return True, f"on battery at {readings.capacity}%, releases below {threshold}%"
 
 
+def power_inputs():
+    """What the power policy decides on: (the supplies' readings, whether `nbd_vram.py sleep` runs)."""
+    return read_power(), os.path.exists(sleep_marker())
+
+
 class PowerPolicy:
-    """The daemon's view of power: readings, the decision, and what status shows."""
+    """The daemon's view of power: given readings, the decision, and what status shows.
+
+    settings: its own {key: value} of POWER_KEYS (a SIGHUP replaces it: see reload_config)."""
 
     def __init__(self, settings):
-        self.cfg = settings
+        self.settings = {key: settings[key] for key in POWER_KEYS}
         self.released = os.environ.get(RELEASED_ENV) == "1"
         self.readings = None
         self.sleeping = False
@@ -3676,16 +3683,16 @@ class PowerPolicy:
 
     @property
     def poll_s(self):
-        return float(self.cfg["power_poll"])
+        return float(self.settings["power_poll"])
 
-    def evaluate(self):
-        """Read the supplies and decide; logs a change of mind once."""
-        self.readings = read_power()
-        if self.readings.ac is None and not self._desktop_logged and self.cfg["power"] != "always":
+    def evaluate(self, readings, sleeping):
+        """Decide on READINGS (PowerReadings) and SLEEPING; logs a change of mind once.  True: VRAM swap wanted."""
+        self.readings = readings
+        if self.readings.ac is None and not self._desktop_logged and self.settings["power"] != "always":
             log.info("power: no AC adapter or battery in %s: a desktop, VRAM swap stays on", POWER_SUPPLY)
             self._desktop_logged = True
-        self.sleeping = os.path.exists(sleep_marker())
-        want, why = power_decision(self.cfg["power"], self.cfg["battery_threshold"], self.readings,
+        self.sleeping = sleeping
+        want, why = power_decision(self.settings["power"], self.settings["battery_threshold"], self.readings,
                                    self.released, self.sleeping)
         if (want, why) != (self.want, self.why):
             log.info("power: %s: VRAM swap %s (%s)", why, "wanted" if want else "not wanted",
@@ -3698,26 +3705,10 @@ class PowerPolicy:
     def due(self):
         return time.monotonic() - self.checked >= self.poll_s
 
-    def reload(self, args, flags):
-        """SIGHUP: the power settings take effect now; the rest need a restart."""
-        try:
-            new, _ = load_config(args.config, flags)
-        except ConfigError as e:
-            log.error("SIGHUP: configuration not reloaded, the old one stays: %s", e)
-            return
-        for key in POWER_KEYS:
-            if new[key] != self.cfg[key]:
-                log.info("SIGHUP: %s = %s (was %s)", key, format_setting(key, new[key]), format_setting(key, self.cfg[key]))
-                self.cfg[key] = new[key]
-        other = [k for k in OPTION_BY_KEY if k not in POWER_KEYS and new[k] != self.cfg[k]]
-        if other:
-            log.info("SIGHUP: %s changed; takes effect at the next restart (systemctl restart vram-swap-nbd)",
-                     ", ".join(other))
-
     def state(self):
         r = self.readings
-        return {"policy": self.cfg["power"], "battery_threshold": self.cfg["battery_threshold"],
-                "poll_s": self.cfg["power_poll"], "wanted": self.want, "why": self.why,
+        return {"policy": self.settings["power"], "battery_threshold": self.settings["battery_threshold"],
+                "poll_s": self.settings["power_poll"], "wanted": self.want, "why": self.why,
                 "released": self.released, "sleeping": self.sleeping,
                 "ac": None if r is None else r.ac, "battery_percent": None if r is None else r.capacity,
                 "readings": None if r is None else r.describe()}
@@ -5174,12 +5165,32 @@ def reexec(argv, environ=None):
     os.execve(sys.executable, [sys.executable, os.path.abspath(sys.argv[0])] + list(argv), environ or os.environ)
 
 
+def reload_config(path, flags, running, power):
+    """SIGHUP: read the configuration again.  The power settings take effect now (the power policy
+    gets them); the rest only at the next restart: RUNNING, the settings the daemon started with,
+    stays as it is."""
+    try:
+        new, _ = load_config(path, flags)
+    except ConfigError as e:
+        log.error("SIGHUP: configuration not reloaded, the old one stays: %s", e)
+        return
+    old = power.settings
+    for key in POWER_KEYS:
+        if new[key] != old[key]:
+            log.info("SIGHUP: %s = %s (was %s)", key, format_setting(key, new[key]), format_setting(key, old[key]))
+    power.settings = {key: new[key] for key in POWER_KEYS}
+    other = [k for k in OPTION_BY_KEY if k not in POWER_KEYS and new[k] != running[k]]
+    if other:
+        log.info("SIGHUP: %s changed; takes effect at the next restart (systemctl restart vram-swap-nbd)",
+                 ", ".join(other))
+
+
 def wait_for_power(power, reload, no_vram=None):
     """Idle until the power policy wants VRAM swap: no CUDA, no device, no GPU handle.
 
     no_vram: why taking VRAM back failed just now; the next try is at the next power poll.
     Returns False when told to stop meanwhile."""
-    if power.evaluate() and not no_vram:
+    if power.evaluate(*power_inputs()) and not no_vram:
         return True
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
@@ -5197,7 +5208,7 @@ def wait_for_power(power, reload, no_vram=None):
             return False
         if info is not None and info.si_signo == signal.SIGHUP:
             reload()
-        if power.evaluate():
+        if power.evaluate(*power_inputs()):
             (log.debug if no_vram else log.info)("power: taking VRAM swap back (%s)", power.why)
             if not no_vram:     # (a retry keeps saying why it is idle until it serves)
                 remove_state()  # the daemon writes its own once it serves; a failed start leaves none
@@ -5571,7 +5582,7 @@ class Daemon:
 
     def _power_check(self):
         """Ask the power policy; if it wants VRAM swap gone, swapoff every slice.  True when all are off."""
-        if self.power.evaluate() or not self.swap_on:
+        if self.power.evaluate(*power_inputs()) or not self.swap_on:
             self._write_state()
             return False
         why = self.power.why
@@ -5850,9 +5861,13 @@ def cmd_run(args):
     if warning:
         log.warning("%s", warning)
     no_vram = os.environ.pop(NO_VRAM_ENV, None)
-    if not stored and not wait_for_power(power, lambda: power.reload(args, flags), no_vram):
+
+    def reload():       # SIGHUP
+        reload_config(args.config, flags, settings, power)
+
+    if not stored and not wait_for_power(power, reload, no_vram):
         return EXIT_OK      # (after a crash, live swap is taken back first; the power policy decides next)
-    daemon = Daemon(settings, power, lambda: power.reload(args, flags), stored)
+    daemon = Daemon(settings, power, reload, stored)
     try:
         daemon.start()
         rc = daemon.loop()
