@@ -4302,6 +4302,11 @@ FDNAME_PREFIX = "vram"      # a slice's VRAM fd in systemd's fd store is named v
 OLD_FDNAME = FDNAME_PREFIX  # ... and before slices, the one fd was named just "vram"
 
 
+def connection_pairs(n):
+    """N connections of an nbd device to be: (our end, the kernel's end) each."""
+    return [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(n)]
+
+
 class SliceSettings(collections.namedtuple("SliceSettings", "priority connections encrypt discard attach "
                                                              "dead_conn_timeout")):
     """What a slice needs of the configuration: the settings of the same names."""
@@ -4414,7 +4419,7 @@ class Slice:
             # survive, and the restarted daemon gets the fd back (LISTEN_FDS) and reattaches.
             sl.undo.append((f"drop the stored fd of {sl.name}",
                             lambda: sd_notify("FDSTOREREMOVE=1", f"FDNAME={sl.fdname}")))
-        pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(settings.connections)]
+        pairs = connection_pairs(settings.connections)
         g.serve(sl, [ours for ours, _ in pairs])
         return sl, [k for _, k in pairs]
 
@@ -4795,8 +4800,7 @@ class GpuShare:
         log.error("%s: worker %d (pid %d) exited with %s; its %d connection%s to the kernel died: starting a new one",
                   self.label, dead.index, dead.proc.pid, dead.proc.returncode, dead.nconns, "" if dead.nconns == 1 else "s")
         dead.ctl.close()
-        pairs = {sid: [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(n)]
-                 for sid, n in dead.conns.items() if sid in self.slices}
+        pairs = {sid: connection_pairs(n) for sid, n in dead.conns.items() if sid in self.slices}
         spare, self.spare = self.spare, None
         new = None
         if spare and spare.proc.poll() is None:
@@ -4814,8 +4818,7 @@ class GpuShare:
                     for ours, kernel in ps:
                         ours.close()
                         kernel.close()
-                pairs = {sid: [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in ps]
-                         for sid, ps in pairs.items()}
+                pairs = {sid: connection_pairs(len(ps)) for sid, ps in pairs.items()}
         if new is None:
             new = self._spawn(dead.index)
             self._map_all(new.ctl, f"worker {dead.index}")
@@ -4865,9 +4868,9 @@ class GpuShare:
                           "ioctl attach it cannot get new ones: restart the service when swap is idle",
                           self.label, n, "" if n == 1 else "s", sl.device)
                 continue
-            pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(n)]
+            pairs = connection_pairs(n)
             try:
-                ctl_call(w.ctl, CTL_SERVE, sid, n, fds=[ours.fileno() for ours, _ in pairs], who=f"worker {w.index}")
+                self._give(w.ctl, {sid: pairs}, f"worker {w.index}")
                 w.conns[sid] += n
                 reconfigure(sl.index, [kernel for _, kernel in pairs], sl.backend, timeout_s=10)
                 log.warning("%s: the kernel gave up on %d connection%s of %s (a request past its timeout): "
