@@ -4673,7 +4673,7 @@ class GpuShare:
         self.gpu_proc = WorkerProc(proc, ctl, 0, None)
         log.info("%s: GPU process: pid %d", self.label, proc.pid)
 
-    def _stop_gpu_process(self):
+    def stop_gpu_process(self):
         gp, self.gpu_proc = self.gpu_proc, None
         if gp is None:
             return
@@ -5335,7 +5335,7 @@ class Daemon:
         for g in self.gpus:
             g.start_gpu_process()
             # Stopped after the workers (it copies for them until they are gone).
-            g.undo.append((f"stop the GPU process of {g.label}", g._stop_gpu_process))
+            g.undo.append((f"stop the GPU process of {g.label}", g.stop_gpu_process))
         scrub_let_go(cuda, self.gpus, to_scrub)
         self._open_counters()
         # Locked like a worker even when workers serve: this process must be able to replace a dead
@@ -5393,7 +5393,7 @@ class Daemon:
                 sl.attach(kernel_ends)
             for k in kernel_ends:
                 k.close()      # the kernel holds its own references now
-        self._write_state()
+        self.write_state()
         for key in ("swappiness", "min_free_kbytes", "page_cluster"):
             if cfg[key] is not None:
                 old_value = sysctl_set(key, cfg[key])
@@ -5405,7 +5405,7 @@ class Daemon:
         self._memory_clock_cap()
         for g in self.gpus:
             g.mem_free()        # for status: what is free now that every slice is taken
-        self._write_state()
+        self.write_state()
         status = self._status_line()
         sd_notify("READY=1", f"STATUS={status}")
         log.info("ready: %s", status)
@@ -5419,7 +5419,7 @@ class Daemon:
                 devs.append(dev)
         for dev in devs:
             g = GpuShare(len(self.gpus), cuda, dev, GpuSettings.from_config(self.cfg), self.slice_settings,
-                         counters=lambda: self.counters, state_changed=self._write_state)
+                         counters=lambda: self.counters, state_changed=self.write_state)
             self.gpus.append(g)
             log.info("%s: %s (%s, %s), %s", g.label, g.info["name"], g.info["uuid"], g.info["pci_bus_id"],
                      format_size(g.info["total_bytes"]))
@@ -5436,7 +5436,7 @@ class Daemon:
             os.close(fd)
         self.undo.append(("remove counters", lambda: os.unlink(path)))
 
-    def _write_state(self):
+    def write_state(self):
         if self.started is None:
             self.started = time.strftime("%Y-%m-%d %H:%M:%S")
             self.undo.append(("remove state", remove_state))
@@ -5581,12 +5581,12 @@ class Daemon:
             failed = ["not every GPU reached its new size (out of VRAM, or the reserve)"]
         self.request = {"id": req.get("id"), "op": op, "bytes": nbytes, "ok": ok, "done": done, "held_bytes": held,
                         "result": "; ".join([f"{format_size(held)} of VRAM is swap now"] + failed)}
-        self._write_state()
+        self.write_state()
 
     def _power_check(self):
         """Ask the power policy; if it wants VRAM swap gone, swapoff every slice.  True when all are off."""
         if self.power.evaluate(*power_inputs()) or not self.swap_on:
-            self._write_state()
+            self.write_state()
             return False
         why = self.power.why
         log.info("power: releasing VRAM swap (%s)", why)
@@ -5599,7 +5599,7 @@ class Daemon:
                 log.warning("power: VRAM swap stays on (%s); trying again in %d s", self.release_failed[1],
                             self.power.poll_s)
                 sd_notify(f"STATUS=serving; power wants VRAM swap released ({why}) but swapoff failed; retrying")
-                self._write_state()
+                self.write_state()
                 return False
             sl.swap_on = False
         self.power.released = not self.power.sleeping
@@ -5633,7 +5633,7 @@ class Daemon:
                 log.error("%s: swap is off this GPU; it is given up until the service restarts%s", g.label,
                           "" if any(not h.failed for h in self.gpus) else
                           "; no GPU is left: stopping (systemd starts the service again with new CUDA contexts)")
-            self._write_state()
+            self.write_state()
         return bool(self.gpus) and all(g.failed for g in self.gpus)
 
     def _elastic(self, hurry=False):
@@ -5669,7 +5669,7 @@ class Daemon:
                 else:
                     self.elastic_retry_at = time.monotonic() + SWAPOFF_RETRY_S * 6
                     done.append(f"could not release {sl.name}: swapoff failed (RAM cannot take its pages back now)")
-                self._write_state()
+                self.write_state()
             elif action == "grow":
                 try:
                     ok = g.take_slice(cfg["reserve"])
@@ -5679,7 +5679,7 @@ class Daemon:
                 done.append(f"took slice {number} of {g.label}" if ok else f"could not take a slice on {g.label}")
                 if not ok:
                     g.calm_since = None
-                self._write_state()
+                self.write_state()
         return done
 
     def _log_gpu_users(self, g):
@@ -5892,7 +5892,7 @@ def cmd_run(args):
     if rc == HANDOVER:
         # An upgrade in place: no teardown.  Swap stays on, the workers serve on until the new
         # version stops them, and the VRAM fds stay open over the exec (and in systemd's store).
-        daemon._write_state()
+        daemon.write_state()
         fds = daemon.stored_fds_for_handover()
         for fd in fds.values():
             os.set_inheritable(fd, True)
