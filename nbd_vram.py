@@ -310,6 +310,12 @@ def run_undo(steps, label, failed=None):
                 failed(what)
 
 
+def need_root(command, why):
+    """One line and exit 9 for a command that only root can do, instead of a wrong answer or a traceback."""
+    if os.geteuid() != 0:
+        raise NotRootError(f"{command} needs root: {why} (use sudo)")
+
+
 ############################################################################
 # Sizes ####################################################################
 ############################################################################
@@ -5152,12 +5158,6 @@ DAEMON_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, 
 RELEASED = "released"       # Daemon.loop: the power policy had swap turned off
 HANDOVER = "handover"       # Daemon.loop: SIGUSR2
 GPU_FAILED = "gpu-failed"   # Daemon.loop: GPU I/O errors, swap moved off the GPU
-
-
-def need_root(command, why):
-    """One line and exit 9 for a command that only root can do, instead of a wrong answer or a traceback."""
-    if os.geteuid() != 0:
-        raise NotRootError(f"{command} needs root: {why} (use sudo)")
 
 
 def reexec(argv, environ=None):
