@@ -3568,6 +3568,16 @@ def sample_config():
     return "\n".join(lines)
 
 
+class FromConfig:
+    """For a frozen value (a namedtuple) of a few settings, its fields named as they are: a part of
+    the daemon gets only those, fixed at the start, not the whole configuration."""
+    __slots__ = ()
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(*(cfg[key] for key in cls._fields))
+
+
 ############################################################################
 # Power policy #############################################################
 ############################################################################
@@ -4313,14 +4323,10 @@ def connection_pairs(n):
     return [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(n)]
 
 
-class SliceSettings(collections.namedtuple("SliceSettings", "priority connections encrypt discard attach "
-                                                             "dead_conn_timeout")):
-    """What a slice needs of the configuration: the settings of the same names."""
+class SliceSettings(FromConfig, collections.namedtuple("SliceSettings", "priority connections encrypt discard "
+                                                                         "attach dead_conn_timeout")):
+    """What a slice needs of the configuration."""
     __slots__ = ()
-
-    @classmethod
-    def from_config(cls, cfg):
-        return cls(*(cfg[key] for key in cls._fields))
 
 
 def slice_sizes(size, slice_size, align=SIZE_ALIGN):
@@ -4538,14 +4544,10 @@ SPARE_RETRY_S = 30.0         # a spare worker that failed to start is tried agai
 HEAL_RETRY_S = 30.0          # and a connection the kernel gave up on that could not be replaced
 
 
-class GpuSettings(collections.namedtuple("GpuSettings", "size slice_size libcuda buffer_size debug realtime workers "
-                                                         "connections")):
-    """What a GPU's share needs of the configuration: the settings of the same names."""
+class GpuSettings(FromConfig, collections.namedtuple("GpuSettings", "size slice_size libcuda buffer_size debug "
+                                                                     "realtime workers connections")):
+    """What a GPU's share needs of the configuration."""
     __slots__ = ()
-
-    @classmethod
-    def from_config(cls, cfg):
-        return cls(*(cfg[key] for key in cls._fields))
 
 
 class WorkerProc:
