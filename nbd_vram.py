@@ -27,6 +27,7 @@ What it deliberately does not do: compression, overcommit, or serving
 anything but the one VRAM-backed export.
 """
 
+import argparse
 import array
 import collections
 import ctypes
@@ -65,6 +66,26 @@ DEFAULT_CONFIG = "/etc/nbd-vram.conf"
 RUNTIME_DIR = "/run/nbd-vram"
 MiB = 1 << 20
 GiB = 1 << 30
+
+# The environment.  Settings come from the config file, the VRAM_* variables (ENV_KEYS, under
+# Configuration) and flags.  These NBD_VRAM_* variables are hooks for tests, benchmarks and
+# development, each read where it is used:
+#   NBD_VRAM_CONFIG          the config file instead of DEFAULT_CONFIG (load_config)
+#   NBD_VRAM_LIBCUDA         the CUDA driver library, as `libcuda =` in the config (Cuda)
+#   NBD_VRAM_LIBNVML         the NVML library (Nvml.open)
+#   NBD_VRAM_CUINIT_TRIES    cuInit attempts, 2 s apart, while a GPU wakes up (Cuda.init; 10; the tests make it 1)
+#   NBD_VRAM_RUNTIME_DIR     instead of RUNTIME_DIR (runtime_dir)
+#   NBD_VRAM_SYSFS_ROOT      prefix of every /sys and /proc read (sys_root): fixture trees in the tests
+#   NBD_VRAM_POWER_SUPPLY    the power_supply class directory itself (power_supply_dir)
+#   NBD_VRAM_BATCH_COPY=0    no cuMemcpyBatchAsync: grouped copies one by one (CopyEngine)
+#   NBD_VRAM_GROUP_WRITES=0  small writes are not grouped (Transmission)
+#   NBD_VRAM_REPLY_SPIN_US, NBD_VRAM_COPY_SPIN_US, NBD_VRAM_COPY_STREAMS: tuning the copy loop (bench/)
+#   NBD_VRAM_PROFILE=DIR     a cProfile file per connection in DIR (bench/profile-worker.sh)
+# The daemon sets these for itself over its own re-exec (cmd_run), never by hand:
+LOCK_ENV = "NBD_VRAM_LOCK_FD"               # the daemon lock's fd, kept open over every re-exec
+HANDOVER_ENV = "NBD_VRAM_HANDOVER_FD"       # `upgrade`: the VRAM fds, kept open over the re-exec
+RELEASED_ENV = "NBD_VRAM_POWER_RELEASED"    # after a power release
+NO_VRAM_ENV = "NBD_VRAM_NO_VRAM"            # after taking swap back failed for want of VRAM: why
 
 # Exit codes, also listed in `nbd_vram.py --help`.
 EXIT_OK = 0
@@ -276,6 +297,25 @@ def sd_listen_fds():
     return fds
 
 
+def run_undo(steps, label, failed=None):
+    """Pop and run (what, fn) undo steps, last pushed first; a failing step is logged (and
+    failed(what) called) and the rest still run."""
+    while steps:
+        what, fn = steps.pop()
+        try:
+            fn()
+        except Exception as e:
+            log.error("%s: %s failed: %s", label, what, e)
+            if failed:
+                failed(what)
+
+
+def need_root(command, why):
+    """One line and exit 9 for a command that only root can do, instead of a wrong answer or a traceback."""
+    if os.geteuid() != 0:
+        raise NotRootError(f"{command} needs root: {why} (use sudo)")
+
+
 ############################################################################
 # Sizes ####################################################################
 ############################################################################
@@ -301,6 +341,204 @@ def format_size(n):
             v = n / scale
             return f"{v:.0f} {unit}" if v == int(v) else f"{v:.2f} {unit}"
     return f"{n} B"
+
+
+############################################################################
+# Runtime and system files #################################################
+############################################################################
+# The daemon's files in the runtime dir (its lock, state, the requests of shrink and grow, the sleep
+# marker) and the readers of /proc and /sys that swap, power, the daemon and status share.  Every
+# /proc and /sys path goes through sys_root(), so that the tests can use fixture trees.
+
+
+def runtime_dir():
+    return os.environ.get("NBD_VRAM_RUNTIME_DIR", RUNTIME_DIR)
+
+
+def sys_root():
+    """Prefix for /proc and /sys reads, so tests can use fixture trees."""
+    return os.environ.get("NBD_VRAM_SYSFS_ROOT", "/")
+
+
+def read_text(path, default=None):
+    """A sysfs/procfs file's stripped contents, or default if it cannot be read."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return default
+
+
+def _read(path, default=None):
+    return read_text(os.path.join(sys_root(), path.lstrip("/")), default)
+
+
+def nbd_devices():
+    """Indexes of every /dev/nbdN the kernel has, in order."""
+    try:
+        names = os.listdir(os.path.join(sys_root(), "sys/block"))
+    except OSError:
+        return []
+    return sorted(int(n[3:]) for n in names if n.startswith("nbd") and n[3:].isdigit())
+
+
+def nbd_connected(index):
+    return _read(f"/sys/block/nbd{index}/pid") is not None
+
+
+def active_swaps():
+    """{device path: (size KiB, used KiB, priority)} from /proc/swaps."""
+    swaps = {}
+    text = _read("/proc/swaps", "")
+    for line in text.splitlines()[1:]:
+        f = line.split()
+        if len(f) >= 5:
+            swaps[f[0]] = (int(f[2]), int(f[3]), int(f[4]))
+    return swaps
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def state_path():
+    return os.path.join(runtime_dir(), "state.json")
+
+
+def read_state():
+    try:
+        with open(state_path()) as f:
+            return json.load(f)
+    except PermissionError:
+        raise NotRootError(f"cannot read the daemon's state ({state_path()}): permission denied; "
+                           "run this as root (sudo)") from None
+    except (OSError, ValueError):
+        return None
+
+
+def remove_state():
+    try:
+        os.unlink(state_path())
+    except FileNotFoundError:
+        pass
+
+
+def request_path():
+    return os.path.join(runtime_dir(), "request.json")
+
+
+SLEEP_MARKER = "sleeping"           # in the runtime dir: `nbd_vram.py sleep` made it, `wake` removes it
+
+
+def sleep_marker():
+    return os.path.join(runtime_dir(), SLEEP_MARKER)
+
+
+def process_start(pid):
+    """When PID started: field 22 of /proc/PID/stat (clock ticks after boot); None if no such process.
+    The kernel reuses a pid as soon as its process is gone, never a (boot id, pid, start time)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()       # the name in () may hold spaces
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def boot_id():
+    return read_text("/proc/sys/kernel/random/boot_id")
+
+
+def identity():
+    """What the state names this process by: the pid, and what tells it from a later one with that pid."""
+    return {"pid": os.getpid(), "pid_start": process_start(os.getpid()), "boot_id": boot_id()}
+
+
+def _runs_daemon(pid):
+    """PID runs `nbd_vram.py run` (all that can be checked of a daemon older than pid_start)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return b"run" in argv and any(a.endswith(b"nbd_vram.py") for a in argv)
+
+
+def daemon_pid(state):
+    """The pid of the daemon STATE describes if that very process still runs, else None.
+
+    Its pid alone proves nothing: a daemon killed with -9 leaves its state behind, and the kernel
+    gives the pid to the next process.  The state names the daemon by pid, start time and boot id."""
+    pid = (state or {}).get("pid")
+    if type(pid) is not int or pid <= 0:
+        return None
+    if "pid_start" not in state:
+        return pid if _runs_daemon(pid) else None
+    start = process_start(pid)
+    if start is None or start != state["pid_start"] or state.get("boot_id") != boot_id():
+        return None
+    return pid
+
+
+def signal_daemon(sig=signal.SIGUSR1, state=None):
+    """Send SIG to the daemon the state (read now, or STATE) describes; its pid, or None if none runs.
+
+    The pid is checked through a pidfd opened first, so the signal cannot reach a process that got
+    the pid in between (SIGUSR1 and SIGUSR2 kill a process that does not expect them)."""
+    st = read_state() if state is None else state
+    pid = daemon_pid(st)
+    if pid is None:
+        return None
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    except (AttributeError, OSError):
+        pidfd = None        # no pidfd (Linux before 5.3): the check just made has to do
+    try:
+        if daemon_pid(st) != pid:
+            return None
+        if pidfd is None:
+            os.kill(pid, sig)
+        else:
+            signal.pidfd_send_signal(pidfd, sig)
+    except ProcessLookupError:
+        return None
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+    return pid
+
+
+def hold_daemon_lock():
+    """Take the lock that says a daemon runs (flock of RUNTIME_DIR/daemon.lock), or keep it after a
+    re-exec: its fd stays open over exec (its number in LOCK_ENV), and the kernel drops it only when
+    this process ends, however it ends.  Refuses to start while another daemon holds it."""
+    os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
+    path = os.path.join(runtime_dir(), "daemon.lock")
+    fd = os.environ.pop(LOCK_ENV, "")
+    fd = int(fd) if fd.isdigit() else None
+    if fd is not None:
+        try:
+            if not os.path.samestat(os.fstat(fd), os.stat(path)):
+                fd = None
+        except OSError:
+            fd = None
+    if fd is None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)      # a no-op on our own (inherited) lock
+    except BlockingIOError:
+        os.close(fd)
+        pid = daemon_pid(read_state())
+        raise Fatal(f"another nbd-vram daemon{f' (pid {pid})' if pid else ''} is running (it holds {path}); "
+                    "stop it first (systemctl stop vram-swap-nbd)") from None
+    os.set_inheritable(fd, True)        # subprocesses do not get it all the same: Popen closes every other fd
+    os.environ[LOCK_ENV] = str(fd)
+    return fd
 
 
 ############################################################################
@@ -372,8 +610,6 @@ _PROTOTYPES = {
     "cuGetErrorString": (CUresult, CUresult, _p(ctypes.c_char_p)),
     # CUresult cuInit(unsigned int Flags);
     "cuInit": (CUresult, ctypes.c_uint),
-    # CUresult cuDriverGetVersion(int *driverVersion);
-    "cuDriverGetVersion": (CUresult, _p(ctypes.c_int)),
     # CUresult cuDeviceGetCount(int *count);
     "cuDeviceGetCount": (CUresult, _p(ctypes.c_int)),
     # CUresult cuDeviceGet(CUdevice *device, int ordinal);
@@ -606,7 +842,6 @@ NVML_SUCCESS = 0
 NVML_ERROR_INSUFFICIENT_SIZE = 7
 NVML_CLOCK_MEM = 2                       # nvmlClockType_t
 NVML_VALUE_NOT_AVAILABLE = 2**64 - 1     # (unsigned long long)-1, e.g. usedGpuMemory without per-process accounting
-NVML_DEVICE_UUID_V2_BUFFER_SIZE = 96
 
 # nvmlReturn_t values, by name (nvml.h's enum nvmlReturn_enum).
 NVML_ERROR_NAMES = {
@@ -644,16 +879,8 @@ _NVML_PROTOTYPES = {
     "nvmlShutdown": (nvmlReturn_t,),
     # const char *nvmlErrorString(nvmlReturn_t result);
     "nvmlErrorString": (ctypes.c_char_p, nvmlReturn_t),
-    # nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *deviceCount);
-    "nvmlDeviceGetCount_v2": (nvmlReturn_t, _p(_uint)),
-    # nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice_t *device);
-    "nvmlDeviceGetHandleByIndex_v2": (nvmlReturn_t, _uint, _p(nvmlDevice_t)),
     # nvmlReturn_t nvmlDeviceGetHandleByUUID(const char *uuid, nvmlDevice_t *device);
     "nvmlDeviceGetHandleByUUID": (nvmlReturn_t, ctypes.c_char_p, _p(nvmlDevice_t)),
-    # nvmlReturn_t nvmlDeviceGetHandleByPciBusId_v2(const char *pciBusId, nvmlDevice_t *device);
-    "nvmlDeviceGetHandleByPciBusId_v2": (nvmlReturn_t, ctypes.c_char_p, _p(nvmlDevice_t)),
-    # nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t device, char *uuid, unsigned int length);
-    "nvmlDeviceGetUUID": (nvmlReturn_t, nvmlDevice_t, ctypes.c_char_p, _uint),
     # nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory);
     "nvmlDeviceGetMemoryInfo": (nvmlReturn_t, nvmlDevice_t, _p(nvmlMemory_t)),
     # nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t device, unsigned int *infoCount, nvmlProcessInfo_t *infos);
@@ -1998,7 +2225,7 @@ class Transmission:
          uses_gpu, seg_first, seg_end, unpack, poll, rg, wg) = self.hot
         n = tx_used = 0
         gpu_work = False
-        after = None            # what to do once this batch is answered
+        then = None             # once this batch is answered: a step of _end_batch, or the ProtocolError to raise
         while n < MAX_BATCH:
             avail = self.end - self.start
             if avail < REQ_SIZE:
@@ -2010,13 +2237,13 @@ class Transmission:
                 except (BlockingIOError, InterruptedError):
                     break
                 if not k:
-                    after = "eof"
+                    then = "eof"
                     break
                 self.end += k
                 continue
             magic, flags, typ, cookie, offset, length = unpack(rx, self.start)
             if magic != NBD_REQUEST_MAGIC:
-                after = f"bad request magic {magic:#x}"
+                then = ProtocolError(f"bad request magic {magic:#x}")
                 break
             if typ == _CMD_WRITE:
                 need = REQ_SIZE + length
@@ -2024,7 +2251,7 @@ class Transmission:
                 if avail < need:
                     if self.start + need > rx_cap:
                         if n == 0:
-                            after = "large-write" if need > rx_cap else "compact"
+                            then = "large-write" if need > rx_cap else "compact"
                         break
                     try:
                         if (length >= STREAM_WRITE_MIN and not flags & ~NBD_CMD_FLAG_FUA and length <= MAX_REQUEST
@@ -2034,7 +2261,7 @@ class Transmission:
                         else:
                             recv_into_exact(self.sock, rx[self.end:self.start + need], "write payload")
                     except ProtocolError as e:
-                        after = str(e)      # the client hung up mid-payload: answer what came before, then close
+                        then = e            # the client hung up mid-payload: answer what came before, then close
                         break
                     self.end = self.start + need
                 if flags & ~NBD_CMD_FLAG_FUA or not 0 < length <= MAX_REQUEST or offset > size - length:
@@ -2079,7 +2306,7 @@ class Transmission:
                     err = 0
                 if not err and length > tx_cap - tx_used:
                     if n == 0:
-                        after = "large-read"
+                        then = "large-read"
                     break
                 self.start += REQ_SIZE
                 cookies[n], data_len[n], uses_gpu[n], errors[n] = cookie, 0, False, err
@@ -2113,7 +2340,7 @@ class Transmission:
                 continue
             self.start += REQ_SIZE
             if typ == _CMD_DISC:
-                after = "disc"
+                then = "disc"
                 break
             cookies[n], data_len[n], uses_gpu[n] = cookie, 0, False
             err, why = check_request(typ, flags, offset, length, size)
@@ -2143,24 +2370,29 @@ class Transmission:
             self._submit(n)
         if n:
             self._reply(n)
-        if after is None:
+        if then is None:
             return None
-        if after == "compact":
+        return self._end_batch(then)
+
+    def _end_batch(self, then):
+        """What a batch ended with, once it is answered: a close, a request too large for the buffers,
+        or a protocol error."""
+        if then == "compact":
             self._compact()
             return None
-        if after == "large-write":
+        if then == "large-write":
             self._large_write()
             return None
-        if after == "large-read":
+        if then == "large-read":
             return self._large_read()
-        if after == "disc":
+        if then == "disc":
             return "client sent NBD_CMD_DISC"
-        if after == "eof":
+        if then == "eof":
             if self.end > self.start:
                 raise ProtocolError(f"client closed the connection: read {self.end - self.start} of {REQ_SIZE} "
                                     "header bytes")
             return "client closed the connection"
-        raise ProtocolError(after)
+        raise then
 
     def _close_groups(self, n):
         """The waiting groups (their requests up to n) become one segment each of the message."""
@@ -2707,10 +2939,8 @@ NBD_SET_SOCK = _IO(0xAB, 0)
 NBD_SET_BLKSIZE = _IO(0xAB, 1)
 NBD_DO_IT = _IO(0xAB, 3)
 NBD_CLEAR_SOCK = _IO(0xAB, 4)
-NBD_CLEAR_QUE = _IO(0xAB, 5)
 NBD_SET_SIZE_BLOCKS = _IO(0xAB, 7)
 NBD_DISCONNECT = _IO(0xAB, 8)
-NBD_SET_TIMEOUT = _IO(0xAB, 9)
 NBD_SET_FLAGS = _IO(0xAB, 10)
 
 
@@ -2842,48 +3072,6 @@ def reconfigure(index, socks, backend, timeout_s):
         finally:
             nl.close()
         time.sleep(0.2)
-
-
-def sys_root():
-    """Prefix for /proc and /sys reads, so tests can use fixture trees."""
-    return os.environ.get("NBD_VRAM_SYSFS_ROOT", "/")
-
-
-def read_text(path, default=None):
-    """A sysfs/procfs file's stripped contents, or default if it cannot be read."""
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return default
-
-
-def _read(path, default=None):
-    return read_text(os.path.join(sys_root(), path.lstrip("/")), default)
-
-
-def nbd_devices():
-    """Indexes of every /dev/nbdN the kernel has, in order."""
-    try:
-        names = os.listdir(os.path.join(sys_root(), "sys/block"))
-    except OSError:
-        return []
-    return sorted(int(n[3:]) for n in names if n.startswith("nbd") and n[3:].isdigit())
-
-
-def nbd_connected(index):
-    return _read(f"/sys/block/nbd{index}/pid") is not None
-
-
-def active_swaps():
-    """{device path: (size KiB, used KiB, priority)} from /proc/swaps."""
-    swaps = {}
-    text = _read("/proc/swaps", "")
-    for line in text.splitlines()[1:]:
-        f = line.split()
-        if len(f) >= 5:
-            swaps[f[0]] = (int(f[2]), int(f[3]), int(f[4]))
-    return swaps
 
 
 def load_nbd_module():
@@ -3380,6 +3568,16 @@ def sample_config():
     return "\n".join(lines)
 
 
+class FromConfig:
+    """For a frozen value (a namedtuple) of a few settings, its fields named as they are: a part of
+    the daemon gets only those, fixed at the start, not the whole configuration."""
+    __slots__ = ()
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(*(cfg[key] for key in cls._fields))
+
+
 ############################################################################
 # Power policy #############################################################
 ############################################################################
@@ -3480,20 +3678,18 @@ def power_decision(policy, threshold, readings, released, sleeping=False):
     return True, f"on battery at {readings.capacity}%, releases below {threshold}%"
 
 
-SLEEP_MARKER = "sleeping"           # in the runtime dir: `nbd_vram.py sleep` made it, `wake` removes it
-RELEASED_ENV = "NBD_VRAM_POWER_RELEASED"   # carried over the daemon's re-exec after a power release
-NO_VRAM_ENV = "NBD_VRAM_NO_VRAM"    # over the re-exec after taking swap back failed for want of VRAM: why
-
-
-def sleep_marker():
-    return os.path.join(runtime_dir(), SLEEP_MARKER)
+def power_inputs():
+    """What the power policy decides on: (the supplies' readings, whether `nbd_vram.py sleep` runs)."""
+    return read_power(), os.path.exists(sleep_marker())
 
 
 class PowerPolicy:
-    """The daemon's view of power: readings, the decision, and what status shows."""
+    """The daemon's view of power: given readings, the decision, and what status shows.
+
+    settings: its own {key: value} of POWER_KEYS (a SIGHUP replaces it: see reload_config)."""
 
     def __init__(self, settings):
-        self.cfg = settings
+        self.settings = {key: settings[key] for key in POWER_KEYS}
         self.released = os.environ.get(RELEASED_ENV) == "1"
         self.readings = None
         self.sleeping = False
@@ -3503,16 +3699,16 @@ class PowerPolicy:
 
     @property
     def poll_s(self):
-        return float(self.cfg["power_poll"])
+        return float(self.settings["power_poll"])
 
-    def evaluate(self, swap_on=False):
-        """Read the supplies and decide; logs a change of mind once."""
-        self.readings = read_power()
-        if self.readings.ac is None and not self._desktop_logged and self.cfg["power"] != "always":
+    def evaluate(self, readings, sleeping):
+        """Decide on READINGS (PowerReadings) and SLEEPING; logs a change of mind once.  True: VRAM swap wanted."""
+        self.readings = readings
+        if self.readings.ac is None and not self._desktop_logged and self.settings["power"] != "always":
             log.info("power: no AC adapter or battery in %s: a desktop, VRAM swap stays on", POWER_SUPPLY)
             self._desktop_logged = True
-        self.sleeping = os.path.exists(sleep_marker())
-        want, why = power_decision(self.cfg["power"], self.cfg["battery_threshold"], self.readings,
+        self.sleeping = sleeping
+        want, why = power_decision(self.settings["power"], self.settings["battery_threshold"], self.readings,
                                    self.released, self.sleeping)
         if (want, why) != (self.want, self.why):
             log.info("power: %s: VRAM swap %s (%s)", why, "wanted" if want else "not wanted",
@@ -3525,26 +3721,10 @@ class PowerPolicy:
     def due(self):
         return time.monotonic() - self.checked >= self.poll_s
 
-    def reload(self, args, flags):
-        """SIGHUP: the power settings take effect now; the rest need a restart."""
-        try:
-            new, _ = load_config(args.config, flags)
-        except ConfigError as e:
-            log.error("SIGHUP: configuration not reloaded, the old one stays: %s", e)
-            return
-        for key in POWER_KEYS:
-            if new[key] != self.cfg[key]:
-                log.info("SIGHUP: %s = %s (was %s)", key, format_setting(key, new[key]), format_setting(key, self.cfg[key]))
-                self.cfg[key] = new[key]
-        other = [k for k in OPTION_BY_KEY if k not in POWER_KEYS and new[k] != self.cfg[k]]
-        if other:
-            log.info("SIGHUP: %s changed; takes effect at the next restart (systemctl restart vram-swap-nbd)",
-                     ", ".join(other))
-
     def state(self):
         r = self.readings
-        return {"policy": self.cfg["power"], "battery_threshold": self.cfg["battery_threshold"],
-                "poll_s": self.cfg["power_poll"], "wanted": self.want, "why": self.why,
+        return {"policy": self.settings["power"], "battery_threshold": self.settings["battery_threshold"],
+                "poll_s": self.settings["power_poll"], "wanted": self.want, "why": self.why,
                 "released": self.released, "sleeping": self.sleeping,
                 "ac": None if r is None else r.ac, "battery_percent": None if r is None else r.capacity,
                 "readings": None if r is None else r.describe()}
@@ -3591,10 +3771,6 @@ MAX_GPUS = 16
 WORKER_SLOTS = 40           # counter slots a GPU: its slot 0 (threads of the daemon) and workers 1..32
 COUNTERS_BYTES = 1 << 16    # 682 slots: 1 + MAX_GPUS * WORKER_SLOTS fit
 STATUS_INTERVAL_S = 2.0
-
-
-def runtime_dir():
-    return os.environ.get("NBD_VRAM_RUNTIME_DIR", RUNTIME_DIR)
 
 
 def default_workers(connections):
@@ -4012,69 +4188,6 @@ class KernelWorker:
         return b"", []
 
 
-def cmd_worker(args):
-    """A serving process: serves the sockets it is given (see spawn_worker)."""
-    setup_logging(args.debug, background=True)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
-    libc = _libc()
-    if args.lock:
-        prepare_memory(libc, HEAP_RESERVE if args.gpu_process else RELAY_HEAP_RESERVE)
-    threading.stack_size(THREAD_STACK)
-    ctl = socket.socket(fileno=args.ctl_fd)
-    if args.gpu_process:
-        cuda = Cuda(args.libcuda)
-        dev, ctx = VramStore.open_device(cuda, args.gpu)
-        return GpuProcess(args, cuda, dev, ctx, libc, ctl).run()
-    if args.copier_fd is None:
-        raise Fatal("worker: --copier-fd is needed without --gpu-process")
-    if args.kernel:
-        return KernelWorker(args, libc, ctl, CopyClient(socket.socket(fileno=args.copier_fd))).run()
-    if args.vram_address is None or args.vram_size is None:
-        raise Fatal("worker: --copier-fd, --vram-address and --vram-size are needed without --kernel")
-    # Serve mode: no CUDA here; the parent copies (CopyServer) and passes accepted client sockets.
-    client = CopyClient(socket.socket(fileno=args.copier_fd))
-    export = Export(types.SimpleNamespace(dptr=args.vram_address, size_bytes=args.vram_size))
-    label = f"worker {args.index}"
-
-    def make_io():
-        return RemoteIoContext(client, args.buffer_size, args.buffer_size)
-
-    # The parent closes ctl to stop us.
-    ctl.sendall(WORKER_READY)
-    clients = {}
-    sel = selectors.DefaultSelector()
-    sel.register(ctl, selectors.EVENT_READ)
-    while True:
-        if not sel.select(1.0):
-            if signal.SIGTERM in signal.sigpending():
-                break
-            continue
-        fd = recv_fd(ctl)
-        if fd is None:
-            break
-        if fd < 0:
-            continue
-        conn = socket.socket(fileno=fd)
-        clients = {th: c for th, c in clients.items() if th.is_alive()}
-        if len(clients) >= args.max_connections:
-            log.warning("%s: refusing a connection: already %d clients (the limit, --max-connections)",
-                        label, len(clients))
-            conn.close()
-            continue
-        t = threading.Thread(target=serve_connection, args=(conn, export, f"{label} client {len(clients) + 1}"),
-                             kwargs={"make_io": make_io}, daemon=True)
-        clients[t] = conn
-        t.start()
-    for s in clients.values():
-        try:
-            s.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-    for t in clients:
-        t.join(10)
-    return EXIT_OK
-
-
 class ServeWorkers:
     """`serve`'s worker processes: CUDA-free, each registered with the parent's CopyServer.
 
@@ -4194,245 +4307,26 @@ def _publish_counters(counters, slot, exports):
 
 
 ############################################################################
-# Daemon ###################################################################
+# Slice: one allocation = one nbd device = one swap area ###################
 ############################################################################
+# A GPU's VRAM is served as slices, so that one can be given back alone when another program
+# needs the memory: each its own allocation (SliceMemory), nbd device and swap priority.  A slice
+# lives by a few settings (SliceSettings), fixed when the daemon starts; its GPU (GpuShare, below)
+# allocates its memory and has its workers serve its connections.
 
-SWAPOFF_RETRY_S = 10.0
-SPARE_RETRY_S = 30.0         # a spare worker that failed to start is tried again this often
-HEAL_RETRY_S = 30.0          # and a connection the kernel gave up on that could not be replaced
-# Blocked in every thread from the start of `run` (and kept over its re-execs), taken by the main
-# thread with sigtimedwait.  SIGUSR1 (udev, `nbd_vram.py sleep`): read the power state now.
-# SIGUSR2 (`nbd_vram.py upgrade`): re-execute the file on disk, which takes the VRAM and the device over.
-DAEMON_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
-RELEASED = "released"       # Daemon.loop: the power policy had swap turned off
-HANDOVER = "handover"       # Daemon.loop: SIGUSR2
-GPU_FAILED = "gpu-failed"   # Daemon.loop: GPU I/O errors, swap moved off the GPU
-HANDOVER_ENV = "NBD_VRAM_HANDOVER_FD"   # the VRAM fd, kept open over that re-exec
-LET_GO_SLICE = 1 << 30      # slice ids the GPU process maps a let-go stored fd under, to zero it
-LEGACY_FDNAME = "vram"      # a slice's VRAM fd in systemd's fd store is named vram-GPU_UUID-NUMBER; before slices, "vram"
+FDNAME_PREFIX = "vram"      # a slice's VRAM fd in systemd's fd store is named vram-GPU_UUID-NUMBER
+OLD_FDNAME = FDNAME_PREFIX  # ... and before slices, the one fd was named just "vram"
 
 
-LOCK_ENV = "NBD_VRAM_LOCK_FD"   # the daemon lock's fd, kept open over the daemon's re-execs
+def connection_pairs(n):
+    """N connections of an nbd device to be: (our end, the kernel's end) each."""
+    return [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(n)]
 
 
-def process_start(pid):
-    """When PID started: field 22 of /proc/PID/stat (clock ticks after boot); None if no such process.
-    The kernel reuses a pid as soon as its process is gone, never a (boot id, pid, start time)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()       # the name in () may hold spaces
-        return int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def boot_id():
-    return read_text("/proc/sys/kernel/random/boot_id")
-
-
-def identity():
-    """What the state names this process by: the pid, and what tells it from a later one with that pid."""
-    return {"pid": os.getpid(), "pid_start": process_start(os.getpid()), "boot_id": boot_id()}
-
-
-def _runs_daemon(pid):
-    """PID runs `nbd_vram.py run` (all that can be checked of a daemon older than pid_start)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:
-        return False
-    return b"run" in argv and any(a.endswith(b"nbd_vram.py") for a in argv)
-
-
-def daemon_pid(state):
-    """The pid of the daemon STATE describes if that very process still runs, else None.
-
-    Its pid alone proves nothing: a daemon killed with -9 leaves its state behind, and the kernel
-    gives the pid to the next process.  The state names the daemon by pid, start time and boot id."""
-    pid = (state or {}).get("pid")
-    if type(pid) is not int or pid <= 0:
-        return None
-    if "pid_start" not in state:
-        return pid if _runs_daemon(pid) else None
-    start = process_start(pid)
-    if start is None or start != state["pid_start"] or state.get("boot_id") != boot_id():
-        return None
-    return pid
-
-
-def signal_daemon(sig=signal.SIGUSR1, state=None):
-    """Send SIG to the daemon the state (read now, or STATE) describes; its pid, or None if none runs.
-
-    The pid is checked through a pidfd opened first, so the signal cannot reach a process that got
-    the pid in between (SIGUSR1 and SIGUSR2 kill a process that does not expect them)."""
-    st = read_state() if state is None else state
-    pid = daemon_pid(st)
-    if pid is None:
-        return None
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return None
-    except (AttributeError, OSError):
-        pidfd = None        # no pidfd (Linux before 5.3): the check just made has to do
-    try:
-        if daemon_pid(st) != pid:
-            return None
-        if pidfd is None:
-            os.kill(pid, sig)
-        else:
-            signal.pidfd_send_signal(pidfd, sig)
-    except ProcessLookupError:
-        return None
-    finally:
-        if pidfd is not None:
-            os.close(pidfd)
-    return pid
-
-
-def hold_daemon_lock():
-    """Take the lock that says a daemon runs (flock of RUNTIME_DIR/daemon.lock), or keep it after a
-    re-exec: its fd stays open over exec (its number in LOCK_ENV), and the kernel drops it only when
-    this process ends, however it ends.  Refuses to start while another daemon holds it."""
-    os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
-    path = os.path.join(runtime_dir(), "daemon.lock")
-    fd = os.environ.pop(LOCK_ENV, "")
-    fd = int(fd) if fd.isdigit() else None
-    if fd is not None:
-        try:
-            if not os.path.samestat(os.fstat(fd), os.stat(path)):
-                fd = None
-        except OSError:
-            fd = None
-    if fd is None:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)      # a no-op on our own (inherited) lock
-    except BlockingIOError:
-        os.close(fd)
-        pid = daemon_pid(read_state())
-        raise Fatal(f"another nbd-vram daemon{f' (pid {pid})' if pid else ''} is running (it holds {path}); "
-                    "stop it first (systemctl stop vram-swap-nbd)") from None
-    os.set_inheritable(fd, True)        # subprocesses do not get it all the same: Popen closes every other fd
-    os.environ[LOCK_ENV] = str(fd)
-    return fd
-
-
-def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
-def _reap(pid):
-    """True if PID was an exited child of this process (now reaped)."""
-    try:
-        return os.waitpid(pid, os.WNOHANG)[0] == pid
-    except ChildProcessError:
-        return False
-
-
-def state_path():
-    return os.path.join(runtime_dir(), "state.json")
-
-
-def read_state():
-    try:
-        with open(state_path()) as f:
-            return json.load(f)
-    except PermissionError:
-        raise NotRootError(f"cannot read the daemon's state ({state_path()}): permission denied; "
-                           "run this as root (sudo)") from None
-    except (OSError, ValueError):
-        return None
-
-
-def need_root(command, why):
-    """One line and exit 9 for a command that only root can do, instead of a wrong answer or a traceback."""
-    if os.geteuid() != 0:
-        raise NotRootError(f"{command} needs root: {why} (use sudo)")
-
-
-def remove_state():
-    try:
-        os.unlink(state_path())
-    except FileNotFoundError:
-        pass
-
-
-def reexec(argv, environ=None):
-    """Replace this process with a fresh `nbd_vram.py ARGV` (same pid, so systemd keeps tracking it)."""
-    flush_log()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, os.path.abspath(sys.argv[0])] + list(argv), environ or os.environ)
-
-
-def wait_for_power(power, reload, no_vram=None):
-    """Idle until the power policy wants VRAM swap: no CUDA, no device, no GPU handle.
-
-    no_vram: why taking VRAM back failed just now; the next try is at the next power poll.
-    Returns False when told to stop meanwhile."""
-    if power.evaluate() and not no_vram:
-        return True
-    started = time.strftime("%Y-%m-%d %H:%M:%S")
-    os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
-    if not no_vram:
-        log.info("idle, holding no VRAM: %s", power.why)
-    while True:
-        why = f"out of VRAM ({no_vram}); trying again every {power.poll_s:g} s" if no_vram else power.why
-        write_json(state_path(), {**identity(), "version": __version__, "mode": "idle", "ready": True, "started": started,
-                                  "power": power.state(), "idle_why": why})
-        sd_notify("READY=1", f"STATUS=idle, holding no VRAM: {why}")
-        info = signal.sigtimedwait(DAEMON_SIGNALS, power.poll_s)
-        if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
-            log.info("%s received while idle: stopping", signal.Signals(info.si_signo).name)
-            remove_state()
-            return False
-        if info is not None and info.si_signo == signal.SIGHUP:
-            reload()
-        if power.evaluate():
-            (log.debug if no_vram else log.info)("power: taking VRAM swap back (%s)", power.why)
-            if not no_vram:     # (a retry keeps saying why it is idle until it serves)
-                remove_state()  # the daemon writes its own once it serves; a failed start leaves none
-            return True
-        no_vram = None          # not wanted now anyway: idle for the power policy's reason
-
-
-def run_undo(steps, label, failed=None):
-    """Pop and run (what, fn) undo steps, last pushed first; a failing step is logged (and
-    failed(what) called) and the rest still run."""
-    while steps:
-        what, fn = steps.pop()
-        try:
-            fn()
-        except Exception as e:
-            log.error("%s: %s failed: %s", label, what, e)
-            if failed:
-                failed(what)
-
-
-def elastic_decision(reserve, free, held, ceiling, next_bytes, calm_since, now, reclaim_after):
-    """What one GPU's slices should do now: (action, calm_since).
-
-    action: "release" (one slice: a manual shrink lowered the ceiling, or another program left
-    less than the reserve free), "grow" (one slice: there is room for it above the reserve, and
-    there has been for reclaim_after seconds), or None.  reserve None: only the ceiling counts.
-    calm_since: since when there has been room for one more slice (None: there is none now);
-    the caller keeps it for the next call.
-    """
-    if held > ceiling:
-        return "release", None
-    if reserve is not None and free < reserve and held > 0:
-        return "release", None
-    if held < ceiling and free - next_bytes >= (reserve or 0):
-        calm_since = now if calm_since is None else calm_since
-        if now - calm_since >= reclaim_after:
-            return "grow", None
-        return None, calm_since
-    return None, None
+class SliceSettings(FromConfig, collections.namedtuple("SliceSettings", "priority connections encrypt discard "
+                                                                         "attach dead_conn_timeout")):
+    """What a slice needs of the configuration."""
+    __slots__ = ()
 
 
 def slice_sizes(size, slice_size, align=SIZE_ALIGN):
@@ -4449,62 +4343,6 @@ def slice_priority(base, number):
     order and the last stay empty longest; slice N of every GPU shares a priority (the kernel
     stripes swap over devices of equal priority)."""
     return max(base - number, min(base, 0))
-
-
-class WorkerProc:
-    """A kernel-mode worker as the daemon sees it: its process, control socket and connections."""
-
-    def __init__(self, proc, ctl, index, slot):
-        self.proc, self.ctl, self.index, self.slot = proc, ctl, index, slot
-        self.conns = {}         # slice number -> how many of its connections this worker serves
-        self.pool = 0           # a spare's buffer sets
-
-    @property
-    def nconns(self):
-        return sum(self.conns.values())
-
-
-class Slice:
-    """One piece of VRAM swap: its own allocation, nbd device and swap priority.
-
-    Released alone: swapoff moves only its pages; then its undo steps run in
-    reverse (close the mapping, disconnect, end its connections, scrub and free).
-    """
-
-    def __init__(self, gpu, number, store):
-        self.gpu, self.number, self.store = gpu, number, store
-        self.export = Export(store)
-        self.priority = slice_priority(gpu.daemon.cfg["priority"], number)
-        self.fdname = f"vram-{gpu.info['uuid']}-{number}"
-        self.index = self.device = self.swap_device = self.crypt = self.backend = self.attach_kind = None
-        self.swap_on = False
-        self.undo = []
-
-    @property
-    def name(self):
-        return f"slice {self.number} of GPU {self.gpu.info['index']}"
-
-    def used_kib(self, swaps):
-        found = find_swap(self.swap_device, swaps=swaps) if self.swap_device else None
-        return found[1][1] if found else 0
-
-    def run_undo(self):
-        def failed(what):
-            if what.startswith("end the connections"):
-                # Something may still serve from this VRAM: freeing it now could serve garbage.
-                log.error("%s: leaving its VRAM allocated; the driver reclaims it when the daemon exits", self.name)
-                self.undo[:] = [u for u in self.undo if not u[0].startswith("free")]
-        run_undo(self.undo, self.name, failed)
-
-    def describe(self, swaps=None):
-        d = {"gpu": self.gpu.info["uuid"], "gpu_index": self.gpu.info["index"], "number": self.number,
-             "fdname": self.fdname, "index": self.index, "device": self.device, "swap_device": self.swap_device,
-             "size_bytes": self.store.size_bytes, "priority": self.priority, "encrypted": bool(self.crypt), "mapping": self.crypt,
-             "backend": self.backend, "attach": self.attach_kind, "swap_on": self.swap_on,
-             "connections": self.gpu.daemon.cfg["connections"], "allocation": self.store.kind}
-        if swaps is not None:
-            d["used_bytes"] = self.used_kib(swaps) * 1024
-        return d
 
 
 class SliceMemory:
@@ -4534,16 +4372,211 @@ class SliceMemory:
                 self.fd = None
 
 
+class Slice:
+    """One piece of VRAM swap: its own allocation, nbd device and swap priority.
+
+    Released alone: swapoff moves only its pages; then its undo steps run in
+    reverse (close the mapping, disconnect, end its connections, scrub and free).
+    """
+
+    def __init__(self, gpu, number, store, settings):
+        self.gpu, self.number, self.store, self.settings = gpu, number, store, settings
+        self.export = Export(store)
+        self.priority = slice_priority(settings.priority, number)
+        self.fdname = f"{FDNAME_PREFIX}-{gpu.info['uuid']}-{number}"
+        self.index = self.device = self.swap_device = self.crypt = self.backend = self.attach_kind = None
+        self.swap_on = False
+        self.undo = []
+
+    @property
+    def name(self):
+        return f"slice {self.number} of GPU {self.gpu.info['index']}"
+
+    def used_kib(self, swaps):
+        found = find_swap(self.swap_device, swaps=swaps) if self.swap_device else None
+        return found[1][1] if found else 0
+
+    def run_undo(self):
+        def failed(what):
+            if what.startswith("end the connections"):
+                # Something may still serve from this VRAM: freeing it now could serve garbage.
+                log.error("%s: leaving its VRAM allocated; the driver reclaims it when the daemon exits", self.name)
+                self.undo[:] = [u for u in self.undo if not u[0].startswith("free")]
+        run_undo(self.undo, self.name, failed)
+
+    def describe(self, swaps=None):
+        d = {"gpu": self.gpu.info["uuid"], "gpu_index": self.gpu.info["index"], "number": self.number,
+             "fdname": self.fdname, "index": self.index, "device": self.device, "swap_device": self.swap_device,
+             "size_bytes": self.store.size_bytes, "priority": self.priority, "encrypted": bool(self.crypt), "mapping": self.crypt,
+             "backend": self.backend, "attach": self.attach_kind, "swap_on": self.swap_on,
+             "connections": self.settings.connections, "allocation": self.store.kind}
+        if swaps is not None:
+            d["used_bytes"] = self.used_kib(swaps) * 1024
+        return d
+
+    # -- its life, in order ------------------------------------------------------------
+
+    @classmethod
+    def prepare(cls, g, number, store, settings):
+        """A new slice of G on STORE, and everything of it that comes before the kernel: fd stored,
+        workers serving its sockets.  Returns (slice, the kernel's ends of the socketpairs)."""
+        sl = cls(g, number, store, settings)
+        g.slices[number] = sl
+        sl.undo.append((f"free the VRAM of {sl.name}", store.free))
+        # FDPOLL=0: systemd polls a stored fd and drops it, silently (a debug line), on EPOLLERR or
+        # EPOLLHUP, which is meant for sockets.  This fd is memory, not a connection: a driver's
+        # poll (sysfs, seen under systemd 252) must not take the VRAM and its pages out of the store.
+        if store.fd is not None and sd_notify("FDSTORE=1", "FDPOLL=0", f"FDNAME={sl.fdname}", fds=[store.fd]):
+            # systemd keeps a reference: if this process dies, the memory and the pages in it
+            # survive, and the restarted daemon gets the fd back (LISTEN_FDS) and reattaches.
+            sl.undo.append((f"drop the stored fd of {sl.name}",
+                            lambda: sd_notify("FDSTOREREMOVE=1", f"FDNAME={sl.fdname}")))
+        pairs = connection_pairs(settings.connections)
+        g.serve(sl, [ours for ours, _ in pairs])
+        return sl, [k for _, k in pairs]
+
+    def attach(self, socks):
+        """Give the kernel SOCKS as a new nbd device (netlink, or the classic ioctls)."""
+        settings, size, flags = self.settings, self.export.size, self.export.flags
+        backend = self.backend = f"nbd-vram:{os.getpid()}:{self.gpu.info['uuid']}:{self.number}"
+        if settings.attach in ("auto", "netlink"):
+            try:
+                nl = NbdNetlink()
+            except NbdKernelError:
+                if settings.attach == "netlink":
+                    raise
+                log.info("netlink nbd is missing; attaching with the classic ioctls")
+            else:
+                try:
+                    self.index = nl.connect(socks, size, flags, dead_conn_timeout_s=settings.dead_conn_timeout,
+                                          backend=backend)
+                except OSError as e:
+                    raise NbdKernelError(f"attach: NBD_CMD_CONNECT failed: {e.strerror} "
+                                         f"({'are you root?' if e.errno == errno.EPERM else 'check dmesg'})") from None
+                finally:
+                    nl.close()
+                self.attach_kind = "netlink"
+                self.undo.append((f"disconnect /dev/nbd{self.index}", self.detach))
+        if self.index is None:
+            ia = IoctlAttach()
+            self.index = ia.connect(socks, size, flags)
+            self.attach_kind = "ioctl"
+            self.undo.append((f"disconnect /dev/nbd{self.index}", ia.disconnect))
+        self.device = f"/dev/nbd{self.index}"
+        want = str(size // 512)
+        deadline = time.monotonic() + 10
+        while _read(f"/sys/block/nbd{self.index}/size") != want or not os.path.exists(self.device):
+            if time.monotonic() > deadline:
+                raise NbdKernelError(f"attach {self.device}: the kernel did not show the device's size in 10 s "
+                                     "(check dmesg)")
+            time.sleep(0.05)
+        log.info("attached %s (%s, %s, %d connections): %s", self.device, format_size(size), self.attach_kind,
+                 len(socks), self.name)
+
+    def reattach(self, old, socks):
+        """NBD_CMD_RECONFIGURE: new sockets for the device the dead daemon served (OLD: its state of the slice)."""
+        self.index, self.device, self.backend, self.attach_kind = old["index"], old["device"], old["backend"], "netlink"
+        try:
+            reconfigure(self.index, socks, self.backend, timeout_s=60)
+        except OSError as e:
+            raise NbdKernelError(f"reattach {self.device}: NBD_CMD_RECONFIGURE failed: {e.strerror}; its swap "
+                                 f"waits for dead_conn_timeout, then fails") from None
+        self.undo.append((f"disconnect {self.device}", self.detach))
+        log.info("reattached %s with %d new connections", self.device, len(socks))
+
+    def detach(self):
+        """Disconnect a device attached over netlink (the ioctl attach pushes its own undo step)."""
+        nl = NbdNetlink()
+        try:
+            nl.disconnect(self.index)
+        finally:
+            nl.close()
+        log.info("disconnected %s", self.device)
+
+    def enable_swap(self, old=None):
+        """dm-crypt (encrypt = yes) and swapon, for a slice attached to the kernel."""
+        settings = self.settings
+        self.swap_device = self.device
+        if settings.encrypt or (old and old.get("encrypted")):
+            name = crypt_name(self.index)
+            if old and os.path.exists(f"/dev/mapper/{name}"):
+                # The dead daemon's mapping, its key still in the kernel: the swapped pages read back through it.
+                self.swap_device = f"/dev/mapper/{name}"
+            else:
+                self.swap_device = crypt_open(self.device, name, settings.discard)
+            self.crypt = name
+            # Pushed after the disconnect, so run before it: swapoff, close, disconnect, free.
+            self.undo.append((f"close the dm-crypt mapping {name}", lambda: crypt_close(name)))
+        if old and find_swap(self.swap_device):
+            log.info("%s is still swap: nothing lost", self.swap_device)
+        else:
+            swap_enable(self.swap_device, self.priority, settings.discard)
+        self.swap_on = True
+
+    def release(self, why):
+        """swapoff (never forced), then the slice's undo steps, and its GPU forgets it.  False if swapoff failed."""
+        g = self.gpu
+        if self.swap_on:
+            used = self.used_kib(active_swaps())
+            log.info("%s: releasing %s (%s): swapoff %s (%s of pages on it)", g.label, self.name, why, self.swap_device,
+                     format_size(used * 1024))
+            t0 = time.monotonic()
+            if not swap_disable(self.swap_device):
+                log.warning("%s: swapoff %s failed (RAM cannot take its pages back now); %s stays", g.label,
+                            self.swap_device, self.name)
+                return False
+            self.swap_on = False
+            log.info("%s: swapoff %s took %.1f s for %s", g.label, self.swap_device, time.monotonic() - t0,
+                     format_size(used * 1024))
+        self.run_undo()
+        del g.slices[self.number]
+        g.last_action = f"{time.strftime('%H:%M:%S')} released slice {self.number} ({why})"
+        log.info("%s: %s released (%s); %s of VRAM still swap on this GPU", g.label, self.name, why,
+                 format_size(g.held_bytes()))
+        return True
+
+
+############################################################################
+# One GPU: its GPU process, workers and slices #############################
+############################################################################
+
+SPARE_RETRY_S = 30.0         # a spare worker that failed to start is tried again this often
+HEAL_RETRY_S = 30.0          # and a connection the kernel gave up on that could not be replaced
+
+
+class GpuSettings(FromConfig, collections.namedtuple("GpuSettings", "size slice_size libcuda buffer_size debug "
+                                                                     "realtime workers connections")):
+    """What a GPU's share needs of the configuration."""
+    __slots__ = ()
+
+
+class WorkerProc:
+    """A kernel-mode worker as the daemon sees it: its process, control socket and connections."""
+
+    def __init__(self, proc, ctl, index, slot):
+        self.proc, self.ctl, self.index, self.slot = proc, ctl, index, slot
+        self.conns = {}         # slice number -> how many of its connections this worker serves
+        self.pool = 0           # a spare's buffer sets
+
+    @property
+    def nconns(self):
+        return sum(self.conns.values())
+
+
 class GpuShare:
     """One GPU's part of the daemon: its GPU process, worker processes and slices."""
 
-    def __init__(self, daemon, ordinal, cuda, dev):
-        self.daemon, self.ordinal, self.cuda, self.dev = daemon, ordinal, cuda, dev
+    def __init__(self, ordinal, cuda, dev, settings, slice_settings, counters, state_changed):
+        """SETTINGS: GpuSettings; SLICE_SETTINGS: for its slices; COUNTERS: () -> the I/O counters'
+        mmap (None before they exist); STATE_CHANGED: () -> None, after a change status must show
+        (a worker replaced)."""
+        self.ordinal, self.cuda, self.dev = ordinal, cuda, dev
+        self.settings, self.slice_settings = settings, slice_settings
+        self.counters, self.state_changed = counters, state_changed
         self.info = cuda.device_info(dev)
         self.vmm = (cuda.has_vmm and cuda.attribute(CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED, dev)
                     and cuda.attribute(CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED, dev))
-        cfg = daemon.cfg
-        self.sizes = slice_sizes(cfg["size"], cfg["slice_size"])
+        self.sizes = slice_sizes(settings.size, settings.slice_size)
         self.ceiling = len(self.sizes)      # most slices allowed now (shrink/grow move it)
         self.slices = {}                    # number -> Slice
         self.workers, self.spare = [], None
@@ -4614,18 +4647,41 @@ class GpuShare:
             raise
         return SliceMemory(self, number, size, _U64.unpack(answer)[0], fd)
 
+    def take_slice(self, reserve):
+        """Take one more slice (the RESERVE allows it): allocate, serve, attach, swapon."""
+        number = self.free_number()
+        store = self.allocate(number, reserve)
+        if store is None:
+            return False
+        sl, kernel_ends = Slice.prepare(self, number, store, self.slice_settings)
+        try:
+            sl.attach(kernel_ends)
+            sl.enable_swap()
+        except Exception:
+            for k in kernel_ends:
+                k.close()
+            sl.run_undo()
+            del self.slices[number]
+            raise
+        for k in kernel_ends:
+            k.close()
+        self.last_action = f"{time.strftime('%H:%M:%S')} took slice {number} ({format_size(store.size_bytes)}) on {sl.swap_device}"
+        log.info("%s: took slice %d back: %s on %s, swap priority %d", self.label, number,
+                 format_size(store.size_bytes), sl.swap_device, sl.priority)
+        return True
+
     # -- serving processes ----------------------------------------------------------------
 
     def start_gpu_process(self):
         """The process that holds this GPU's CUDA context; ready on return."""
-        cfg = self.daemon.cfg
-        proc, ctl = spawn_worker(cfg["libcuda"], cfg["buffer_size"], lock=True, debug=cfg["debug"],
-                                 realtime=cfg["realtime"], gpu=self.info["uuid"])
+        settings = self.settings
+        proc, ctl = spawn_worker(settings.libcuda, settings.buffer_size, lock=True, debug=settings.debug,
+                                 realtime=settings.realtime, gpu=self.info["uuid"])
         wait_worker_ready(proc, ctl)
         self.gpu_proc = WorkerProc(proc, ctl, 0, None)
         log.info("%s: GPU process: pid %d", self.label, proc.pid)
 
-    def _stop_gpu_process(self):
+    def stop_gpu_process(self):
         gp, self.gpu_proc = self.gpu_proc, None
         if gp is None:
             return
@@ -4637,20 +4693,20 @@ class GpuShare:
 
     def start_workers(self):
         """The worker processes that will serve every slice of this GPU; ready on return."""
-        cfg = self.daemon.cfg
-        n = min(cfg["workers"] or default_workers(cfg["connections"]), cfg["connections"])
+        settings = self.settings
+        n = min(settings.workers or default_workers(settings.connections), settings.connections)
         self.workers = [self._spawn(w + 1) for w in range(n)]
         self.undo.append((f"stop the workers of {self.label}", self._join_workers))
         log.info("%s: %d worker process%s: pids %s", self.label, n, "" if n == 1 else "es",
                  " ".join(str(w.proc.pid) for w in self.workers))
 
     def _spawn(self, index, standby=0):
-        cfg = self.daemon.cfg
+        settings = self.settings
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.gpu_call(CTL_CLIENT, index, fds=[mine.fileno()])
-            proc, ctl = spawn_worker(cfg["libcuda"], cfg["buffer_size"], lock=True, debug=cfg["debug"], index=index,
-                                     standby=standby, realtime=cfg["realtime"], gpu=self.info["uuid"],
+            proc, ctl = spawn_worker(settings.libcuda, settings.buffer_size, lock=True, debug=settings.debug, index=index,
+                                     standby=standby, realtime=settings.realtime, gpu=self.info["uuid"],
                                      slot=self.slots[index], copier=theirs)
         finally:
             mine.close()
@@ -4663,7 +4719,7 @@ class GpuShare:
         before any worker dies: taking over then needs no new process and no memory."""
         if not self.workers:
             return
-        n = max([w.nconns for w in self.workers] + [self.daemon.cfg["connections"]])
+        n = max([w.nconns for w in self.workers] + [self.settings.connections])
         spare = None
         try:
             spare = self._spawn(0, standby=n)
@@ -4748,12 +4804,11 @@ class GpuShare:
 
     def respawn(self, k):
         """Worker k died: new sockets for its connections (NBD_CMD_RECONFIGURE), served by the spare or a new process."""
-        d, dead = self.daemon, self.workers[k]
+        dead = self.workers[k]
         log.error("%s: worker %d (pid %d) exited with %s; its %d connection%s to the kernel died: starting a new one",
                   self.label, dead.index, dead.proc.pid, dead.proc.returncode, dead.nconns, "" if dead.nconns == 1 else "s")
         dead.ctl.close()
-        pairs = {sid: [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(n)]
-                 for sid, n in dead.conns.items() if sid in self.slices}
+        pairs = {sid: connection_pairs(n) for sid, n in dead.conns.items() if sid in self.slices}
         spare, self.spare = self.spare, None
         new = None
         if spare and spare.proc.poll() is None:
@@ -4771,8 +4826,7 @@ class GpuShare:
                     for ours, kernel in ps:
                         ours.close()
                         kernel.close()
-                pairs = {sid: [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in ps]
-                         for sid, ps in pairs.items()}
+                pairs = {sid: connection_pairs(len(ps)) for sid, ps in pairs.items()}
         if new is None:
             new = self._spawn(dead.index)
             self._map_all(new.ctl, f"worker {dead.index}")
@@ -4795,7 +4849,7 @@ class GpuShare:
             for _, kernel in ps:
                 kernel.close()
         self.spawn_spare()      # swap works again: a new process can get its memory
-        d._write_state()        # the worker pids a restart after a crash must stop
+        self.state_changed()    # the worker pids a restart after a crash must stop
 
     def heal(self, w, counters):
         """Connections the kernel gave up on (a request past its timeout marks one dead; the device
@@ -4822,9 +4876,9 @@ class GpuShare:
                           "ioctl attach it cannot get new ones: restart the service when swap is idle",
                           self.label, n, "" if n == 1 else "s", sl.device)
                 continue
-            pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(n)]
+            pairs = connection_pairs(n)
             try:
-                ctl_call(w.ctl, CTL_SERVE, sid, n, fds=[ours.fileno() for ours, _ in pairs], who=f"worker {w.index}")
+                self._give(w.ctl, {sid: pairs}, f"worker {w.index}")
                 w.conns[sid] += n
                 reconfigure(sl.index, [kernel for _, kernel in pairs], sl.backend, timeout_s=10)
                 log.warning("%s: the kernel gave up on %d connection%s of %s (a request past its timeout): "
@@ -4847,18 +4901,18 @@ class GpuShare:
             if w.proc.poll() is not None:
                 self.respawn(k)
             else:
-                self.heal(w, self.daemon.counters)
+                self.heal(w, self.counters())
         if self.spare and self.spare.proc.poll() is not None:
             log.warning("%s: the spare worker (pid %d) exited with %s: starting another", self.label,
                         self.spare.proc.pid, self.spare.proc.returncode)
             self.spare.ctl.close()
             self.spare = None
             self.spawn_spare()
-            self.daemon._write_state()
+            self.state_changed()
         elif self.spare is None and self.spare_retry_at is not None and time.monotonic() >= self.spare_retry_at:
             self.spawn_spare()
             if self.spare:
-                self.daemon._write_state()
+                self.state_changed()
 
     def restart_gpu_process(self):
         """The GPU process died: every worker's copies died with it.  A new one maps every slice again
@@ -4901,6 +4955,326 @@ class GpuShare:
                     last_action=self.last_action, worker_pids=self.worker_pids())
 
 
+############################################################################
+# Takeover (crash restart, upgrade) ########################################
+############################################################################
+# A daemon that starts where another one left off: after a crash (systemd hands back the VRAM fds
+# it stored, and the old workers still serve the devices) or an upgrade in place (the same process,
+# re-executed).  Which slices can be taken over, what was left behind and must be refused or cleaned
+# up, and the old processes to stop once the new ones are ready.
+
+LET_GO_SLICE = 1 << 30      # slice ids the GPU process maps a let-go stored fd under, to zero it
+
+
+def _reap(pid):
+    """True if PID was an exited child of this process (now reaped)."""
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:
+        return False
+
+
+def check_stale():
+    """Refuse to start over a device an earlier daemon left behind, and never reuse live swap."""
+    old = read_state()
+    # (A daemon of this version holds the lock that run took; this finds an older one.)
+    if daemon_pid(old) not in (None, os.getpid()):
+        raise Fatal(f"another nbd-vram daemon (pid {old['pid']}) is serving {old.get('device')}; "
+                    "stop it first (systemctl stop vram-swap-nbd)")
+    swaps = active_swaps()
+    mappings = crypt_mappings()
+    for index in nbd_devices():
+        backend = _read(f"/sys/block/nbd{index}/backend", "") or ""
+        ours = backend.startswith("nbd-vram:") and nbd_connected(index)
+        if not ours and index not in mappings:
+            continue
+        dev = f"/dev/nbd{index}"
+        owner = int(backend.split(":")[1]) if ours and backend.split(":")[1].isdigit() else 0
+        if owner and owner != os.getpid() and _runs_daemon(owner):
+            raise Fatal(f"{dev} is served by another nbd-vram daemon (pid {owner}); stop it first")
+        if index in mappings:
+            close_stale_mapping(dev, owner, *mappings[index], swaps)
+        if not ours:
+            continue
+        if find_swap(dev, swaps=swaps):
+            raise Fatal(f"{dev} is still active swap from an nbd-vram daemon (pid {owner}) that died; "
+                        f"refusing to start over it: run `swapoff {dev}` (it fails if the pages are lost), "
+                        f"then `nbd_vram.py detach {dev}`")
+        log.warning("%s was left connected by an nbd-vram daemon (pid %d) that died, and is not swap: "
+                    "disconnecting it", dev, owner)
+        nl = NbdNetlink()
+        try:
+            nl.disconnect(index)
+        finally:
+            nl.close()
+
+
+def close_stale_mapping(dev, owner, name, dm, swaps):
+    """A dm-crypt mapping that a dead daemon left over DEV: refuse if it is swap, else close it."""
+    mapper = f"/dev/mapper/{name}"
+    by = f"an nbd-vram daemon (pid {owner}) that died" if owner else "an nbd-vram daemon that is gone"
+    if find_swap(mapper, f"/dev/{dm}", swaps=swaps):
+        raise Fatal(f"{mapper} (dm-crypt over {dev}) is still active swap from {by}; refusing to start over it: "
+                    f"run `swapoff {mapper}` (it fails if the pages are lost), `cryptsetup close {name}`, "
+                    f"then `nbd_vram.py detach {dev}`")
+    if not shutil.which("cryptsetup"):
+        raise Fatal(f"{mapper} (dm-crypt over {dev}) was left by {by}, and cryptsetup is not installed "
+                    f"to close it: run `dmsetup remove {name}`")
+    log.warning("%s (dm-crypt over %s) was left by %s, and is not swap: closing it", mapper, dev, by)
+    crypt_close(name)
+
+
+def adoptable(stored_fds, slice_size):
+    """After a crash (or an upgrade in place): (the old state, its slices that can be taken over,
+    the stored VRAM let go that is to be zeroed first: see let_go).
+
+    A slice can if systemd gave us back its VRAM fd (in STORED_FDS, {fd name: fd}) and its device
+    still waits for it (dead_conn_timeout); a stored fd that cannot be used is let go (and taken
+    out of stored_fds)."""
+    to_scrub = []
+    if not stored_fds:
+        return None, [], to_scrub
+    old = read_state() or {}
+    slices = old.get("slices")
+    if slices is None and old.get("device"):
+        # The state of a version before slices: one device, its fd stored as "vram".
+        slices = [{"gpu": (old.get("gpu") or {}).get("uuid"), "number": 0, "fdname": OLD_FDNAME,
+                   "index": old.get("index"), "device": old.get("device"), "swap_device": old.get("swap_device"),
+                   "size_bytes": old.get("size_bytes"), "encrypted": old.get("encrypted")}]
+    why_all, in_use = None, False
+    if old.get("mode") != "serving" or old.get("attach") != "netlink":
+        why_all = "no state of a daemon that served over netlink"
+    elif daemon_pid(old) not in (None, os.getpid()):
+        why_all, in_use = f"its daemon (pid {old['pid']}) still runs", True
+    kept = []
+    for s in slices or []:
+        if s.get("fdname") not in stored_fds:
+            continue
+        index, why = s.get("index"), why_all
+        backend = _read(f"/sys/block/nbd{index}/backend", "") if index is not None else ""
+        if not why and (not nbd_connected(index) or not (backend or "").startswith("nbd-vram:")):
+            why = f"{s.get('device')} is no longer attached (dead_conn_timeout ran out?)"
+        if why:
+            log.warning("systemd handed back the stored VRAM fd of %s, but %s: releasing it", s.get("device"), why)
+            # Zeroed first, unless a daemon still serves it (an older one: it holds no lock).
+            let_go(stored_fds, to_scrub, s["fdname"], s.get("gpu"), s.get("size_bytes"), scrub=not in_use)
+            continue
+        s["backend"] = backend
+        kept.append(s)
+    kept_names = {s["fdname"] for s in kept}
+    for name in [n for n in stored_fds if n not in kept_names]:
+        log.warning("systemd handed back a stored fd %r that no slice of the last daemon names: releasing it", name)
+        uuid = re.fullmatch(r"vram-(GPU-[0-9a-fA-F-]+)-\d+", name)
+        let_go(stored_fds, to_scrub, name, uuid.group(1) if uuid else (old.get("gpu") or {}).get("uuid"),
+                     old.get("size_bytes") if name == OLD_FDNAME else slice_size, scrub=not in_use)
+    if kept:
+        devices = ", ".join(s["device"] for s in kept)
+        if old.get("pid") == os.getpid():
+            log.info("upgrade in place: taking %s over: same VRAM, new workers and connections", devices)
+        else:
+            log.warning("the daemon before this one (pid %s) died with %s as swap; taking over: same VRAM, "
+                        "new connections", old.get("pid"), devices)
+    return old, kept, to_scrub
+
+
+def let_go(stored_fds, to_scrub, name, uuid=None, size_bytes=None, scrub=True):
+    """A stored VRAM fd that is not taken over: put on TO_SCRUB ((fd name, fd, GPU UUID, bytes), zeroed
+    by scrub_let_go once CUDA is up), else released now."""
+    fd = stored_fds.pop(name, None)
+    if fd is not None and scrub and size_bytes:
+        to_scrub.append((name, fd, uuid, size_bytes))
+        return
+    if fd is not None:
+        os.close(fd)
+    sd_notify("FDSTOREREMOVE=1", f"FDNAME={name}")
+
+
+def scrub_let_go(cuda, gpus, to_scrub):
+    """The swapped pages of the daemon before are in the VRAM let go: zero it before the driver
+    hands it to the next program, then unmap, release and close it, and drop systemd's copy.
+    The GPU's process does it; for a GPU no longer configured, a context of this process does,
+    for as long as it takes."""
+    for k, (name, fd, uuid, size) in enumerate(to_scrub):
+        g = next((g for g in gpus if g.info["uuid"] == uuid), None)
+        dev = store = None
+        try:
+            if g is not None:
+                sid = LET_GO_SLICE + k
+                g.gpu_call(CTL_IMPORT, sid, size, fds=[fd])
+                g.gpu_call(CTL_FREE, sid, 1)
+            else:
+                dev, ctx = VramStore.open_device(cuda, uuid or "0")
+                store = VramStore.import_fd(cuda, dev, ctx, fd, size)
+                fd = None               # the store's now
+                cuda.check("cuMemsetD8_v2", cuda.cuMemsetD8_v2(store.dptr, 0, size))
+                cuda.check("cuCtxSynchronize", cuda.cuCtxSynchronize())
+            log.info("zeroed and released %s of VRAM from the stored fd %r", format_size(size), name)
+        except Fatal as e:
+            log.warning("could not zero the stored VRAM %r before releasing it (%s): it goes back to the "
+                        "driver as it is", name, getattr(e, "why", e))
+        finally:
+            if store is not None:
+                store.free(scrub=False)      # unmap, release, close the fd
+            if fd is not None:
+                os.close(fd)
+            if dev is not None:
+                cuda.cuDevicePrimaryCtxRelease_v2(dev)
+        sd_notify("FDSTOREREMOVE=1", f"FDNAME={name}")
+
+
+def stop_orphans(old):
+    """The dead daemon's workers may still serve its sockets: end them, so the kernel marks those dead."""
+    for pid in old.get("worker_pids", []):
+        if _reap(pid):
+            continue        # our child (an upgrade re-executes the same process) that already exited
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        starts = old.get("worker_starts") or {}
+        if (b"worker" not in argv or not any(a.endswith(b"nbd_vram.py") for a in argv)
+                or (str(pid) in starts and starts[str(pid)] != process_start(pid))):
+            log.debug("pid %d is no longer a worker of ours (%r): left alone", pid, argv[:3])
+            continue
+        try:
+            os.kill(pid, signal.SIGKILL)     # workers ignore SIGTERM: a stray one must not end live swap
+        except ProcessLookupError:
+            continue
+        for _ in range(100):
+            if _reap(pid) or not os.path.exists(f"/proc/{pid}"):
+                break
+            time.sleep(0.05)
+        log.info("stopped worker pid %d of the daemon that died", pid)
+
+
+############################################################################
+# Daemon ###################################################################
+############################################################################
+
+SWAPOFF_RETRY_S = 10.0
+# Blocked in every thread from the start of `run` (and kept over its re-execs), taken by the main
+# thread with sigtimedwait.  SIGUSR1 (udev, `nbd_vram.py sleep`): read the power state now.
+# SIGUSR2 (`nbd_vram.py upgrade`): re-execute the file on disk, which takes the VRAM and the device over.
+DAEMON_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
+RELEASED = "released"       # Daemon.loop: the power policy had swap turned off
+HANDOVER = "handover"       # Daemon.loop: SIGUSR2
+GPU_FAILED = "gpu-failed"   # Daemon.loop: GPU I/O errors, swap moved off the GPU
+
+
+def reexec(argv, environ=None):
+    """Replace this process with a fresh `nbd_vram.py ARGV` (same pid, so systemd keeps tracking it)."""
+    flush_log()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, os.path.abspath(sys.argv[0])] + list(argv), environ or os.environ)
+
+
+def reload_config(path, flags, running, power):
+    """SIGHUP: read the configuration again.  The power settings take effect now (the power policy
+    gets them); the rest only at the next restart: RUNNING, the settings the daemon started with,
+    stays as it is."""
+    try:
+        new, _ = load_config(path, flags)
+    except ConfigError as e:
+        log.error("SIGHUP: configuration not reloaded, the old one stays: %s", e)
+        return
+    old = power.settings
+    for key in POWER_KEYS:
+        if new[key] != old[key]:
+            log.info("SIGHUP: %s = %s (was %s)", key, format_setting(key, new[key]), format_setting(key, old[key]))
+    power.settings = {key: new[key] for key in POWER_KEYS}
+    other = [k for k in OPTION_BY_KEY if k not in POWER_KEYS and new[k] != running[k]]
+    if other:
+        log.info("SIGHUP: %s changed; takes effect at the next restart (systemctl restart vram-swap-nbd)",
+                 ", ".join(other))
+
+
+def wait_for_power(power, reload, no_vram=None):
+    """Idle until the power policy wants VRAM swap: no CUDA, no device, no GPU handle.
+
+    no_vram: why taking VRAM back failed just now; the next try is at the next power poll.
+    Returns False when told to stop meanwhile."""
+    if power.evaluate(*power_inputs()) and not no_vram:
+        return True
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
+    if not no_vram:
+        log.info("idle, holding no VRAM: %s", power.why)
+    while True:
+        why = f"out of VRAM ({no_vram}); trying again every {power.poll_s:g} s" if no_vram else power.why
+        write_json(state_path(), {**identity(), "version": __version__, "mode": "idle", "ready": True,
+                                  "started": started, "power": power.state(), "idle_why": why})
+        sd_notify("READY=1", f"STATUS=idle, holding no VRAM: {why}")
+        info = signal.sigtimedwait(DAEMON_SIGNALS, power.poll_s)
+        if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
+            log.info("%s received while idle: stopping", signal.Signals(info.si_signo).name)
+            remove_state()
+            return False
+        if info is not None and info.si_signo == signal.SIGHUP:
+            reload()
+        if power.evaluate(*power_inputs()):
+            (log.debug if no_vram else log.info)("power: taking VRAM swap back (%s)", power.why)
+            if not no_vram:     # (a retry keeps saying why it is idle until it serves)
+                remove_state()  # the daemon writes its own once it serves; a failed start leaves none
+            return True
+        no_vram = None          # not wanted now anyway: idle for the power policy's reason
+
+
+def elastic_decision(reserve, free, held, ceiling, next_bytes, calm_since, now, reclaim_after):
+    """What one GPU's slices should do now: (action, calm_since).
+
+    action: "release" (one slice: a manual shrink lowered the ceiling, or another program left
+    less than the reserve free), "grow" (one slice: there is room for it above the reserve, and
+    there has been for reclaim_after seconds), or None.  reserve None: only the ceiling counts.
+    calm_since: since when there has been room for one more slice (None: there is none now);
+    the caller keeps it for the next call.
+    """
+    if held > ceiling:
+        return "release", None
+    if reserve is not None and free < reserve and held > 0:
+        return "release", None
+    if held < ceiling and free - next_bytes >= (reserve or 0):
+        calm_since = now if calm_since is None else calm_since
+        if now - calm_since >= reclaim_after:
+            return "grow", None
+        return None, calm_since
+    return None, None
+
+
+def move_ceilings(live, op, units):
+    """A shrink or grow of UNITS slices: one at a time, off the GPU that holds the most (shrink) or
+    onto the one that holds the fewest (grow), lowest ordinal first among equals.  Returns the set
+    of GPUs whose ceiling moved."""
+    moved = set()
+    for _ in range(units):
+        if op == "shrink":
+            cands = [g for g in live if min(g.ceiling, len(g.slices)) > 0]
+            if not cands:
+                break
+            g = max(cands, key=lambda g: (min(g.ceiling, len(g.slices)), -g.ordinal))
+            g.ceiling = min(g.ceiling, len(g.slices)) - 1
+            moved.add(g)
+        elif op == "grow":
+            cands = [g for g in live if max(g.ceiling, len(g.slices)) < len(g.sizes)]
+            if not cands:
+                break
+            g = min(cands, key=lambda g: (max(g.ceiling, len(g.slices)), g.ordinal))
+            g.ceiling = max(g.ceiling, len(g.slices)) + 1
+            moved.add(g)
+    return moved
+
+
+def gpu_specs(text, count):
+    """The gpus setting as a list of --gpu specs: 'all' is every index."""
+    text = str(text).strip()
+    if text.lower() == "all":
+        if count == 0:
+            raise NoGpuError("no NVIDIA GPU found: check `nvidia-smi`")
+        return [str(i) for i in range(count)]
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
 class Daemon:
     """`run`: VRAM -> kernel nbd -> swap, and back again on SIGTERM.
 
@@ -4915,8 +5289,8 @@ class Daemon:
 
     def __init__(self, settings, power=None, reload=None, stored_fds=None):
         self.cfg = settings
+        self.slice_settings = SliceSettings.from_config(settings)
         self.stored_fds = dict(stored_fds or {})     # from systemd's fd store: a restart after a crash
-        self.to_scrub = []              # (fd name, fd, GPU UUID, bytes) of stored VRAM not taken over
         self.power = power or PowerPolicy(settings)
         self.reload = reload or (lambda: None)      # SIGHUP: re-read the power settings
         self.release_failed = None                  # (time, why) of the last swapoff the power policy asked for
@@ -4941,7 +5315,7 @@ class Daemon:
     def swap_on(self):
         return any(sl.swap_on for sl in self.slices)
 
-    # -- startup ------------------------------------------------------------------------
+    # -- start: in call order -----------------------------------------------------------
 
     def start(self):
         cfg = self.cfg
@@ -4953,9 +5327,9 @@ class Daemon:
                  format_size(cfg["reserve"]) if cfg["reserve"] is not None else "off")
         os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
         load_nbd_module()
-        old, adopt = self._adoptable()
+        old, adopt, to_scrub = adoptable(self.stored_fds, cfg["slice_size"])
         if not adopt:
-            self._check_stale()
+            check_stale()
 
         cuda = Cuda(cfg["libcuda"])
         cuda.init()
@@ -4964,8 +5338,8 @@ class Daemon:
         for g in self.gpus:
             g.start_gpu_process()
             # Stopped after the workers (it copies for them until they are gone).
-            g.undo.append((f"stop the GPU process of {g.label}", g._stop_gpu_process))
-        self._scrub_let_go(cuda)
+            g.undo.append((f"stop the GPU process of {g.label}", g.stop_gpu_process))
+        scrub_let_go(cuda, self.gpus, to_scrub)
         self._open_counters()
         # Locked like a worker even when workers serve: this process must be able to replace a dead
         # worker while memory is full and the swap on that worker's connections is stalled.
@@ -4979,10 +5353,10 @@ class Daemon:
                 store = g.import_slice(s["number"], self.stored_fds.pop(s["fdname"]), s["size_bytes"])
                 log.info("%s: took back slice %d (%s of VRAM) from systemd's fd store, with the swapped pages in it",
                          g.label, s["number"], format_size(store.size_bytes))
-                prepared.append((self._prepare_slice(g, s["number"], store), s))
-                if s["fdname"] == LEGACY_FDNAME:
+                prepared.append((Slice.prepare(g, s["number"], store, self.slice_settings), s))
+                if s["fdname"] == OLD_FDNAME:
                     # Stored again under the slice's name just now: drop systemd's copy under the old one.
-                    sd_notify("FDSTOREREMOVE=1", f"FDNAME={LEGACY_FDNAME}")
+                    sd_notify("FDSTOREREMOVE=1", f"FDNAME={OLD_FDNAME}")
             if old and "ceilings" in old:
                 g.ceiling = min(old["ceilings"].get(g.info["uuid"], g.ceiling), len(g.sizes))
             if not adopt:
@@ -4990,7 +5364,7 @@ class Daemon:
                     store = g.allocate(number, cfg["reserve"])
                     if store is None:
                         break
-                    prepared.append((self._prepare_slice(g, number, store), None))
+                    prepared.append((Slice.prepare(g, number, store, self.slice_settings), None))
             g.spawn_spare()
         total = sum(sl.store.size_bytes for (sl, _), _ in prepared)
         if not adopt and total < cfg["min_size"]:
@@ -5012,17 +5386,17 @@ class Daemon:
         if adopt:
             # Only now, with the new workers ready and locked: until here the old ones serve the swap
             # (starting processes needs memory that only that swap may be able to free).
-            self._stop_orphans(old)
+            stop_orphans(old)
             self.sysctl_saved = dict(old.get("sysctl_saved") or {})    # what to restore is what was there first
             self.adopted_at = time.time()
         for (sl, kernel_ends), s in prepared:
             if s:
-                self._reattach(sl, s, kernel_ends)
+                sl.reattach(s, kernel_ends)
             else:
-                self._attach(sl, kernel_ends)
+                sl.attach(kernel_ends)
             for k in kernel_ends:
                 k.close()      # the kernel holds its own references now
-        self._write_state()
+        self.write_state()
         for key in ("swappiness", "min_free_kbytes", "page_cluster"):
             if cfg[key] is not None:
                 old_value = sysctl_set(key, cfg[key])
@@ -5030,25 +5404,15 @@ class Daemon:
         if self.sysctl_saved:
             self.undo.append(("restore sysctls", self._restore_sysctls))
         for (sl, _), s in prepared:
-            self._swap_on(sl, s)
+            sl.enable_swap(s)
         self._memory_clock_cap()
         for g in self.gpus:
             g.mem_free()        # for status: what is free now that every slice is taken
         self.ready = True
-        self._write_state()
+        self.write_state()
         status = self._status_line()
         sd_notify("READY=1", f"STATUS={status}")
         log.info("ready: %s", status)
-
-    def _status_line(self):
-        parts = []
-        for g in self.gpus:
-            if g.slices:
-                devs = ", ".join(sl.swap_device for sl in sorted(g.slices.values(), key=lambda s: s.number))
-                parts.append(f"{format_size(g.held_bytes())} of {g.label} on {devs}")
-        enc = " (encrypted)" if any(sl.crypt for sl in self.slices) else ""
-        return (f"serving {'; '.join(parts) or 'nothing'}{enc}, swap priority {self.cfg['priority']} and down, "
-                f"{self.cfg['connections']} connections a slice")
 
     def _open_gpus(self, cuda, adopted_uuids):
         specs = gpu_specs(self.cfg["gpus"], cuda.device_count())
@@ -5058,343 +5422,13 @@ class Daemon:
             if dev not in devs:
                 devs.append(dev)
         for dev in devs:
-            g = GpuShare(self, len(self.gpus), cuda, dev)
+            g = GpuShare(len(self.gpus), cuda, dev, GpuSettings.from_config(self.cfg), self.slice_settings,
+                         counters=lambda: self.counters, state_changed=self.write_state)
             self.gpus.append(g)
             log.info("%s: %s (%s, %s), %s", g.label, g.info["name"], g.info["uuid"], g.info["pci_bus_id"],
                      format_size(g.info["total_bytes"]))
         if len(self.gpus) > MAX_GPUS:
             raise ConfigError(f"gpus: {len(self.gpus)} GPUs; at most {MAX_GPUS} are supported")
-
-    def _prepare_slice(self, g, number, store):
-        """Everything of a slice that comes before the kernel: fd stored, workers serving its sockets.
-        Returns (slice, the kernel's ends of the socketpairs)."""
-        sl = Slice(g, number, store)
-        g.slices[number] = sl
-        sl.undo.append((f"free the VRAM of {sl.name}", store.free))
-        # FDPOLL=0: systemd polls a stored fd and drops it, silently (a debug line), on EPOLLERR or
-        # EPOLLHUP, which is meant for sockets.  This fd is memory, not a connection: a driver's
-        # poll (sysfs, seen under systemd 252) must not take the VRAM and its pages out of the store.
-        if store.fd is not None and sd_notify("FDSTORE=1", "FDPOLL=0", f"FDNAME={sl.fdname}", fds=[store.fd]):
-            # systemd keeps a reference: if this process dies, the memory and the pages in it
-            # survive, and the restarted daemon gets the fd back (LISTEN_FDS) and reattaches.
-            sl.undo.append((f"drop the stored fd of {sl.name}",
-                            lambda: sd_notify("FDSTOREREMOVE=1", f"FDNAME={sl.fdname}")))
-        pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(self.cfg["connections"])]
-        g.serve(sl, [ours for ours, _ in pairs])
-        return sl, [k for _, k in pairs]
-
-    def _swap_on(self, sl, old=None):
-        """dm-crypt (encrypt = yes) and swapon, for a slice attached to the kernel."""
-        cfg = self.cfg
-        sl.swap_device = sl.device
-        if cfg["encrypt"] or (old and old.get("encrypted")):
-            name = crypt_name(sl.index)
-            if old and os.path.exists(f"/dev/mapper/{name}"):
-                # The dead daemon's mapping, its key still in the kernel: the swapped pages read back through it.
-                sl.swap_device = f"/dev/mapper/{name}"
-            else:
-                sl.swap_device = crypt_open(sl.device, name, cfg["discard"])
-            sl.crypt = name
-            # Pushed after the disconnect, so run before it: swapoff, close, disconnect, free.
-            sl.undo.append((f"close the dm-crypt mapping {name}", lambda: crypt_close(name)))
-        if old and find_swap(sl.swap_device):
-            log.info("%s is still swap: nothing lost", sl.swap_device)
-        else:
-            swap_enable(sl.swap_device, sl.priority, cfg["discard"])
-        sl.swap_on = True
-
-    def _add_slice(self, g):
-        """Take one more slice on G (the reserve allows it): allocate, serve, attach, swapon."""
-        number = g.free_number()
-        store = g.allocate(number, self.cfg["reserve"])
-        if store is None:
-            return False
-        sl, kernel_ends = self._prepare_slice(g, number, store)
-        try:
-            self._attach(sl, kernel_ends)
-            self._swap_on(sl)
-        except Exception:
-            for k in kernel_ends:
-                k.close()
-            sl.run_undo()
-            del g.slices[number]
-            raise
-        for k in kernel_ends:
-            k.close()
-        g.last_action = f"{time.strftime('%H:%M:%S')} took slice {number} ({format_size(store.size_bytes)}) on {sl.swap_device}"
-        log.info("%s: took slice %d back: %s on %s, swap priority %d", g.label, number,
-                 format_size(store.size_bytes), sl.swap_device, sl.priority)
-        return True
-
-    def _release_slice(self, sl, why):
-        """swapoff (never forced), then the slice's undo steps.  False if swapoff failed."""
-        g = sl.gpu
-        if sl.swap_on:
-            used = sl.used_kib(active_swaps())
-            log.info("%s: releasing %s (%s): swapoff %s (%s of pages on it)", g.label, sl.name, why, sl.swap_device,
-                     format_size(used * 1024))
-            t0 = time.monotonic()
-            if not swap_disable(sl.swap_device):
-                log.warning("%s: swapoff %s failed (RAM cannot take its pages back now); %s stays", g.label,
-                            sl.swap_device, sl.name)
-                return False
-            sl.swap_on = False
-            log.info("%s: swapoff %s took %.1f s for %s", g.label, sl.swap_device, time.monotonic() - t0,
-                     format_size(used * 1024))
-        sl.run_undo()
-        del g.slices[sl.number]
-        g.last_action = f"{time.strftime('%H:%M:%S')} released slice {sl.number} ({why})"
-        log.info("%s: %s released (%s); %s of VRAM still swap on this GPU", g.label, sl.name, why,
-                 format_size(g.held_bytes()))
-        return True
-
-    def _check_stale(self):
-        """Refuse to start over a device an earlier daemon left behind, and never reuse live swap."""
-        old = read_state()
-        # (A daemon of this version holds the lock that run took; this finds an older one.)
-        if daemon_pid(old) not in (None, os.getpid()):
-            raise Fatal(f"another nbd-vram daemon (pid {old['pid']}) is serving {old.get('device')}; "
-                        "stop it first (systemctl stop vram-swap-nbd)")
-        swaps = active_swaps()
-        mappings = crypt_mappings()
-        for index in nbd_devices():
-            backend = _read(f"/sys/block/nbd{index}/backend", "") or ""
-            ours = backend.startswith("nbd-vram:") and nbd_connected(index)
-            if not ours and index not in mappings:
-                continue
-            dev = f"/dev/nbd{index}"
-            owner = int(backend.split(":")[1]) if ours and backend.split(":")[1].isdigit() else 0
-            if owner and owner != os.getpid() and _runs_daemon(owner):
-                raise Fatal(f"{dev} is served by another nbd-vram daemon (pid {owner}); stop it first")
-            if index in mappings:
-                self._close_stale_mapping(dev, owner, *mappings[index], swaps)
-            if not ours:
-                continue
-            if find_swap(dev, swaps=swaps):
-                raise Fatal(f"{dev} is still active swap from an nbd-vram daemon (pid {owner}) that died; "
-                            f"refusing to start over it: run `swapoff {dev}` (it fails if the pages are lost), "
-                            f"then `nbd_vram.py detach {dev}`")
-            log.warning("%s was left connected by an nbd-vram daemon (pid %d) that died, and is not swap: "
-                        "disconnecting it", dev, owner)
-            nl = NbdNetlink()
-            try:
-                nl.disconnect(index)
-            finally:
-                nl.close()
-
-    def _adoptable(self):
-        """After a crash (or an upgrade in place): (the old state, its slices that can be taken over).
-
-        A slice can if systemd gave us back its VRAM fd and its device still waits for it
-        (dead_conn_timeout); a stored fd that cannot be used is let go."""
-        if not self.stored_fds:
-            return None, []
-        old = read_state() or {}
-        slices = old.get("slices")
-        if slices is None and old.get("device"):
-            # The state of a version before slices: one device, its fd stored as "vram".
-            slices = [{"gpu": (old.get("gpu") or {}).get("uuid"), "number": 0, "fdname": LEGACY_FDNAME,
-                       "index": old.get("index"), "device": old.get("device"), "swap_device": old.get("swap_device"),
-                       "size_bytes": old.get("size_bytes"), "encrypted": old.get("encrypted")}]
-        why_all, in_use = None, False
-        if old.get("mode") != "serving" or old.get("attach") != "netlink":
-            why_all = "no state of a daemon that served over netlink"
-        elif daemon_pid(old) not in (None, os.getpid()):
-            why_all, in_use = f"its daemon (pid {old['pid']}) still runs", True
-        kept = []
-        for s in slices or []:
-            if s.get("fdname") not in self.stored_fds:
-                continue
-            index, why = s.get("index"), why_all
-            backend = _read(f"/sys/block/nbd{index}/backend", "") if index is not None else ""
-            if not why and (not nbd_connected(index) or not (backend or "").startswith("nbd-vram:")):
-                why = f"{s.get('device')} is no longer attached (dead_conn_timeout ran out?)"
-            if why:
-                log.warning("systemd handed back the stored VRAM fd of %s, but %s: releasing it", s.get("device"), why)
-                # Zeroed first, unless a daemon still serves it (an older one: it holds no lock).
-                self._let_go(s["fdname"], s.get("gpu"), s.get("size_bytes"), scrub=not in_use)
-                continue
-            s["backend"] = backend
-            kept.append(s)
-        kept_names = {s["fdname"] for s in kept}
-        for name in [n for n in self.stored_fds if n not in kept_names]:
-            log.warning("systemd handed back a stored fd %r that no slice of the last daemon names: releasing it", name)
-            uuid = re.fullmatch(r"vram-(GPU-[0-9a-fA-F-]+)-\d+", name)
-            self._let_go(name, uuid.group(1) if uuid else (old.get("gpu") or {}).get("uuid"),
-                         old.get("size_bytes") if name == LEGACY_FDNAME else self.cfg["slice_size"], scrub=not in_use)
-        if kept:
-            devices = ", ".join(s["device"] for s in kept)
-            if old.get("pid") == os.getpid():
-                log.info("upgrade in place: taking %s over: same VRAM, new workers and connections", devices)
-            else:
-                log.warning("the daemon before this one (pid %s) died with %s as swap; taking over: same VRAM, "
-                            "new connections", old.get("pid"), devices)
-        return old, kept
-
-    def _let_go(self, name, uuid=None, size_bytes=None, scrub=True):
-        """A stored VRAM fd that is not taken over: zeroed once CUDA is up (_scrub_let_go), then released."""
-        fd = self.stored_fds.pop(name, None)
-        if fd is not None and scrub and size_bytes:
-            self.to_scrub.append((name, fd, uuid, size_bytes))
-            return
-        if fd is not None:
-            os.close(fd)
-        sd_notify("FDSTOREREMOVE=1", f"FDNAME={name}")
-
-    def _scrub_let_go(self, cuda):
-        """The swapped pages of the daemon before are in the VRAM let go: zero it before the driver
-        hands it to the next program, then unmap, release and close it, and drop systemd's copy.
-        The GPU's process does it; for a GPU no longer configured, a context of this process does,
-        for as long as it takes."""
-        for k, (name, fd, uuid, size) in enumerate(self.to_scrub):
-            g = next((g for g in self.gpus if g.info["uuid"] == uuid), None)
-            dev = store = None
-            try:
-                if g is not None:
-                    sid = LET_GO_SLICE + k
-                    g.gpu_call(CTL_IMPORT, sid, size, fds=[fd])
-                    g.gpu_call(CTL_FREE, sid, 1)
-                else:
-                    dev, ctx = VramStore.open_device(cuda, uuid or "0")
-                    store = VramStore.import_fd(cuda, dev, ctx, fd, size)
-                    fd = None               # the store's now
-                    cuda.check("cuMemsetD8_v2", cuda.cuMemsetD8_v2(store.dptr, 0, size))
-                    cuda.check("cuCtxSynchronize", cuda.cuCtxSynchronize())
-                log.info("zeroed and released %s of VRAM from the stored fd %r", format_size(size), name)
-            except Fatal as e:
-                log.warning("could not zero the stored VRAM %r before releasing it (%s): it goes back to the "
-                            "driver as it is", name, getattr(e, "why", e))
-            finally:
-                if store is not None:
-                    store.free(scrub=False)      # unmap, release, close the fd
-                if fd is not None:
-                    os.close(fd)
-                if dev is not None:
-                    cuda.cuDevicePrimaryCtxRelease_v2(dev)
-            sd_notify("FDSTOREREMOVE=1", f"FDNAME={name}")
-        self.to_scrub = []
-
-    def _stop_orphans(self, old):
-        """The dead daemon's workers may still serve its sockets: end them, so the kernel marks those dead."""
-        for pid in old.get("worker_pids", []):
-            if _reap(pid):
-                continue        # our child (an upgrade re-executes the same process) that already exited
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    argv = f.read().split(b"\0")
-            except OSError:
-                continue
-            starts = old.get("worker_starts") or {}
-            if (b"worker" not in argv or not any(a.endswith(b"nbd_vram.py") for a in argv)
-                    or (str(pid) in starts and starts[str(pid)] != process_start(pid))):
-                log.debug("pid %d is no longer a worker of ours (%r): left alone", pid, argv[:3])
-                continue
-            try:
-                os.kill(pid, signal.SIGKILL)     # workers ignore SIGTERM: a stray one must not end live swap
-            except ProcessLookupError:
-                continue
-            for _ in range(100):
-                if _reap(pid) or not os.path.exists(f"/proc/{pid}"):
-                    break
-                time.sleep(0.05)
-            log.info("stopped worker pid %d of the daemon that died", pid)
-
-    def _reattach(self, sl, old, socks):
-        """NBD_CMD_RECONFIGURE: new sockets for the device the dead daemon served."""
-        sl.index, sl.device, sl.backend, sl.attach_kind = old["index"], old["device"], old["backend"], "netlink"
-        try:
-            reconfigure(sl.index, socks, sl.backend, timeout_s=60)
-        except OSError as e:
-            raise NbdKernelError(f"reattach {sl.device}: NBD_CMD_RECONFIGURE failed: {e.strerror}; its swap "
-                                 f"waits for dead_conn_timeout, then fails") from None
-        sl.undo.append((f"disconnect {sl.device}", lambda: self._detach_netlink(sl)))
-        log.info("reattached %s with %d new connections", sl.device, len(socks))
-
-    @staticmethod
-    def _close_stale_mapping(dev, owner, name, dm, swaps):
-        """A dm-crypt mapping that a dead daemon left over DEV: refuse if it is swap, else close it."""
-        mapper = f"/dev/mapper/{name}"
-        by = f"an nbd-vram daemon (pid {owner}) that died" if owner else "an nbd-vram daemon that is gone"
-        if find_swap(mapper, f"/dev/{dm}", swaps=swaps):
-            raise Fatal(f"{mapper} (dm-crypt over {dev}) is still active swap from {by}; refusing to start over it: "
-                        f"run `swapoff {mapper}` (it fails if the pages are lost), `cryptsetup close {name}`, "
-                        f"then `nbd_vram.py detach {dev}`")
-        if not shutil.which("cryptsetup"):
-            raise Fatal(f"{mapper} (dm-crypt over {dev}) was left by {by}, and cryptsetup is not installed "
-                        f"to close it: run `dmsetup remove {name}`")
-        log.warning("%s (dm-crypt over %s) was left by %s, and is not swap: closing it", mapper, dev, by)
-        crypt_close(name)
-
-    def _attach(self, sl, socks):
-        cfg, size, flags = self.cfg, sl.export.size, sl.export.flags
-        backend = sl.backend = f"nbd-vram:{os.getpid()}:{sl.gpu.info['uuid']}:{sl.number}"
-        if cfg["attach"] in ("auto", "netlink"):
-            try:
-                nl = NbdNetlink()
-            except NbdKernelError:
-                if cfg["attach"] == "netlink":
-                    raise
-                log.info("netlink nbd is missing; attaching with the classic ioctls")
-            else:
-                try:
-                    sl.index = nl.connect(socks, size, flags, dead_conn_timeout_s=cfg["dead_conn_timeout"],
-                                          backend=backend)
-                except OSError as e:
-                    raise NbdKernelError(f"attach: NBD_CMD_CONNECT failed: {e.strerror} "
-                                         f"({'are you root?' if e.errno == errno.EPERM else 'check dmesg'})") from None
-                finally:
-                    nl.close()
-                sl.attach_kind = "netlink"
-                sl.undo.append((f"disconnect /dev/nbd{sl.index}", lambda: self._detach_netlink(sl)))
-        if sl.index is None:
-            ia = IoctlAttach()
-            sl.index = ia.connect(socks, size, flags)
-            sl.attach_kind = "ioctl"
-            sl.undo.append((f"disconnect /dev/nbd{sl.index}", ia.disconnect))
-        sl.device = f"/dev/nbd{sl.index}"
-        want = str(size // 512)
-        deadline = time.monotonic() + 10
-        while _read(f"/sys/block/nbd{sl.index}/size") != want or not os.path.exists(sl.device):
-            if time.monotonic() > deadline:
-                raise NbdKernelError(f"attach {sl.device}: the kernel did not show the device's size in 10 s "
-                                     "(check dmesg)")
-            time.sleep(0.05)
-        log.info("attached %s (%s, %s, %d connections): %s", sl.device, format_size(size), sl.attach_kind,
-                 len(socks), sl.name)
-
-    @staticmethod
-    def _detach_netlink(sl):
-        nl = NbdNetlink()
-        try:
-            nl.disconnect(sl.index)
-        finally:
-            nl.close()
-        log.info("disconnected %s", sl.device)
-
-    def _restore_sysctls(self):
-        for key, old in self.sysctl_saved.items():
-            try:
-                sysctl_set(key, old)
-            except OSError as e:
-                log.warning("could not restore vm.%s to %s: %s", key, old, e.strerror)
-
-    def _memory_clock_cap(self):
-        mhz = self.cfg["memory_clock_max"]
-        if mhz is None:
-            return
-        if self.nvml is None:
-            log.warning("memory_clock_max = %d: NVML (libnvidia-ml.so.1) is not available, so the memory clock "
-                        "is not capped; install the driver's NVML library or set memory_clock_max = off", mhz)
-            return
-        for g in self.gpus:
-            try:
-                got = self.nvml.lock_memory_clock(g.info["uuid"], mhz)
-            except NvmlError as e:
-                log.warning("%s: memory clock not capped: %s", g.label, e)
-                continue
-            g.clock_cap = got
-            log.info("%s: memory clock capped at %d MHz (memory_clock_max = %d)", g.label, got, mhz)
-            self.undo.append((f"reset the memory clock of {g.label}", lambda g=g: self.nvml.reset_memory_clock(g.info["uuid"])))
 
     def _open_counters(self):
         path = os.path.join(runtime_dir(), "counters")
@@ -5406,13 +5440,7 @@ class Daemon:
             os.close(fd)
         self.undo.append(("remove counters", lambda: os.unlink(path)))
 
-    def _update_counters(self):
-        """Slices served from threads of this process (no workers): their counters, one slot a GPU."""
-        for g in self.gpus:
-            if not g.workers:
-                _publish_counters(self.counters, g.slots[0], [sl.export for sl in g.slices.values()])
-
-    def _write_state(self):
+    def write_state(self):
         if self.started is None:
             self.started = time.strftime("%Y-%m-%d %H:%M:%S")
             self.undo.append(("remove state", remove_state))
@@ -5446,7 +5474,41 @@ class Daemon:
             state["request"] = self.request
         write_json(state_path(), state)
 
-    # -- serving ------------------------------------------------------------------------
+    def _restore_sysctls(self):
+        for key, old in self.sysctl_saved.items():
+            try:
+                sysctl_set(key, old)
+            except OSError as e:
+                log.warning("could not restore vm.%s to %s: %s", key, old, e.strerror)
+
+    def _memory_clock_cap(self):
+        mhz = self.cfg["memory_clock_max"]
+        if mhz is None:
+            return
+        if self.nvml is None:
+            log.warning("memory_clock_max = %d: NVML (libnvidia-ml.so.1) is not available, so the memory clock "
+                        "is not capped; install the driver's NVML library or set memory_clock_max = off", mhz)
+            return
+        for g in self.gpus:
+            try:
+                got = self.nvml.lock_memory_clock(g.info["uuid"], mhz)
+            except NvmlError as e:
+                log.warning("%s: memory clock not capped: %s", g.label, e)
+                continue
+            log.info("%s: memory clock capped at %d MHz (memory_clock_max = %d)", g.label, got, mhz)
+            self.undo.append((f"reset the memory clock of {g.label}", lambda g=g: self.nvml.reset_memory_clock(g.info["uuid"])))
+
+    def _status_line(self):
+        parts = []
+        for g in self.gpus:
+            if g.slices:
+                devs = ", ".join(sl.swap_device for sl in sorted(g.slices.values(), key=lambda s: s.number))
+                parts.append(f"{format_size(g.held_bytes())} of {g.label} on {devs}")
+        enc = " (encrypted)" if any(sl.crypt for sl in self.slices) else ""
+        return (f"serving {'; '.join(parts) or 'nothing'}{enc}, swap priority {self.cfg['priority']} and down, "
+                f"{self.cfg['connections']} connections a slice")
+
+    # -- serve until told to stop, and the checks of every round ---------------------------
 
     def loop(self):
         """Serve until a stop signal (EXIT_OK), the power policy's release (RELEASED), GPU failures
@@ -5483,7 +5545,100 @@ class Daemon:
                 self.next_elastic = time.monotonic() + self.cfg["vram_poll"]
                 self._elastic()
 
-    # -- elastic VRAM ---------------------------------------------------------------------
+    def _update_counters(self):
+        """Slices served from threads of this process (no workers): their counters, one slot a GPU."""
+        for g in self.gpus:
+            if not g.workers:
+                _publish_counters(self.counters, g.slots[0], [sl.export for sl in g.slices.values()])
+
+    def _take_request(self):
+        """`nbd_vram.py shrink/grow SIZE`: move the ceilings, then release or take slices until they hold."""
+        path = request_path()
+        try:
+            with open(path) as f:
+                req = json.load(f)
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            log.warning("ignoring an unreadable shrink/grow request %s: %s", path, e)
+            return
+        op, nbytes = req.get("op"), int(req.get("bytes") or 0)
+        units = max(1, -(-nbytes // self.cfg["slice_size"]))
+        live = [g for g in self.gpus if not g.failed]
+        moved = move_ceilings(live, op, units)
+        log.info("%s %s requested: slices allowed now %s", op, format_size(nbytes),
+                 ", ".join(f"{g.label} {g.ceiling} of {len(g.sizes)}" for g in self.gpus))
+        done = []
+        for _ in range(units * len(self.gpus) + len(self.gpus)):
+            step = self._elastic(hurry=True)
+            done += step
+            if not step or any(s.startswith("could not") for s in step):
+                break
+        held = sum(g.held_bytes() for g in self.gpus)
+        # Done when every GPU is at or under its ceiling (shrink), and every GPU whose ceiling was
+        # raised has reached it (grow); a GPU held under its ceiling by the reserve is not this request's.
+        ok = all(len(g.slices) <= g.ceiling for g in live) and all(len(g.slices) >= g.ceiling for g in moved
+                                                                      if op == "grow")
+        failed = [s for s in done if s.startswith("could not")]
+        if not ok and not failed:
+            failed = ["not every GPU reached its new size (out of VRAM, or the reserve)"]
+        self.request = {"id": req.get("id"), "op": op, "bytes": nbytes, "ok": ok, "done": done, "held_bytes": held,
+                        "result": "; ".join([f"{format_size(held)} of VRAM is swap now"] + failed)}
+        self.write_state()
+
+    def _power_check(self):
+        """Ask the power policy; if it wants VRAM swap gone, swapoff every slice.  True when all are off."""
+        if self.power.evaluate(*power_inputs()) or not self.swap_on:
+            self.write_state()
+            return False
+        why = self.power.why
+        log.info("power: releasing VRAM swap (%s)", why)
+        sd_notify(f"STATUS=releasing VRAM swap ({why})")
+        for sl in sorted(self.slices, key=lambda s: -s.priority):
+            if sl.swap_on and not swap_disable(sl.swap_device):
+                # Never forced: the pages on VRAM belong to running processes.
+                self.release_failed = (time.time(),
+                                       f"swapoff {sl.swap_device} failed: RAM cannot take the swapped pages back now")
+                log.warning("power: VRAM swap stays on (%s); trying again in %d s", self.release_failed[1],
+                            self.power.poll_s)
+                sd_notify(f"STATUS=serving; power wants VRAM swap released ({why}) but swapoff failed; retrying")
+                self.write_state()
+                return False
+            sl.swap_on = False
+        self.power.released = not self.power.sleeping
+        return True     # stop() then closes the mappings, disconnects and frees
+
+    def _gpu_fault_check(self):
+        """CUDA errors on I/O (each already an EIO to its request): move swap off that GPU while RAM
+        allows, and give the GPU up; the others serve on.  True once no GPU is left."""
+        for g in self.gpus:
+            if g.failed:
+                continue
+            errors = sum_counters(self.counters, set(g.slots))[0]["io_errors"]
+            new, g.io_errors_seen = errors > g.io_errors_seen, errors    # a replaced worker's slot restarts at 0
+            if not (new or g.fault_swapoff_at) or not g.slices:
+                continue
+            if g.fault_swapoff_at and time.monotonic() < g.fault_swapoff_at:
+                continue
+            log.error("%s: %d GPU I/O errors (the requests got EIO; see the lines above): moving its swap off "
+                      "the GPU, back into RAM (swapoff)", g.label, errors)
+            sd_notify(f"STATUS=GPU I/O errors on {g.label}: swapoff")
+            for sl in sorted(g.slices.values(), key=lambda s: -s.number):
+                if not sl.release("GPU I/O errors"):
+                    g.fault_swapoff_at = time.monotonic() + SWAPOFF_RETRY_S
+                    log.error("%s: swapoff failed (RAM cannot take the pages back now); retrying every %d s; pages "
+                              "on the failing GPU fail their page-in with an I/O error", g.label, SWAPOFF_RETRY_S)
+                    break
+            else:
+                g.failed = f"GPU I/O errors at {time.strftime('%H:%M:%S')}"
+                g.ceiling = 0
+                g.stop()
+                log.error("%s: swap is off this GPU; it is given up until the service restarts%s", g.label,
+                          "" if any(not h.failed for h in self.gpus) else
+                          "; no GPU is left: stopping (systemd starts the service again with new CUDA contexts)")
+            self.write_state()
+        return bool(self.gpus) and all(g.failed for g in self.gpus)
 
     def _elastic(self, hurry=False):
         """One step for every GPU: give a slice back if the reserve or a shrink asks, take one if allowed.
@@ -5513,22 +5668,22 @@ class Daemon:
                     self._log_gpu_users(g)
                 swaps = active_swaps()
                 sl = min(g.slices.values(), key=lambda s: (s.used_kib(swaps), -s.number))
-                if self._release_slice(sl, why):
+                if sl.release(why):
                     done.append(f"released {sl.name}")
                 else:
                     self.elastic_retry_at = time.monotonic() + SWAPOFF_RETRY_S * 6
                     done.append(f"could not release {sl.name}: swapoff failed (RAM cannot take its pages back now)")
-                self._write_state()
+                self.write_state()
             elif action == "grow":
                 try:
-                    ok = self._add_slice(g)
+                    ok = g.take_slice(cfg["reserve"])
                 except Fatal as e:
                     log.error("%s: taking a slice back failed: %s", g.label, e)
                     ok = False
                 done.append(f"took slice {number} of {g.label}" if ok else f"could not take a slice on {g.label}")
                 if not ok:
                     g.calm_since = None
-                self._write_state()
+                self.write_state()
         return done
 
     def _log_gpu_users(self, g):
@@ -5543,111 +5698,7 @@ class Daemon:
             log.info("%s: other programs on the GPU: %s", g.label, ", ".join(
                 f"{name} (pid {pid}{', ' + format_size(used) if used else ''})" for pid, used, name in users))
 
-    def _take_request(self):
-        """`nbd_vram.py shrink/grow SIZE`: move the ceilings, then release or take slices until they hold."""
-        path = request_path()
-        try:
-            with open(path) as f:
-                req = json.load(f)
-            os.unlink(path)
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as e:
-            log.warning("ignoring an unreadable shrink/grow request %s: %s", path, e)
-            return
-        op, nbytes = req.get("op"), int(req.get("bytes") or 0)
-        units = max(1, -(-nbytes // self.cfg["slice_size"]))
-        live = [g for g in self.gpus if not g.failed]
-        moved = set()           # the GPUs whose ceiling this request moved
-        for _ in range(units):
-            if op == "shrink":
-                cands = [g for g in live if min(g.ceiling, len(g.slices)) > 0]
-                if not cands:
-                    break
-                g = max(cands, key=lambda g: (min(g.ceiling, len(g.slices)), -g.ordinal))
-                g.ceiling = min(g.ceiling, len(g.slices)) - 1
-                moved.add(g)
-            elif op == "grow":
-                cands = [g for g in live if max(g.ceiling, len(g.slices)) < len(g.sizes)]
-                if not cands:
-                    break
-                g = min(cands, key=lambda g: (max(g.ceiling, len(g.slices)), g.ordinal))
-                g.ceiling = max(g.ceiling, len(g.slices)) + 1
-                moved.add(g)
-        log.info("%s %s requested: slices allowed now %s", op, format_size(nbytes),
-                 ", ".join(f"{g.label} {g.ceiling} of {len(g.sizes)}" for g in self.gpus))
-        done = []
-        for _ in range(units * len(self.gpus) + len(self.gpus)):
-            step = self._elastic(hurry=True)
-            done += step
-            if not step or any(s.startswith("could not") for s in step):
-                break
-        held = sum(g.held_bytes() for g in self.gpus)
-        # Done when every GPU is at or under its ceiling (shrink), and every GPU whose ceiling was
-        # raised has reached it (grow); a GPU held under its ceiling by the reserve is not this request's.
-        ok = all(len(g.slices) <= g.ceiling for g in live) and all(len(g.slices) >= g.ceiling for g in moved
-                                                                      if op == "grow")
-        failed = [s for s in done if s.startswith("could not")]
-        if not ok and not failed:
-            failed = ["not every GPU reached its new size (out of VRAM, or the reserve)"]
-        self.request = {"id": req.get("id"), "op": op, "bytes": nbytes, "ok": ok, "done": done, "held_bytes": held,
-                        "result": "; ".join([f"{format_size(held)} of VRAM is swap now"] + failed)}
-        self._write_state()
-
-    def _gpu_fault_check(self):
-        """CUDA errors on I/O (each already an EIO to its request): move swap off that GPU while RAM
-        allows, and give the GPU up; the others serve on.  True once no GPU is left."""
-        for g in self.gpus:
-            if g.failed:
-                continue
-            errors = sum_counters(self.counters, set(g.slots))[0]["io_errors"]
-            new, g.io_errors_seen = errors > g.io_errors_seen, errors    # a replaced worker's slot restarts at 0
-            if not (new or g.fault_swapoff_at) or not g.slices:
-                continue
-            if g.fault_swapoff_at and time.monotonic() < g.fault_swapoff_at:
-                continue
-            log.error("%s: %d GPU I/O errors (the requests got EIO; see the lines above): moving its swap off "
-                      "the GPU, back into RAM (swapoff)", g.label, errors)
-            sd_notify(f"STATUS=GPU I/O errors on {g.label}: swapoff")
-            for sl in sorted(g.slices.values(), key=lambda s: -s.number):
-                if not self._release_slice(sl, "GPU I/O errors"):
-                    g.fault_swapoff_at = time.monotonic() + SWAPOFF_RETRY_S
-                    log.error("%s: swapoff failed (RAM cannot take the pages back now); retrying every %d s; pages "
-                              "on the failing GPU fail their page-in with an I/O error", g.label, SWAPOFF_RETRY_S)
-                    break
-            else:
-                g.failed = f"GPU I/O errors at {time.strftime('%H:%M:%S')}"
-                g.ceiling = 0
-                g.stop()
-                log.error("%s: swap is off this GPU; it is given up until the service restarts%s", g.label,
-                          "" if any(not h.failed for h in self.gpus) else
-                          "; no GPU is left: stopping (systemd starts the service again with new CUDA contexts)")
-            self._write_state()
-        return bool(self.gpus) and all(g.failed for g in self.gpus)
-
-    def _power_check(self):
-        """Ask the power policy; if it wants VRAM swap gone, swapoff every slice.  True when all are off."""
-        if self.power.evaluate(self.swap_on) or not self.swap_on:
-            self._write_state()
-            return False
-        why = self.power.why
-        log.info("power: releasing VRAM swap (%s)", why)
-        sd_notify(f"STATUS=releasing VRAM swap ({why})")
-        for sl in sorted(self.slices, key=lambda s: -s.priority):
-            if sl.swap_on and not swap_disable(sl.swap_device):
-                # Never forced: the pages on VRAM belong to running processes.
-                self.release_failed = (time.time(),
-                                       f"swapoff {sl.swap_device} failed: RAM cannot take the swapped pages back now")
-                log.warning("power: VRAM swap stays on (%s); trying again in %d s", self.release_failed[1],
-                            self.power.poll_s)
-                sd_notify(f"STATUS=serving; power wants VRAM swap released ({why}) but swapoff failed; retrying")
-                self._write_state()
-                return False
-            sl.swap_on = False
-        self.power.released = not self.power.sleeping
-        return True     # stop() then closes the mappings, disconnects and frees
-
-    # -- teardown -----------------------------------------------------------------------
+    # -- stop -----------------------------------------------------------------------------
 
     def stop(self):
         """Strictly in reverse: swapoff (retried until it succeeds), close the mappings, disconnect, free VRAM."""
@@ -5671,97 +5722,6 @@ class Daemon:
     def stored_fds_for_handover(self):
         """{fd name: fd} of every slice, kept open over an upgrade's exec."""
         return {sl.fdname: sl.store.fd for sl in self.slices}
-
-
-def request_path():
-    return os.path.join(runtime_dir(), "request.json")
-
-
-def gpu_specs(text, count):
-    """The gpus setting as a list of --gpu specs: 'all' is every index."""
-    text = str(text).strip()
-    if text.lower() == "all":
-        if count == 0:
-            raise NoGpuError("no NVIDIA GPU found: check `nvidia-smi`")
-        return [str(i) for i in range(count)]
-    return [s.strip() for s in text.split(",") if s.strip()]
-
-
-def cmd_run(args, flags):
-    # First of all, and inherited over the re-execs below: the default action of these ends the process.
-    signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)
-    settings, origin = load_config(args.config, flags)
-    setup_logging(settings["debug"], background=True)
-    if os.geteuid() != 0:
-        raise NotRootError(
-            "run needs root: it loads the nbd module, attaches /dev/nbdX and runs swapon "
-            "(use sudo, or `nbd_vram.py serve` for an NBD server that needs none of that)")
-    hold_daemon_lock()      # before anything else; kept over the re-execs below
-    if os.environ.get("PYTHONMALLOC") != "malloc":
-        # Python's own allocator maps and unmaps arenas as it goes; under memory
-        # pressure a new arena is a page the serving thread may not get.  glibc's
-        # heap can be grown once and kept (prepare_memory), so run on it.
-        os.environ["PYTHONMALLOC"] = "malloc"
-        reexec(args.argv)
-    stored = {name: fd for name, fd in sd_listen_fds().items()}
-    handed = os.environ.pop(HANDOVER_ENV, "")
-    for item in filter(None, handed.split(",")):
-        name, _, fd = item.rpartition("=")
-        if fd.isdigit():
-            stored[name or LEGACY_FDNAME] = int(fd)         # a bare number: a version before slices
-            os.set_inheritable(int(fd), False)
-    for name in [n for n in stored if not n.startswith(LEGACY_FDNAME)]:
-        log.warning("systemd passed an fd named %r that this version does not use: closing it", name)
-        os.close(stored.pop(name))
-    old = read_state()
-    if old and not stored and daemon_pid(old) is None:
-        # (With stored fds, the state says what to take over: the new one replaces it.)
-        log.info("removing the state that a daemon (pid %s) left when it died", old.get("pid"))
-        remove_state()
-    if settings["encrypt"]:
-        check_crypt_support()       # before anything is allocated, and while idle on battery too
-    power = PowerPolicy(settings)
-    warning = hibernation_resume_warning()
-    if warning:
-        log.warning("%s", warning)
-    no_vram = os.environ.pop(NO_VRAM_ENV, None)
-    if not stored and not wait_for_power(power, lambda: power.reload(args, flags), no_vram):
-        return EXIT_OK      # (after a crash, live swap is taken back first; the power policy decides next)
-    daemon = Daemon(settings, power, lambda: power.reload(args, flags), stored)
-    try:
-        daemon.start()
-        rc = daemon.loop()
-    except NoVramError as e:
-        daemon.stop()
-        if stored or RELEASED_ENV not in os.environ:
-            raise       # at the service's start: exit 7, and systemd tries again a few times
-        # Taking swap back after a power release: another program has the VRAM now.  Nothing was
-        # swapped there, so nothing is lost: idle again (a fresh process: no CUDA) and retry.
-        (log.debug if no_vram else log.warning)("power: taking VRAM swap back failed: %s; idle, trying again "
-                                                "every %g s", e, power.poll_s)
-        reexec(args.argv, dict(os.environ, **{NO_VRAM_ENV: str(e).split(";")[0]}))
-    except BaseException:
-        daemon.stop()
-        raise
-    if rc == GPU_FAILED:
-        daemon.stop()
-        return EXIT_FAILURE
-    if rc == HANDOVER:
-        # An upgrade in place: no teardown.  Swap stays on, the workers serve on until the new
-        # version stops them, and the VRAM fds stay open over the exec (and in systemd's store).
-        daemon._write_state()
-        fds = daemon.stored_fds_for_handover()
-        for fd in fds.values():
-            os.set_inheritable(fd, True)
-        reexec(args.argv, dict(os.environ, **{HANDOVER_ENV: ",".join(f"{n}={fd}" for n, fd in fds.items())}))
-    daemon.stop()
-    if rc == RELEASED:
-        # Swap is off, the devices gone, the VRAM scrubbed and freed.  Start over as a fresh process:
-        # only that drops every handle on the GPU (libcuda keeps the device files open after the last
-        # context), so the dGPU can power down while we wait for AC.
-        log.info("power: VRAM swap released (%s); idle until it is wanted again", power.why)
-        reexec(args.argv, dict(os.environ, **{RELEASED_ENV: "1" if power.released else ""}))
-    return rc
 
 
 ############################################################################
@@ -5810,6 +5770,156 @@ def gather_status():
 def describe_power(p):
     line = f"{p['policy']}: {p.get('readings') or 'not read yet'}; VRAM swap {'wanted' if p['wanted'] else 'not wanted'}"
     return line + (f" ({p['why']})" if p.get("why") else "")
+
+
+############################################################################
+# Command line #############################################################
+############################################################################
+# One cmd_* for each command word, in the parser's order, each taking the parsed arguments and
+# returning the exit status; build_parser names each one with set_defaults(cmd=...).
+
+def config_flags(args):
+    """The settings given as flags to run and check-config: {key: text}, unset ones None."""
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_")}
+
+
+def cmd_serve(args):
+    setup_logging(args.debug, background=True)
+    try:
+        size = _size(args.size)
+        min_size = _size(args.min_size)
+        buffer_bytes = _buffer_size(args.buffer_size)
+        max_pinned = parse_size(args.max_pinned)
+    except ValueError as e:
+        raise ConfigError(f"serve: {e}") from None
+    if max_pinned < 2 * buffer_bytes:
+        raise ConfigError(f"serve: --max-pinned {args.max_pinned} is less than one connection's buffers "
+                          f"(2 x --buffer-size = {format_size(2 * buffer_bytes)}): raise it or lower --buffer-size")
+    if min_size > size:
+        min_size = size
+    check_socket_path(args.socket)      # before any VRAM is taken (UnixServer.open checks it again)
+    cuda = Cuda(args.libcuda)
+    dev, ctx = VramStore.open_device(cuda, args.gpu)
+    gpu = cuda.device_info(dev)
+    log.info("GPU %d: %s (%s, %s), %s", dev, gpu["name"], gpu["uuid"], gpu["pci_bus_id"],
+             format_size(gpu["total_bytes"]))
+    store = VramStore.allocate(cuda, dev, ctx, size, min_size)
+    copier = CopyServer(cuda, ctx, "GPU process")
+    workers = ServeWorkers(args, buffer_bytes, store, copier, args.workers or min(8, os.cpu_count() or 1))
+    server = UnixServer(args.socket, workers.handoff, idle=workers.check, buffer_bytes=buffer_bytes,
+                        max_pinned_bytes=max_pinned)
+    log.info("at most %d clients at once (--max-connections %d; --max-pinned %s / 2 x %s of buffers each)",
+             min(args.max_connections, max_pinned // (2 * buffer_bytes)), args.max_connections,
+             format_size(max_pinned), format_size(buffer_bytes))
+    clean = False
+    try:
+        workers.start()
+        server.open()
+        log.info("serving %s of VRAM on %s (NBD, fixed newstyle; any export name)", format_size(store.size_bytes),
+                 args.socket)
+        sd_notify("READY=1")
+        server.serve()
+    finally:
+        server.close()
+        clean = workers.stop()
+        if clean:
+            store.free()
+        else:
+            log.error("some connections did not stop; leaving VRAM to the driver at exit")
+    return EXIT_OK
+
+
+def cmd_run(args):
+    # First of all, and inherited over the re-execs below: the default action of these ends the process.
+    signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)
+    flags = config_flags(args)
+    settings, origin = load_config(args.config, flags)
+    setup_logging(settings["debug"], background=True)
+    if os.geteuid() != 0:
+        raise NotRootError(
+            "run needs root: it loads the nbd module, attaches /dev/nbdX and runs swapon "
+            "(use sudo, or `nbd_vram.py serve` for an NBD server that needs none of that)")
+    hold_daemon_lock()      # before anything else; kept over the re-execs below
+    if os.environ.get("PYTHONMALLOC") != "malloc":
+        # Python's own allocator maps and unmaps arenas as it goes; under memory
+        # pressure a new arena is a page the serving thread may not get.  glibc's
+        # heap can be grown once and kept (prepare_memory), so run on it.
+        os.environ["PYTHONMALLOC"] = "malloc"
+        reexec(args.argv)
+    stored = {name: fd for name, fd in sd_listen_fds().items()}
+    handed = os.environ.pop(HANDOVER_ENV, "")
+    for item in filter(None, handed.split(",")):
+        name, _, fd = item.rpartition("=")
+        if fd.isdigit():
+            stored[name or OLD_FDNAME] = int(fd)         # a bare number: a version before slices
+            os.set_inheritable(int(fd), False)
+    for name in [n for n in stored if not n.startswith(FDNAME_PREFIX)]:
+        log.warning("systemd passed an fd named %r that this version does not use: closing it", name)
+        os.close(stored.pop(name))
+    old = read_state()
+    if old and not stored and daemon_pid(old) is None:
+        # (With stored fds, the state says what to take over: the new one replaces it.)
+        log.info("removing the state that a daemon (pid %s) left when it died", old.get("pid"))
+        remove_state()
+    if settings["encrypt"]:
+        check_crypt_support()       # before anything is allocated, and while idle on battery too
+    power = PowerPolicy(settings)
+    warning = hibernation_resume_warning()
+    if warning:
+        log.warning("%s", warning)
+    no_vram = os.environ.pop(NO_VRAM_ENV, None)
+
+    def reload():       # SIGHUP
+        reload_config(args.config, flags, settings, power)
+
+    if not stored and not wait_for_power(power, reload, no_vram):
+        return EXIT_OK      # (after a crash, live swap is taken back first; the power policy decides next)
+    daemon = Daemon(settings, power, reload, stored)
+    try:
+        daemon.start()
+        rc = daemon.loop()
+    except NoVramError as e:
+        daemon.stop()
+        if stored or RELEASED_ENV not in os.environ:
+            raise       # at the service's start: exit 7, and systemd tries again a few times
+        # Taking swap back after a power release: another program has the VRAM now.  Nothing was
+        # swapped there, so nothing is lost: idle again (a fresh process: no CUDA) and retry.
+        (log.debug if no_vram else log.warning)("power: taking VRAM swap back failed: %s; idle, trying again "
+                                                "every %g s", e, power.poll_s)
+        reexec(args.argv, dict(os.environ, **{NO_VRAM_ENV: str(e).split(";")[0]}))
+    except BaseException:
+        daemon.stop()
+        raise
+    if rc == GPU_FAILED:
+        daemon.stop()
+        return EXIT_FAILURE
+    if rc == HANDOVER:
+        # An upgrade in place: no teardown.  Swap stays on, the workers serve on until the new
+        # version stops them, and the VRAM fds stay open over the exec (and in systemd's store).
+        daemon.write_state()
+        fds = daemon.stored_fds_for_handover()
+        for fd in fds.values():
+            os.set_inheritable(fd, True)
+        reexec(args.argv, dict(os.environ, **{HANDOVER_ENV: ",".join(f"{n}={fd}" for n, fd in fds.items())}))
+    daemon.stop()
+    if rc == RELEASED:
+        # Swap is off, the devices gone, the VRAM scrubbed and freed.  Start over as a fresh process:
+        # only that drops every handle on the GPU (libcuda keeps the device files open after the last
+        # context), so the dGPU can power down while we wait for AC.
+        log.info("power: VRAM swap released (%s); idle until it is wanted again", power.why)
+        reexec(args.argv, dict(os.environ, **{RELEASED_ENV: "1" if power.released else ""}))
+    return rc
+
+
+def cmd_check_config(args):
+    settings, origin = load_config(args.config, config_flags(args))
+    for o in OPTIONS:
+        print(f"{o.key:<16} = {format_setting(o.key, settings[o.key]):<14} # {origin[o.key]}")
+    if settings["encrypt"]:
+        # A setting that run would refuse on this machine: fail here too (exit 11), touching nothing.
+        sys.stdout.flush()
+        check_crypt_support(load=False)
+    return EXIT_OK
 
 
 def cmd_status(args):
@@ -5872,35 +5982,94 @@ def cmd_status(args):
     return EXIT_OK if st["healthy"] else EXIT_DEGRADED
 
 
-def cmd_resize(args):
-    """shrink / grow SIZE: ask the running daemon to give back or take more VRAM, and wait for its answer."""
+def cmd_worker(args):
+    """A serving process: serves the sockets it is given (see spawn_worker)."""
+    setup_logging(args.debug, background=True)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+    libc = _libc()
+    if args.lock:
+        prepare_memory(libc, HEAP_RESERVE if args.gpu_process else RELAY_HEAP_RESERVE)
+    threading.stack_size(THREAD_STACK)
+    ctl = socket.socket(fileno=args.ctl_fd)
+    if args.gpu_process:
+        cuda = Cuda(args.libcuda)
+        dev, ctx = VramStore.open_device(cuda, args.gpu)
+        return GpuProcess(args, cuda, dev, ctx, libc, ctl).run()
+    if args.copier_fd is None:
+        raise Fatal("worker: --copier-fd is needed without --gpu-process")
+    if args.kernel:
+        return KernelWorker(args, libc, ctl, CopyClient(socket.socket(fileno=args.copier_fd))).run()
+    if args.vram_address is None or args.vram_size is None:
+        raise Fatal("worker: --copier-fd, --vram-address and --vram-size are needed without --kernel")
+    # Serve mode: no CUDA here; the parent copies (CopyServer) and passes accepted client sockets.
+    client = CopyClient(socket.socket(fileno=args.copier_fd))
+    export = Export(types.SimpleNamespace(dptr=args.vram_address, size_bytes=args.vram_size))
+    label = f"worker {args.index}"
+
+    def make_io():
+        return RemoteIoContext(client, args.buffer_size, args.buffer_size)
+
+    # The parent closes ctl to stop us.
+    ctl.sendall(WORKER_READY)
+    clients = {}
+    sel = selectors.DefaultSelector()
+    sel.register(ctl, selectors.EVENT_READ)
+    while True:
+        if not sel.select(1.0):
+            if signal.SIGTERM in signal.sigpending():
+                break
+            continue
+        fd = recv_fd(ctl)
+        if fd is None:
+            break
+        if fd < 0:
+            continue
+        conn = socket.socket(fileno=fd)
+        clients = {th: c for th, c in clients.items() if th.is_alive()}
+        if len(clients) >= args.max_connections:
+            log.warning("%s: refusing a connection: already %d clients (the limit, --max-connections)",
+                        label, len(clients))
+            conn.close()
+            continue
+        t = threading.Thread(target=serve_connection, args=(conn, export, f"{label} client {len(clients) + 1}"),
+                             kwargs={"make_io": make_io}, daemon=True)
+        clients[t] = conn
+        t.start()
+    for s in clients.values():
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    for t in clients:
+        t.join(10)
+    return EXIT_OK
+
+
+def cmd_detach(args):
+    """Disconnect an nbd device this tool attached, after checking it is not live swap."""
+    m = re.fullmatch(r"(?:/dev/)?nbd(\d+)", args.device)
+    if not m:
+        raise ConfigError(f"detach: {args.device!r} is not an nbd device (e.g. /dev/nbd0)")
+    dev = f"/dev/nbd{m.group(1)}"
+    if find_swap(dev):
+        raise Fatal(f"{dev} is active swap; run `swapoff {dev}` first (disconnecting live swap kills "
+                    "every process with pages on it)")
+    mapping = crypt_mappings().get(int(m.group(1)))
+    if mapping:
+        name, dm = mapping
+        mapper = f"/dev/mapper/{name}"
+        first = f"`swapoff {mapper}`, then " if find_swap(mapper, f"/dev/{dm}") else ""
+        raise Fatal(f"{dev} holds the encrypted swap mapping {mapper}; run {first}`cryptsetup close {name}` first")
+    if not nbd_connected(int(m.group(1))):
+        print(f"{dev} is not connected")
+        return EXIT_OK
+    nl = NbdNetlink()
     try:
-        nbytes = parse_size(args.size)
-    except ValueError as e:
-        raise ConfigError(f"{args.command}: {e}") from None
-    if nbytes <= 0:
-        raise ConfigError(f"{args.command}: the size must be more than 0")
-    need_root(args.command, "it hands the daemon its request in the daemon's runtime directory and signals it")
-    st = read_state()
-    if daemon_pid(st) is None or st.get("mode") != "serving":
-        log.error("%s: no nbd-vram daemon is serving: nothing to %s", args.command, args.command)
-        return EXIT_NOT_RUNNING
-    rid = time.time()
-    write_json(request_path(), {"id": rid, "op": args.command, "bytes": nbytes})
-    if signal_daemon(signal.SIGUSR1, st) is None:
-        raise Fatal(f"the daemon (pid {st['pid']}) exited: see journalctl -u vram-swap-nbd")
-    deadline = time.monotonic() + args.timeout
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
-        now = read_state() or {}
-        req = now.get("request") or {}
-        if req.get("id") == rid:
-            (log.info if req["ok"] else log.warning)("%s %s: %s", args.command, format_size(nbytes), req["result"])
-            return EXIT_OK if req["ok"] else EXIT_FAILURE
-        if daemon_pid(st) is None:
-            raise Fatal(f"the daemon (pid {st['pid']}) exited: see journalctl -u vram-swap-nbd")
-    raise Fatal(f"the daemon did not answer the {args.command} request within {args.timeout:.0f} s (a swapoff can "
-                "take long: see `nbd_vram.py status` and journalctl -u vram-swap-nbd)")
+        nl.disconnect(int(m.group(1)))
+    finally:
+        nl.close()
+    print(f"{dev} disconnected")
+    return EXIT_OK
 
 
 def cmd_sleep(args):
@@ -5950,6 +6119,43 @@ def cmd_wake(args):
     return EXIT_OK
 
 
+def cmd_power_event(args):
+    """udev, on every power_supply change: have a running daemon read the power state now."""
+    signal_daemon()
+    return EXIT_OK
+
+
+def cmd_resize(args):
+    """shrink / grow SIZE: ask the running daemon to give back or take more VRAM, and wait for its answer."""
+    try:
+        nbytes = parse_size(args.size)
+    except ValueError as e:
+        raise ConfigError(f"{args.command}: {e}") from None
+    if nbytes <= 0:
+        raise ConfigError(f"{args.command}: the size must be more than 0")
+    need_root(args.command, "it hands the daemon its request in the daemon's runtime directory and signals it")
+    st = read_state()
+    if daemon_pid(st) is None or st.get("mode") != "serving":
+        log.error("%s: no nbd-vram daemon is serving: nothing to %s", args.command, args.command)
+        return EXIT_NOT_RUNNING
+    rid = time.time()
+    write_json(request_path(), {"id": rid, "op": args.command, "bytes": nbytes})
+    if signal_daemon(signal.SIGUSR1, st) is None:
+        raise Fatal(f"the daemon (pid {st['pid']}) exited: see journalctl -u vram-swap-nbd")
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = read_state() or {}
+        req = now.get("request") or {}
+        if req.get("id") == rid:
+            (log.info if req["ok"] else log.warning)("%s %s: %s", args.command, format_size(nbytes), req["result"])
+            return EXIT_OK if req["ok"] else EXIT_FAILURE
+        if daemon_pid(st) is None:
+            raise Fatal(f"the daemon (pid {st['pid']}) exited: see journalctl -u vram-swap-nbd")
+    raise Fatal(f"the daemon did not answer the {args.command} request within {args.timeout:.0f} s (a swapoff can "
+                "take long: see `nbd_vram.py status` and journalctl -u vram-swap-nbd)")
+
+
 def cmd_upgrade(args):
     """After a new nbd_vram.py is in place: have the running daemon re-execute it, keeping swap."""
     need_root("upgrade", "it signals the daemon")
@@ -5977,107 +6183,12 @@ def cmd_upgrade(args):
                 "see journalctl -u vram-swap-nbd")
 
 
-def cmd_power_event(args):
-    """udev, on every power_supply change: have a running daemon read the power state now."""
-    signal_daemon()
-    return EXIT_OK
-
-
-############################################################################
-# Command line #############################################################
-############################################################################
-
-def cmd_serve(args):
-    setup_logging(args.debug, background=True)
-    try:
-        size = _size(args.size)
-        min_size = _size(args.min_size)
-        buffer_bytes = _buffer_size(args.buffer_size)
-        max_pinned = parse_size(args.max_pinned)
-    except ValueError as e:
-        raise ConfigError(f"serve: {e}") from None
-    if max_pinned < 2 * buffer_bytes:
-        raise ConfigError(f"serve: --max-pinned {args.max_pinned} is less than one connection's buffers "
-                          f"(2 x --buffer-size = {format_size(2 * buffer_bytes)}): raise it or lower --buffer-size")
-    if min_size > size:
-        min_size = size
-    check_socket_path(args.socket)      # before any VRAM is taken (UnixServer.open checks it again)
-    cuda = Cuda(args.libcuda)
-    dev, ctx = VramStore.open_device(cuda, args.gpu)
-    gpu = cuda.device_info(dev)
-    log.info("GPU %d: %s (%s, %s), %s", dev, gpu["name"], gpu["uuid"], gpu["pci_bus_id"],
-             format_size(gpu["total_bytes"]))
-    store = VramStore.allocate(cuda, dev, ctx, size, min_size)
-    copier = CopyServer(cuda, ctx, "GPU process")
-    workers = ServeWorkers(args, buffer_bytes, store, copier, args.workers or min(8, os.cpu_count() or 1))
-    server = UnixServer(args.socket, workers.handoff, idle=workers.check, buffer_bytes=buffer_bytes,
-                        max_pinned_bytes=max_pinned)
-    log.info("at most %d clients at once (--max-connections %d; --max-pinned %s / 2 x %s of buffers each)",
-             min(args.max_connections, max_pinned // (2 * buffer_bytes)), args.max_connections,
-             format_size(max_pinned), format_size(buffer_bytes))
-    clean = False
-    try:
-        workers.start()
-        server.open()
-        log.info("serving %s of VRAM on %s (NBD, fixed newstyle; any export name)", format_size(store.size_bytes),
-                 args.socket)
-        sd_notify("READY=1")
-        server.serve()
-    finally:
-        server.close()
-        clean = workers.stop()
-        if clean:
-            store.free()
-        else:
-            log.error("some connections did not stop; leaving VRAM to the driver at exit")
-    return EXIT_OK
-
-
-def cmd_check_config(args, flags):
-    settings, origin = load_config(args.config, flags)
-    for o in OPTIONS:
-        print(f"{o.key:<16} = {format_setting(o.key, settings[o.key]):<14} # {origin[o.key]}")
-    if settings["encrypt"]:
-        # A setting that run would refuse on this machine: fail here too (exit 11), touching nothing.
-        sys.stdout.flush()
-        check_crypt_support(load=False)
-    return EXIT_OK
-
-
-def cmd_detach(args):
-    """Disconnect an nbd device this tool attached, after checking it is not live swap."""
-    m = re.fullmatch(r"(?:/dev/)?nbd(\d+)", args.device)
-    if not m:
-        raise ConfigError(f"detach: {args.device!r} is not an nbd device (e.g. /dev/nbd0)")
-    dev = f"/dev/nbd{m.group(1)}"
-    if find_swap(dev):
-        raise Fatal(f"{dev} is active swap; run `swapoff {dev}` first (disconnecting live swap kills "
-                    "every process with pages on it)")
-    mapping = crypt_mappings().get(int(m.group(1)))
-    if mapping:
-        name, dm = mapping
-        mapper = f"/dev/mapper/{name}"
-        first = f"`swapoff {mapper}`, then " if find_swap(mapper, f"/dev/{dm}") else ""
-        raise Fatal(f"{dev} holds the encrypted swap mapping {mapper}; run {first}`cryptsetup close {name}` first")
-    if not nbd_connected(int(m.group(1))):
-        print(f"{dev} is not connected")
-        return EXIT_OK
-    nl = NbdNetlink()
-    try:
-        nl.disconnect(int(m.group(1)))
-    finally:
-        nl.close()
-    print(f"{dev} disconnected")
-    return EXIT_OK
-
-
-class _Parser(__import__("argparse").ArgumentParser):
+class _Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see --help)\n")
 
 
 def build_parser():
-    import argparse
     p = _Parser(prog="nbd_vram.py", allow_abbrev=False,
                 description="Use spare NVIDIA GPU memory as a Linux swap device, served over NBD.",
                 epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -6101,6 +6212,7 @@ def build_parser():
                    "each: a client past it is refused (default 2G)")
     s.add_argument("--libcuda", default=None, help="path of libcuda.so.1 (default: $NBD_VRAM_LIBCUDA or the system's)")
     s.add_argument("--debug", action="store_true", help="log every connection and invalid request")
+    s.set_defaults(cmd=cmd_serve)
 
     r = sub.add_parser("run", allow_abbrev=False, help="the swap daemon (what the systemd unit starts)",
                        description="Allocate VRAM, attach it to the kernel as /dev/nbdX and make it swap; on SIGTERM "
@@ -6111,6 +6223,8 @@ def build_parser():
     c = sub.add_parser("check-config", allow_abbrev=False, help="validate the configuration and print it",
                        description="Read the configuration as run would, print every setting and where it came "
                                    "from, and touch nothing.")
+    r.set_defaults(cmd=cmd_run)
+    c.set_defaults(cmd=cmd_check_config)
     for q in (r, c):
         q.add_argument("--config", default=None, help=f"configuration file (default {DEFAULT_CONFIG})")
         for o in OPTIONS:
@@ -6122,6 +6236,7 @@ def build_parser():
 
     st = sub.add_parser("status", allow_abbrev=False, help="show the running daemon's GPUs, slices, swap use and I/O counts")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(cmd=cmd_status)
 
     w = sub.add_parser("worker", allow_abbrev=False, help="(internal) a serving process started by serve and run")
     w.add_argument("--copier-fd", type=int, default=None)
@@ -6140,16 +6255,20 @@ def build_parser():
     w.add_argument("--realtime", action="store_true")
     w.add_argument("--standby", type=int, default=0)
     w.add_argument("--debug", action="store_true")
+    w.set_defaults(cmd=cmd_worker)
 
     d = sub.add_parser("detach", allow_abbrev=False, help="disconnect an nbd device left behind (refuses live swap)")
     d.add_argument("device", help="/dev/nbdN")
+    d.set_defaults(cmd=cmd_detach)
     sl = sub.add_parser("sleep", allow_abbrev=False,
                         help="before system sleep: release VRAM swap; fails (refusing the sleep) if swapoff cannot")
     sl.add_argument("--timeout", type=float, default=900.0, metavar="SECONDS",
                     help="give up (and refuse the sleep) after this long (default 900)")
-    sub.add_parser("wake", allow_abbrev=False, help="after resume: let the daemon take VRAM swap back")
+    sl.set_defaults(cmd=cmd_sleep)
+    sub.add_parser("wake", allow_abbrev=False, help="after resume: let the daemon take VRAM swap back"
+                   ).set_defaults(cmd=cmd_wake)
     sub.add_parser("power-event", allow_abbrev=False,
-                   help="tell the daemon the power supply changed (the udev rule runs this)")
+                   help="tell the daemon the power supply changed (the udev rule runs this)").set_defaults(cmd=cmd_power_event)
     for op, what in (("shrink", "give SIZE of VRAM back to GPU programs now (the emptiest slices: swapoff, "
                                 "then free)"),
                      ("grow", "take SIZE of VRAM back as swap (up to size a GPU, above the reserve)")):
@@ -6158,10 +6277,12 @@ def build_parser():
         rs.add_argument("size", metavar="SIZE", help="e.g. 2G")
         rs.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
                         help="how long to wait for the daemon's answer (default 600)")
+        rs.set_defaults(cmd=cmd_resize)
     u = sub.add_parser("upgrade", allow_abbrev=False,
                        help="have the running daemon re-execute nbd_vram.py from disk, keeping swap and VRAM")
     u.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
                    help="how long to wait for the new version to report (default 120)")
+    u.set_defaults(cmd=cmd_upgrade)
     return p
 
 
@@ -6175,30 +6296,8 @@ def main(argv=None):
         return EXIT_USAGE
     if not log.handlers:
         setup_logging(False)
-    flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_")}
     try:
-        if args.command == "serve":
-            return cmd_serve(args)
-        if args.command == "run":
-            return cmd_run(args, flags)
-        if args.command == "check-config":
-            return cmd_check_config(args, flags)
-        if args.command == "status":
-            return cmd_status(args)
-        if args.command == "detach":
-            return cmd_detach(args)
-        if args.command == "sleep":
-            return cmd_sleep(args)
-        if args.command == "wake":
-            return cmd_wake(args)
-        if args.command == "power-event":
-            return cmd_power_event(args)
-        if args.command == "upgrade":
-            return cmd_upgrade(args)
-        if args.command in ("shrink", "grow"):
-            return cmd_resize(args)
-        if args.command == "worker":
-            return cmd_worker(args)
+        return args.cmd(args)
     except Fatal as e:
         log.error("%s", e)
         return e.exit_code
@@ -6208,7 +6307,6 @@ def main(argv=None):
         return EXIT_OK
     finally:
         flush_log()
-    return EXIT_USAGE
 
 
 if __name__ == "__main__":

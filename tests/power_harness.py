@@ -195,7 +195,7 @@ def device_of(sl):
 BY_INDEX = {}                   # device index -> slice, for reconfigure
 
 
-def attach(self, sl, socks):
+def attach(sl, socks):
     sl.kernel_ends = [socket.socket(fileno=os.dup(s.fileno())) for s in socks]
     # "netlink", so that a restart after a crash may take the device over, as with the kernel.
     (sl.index, sl.device), sl.attach_kind = device_of(sl), "netlink"
@@ -226,7 +226,7 @@ def give_up(sl, path):
     event("gave up a connection")
 
 
-def reattach(self, sl, old, socks):
+def reattach(sl, old, socks):
     sl.kernel_ends = [socket.socket(fileno=os.dup(s.fileno())) for s in socks]
     sl.index, sl.device, sl.backend, sl.attach_kind = old["index"], old["device"], old["backend"], "netlink"
     sl.undo.append(("disconnect " + sl.device, lambda: disconnect(sl)))
@@ -325,9 +325,9 @@ if os.environ.get("HARNESS_SWAPOFF_RETRY_S"):
     nv.SWAPOFF_RETRY_S = float(os.environ["HARNESS_SWAPOFF_RETRY_S"])
 if os.environ.get("HARNESS_SPARE_RETRY_S"):
     nv.SPARE_RETRY_S = float(os.environ["HARNESS_SPARE_RETRY_S"])
-nv.Daemon._check_stale = lambda self: None
-nv.Daemon._attach = attach
-nv.Daemon._reattach = reattach
+nv.check_stale = lambda: None
+nv.Slice.attach = attach
+nv.Slice.reattach = reattach
 nv.reconfigure = reconfigure
 nv.swap_enable = swap_enable
 nv.swap_disable = swap_disable

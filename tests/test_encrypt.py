@@ -286,10 +286,6 @@ def stale(tmp_path, monkeypatch):
 
         def calls(self):
             return calls.read_text().splitlines() if calls.exists() else []
-
-        def daemon(self):
-            settings, _ = nv.load_config(str(tmp_path / "absent.conf"), environ={})
-            return nv.Daemon(settings)
     return Tree()
 
 
@@ -309,7 +305,7 @@ def test_stale_mapping_that_is_swap_is_refused(stale, listed_as):
     stale.mapping("dm-0", "nbd-vram-0", "nbd0")
     stale.swaps(listed_as)
     with pytest.raises(nv.Fatal) as e:
-        stale.daemon()._check_stale()
+        nv.check_stale()
     msg = str(e.value)
     assert "/dev/mapper/nbd-vram-0 (dm-crypt over /dev/nbd0) is still active swap" in msg and "\n" not in msg
     assert f"pid {DEAD_PID}" in msg
@@ -322,7 +318,7 @@ def test_stale_mapping_that_is_not_swap_is_closed(stale, caplog):
     stale.nbd(0, connected=False)                         # disconnected already: only the mapping is left
     stale.mapping("dm-0", "nbd-vram-0", "nbd0")
     stale.swaps()
-    stale.daemon()._check_stale()
+    nv.check_stale()
     assert stale.calls() == ["close nbd-vram-0"]
     assert "was left by an nbd-vram daemon that is gone, and is not swap: closing it" in caplog.text
 
@@ -332,7 +328,7 @@ def test_stale_mapping_without_cryptsetup(stale, monkeypatch):
     stale.mapping("dm-0", "nbd-vram-0", "nbd0")
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(nv.Fatal, match=r"cryptsetup is not installed to close it: run `dmsetup remove nbd-vram-0`$"):
-        stale.daemon()._check_stale()
+        nv.check_stale()
 
 
 def test_mapping_of_a_live_daemon_is_left_alone(stale):
@@ -344,7 +340,7 @@ def test_mapping_of_a_live_daemon_is_left_alone(stale):
         stale.nbd(0, owner=daemon.pid)
         stale.mapping("dm-0", "nbd-vram-0", "nbd0")
         with pytest.raises(nv.Fatal, match=r"/dev/nbd0 is served by another nbd-vram daemon \(pid \d+\)"):
-            stale.daemon()._check_stale()
+            nv.check_stale()
         assert stale.calls() == []
     finally:
         daemon.kill()

@@ -19,6 +19,22 @@ UUID1 = "GPU-facec0da-0000-4000-0000-000000000002"
 CLOCKS = [9501, 5001, 810, 405]
 
 
+NVML_DEVICE_UUID_V2_BUFFER_SIZE = 96
+
+
+def bind_lookups(nv, n):
+    """The lookups the daemon does not use (it only asks by UUID), bound on n for the cross-check
+    below: the daemon binds only what it calls, so that a missing one does not turn NVML off."""
+    ct, dev = nv.ctypes, nv.nvmlDevice_t
+    for name, argtypes in (("nvmlDeviceGetCount_v2", [ct.POINTER(ct.c_uint)]),
+                           ("nvmlDeviceGetHandleByIndex_v2", [ct.c_uint, ct.POINTER(dev)]),
+                           ("nvmlDeviceGetHandleByPciBusId_v2", [ct.c_char_p, ct.POINTER(dev)]),
+                           ("nvmlDeviceGetUUID", [dev, ct.c_char_p, ct.c_uint])):
+        fn = getattr(n._lib, name)
+        fn.restype, fn.argtypes = nv.nvmlReturn_t, argtypes
+        setattr(n, name, fn)
+
+
 @pytest.fixture
 def open_nvml(nv, fakenvml, monkeypatch):
     """open_nvml(**env) -> Nvml of the fake with exactly these FAKECUDA_*/FAKENVML_* variables."""
@@ -79,6 +95,7 @@ def test_same_gpus_as_the_fake_libcuda(nv, fakecuda, fakenvml, open_nvml, tmp_pa
         p = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, check=True)
         infos = json.loads(p.stdout)
         n = open_nvml(**env)
+        bind_lookups(nv, n)
         count = nv.ctypes.c_uint()
         n.call("nvmlDeviceGetCount_v2", nv.ctypes.byref(count))
         assert count.value == len(infos)
@@ -86,7 +103,7 @@ def test_same_gpus_as_the_fake_libcuda(nv, fakecuda, fakenvml, open_nvml, tmp_pa
             by_index, by_bus = nv.nvmlDevice_t(), nv.nvmlDevice_t()
             n.call("nvmlDeviceGetHandleByIndex_v2", info["index"], nv.ctypes.byref(by_index))
             n.call("nvmlDeviceGetHandleByPciBusId_v2", info["pci_bus_id"].encode(), nv.ctypes.byref(by_bus))
-            buf = nv.ctypes.create_string_buffer(nv.NVML_DEVICE_UUID_V2_BUFFER_SIZE)
+            buf = nv.ctypes.create_string_buffer(NVML_DEVICE_UUID_V2_BUFFER_SIZE)
             n.call("nvmlDeviceGetUUID", by_index, buf, len(buf))
             assert buf.value.decode() == info["uuid"]
             assert by_bus.value == by_index.value == n._device(info["uuid"]).value

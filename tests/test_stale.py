@@ -81,14 +81,13 @@ def test_the_right_process_is_still_signalled(tmp_path, fakecuda, bystander):
 def test_start_is_not_refused_over_a_stale_pid(nv, tmp_path, monkeypatch, bystander):
     monkeypatch.setenv("NBD_VRAM_RUNTIME_DIR", str(tmp_path))
     monkeypatch.setenv("NBD_VRAM_SYSFS_ROOT", str(tmp_path / "sysroot"))      # no nbd devices
-    daemon = nv.Daemon.__new__(nv.Daemon)
     for kind, state in stale_states(bystander.pid).items():
         (tmp_path / "state.json").write_text(json.dumps(dict(state, mode="serving", device="/dev/nbd0")))
-        daemon._check_stale()           # raised "another nbd-vram daemon (pid N) is serving" before
+        nv.check_stale()           # raised "another nbd-vram daemon (pid N) is serving" before
     (tmp_path / "state.json").write_text(json.dumps({"pid": bystander.pid, "pid_start": start_ticks(bystander.pid),
                                                      "boot_id": boot_id(), "mode": "serving"}))
     with pytest.raises(nv.Fatal, match=f"another nbd-vram daemon \\(pid {bystander.pid}\\)"):
-        daemon._check_stale()
+        nv.check_stale()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="run needs root")
@@ -174,13 +173,12 @@ def test_a_reused_worker_pid_is_not_killed(nv):
         while b"worker" not in open(f"/proc/{other.pid}/cmdline", "rb").read().split(b"\0"):
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        daemon = nv.Daemon.__new__(nv.Daemon)
-        daemon._stop_orphans({"worker_pids": [other.pid], "worker_starts": {str(other.pid): start_ticks(other.pid) - 1}})
+        nv.stop_orphans({"worker_pids": [other.pid], "worker_starts": {str(other.pid): start_ticks(other.pid) - 1}})
         assert other.poll() is None, "a process that only has a dead worker's pid was killed"
-        daemon._stop_orphans({"worker_pids": [other.pid], "worker_starts": {str(other.pid): start_ticks(other.pid)}})
+        nv.stop_orphans({"worker_pids": [other.pid], "worker_starts": {str(other.pid): start_ticks(other.pid)}})
         deadline = time.monotonic() + 20                                  # the worker itself: stopped
         while os.path.exists(f"/proc/{other.pid}") and time.monotonic() < deadline:
-            other.poll()                # reaps it, if _stop_orphans gave up waiting first (a loaded machine)
+            other.poll()                # reaps it, if stop_orphans gave up waiting first (a loaded machine)
             time.sleep(0.1)
         assert not os.path.exists(f"/proc/{other.pid}")
     finally:
