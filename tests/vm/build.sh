@@ -45,10 +45,10 @@ depmod -b kroot "$KVER"
 
 # initramfs: busybox + only the modules the guest needs (and their dependencies).
 # dm_mod/dm_crypt (+xts/aesni for aes-xts) cost ~0.3 MB; loop is tiny.
-WANT="virtio_pci 9pnet_virtio 9p nbd zram lz4 dm_mod dm_crypt xts aesni_intel loop"
+WANT="virtio_pci 9pnet_virtio 9p nbd zram lz4 dm_mod dm_crypt xts aesni_intel loop overlay"
 rm -rf initrd && mkdir -p initrd/{bin,sbin,dev,proc,sys,host,tmp,lib/modules/$KVER}
 cp /bin/busybox initrd/bin/busybox
-for a in sh mount umount mkdir modprobe insmod cat echo poweroff sleep ls chroot ln dmesg sync ip grep sed wc; do
+for a in sh mount umount mkdir modprobe insmod cat echo poweroff sleep ls chroot ln dmesg sync ip grep sed wc cp rm switch_root; do
   ln -s busybox initrd/bin/$a
 done
 ln -s ../bin/busybox initrd/sbin/modprobe      # kernel's request_module() runs /sbin/modprobe in the initramfs root
@@ -68,6 +68,22 @@ for m in virtio_pci 9pnet_virtio 9p nbd zram dm_mod dm_crypt loop; do modprobe $
 ip link set lo up
 H=/host
 mount -t 9p -o trans=virtio,version=9p2000.L,ro hostroot $H || { echo "guest: cannot mount host root"; poweroff -f; }
+if grep -q 'lab\.init=systemd' /proc/cmdline; then
+  # systemd as PID 1 (run.sh with VM_INIT=systemd): the host root read-only under a tmpfs overlay
+  # (/etc, /var, /usr/local writable; nothing reaches the host), the guest kernel's modules in its
+  # /lib/modules, the checkout's tests/vm/systemd/setup.sh (lab units, masks), then switch_root.
+  echo "guest: kernel $(cat /proc/sys/kernel/osrelease), systemd as PID 1, cpus: $(grep -c ^processor /proc/cpuinfo), $(grep MemTotal /proc/meminfo)"
+  N=/newroot; mkdir -p /ovl $N
+  mount -t tmpfs -o mode=755 ovl /ovl && mkdir -p /ovl/upper /ovl/work
+  modprobe overlay && mount -t overlay -o lowerdir=$H,upperdir=/ovl/upper,workdir=/ovl/work overlay $N \
+    || { echo "guest: cannot mount the overlay root"; poweroff -f; }
+  mount -t 9p -o trans=virtio,version=9p2000.L out $N/mnt || { echo "guest: cannot mount out dir"; poweroff -f; }
+  mount -t tmpfs -o mode=755 tmpfs $N/run
+  mkdir -p $N/lib/modules $N/run/kmod/lib && cp -a /lib/modules/* $N/lib/modules/ && ln -s /lib/modules $N/run/kmod/lib/modules
+  sh $N/mnt/repo/tests/vm/systemd/setup.sh $N || { echo "guest: tests/vm/systemd/setup.sh failed"; poweroff -f; }
+  umount /proc /sys; mount -o move /dev $N/dev
+  exec switch_root $N /lib/systemd/systemd
+fi
 mount -t 9p -o trans=virtio,version=9p2000.L out $H/mnt || echo "guest: cannot mount out dir"
 mount -t proc proc $H/proc; mount -t sysfs sys $H/sys; mount -t devtmpfs dev $H/dev
 for d in tmp run var/tmp var/lib; do mount -t tmpfs tmpfs $H/$d; done

@@ -6,6 +6,8 @@
 #   Env: VRAM_MB=N / VRAM2_MB=N (powers of two) add one / two ivshmem PCI BARs of N MiB backed
 #        by host files in /dev/shm: memory outside guest RAM, the stand-in for VRAM (see
 #        guest-lib.sh bar_enable). VM_TIMEOUT (s, default 900) bounds the whole run.
+#        VM_INIT=systemd boots systemd as PID 1 instead (see tests/vm/systemd/: a tmpfs overlay over
+#        the host root, the lab's own target; SCRIPT runs as nbd-vram-lab.service).
 #        GUEST_* variables are passed to the guest script, via OUTDIR/guest.env, which also sets
 #        NBD_VRAM_REPO (a copy of the checkout, /mnt/repo), NBD_VRAM_VM (its tests/vm) and NBD_VRAM_OUT=/mnt.
 # Exit status: the guest script's (from OUTDIR/rc); 124 on timeout, 1 if the guest died without one.
@@ -52,11 +54,17 @@ done
 # -cpu Westmere (SSE4.2, AES-NI; no AVX, no ERMS), not max: TCG runs this guest faster without them
 # (measured in one guest, 2026-11-30: python3 -c pass 3.5 s vs 4.5-6.5, compiling nbd_vram.py 5.5 s
 # vs 10.2, dd of 2000 MiB /dev/zero to /dev/null 1.5 s vs 9.7); dm-crypt still has aesni.
+append="console=ttyS0 quiet panic=-1 rcupdate.rcu_cpu_stall_timeout=120 lab.cmd=$script"
+case ${VM_INIT:-} in
+  "") ;;
+  systemd) append+=" lab.init=systemd systemd.unit=nbd-vram-lab.target fstab=0" ;;
+  *) die "VM_INIT=$VM_INIT: only systemd (or nothing: the script runs in a chroot)" ;;
+esac
 t0=$(date +%s)
 set +e
 timeout -k 10 "${VM_TIMEOUT:-900}" qemu-system-x86_64 -machine q35,accel=tcg -cpu "${VM_CPU:-Westmere}" -smp "$cpus" -m "$mem" \
   -nographic -vga none -no-reboot -kernel "$D/vmlinuz" -initrd "$D/initrd.img" \
-  -append "console=ttyS0 quiet panic=-1 rcupdate.rcu_cpu_stall_timeout=120 lab.cmd=$script" \
+  -append "$append" \
   -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
   -virtfs "local,path=$out,mount_tag=out,security_model=none,multidevs=remap" \
   -nic none "${bars[@]}" </dev/null 2>&1 | tee "$out/console.log"
