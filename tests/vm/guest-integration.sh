@@ -7,9 +7,6 @@
 #   worker_death  the daemon started by hand (it re-executes itself with PYTHONMALLOC=malloc), its
 #                 serving threads SCHED_RR; kill -9 the worker under memory pressure: respawned, every
 #                 checksum verified, no I/O error in the kernel log; clean stop
-#   install       install.sh --yes in writable copies of /etc and /usr/local, the installed
-#                 daemon started as the unit's ExecStart, swap at 1500, install.sh --uninstall
-#   restart       the daemon SIGKILLed under load, restarted from its stored VRAM fd; an upgrade in place
 #   encrypt_power --encrypt yes --power ac: swap on /dev/mapper/nbd-vram-N over the nbd device; data and a
 #                 marker held out in swap, the marker nowhere in the BAR as plaintext; AC unplugged:
 #                 released (swapoff, mapping closed, disconnected, freed), data and marker back intact;
@@ -20,6 +17,8 @@
 #                 reclaim_after once it is gone
 #   pressure      (not in the default set) guest-daemon-pressure.sh: `run` as swap under `pressure 48
 #                 700`, clean stop, GUEST_RUNS times; worker_death's pressure proves the same in CI
+# install.sh and the units, the fd store across a SIGKILL, upgrade and reload are tested under systemd
+# itself, in a boot of their own: guest-systemd.sh (run.sh VM_INIT=systemd).
 # Needs: run.sh with VRAM_MB=1024 (1 GiB BAR), VRAM2_MB=512 for elastic, and a 512 MiB guest; GUEST_FAKECUDA (guest path of the
 # fake libcuda.so.1, default /mnt/libcuda.so.1); GUEST_PARTS (default: all of them, in that order);
 # cryptsetup on the host (the guest runs the host's userland) for encrypt.
@@ -36,10 +35,10 @@ BAR2=$(sed -n 2p <<<"$BARS")
 export NBD_VRAM_LIBCUDA=$LIB FAKECUDA_BACKING=$BAR NBD_VRAM_RUNTIME_DIR=/run/nbd-vram
 export NBD_VRAM_CONFIG=/tmp/nbd-vram.conf PYTHONUNBUFFERED=1
 : > /tmp/nbd-vram.conf               # every setting from flags; no /etc/nbd-vram.conf is read
-# The hog of the parts that only need pages out in swap while they kill, unplug, restart or encrypt
-# (worker_death, restart, encrypt_power): 400 MiB puts ~250 MiB out (500 put ~350 in ~25 % more
-# time), past every threshold they wait for (150, 64, 4 MiB); the part `pressure` keeps 700
-# (~500 MiB out), elastic its 450.
+# The hog of the parts that only need pages out in swap while they kill, unplug or encrypt
+# (worker_death, encrypt_power): 400 MiB puts ~250 MiB out (500 put ~350 in ~25 % more time),
+# past every threshold they wait for (150, 4 MiB); the part `pressure` keeps 700 (~500 MiB out),
+# elastic its 450.
 HOG=${GUEST_PART_HOG_MB:-400}
 PART=""
 DPID=""
@@ -320,158 +319,6 @@ t_worker_death() {
   echo "--- nbd lines in the kernel log:"; dmesg | grep -i nbd | tail -n 20 || true
   kernel_clean
   stop_daemon
-  pass
-}
-
-# -- e: install.sh, the installed daemon, install.sh --uninstall ----------------------------
-# mirror SRC DST: DST gets copies of SRC's entries up to 4 MiB and symlinks to bigger ones
-# (bin/lib/share/sbin are mirrored recursively instead, as install.sh writes into them).
-mirror() {
-  local e n
-  for e in "$1"/* "$1"/.[!.]*; do
-    [ -e "$e" ] || [ -L "$e" ] || continue
-    n=${e##*/}
-    if [ -L "$e" ] || [ "$(du -sk "$e" | cut -f1)" -le 4096 ]; then cp -a "$e" "$2/"
-    elif [ -d "$e" ] && [[ $n =~ ^(bin|lib|share|sbin)$ ]]; then mkdir -p "$2/$n"; mirror "$e" "$2/$n"
-    else ln -s "$e" "$2/$n"; fi
-  done
-}
-
-t_install() {
-  part install
-  local conf unit exec_start
-  # Writable /etc (a full tmpfs copy: 3 MiB) and /usr/local (copies, big entries as symlinks
-  # into a read-only bind of the original). install.sh writes nothing under /var (the guest's
-  # /var/lib and /var/tmp are tmpfs already), so /var stays as it is.
-  cp -a /etc /tmp/etc && mount --bind /tmp/etc /etc
-  mkdir -p /run/orig-usrlocal /tmp/usrlocal && mount --bind /usr/local /run/orig-usrlocal
-  mirror /run/orig-usrlocal /tmp/usrlocal && mount --bind /tmp/usrlocal /usr/local
-  mkdir -p /usr/local/lib && cp "$LIB" /usr/local/lib/libcuda.so.1 && ldconfig
-  ldconfig -p | grep 'libcuda\.so\.1'
-  # An nvidia-smi stub (GPU 0: 1 GiB, no display): install.sh's driver check needs it, because its
-  # `ldconfig -p | grep -q libcuda.so.1` under pipefail fails at random (ldconfig gets SIGPIPE, 141).
-  mkdir -p /usr/local/bin
-  printf '%s\n' '#!/bin/sh' 'case "$*" in *--query-gpu*) echo "1024, Disabled" ;; esac' 'exit 0' \
-    > /usr/local/bin/nvidia-smi
-  chmod +x /usr/local/bin/nvidia-smi
-  [ ! -e /etc/nbd-vram.conf ] || fail "/etc/nbd-vram.conf exists before install"
-  # The installed daemon finds libcuda.so.1 through ldconfig, and reads /etc/nbd-vram.conf.
-  unset NBD_VRAM_LIBCUDA NBD_VRAM_CONFIG
-  # --size 1G, not 512M: install.sh checks the size against the default min_size (1G).
-  "$REPO/install.sh" --yes --size 1G </dev/null
-  for f in /usr/local/bin/nbd_vram.py /etc/systemd/system/vram-swap-nbd.service \
-           /etc/systemd/system/vram-swap-nbd-sleep.service /etc/nbd-vram.conf; do
-    [ -f "$f" ] || fail "install.sh did not install $f"
-  done
-  [ -x /usr/local/bin/nbd_vram.py ] || fail "/usr/local/bin/nbd_vram.py is not executable"
-  grep -q '^size = 1G' /etc/nbd-vram.conf || fail "/etc/nbd-vram.conf has no 'size = 1G'"
-  /usr/local/bin/nbd_vram.py check-config
-  conf=$(/usr/local/bin/nbd_vram.py check-config)
-  grep -Eq '^libcuda += libcuda\.so\.1' <<<"$conf" || fail "installed config does not use libcuda.so.1"
-  # Start it as the unit does: its ExecStart, with the unit's Environment= (plus the BAR).
-  unit=/etc/systemd/system/vram-swap-nbd.service
-  exec_start=$(sed -n 's/^ExecStart=//p' "$unit")
-  [ "$exec_start" = "/usr/local/bin/nbd_vram.py run" ] || fail "unexpected ExecStart: $exec_start"
-  grep -q '^Environment=PYTHONMALLOC=malloc' "$unit" || fail "the unit no longer sets PYTHONMALLOC=malloc"
-  DLOG=/tmp/daemon-install.log
-  # shellcheck disable=SC2086  # ExecStart is a command line
-  env PYTHONMALLOC=malloc FAKECUDA_BACKING="$BAR" $exec_start >"$DLOG" 2>&1 &
-  DPID=$!
-  for _ in $(seq 900); do
-    kill -0 "$DPID" 2>/dev/null || { cat "$DLOG"; fail "installed daemon exited before swapon"; }
-    grep -q '^/dev/nbd' /proc/swaps && break
-    sleep 0.2
-  done
-  cat "$DLOG"
-  swapon --show
-  DEV=$(state_key device)
-  [ "$(swap_prio "$DEV")" = 1500 ] || fail "$DEV is not swap at priority 1500: $(cat /proc/swaps)"
-  /usr/local/bin/nbd_vram.py status
-  stop_daemon
-  "$REPO/install.sh" --uninstall </dev/null
-  for f in /usr/local/bin/nbd_vram.py /etc/systemd/system/vram-swap-nbd.service \
-           /etc/systemd/system/vram-swap-nbd-sleep.service /usr/local/share/doc/nbd-vram/README.md; do
-    [ ! -e "$f" ] || fail "install.sh --uninstall left $f"
-  done
-  [ -f /etc/nbd-vram.conf ] || fail "install.sh --uninstall removed /etc/nbd-vram.conf (it must keep it)"
-  grep -q '^size = 1G' /etc/nbd-vram.conf || fail "install.sh --uninstall changed /etc/nbd-vram.conf"
-  umount /usr/local /run/orig-usrlocal /etc
-  export NBD_VRAM_LIBCUDA=$LIB NBD_VRAM_CONFIG=/tmp/nbd-vram.conf
-  pass
-}
-
-# -- f: power policy: AC unplugged with data out in VRAM swap, swapoff brings it back ---------
-# A pretend AC adapter and battery (NBD_VRAM_POWER_SUPPLY; the rest of /sys is the kernel's).
-
-# -- g: the daemon SIGKILLed under swap load and restarted with its stored VRAM fd, then an
-# upgrade in place under load: nothing lost, no I/O error.  tests/fdstore.py does what systemd
-# does with FDSTORE=1 (the guest has no systemd).
-# wait_swapped MIB: until DEV holds at least MIB MiB of swapped pages (the pressure is under way)
-wait_swapped() {
-  local used=0
-  for _ in $(seq 1200); do
-    used=$(awk -v d="$DEV" '$1 == d {print int($4 / 1024)}' /proc/swaps)
-    [ "${used:-0}" -ge "$1" ] && return 0
-    sleep 0.25
-  done
-  fail "$DEV never held $1 MiB of swap (${used:-0} MiB)"
-}
-t_restart() {
-  part restart
-  local fs=/tmp/fdstore hold=/tmp/restart-hold sup ppid rc=0 old until
-  rm -rf "$fs"
-  DLOG=/tmp/daemon-restart.log
-  python3 "$REPO/tests/fdstore.py" "$fs" -- python3 "$REPO/nbd_vram.py" run --size 1G --min-size 256M \
-    --connections 2 >"$DLOG" 2>&1 &
-  sup=$!
-  for _ in $(seq 900); do
-    if [ -e "$fs/ready" ] && has_swap; then DEV=$(state_key device)   # (python3: only once it may be there)
-      [ -n "$DEV" ] && grep -q "^$DEV " /proc/swaps && break; fi
-    kill -0 "$sup" 2>/dev/null || fail "the daemon (under fdstore.py) exited before swapon"; sleep 0.2; done
-  [ -e "$fs/ready" ] || fail "no READY=1 from the daemon within 180 s"
-  grep -q "stored 'vram-" "$DLOG" || fail "the daemon did not store its VRAM fd (FDSTORE=1)"
-  old=$(state_key pid)
-  echo "restart: daemon pid $old serves $DEV; its VRAM fd is in the store"
-
-  # One pressure for both: the kill during the hog, the upgrade while the data is still out in swap.
-  rm -f "$hold"
-  PRESSURE_HOLD=$hold pressure 48 "$HOG" >/tmp/pressure-restart.log 2>&1 &
-  ppid=$!
-  wait_swapped 64
-  echo "restart: kill -9 $old with $(awk -v d="$DEV" '$1 == d {print int($4 / 1024)}' /proc/swaps) MiB in VRAM swap"
-  kill -KILL "$old"
-  # (under this pressure every python3 start, state_key's included, takes seconds: bound by time)
-  until=$(( SECONDS + 600 ))
-  while [ $SECONDS -lt $until ]; do
-    grep -qs '"adopted_at"' "$NBD_VRAM_RUNTIME_DIR/state.json" && [ -n "$(state_key adopted_at)" ] && break; sleep 1; done
-  [ -n "$(state_key adopted_at)" ] || { cat "$DLOG"; fail "no restarted daemon took the device over within 600 s"; }
-  echo "restart: pid $(state_key pid) took $DEV over"
-  until=$(( SECONDS + 900 ))
-  while [ $SECONDS -lt $until ]; do grep -q 'pressure: holding' /tmp/pressure-restart.log && break
-    kill -0 "$ppid" 2>/dev/null || break; sleep 1; done
-  grep -q 'pressure: holding' /tmp/pressure-restart.log || { cat /tmp/pressure-restart.log; fail "the pressure did not reach its hold"; }
-  old=$(state_key pid)
-  echo "restart: upgrade in place with $(awk -v d="$DEV" '$1 == d {print int($4 / 1024)}' /proc/swaps) MiB in VRAM swap"
-  python3 "$REPO/nbd_vram.py" upgrade --timeout 300 || fail "nbd_vram.py upgrade failed"
-  [ "$(state_key pid)" = "$old" ] || fail "the upgrade changed the daemon's pid ($old -> $(state_key pid))"
-  touch "$hold"
-  wait "$ppid" || rc=$?
-  cat /tmp/pressure-restart.log
-  [ "$rc" -eq 0 ] || fail "pressure exited $rc across the daemon's death and the upgrade"
-  grep -q 'MiB verified' /tmp/pressure-restart.log || fail "pressure printed no 'verified' line"
-  grep -E 'took back|taking it over|upgrade in place|reattached|stopped worker|still swap' "$DLOG" || true
-  kernel_clean
-
-  DPID=$(state_key pid)
-  kill -TERM "$DPID"
-  rc=0; wait "$sup" || rc=$?
-  tail -n 8 "$DLOG"
-  [ "$rc" -eq 0 ] || fail "fdstore.py exited $rc: the daemon did not stop cleanly"
-  ! grep -q '^/dev/nbd' /proc/swaps || fail "nbd swap still on after the daemon exited"
-  check_disconnected
-  [ ! -e "$NBD_VRAM_RUNTIME_DIR/state.json" ] || fail "state.json left behind"
-  ! grep -q Traceback "$DLOG" || fail "Traceback in the daemon's log"
-  DPID=""
   pass
 }
 
@@ -763,6 +610,6 @@ t_elastic() {
   pass
 }
 
-PARTS=${GUEST_PARTS:-smoke fill ioctl worker_death install restart encrypt_power elastic}
+PARTS=${GUEST_PARTS:-smoke fill ioctl worker_death encrypt_power elastic}
 for p in $PARTS; do "t_$p"; done
 echo "=== integration: PASS ($PARTS)"

@@ -1,0 +1,409 @@
+#!/bin/bash
+# Guest script for the systemd guest (run.sh with VM_INIT=systemd: systemd 252, the host's, is
+# PID 1): install.sh installs the real units, and systemd itself starts, restarts, reloads, stops
+# and sleeps the daemon, one boot.  Each part prints "=== NAME: PASS (N s)"; the first failure ends
+# the script with the unit's status and journal and the kernel log's tail.
+#   install   install.sh --yes --size 1G --no-start into the live system (the fake libcuda in
+#             /usr/local/lib, an nvidia-smi stub; a runtime drop-in gives the daemon the BAR)
+#   start     systemctl start: active only once the daemon sent READY=1 (its "swap on" and
+#             "ready:" lines come before systemd's ActiveEnterTimestamp), swap at 1500, STATUS=,
+#             its VRAM fd in the fd store; systemctl status and the journal at their priorities
+#   restart   under `pressure 48 500` (PRESSURE_HOLD): systemctl kill -s KILL --kill-whom=main;
+#             systemd restarts it with the stored fd, it takes the slice over (the device stays
+#             swap throughout, no swapoff, no mkswap); at the hold `nbd_vram.py upgrade`, then
+#             systemctl reload with a bad power key (error, priority 3) and a good one (info, 6);
+#             every checksum verified, no I/O error
+#   stop      systemctl stop: inactive, exit 0; swap off, disconnected, freed in that order in the
+#             journal, the VRAM (the BAR) all zeros: scrubbed; the fd store empty
+#   kill_all  started again; a verifier confined to a 96 MiB memory cgroup (only its own pages go
+#             out to swap, none of PID 1's) holds data in VRAM swap; systemctl kill -s KILL
+#             --kill-whom=all: what survives (see tests/vm/README.md)
+#   sleep     the sleep unit's ordering on systemd's graph; systemctl suspend with pm_test=freezer
+#             (the kernel freezes every task and thaws it again; no device is suspended): the swap
+#             released before the kernel's suspend entry and back after its exit; the verifier's
+#             data checked; then the final systemctl stop
+#   uninstall install.sh --uninstall: units disabled and gone from systemd, files removed, config kept
+# Needs: VRAM_MB=1024, a 512 MiB guest, GUEST_FAKECUDA (default /mnt/libcuda.so.1); GUEST_PARTS
+# (default: all, in that order; each part needs the ones before it).
+set -eEuo pipefail
+# shellcheck source=/dev/null
+. /mnt/guest.env
+# shellcheck source=/dev/null
+. "$NBD_VRAM_VM/guest-lib.sh"
+REPO=$NBD_VRAM_REPO
+LIB=${GUEST_FAKECUDA:-/mnt/libcuda.so.1}
+BAR=$(bar_enable | head -n 1)
+UNIT=vram-swap-nbd.service
+SLEEP_UNIT=vram-swap-nbd-sleep.service
+RUNDIR=/run/nbd-vram
+NV=/usr/local/bin/nbd_vram.py
+HOG=${GUEST_PART_HOG_MB:-400}
+PART=""
+DEV=""
+dmesg -n 1
+sysctl -qw kernel.watchdog_thresh=60      # TCG: see guest-integration.sh
+
+on_err() {
+  local rc=$? line=$1
+  [ "$BASH_SUBSHELL" -eq 0 ] || exit "$rc"
+  trap - ERR
+  set +e
+  echo "=== ${PART:-setup}: FAIL (exit $rc at line $line: $BASH_COMMAND)"
+  systemctl --no-pager status "$UNIT" 2>&1 | tail -n 25
+  echo "--- journalctl -u $UNIT (last 40):"; journalctl --no-pager -u "$UNIT" -n 40
+  swapon --show
+  echo "--- dmesg tail:"; dmesg | tail -n 40
+  exit "$rc"
+}
+trap 'on_err $LINENO' ERR
+fail() { echo "FAIL: $*" >&2; false; }
+part() { PART=$1; echo; echo "=== $PART: start (uptime $(cut -d' ' -f1 /proc/uptime) s)"; T0=$SECONDS; }
+pass() { echo "=== $PART: PASS ($(( SECONDS - T0 )) s)"; PART=""; }
+
+prop() { systemctl show -p "$1" --value "${2:-$UNIT}"; }
+state_key() {
+  python3 -c 'import json, sys; print(json.load(open(sys.argv[1])).get(sys.argv[2], ""))' "$RUNDIR/state.json" "$1" 2>/dev/null || true
+}
+swap_prio() { awk -v d="$1" '$1 == d {print $5}' /proc/swaps; }
+swap_used_on() { awk -v d="$1" '$1 == d {print int($4 / 1024)}' /proc/swaps; }
+# cursor: the journal's current end (for journal_since)
+cursor() { journalctl -q -n 0 --show-cursor | sed -n 's/^-- cursor: //p'; }
+# journal_since CURSOR ARGS...: "PRIORITY MONOTONIC_US COMM: MESSAGE" of the entries after CURSOR
+# (ARGS: journalctl matches, e.g. -u UNIT); a kernel line's time is the kernel's own (it reaches
+# journald late across a freeze)
+journal_since() {
+  local c=$1; shift
+  journalctl --no-pager -o json --after-cursor="$c" "$@" | python3 -c 'import json, sys
+for line in sys.stdin:
+    e = json.loads(line)
+    m = e.get("MESSAGE")
+    if isinstance(m, list):
+        m = bytes(m).decode(errors="replace")
+    t = e.get("_SOURCE_MONOTONIC_TIMESTAMP") or e["__MONOTONIC_TIMESTAMP"]
+    print(e.get("PRIORITY", "?"), t, "%s: %s" % (e.get("SYSLOG_IDENTIFIER") or e.get("_COMM", "?"), m))'
+}
+# first_at FILE REGEX: the monotonic time (us) of the first line of FILE (journal_since's) matching REGEX
+first_at() { awk -v re="$2" '$0 ~ re {print $2; exit}' "$1"; }
+# priority_of FILE REGEX: the priority of the first matching line
+priority_of() { awk -v re="$2" '$0 ~ re {print $1; exit}' "$1"; }
+check_disconnected() {
+  local _ d
+  for _ in $(seq 20); do ls /sys/block/nbd*/pid >/dev/null 2>&1 || return 0; sleep 0.5; done
+  for d in /sys/block/nbd*; do [ ! -e "$d/pid" ] || fail "$(basename "$d") is still connected"; done
+}
+kernel_clean() {
+  local hits
+  hits=$(dmesg | grep -E 'Read-error|Write-error|blocked for more than' || true)
+  [ -z "$hits" ] || fail "kernel log: $hits"
+  fail_on_kernel_errors
+}
+# wait_swapped MIB: until DEV holds at least MIB MiB of swapped pages
+wait_swapped() {
+  local used=0
+  for _ in $(seq 2400); do
+    used=$(swap_used_on "$DEV"); [ "${used:-0}" -ge "$1" ] && return 0; sleep 0.25
+  done
+  fail "$DEV never held $1 MiB of swap (${used:-0} MiB)"
+}
+# wait_hold LOG PID: until the pressure in LOG says it holds (its data out in swap)
+wait_hold() {
+  local until=$(( SECONDS + 1200 ))
+  while [ $SECONDS -lt $until ]; do grep -q 'pressure: holding' "$1" && return 0
+    kill -0 "$2" 2>/dev/null || break; sleep 1; done
+  cat "$1"; fail "the pressure did not reach its hold"
+}
+# wait_taken_over OLD_PID NRESTARTS SECONDS: systemd restarted the unit (NRestarts), a new daemon is
+# its MainPID and active, and state.json says it took the device over; DEV stays swap all along.
+wait_taken_over() {
+  local old=$1 n=$2 until=$(( SECONDS + $3 )) main next=$(( SECONDS + 30 ))
+  while [ $SECONDS -lt $until ]; do
+    grep -q "^$DEV " /proc/swaps || fail "$DEV stopped being swap during the restart"
+    main=$(prop MainPID)
+    if [ $SECONDS -ge $next ]; then
+      next=$(( SECONDS + 30 ))
+      echo "  ($(cut -d' ' -f1 /proc/uptime) s: $(prop ActiveState)/$(prop SubState), MainPID $main, NRestarts $(prop NRestarts), $(swap_used_on "$DEV") MiB on $DEV, MemFree $(( $(meminfo_kb MemFree) / 1024 )) MiB)"
+    fi
+    if [ "$(prop NRestarts)" = "$n" ] && [ "$main" != 0 ] && [ "$main" != "$old" ] && [ "$(prop ActiveState)" = active ] \
+       && grep -qs '"adopted_at"' "$RUNDIR/state.json" && [ "$(state_key pid)" = "$main" ]; then
+      return 0
+    fi
+    sleep 1
+  done
+  fail "no restarted daemon took $DEV over within $3 s (NRestarts $(prop NRestarts), MainPID $(prop MainPID), $(prop ActiveState))"
+}
+# bar_nonzero_mib: MiB of the BAR (the fake GPU's VRAM) that are not all zeros
+bar_nonzero_mib() {
+  python3 - "$BAR" <<'PY'
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+vram = mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED, mmap.PROT_READ)
+zero = bytes(1 << 20)
+print(sum(vram[o:o + (1 << 20)] != zero for o in range(0, len(vram), 1 << 20)))
+PY
+}
+
+# -- install.sh into the live system ---------------------------------------------------------
+t_install() {
+  part install
+  [ "$(cat /proc/1/comm)" = systemd ] || fail "PID 1 is $(cat /proc/1/comm), not systemd"
+  echo "install: $(systemctl --version | head -n 1); system $(systemctl is-system-running || true)"
+  systemctl --no-pager list-units --state=failed --no-legend
+  mkdir -p /usr/local/lib /usr/local/bin
+  cp "$LIB" /usr/local/lib/libcuda.so.1 && ldconfig
+  # nvidia-smi stub (GPU 0: 1 GiB, no display): install.sh's driver check and the unit's ExecStartPre.
+  printf '%s\n' '#!/bin/sh' 'case "$*" in *--query-gpu*) echo "1024, Disabled" ;; esac' 'exit 0' > /usr/local/bin/nvidia-smi
+  chmod +x /usr/local/bin/nvidia-smi
+  # The fake GPU's VRAM is the BAR: the only setting the lab adds to the unit (a runtime drop-in).
+  mkdir -p /run/systemd/system/$UNIT.d
+  printf '[Service]\nEnvironment=FAKECUDA_BACKING=%s\n' "$BAR" > /run/systemd/system/$UNIT.d/lab.conf
+  [ ! -e /etc/nbd-vram.conf ] || fail "/etc/nbd-vram.conf exists before install"
+  "$REPO/install.sh" --yes --size 1G --no-start </dev/null
+  for f in "$NV" /etc/systemd/system/$UNIT /etc/systemd/system/$SLEEP_UNIT /etc/nbd-vram.conf; do
+    [ -f "$f" ] || fail "install.sh did not install $f"
+  done
+  cmp "$REPO/$UNIT" /etc/systemd/system/$UNIT || fail "the installed unit differs from the checkout's"
+  [ "$(systemctl is-enabled $UNIT)" = enabled ] || fail "$UNIT is not enabled"
+  [ "$(systemctl is-enabled $SLEEP_UNIT)" = enabled ] || fail "$SLEEP_UNIT is not enabled"
+  [ "$(prop LoadState)" = loaded ] && [ "$(prop FragmentPath)" = /etc/systemd/system/$UNIT ] \
+    || fail "systemd did not load $UNIT from /etc/systemd/system: $(prop LoadState) $(prop FragmentPath)"
+  prop DropInPaths | grep -q /run/systemd/system/$UNIT.d/lab.conf || fail "the lab drop-in is not loaded"
+  # Two connections (as the other kernel parts), and a dead connection held 300 s, not 600: a
+  # daemon that never comes back fails the test in minutes.
+  printf 'connections = 2\ndead_conn_timeout = 300\n' >> /etc/nbd-vram.conf
+  "$NV" check-config | grep -E '^(size|connections|dead_conn_timeout|priority) '
+  pass
+}
+
+# -- systemctl start ------------------------------------------------------------------------
+t_start() {
+  part start
+  local c j=/tmp/j-start active_at swapon_at ready_at
+  c=$(cursor)
+  systemctl start $UNIT            # Type=notify: returns once READY=1 came (or the start failed)
+  echo "start: systemctl start returned after $(( SECONDS - T0 )) s"
+  [ "$(prop ActiveState)/$(prop SubState)" = active/running ] || fail "$UNIT is $(prop ActiveState)/$(prop SubState)"
+  DEV=$(state_key device)
+  [ -n "$DEV" ] && [ "$(swap_prio "$DEV")" = 1500 ] || fail "no nbd swap at priority 1500: $(cat /proc/swaps)"
+  [ "$(state_key pid)" = "$(prop MainPID)" ] || fail "state.json's pid $(state_key pid) is not MainPID $(prop MainPID)"
+  prop StatusText | grep -q "^serving 1 GiB of GPU 0 on $DEV" || fail "STATUS= is '$(prop StatusText)'"
+  [ "$(prop NFileDescriptorStore)" = 1 ] || fail "systemd holds $(prop NFileDescriptorStore) stored fds, not the 1 VRAM fd"
+  journal_since "$c" -u $UNIT > $j
+  cat $j
+  active_at=$(prop ActiveEnterTimestampMonotonic)
+  swapon_at=$(first_at $j "nbd-vram: swap on $DEV at priority 1500")
+  ready_at=$(first_at $j "nbd-vram: ready: serving")
+  [ -n "$swapon_at" ] && [ -n "$ready_at" ] || fail "no 'swap on'/'ready:' line of the daemon in the journal"
+  echo "start: swap on at $swapon_at us, READY line at $ready_at us, active at $active_at us (monotonic)"
+  [ "$swapon_at" -lt "$active_at" ] && [ "$ready_at" -lt "$active_at" ] || fail "the unit was active before the swap was on"
+  [ "$(priority_of $j "nbd-vram: ready: serving")" = 6 ] || fail "the ready line is not at priority 6 (info)"
+  [ "$(priority_of $j "nbd-vram: swap on $DEV")" = 6 ] || fail "the swap-on line is not at priority 6 (info)"
+  systemctl --no-pager status $UNIT | tee /tmp/status-start || true
+  grep -q 'Active: active (running)' /tmp/status-start || fail "systemctl status does not say active (running)"
+  grep -q "Status: \"serving" /tmp/status-start || fail "systemctl status does not show the daemon's STATUS="
+  grep -q "ready: serving" /tmp/status-start || fail "systemctl status does not show the daemon's lines"
+  journalctl --no-pager -t nbd-vram -p info -n 3 | grep -q 'ready: serving' || fail "journalctl -t nbd-vram does not find the daemon"
+  kernel_clean
+  pass
+}
+
+# -- kill -9 of the main process under load, upgrade and reload at the hold -------------------
+t_restart() {
+  part restart
+  local hold=/tmp/restart-hold log=/tmp/pressure-restart.log ppid rc=0 old c j=/tmp/j-restart used main n
+  rm -f "$hold"
+  PRESSURE_HOLD=$hold pressure 48 "$HOG" > $log 2>&1 &
+  ppid=$!
+  wait_swapped 64
+  old=$(prop MainPID)
+  n=$(( $(prop NRestarts) + 1 ))
+  used=$(swap_used_on "$DEV")
+  c=$(cursor)
+  echo "restart: systemctl kill -s KILL --kill-whom=main (pid $old) with $used MiB in VRAM swap"
+  systemctl kill -s KILL --kill-whom=main $UNIT
+  wait_taken_over "$old" $n 600
+  main=$(prop MainPID)
+  echo "restart: systemd restarted it: pid $main took $DEV over $(( SECONDS - T0 )) s into the part ($(swap_used_on "$DEV") MiB in swap)"
+  journal_since "$c" -u $UNIT > $j
+  cat $j
+  grep -q "Main process exited, code=killed, status=9/KILL" $j || fail "systemd did not see the main process killed"
+  grep -q "restart counter is at $n" $j || fail "systemd did not schedule the restart"
+  grep -q "took back slice 0 (1 GiB of VRAM) from systemd's fd store" $j || fail "the new daemon did not take the VRAM back from the fd store"
+  if grep -Eq "nbd-vram: (swap off on|swap on) " $j; then fail "swapoff or mkswap/swapon during the restart"; fi
+  [ "$(prop NFileDescriptorStore)" = 1 ] || fail "the fd store holds $(prop NFileDescriptorStore) fds after the restart"
+  wait_hold $log $ppid
+  old=$main
+  c=$(cursor)
+  echo "restart: $NV upgrade with $(swap_used_on "$DEV") MiB in VRAM swap"
+  "$NV" upgrade --timeout 300 || fail "nbd_vram.py upgrade failed"
+  [ "$(prop MainPID)" = "$old" ] && [ "$(state_key pid)" = "$old" ] || fail "the upgrade changed the pid ($old -> $(prop MainPID))"
+  [ "$(prop ActiveState)" = active ] && [ "$(prop NRestarts)" = $n ] || fail "after the upgrade: $(prop ActiveState), NRestarts $(prop NRestarts)"
+  # systemctl reload (ExecReload: SIGHUP) with a power key changed: first to a bad value (an error,
+  # the old settings stay), then to a good one.
+  echo "battery_threshold = 0" >> /etc/nbd-vram.conf
+  systemctl reload $UNIT
+  for _ in $(seq 120); do journalctl -q --after-cursor="$c" -u $UNIT -g 'SIGHUP: configuration not reloaded' >/dev/null && break; sleep 1; done
+  sed -i 's/^battery_threshold = 0$/battery_threshold = 30/' /etc/nbd-vram.conf
+  systemctl reload $UNIT
+  for _ in $(seq 120); do journalctl -q --after-cursor="$c" -u $UNIT -g 'SIGHUP: battery_threshold = 30' >/dev/null && break; sleep 1; done
+  [ "$(prop ActiveState)" = active ] && [ "$(prop MainPID)" = "$old" ] || fail "the reloads changed the unit: $(prop ActiveState), pid $(prop MainPID)"
+  journal_since "$c" -u $UNIT > $j
+  cat $j
+  [ "$(priority_of $j "SIGHUP: configuration not reloaded")" = 3 ] || fail "no error (priority 3) for the bad battery_threshold"
+  [ "$(priority_of $j "SIGHUP: battery_threshold = 30 \\(was 20\\)")" = 6 ] || fail "no info line (priority 6) for battery_threshold 30"
+  grep -q "Reloaded $UNIT\|Reloaded nbd-vram" $j || fail "systemd logged no reload"
+  grep -q "upgraded\|upgrade in place" $j || true
+  touch "$hold"
+  wait "$ppid" || rc=$?
+  cat $log
+  [ "$rc" -eq 0 ] || fail "pressure exited $rc across the kill, the restart, the upgrade and the reloads"
+  grep -q 'MiB verified' $log || fail "pressure printed no 'verified' line"
+  kernel_clean
+  pass
+}
+
+# -- systemctl stop -------------------------------------------------------------------------
+t_stop() {
+  part stop
+  local c j=/tmp/j-stop order nz left
+  nz=$(bar_nonzero_mib)
+  echo "stop: $nz MiB of the VRAM hold data before the stop ($(swap_used_on "$DEV") MiB in swap)"
+  [ "$nz" -gt 0 ] || fail "the VRAM is all zeros before the stop: nothing to see the scrub by"
+  c=$(cursor)
+  systemctl stop $UNIT
+  echo "stop: systemctl stop returned after $(( SECONDS - T0 )) s"
+  [ "$(prop ActiveState)" = inactive ] && [ "$(prop Result)" = success ] && [ "$(prop ExecMainStatus)" = 0 ] \
+    || fail "after the stop: $(prop ActiveState), result $(prop Result), exit $(prop ExecMainStatus)"
+  ! grep -q '^/dev/nbd' /proc/swaps || fail "nbd swap still on after the stop"
+  check_disconnected
+  [ ! -e "$RUNDIR/state.json" ] || fail "state.json left behind"
+  # KillMode=process: systemd signals the daemon alone, which must end its workers itself.
+  left=$(cat /sys/fs/cgroup/system.slice/$UNIT/cgroup.procs 2>/dev/null || true)
+  [ -z "$left" ] || fail "processes left in the unit's cgroup after the stop: $(echo $left)"
+  [ "$(prop NFileDescriptorStore)" = 0 ] || fail "the fd store still holds $(prop NFileDescriptorStore) fds"
+  journal_since "$c" -u $UNIT > $j
+  cat $j
+  order=$(awk -v s="swap off on $DEV" -v d="disconnected $DEV" '
+    index($0, s) {print "swapoff"} index($0, d) {print "disconnect"} / freed [0-9.]+ [KMGT]?i?B of VRAM/ {print "free"}' $j | tr '\n' ' ')
+  echo "stop: in the journal: $order"
+  [ "$order" = "swapoff disconnect free " ] || fail "stop order in the journal: '$order'"
+  nz=$(bar_nonzero_mib)
+  [ "$nz" -eq 0 ] || fail "$nz MiB of the VRAM are not zero after the stop: not scrubbed"
+  echo "stop: the VRAM is all zeros: scrubbed before it was freed"
+  kernel_clean
+  pass
+}
+
+# -- the whole control group killed, with a verifier's pages (only those) in VRAM swap ---------
+VERIFIER_LOG=/tmp/pressure-verifier.log
+VERIFIER_HOLD=/tmp/verifier-hold
+t_kill_all() {
+  part kill_all
+  local old c j=/tmp/j-killall procs used scope=/sys/fs/cgroup/system.slice/lab-verifier.scope t n
+  systemctl start $UNIT
+  DEV=$(state_key device)
+  [ "$(swap_prio "$DEV")" = 1500 ] || fail "no nbd swap at 1500 after the second start"
+  # Only the verifier's pages go to swap: reclaim inside its 96 MiB cgroup, not the machine's.
+  rm -f "$VERIFIER_HOLD"
+  PRESSURE_HOLD=$VERIFIER_HOLD systemd-run --quiet --scope --unit=lab-verifier -p MemoryMax=96M \
+    /bin/bash -c ". $NBD_VRAM_VM/guest-lib.sh; pressure 48 160" > $VERIFIER_LOG 2>&1 &
+  VERIFIER=$!
+  wait_hold $VERIFIER_LOG $VERIFIER
+  cat $VERIFIER_LOG
+  used=$(( $(cat $scope/memory.swap.current) >> 20 ))
+  echo "kill_all: the verifier has $used MiB in swap; $DEV holds $(swap_used_on "$DEV") MiB"
+  [ "$used" -ge 24 ] || fail "less than 24 MiB of the verifier reached swap"
+  old=$(prop MainPID)
+  n=$(( $(prop NRestarts) + 1 ))
+  procs=$(tr '\n' ' ' < "/sys/fs/cgroup/system.slice/$UNIT/cgroup.procs")
+  c=$(cursor)
+  echo "kill_all: systemctl kill -s KILL --kill-whom=all: pids $procs"
+  systemctl kill -s KILL --kill-whom=all $UNIT
+  t=$SECONDS
+  for p in $procs; do for _ in $(seq 50); do [ -e /proc/$p ] || break; sleep 0.2; done; done
+  for p in $procs; do [ ! -e /proc/$p ] || fail "pid $p of the unit outlived SIGKILL"; done
+  wait_taken_over "$old" $n 600
+  echo "kill_all: pid $(prop MainPID) took $DEV over $(( SECONDS - t )) s after the kill (every process of the unit had died)"
+  journal_since "$c" -u $UNIT > $j
+  cat $j
+  grep -q "took back slice 0 (1 GiB of VRAM) from systemd's fd store" $j || fail "the new daemon did not take the VRAM back from the fd store"
+  if grep -Eq "nbd-vram: (swap off on|swap on) " $j; then fail "swapoff or mkswap/swapon during the restart"; fi
+  kernel_clean
+  pass
+}
+
+# -- sleep: the real dependency graph, then systemctl suspend (pm_test=freezer) --------------
+t_sleep() {
+  part sleep
+  local c j=/tmp/j-sleep before deps off entry exit_ back rc=0 until
+  before=$(prop Before $SLEEP_UNIT)
+  echo "sleep: $SLEEP_UNIT Before=$before"
+  for u in sleep.target systemd-suspend.service systemd-hibernate.service systemd-hybrid-sleep.service \
+           systemd-suspend-then-hibernate.service nvidia-suspend.service nvidia-hibernate.service; do
+    grep -qw "$u" <<<"$before" || fail "$SLEEP_UNIT is not ordered before $u"
+  done
+  prop RequiredBy $SLEEP_UNIT | grep -qw sleep.target || fail "$SLEEP_UNIT is not RequiredBy=sleep.target (enabled)"
+  deps=$(systemctl list-dependencies --no-pager --plain --after sleep.target)
+  grep -qw "$SLEEP_UNIT" <<<"$deps" || { echo "$deps"; fail "sleep.target is not ordered after $SLEEP_UNIT"; }
+  deps=$(systemctl list-dependencies --no-pager --plain suspend.target)
+  grep -qw "$SLEEP_UNIT" <<<"$deps" || { echo "$deps"; fail "suspend.target does not pull in $SLEEP_UNIT"; }
+  prop After systemd-suspend.service | grep -qw sleep.target || fail "systemd-suspend.service is not after sleep.target"
+  echo "sleep: ordered before sleep.target and systemd-suspend.service, pulled in by suspend.target"
+  [ -w /sys/power/pm_test ] || fail "no /sys/power/pm_test (kernel without CONFIG_PM_DEBUG)"
+  echo "sleep: /sys/power/state: $(cat /sys/power/state); mem_sleep: $(cat /sys/power/mem_sleep)"
+  echo freezer > /sys/power/pm_test
+  [ "$(swap_used_on "$DEV")" -gt 0 ] || fail "nothing in VRAM swap before the suspend"
+  echo "sleep: systemctl suspend with $(swap_used_on "$DEV") MiB in VRAM swap"
+  c=$(cursor)
+  systemctl suspend
+  until=$(( SECONDS + 600 ))
+  while [ $SECONDS -lt $until ]; do
+    if dmesg | grep -q 'PM: suspend exit' && [ "$(prop ActiveState $SLEEP_UNIT)" = inactive ] \
+       && [ "$(prop ActiveState suspend.target)" = inactive ] && grep -q "^$DEV " /proc/swaps; then break; fi
+    sleep 1
+  done
+  echo none > /sys/power/pm_test
+  journal_since "$c" -u $UNIT -u $SLEEP_UNIT -u systemd-suspend.service -u sleep.target -k > $j || true
+  cat $j
+  dmesg | grep -q 'PM: suspend exit' || fail "the kernel did not go through a suspend within 600 s"
+  grep -q "^$DEV " /proc/swaps || fail "$DEV is not swap again after the resume"
+  off=$(first_at $j "nbd-vram: swap off on $DEV")
+  entry=$(first_at $j "PM: suspend entry")
+  exit_=$(first_at $j "PM: suspend exit")
+  back=$(awk -v re="nbd-vram: swap on $DEV" -v after="$exit_" '$0 ~ re && $2 > after {print $2; exit}' $j)
+  echo "sleep: swap off at $off us, suspend entry $entry, exit $exit_, swap on again at ${back:-never} (monotonic)"
+  [ -n "$off" ] && [ -n "$entry" ] && [ "$off" -lt "$entry" ] || fail "the swap was not released before the suspend entry"
+  [ -n "$back" ] || fail "no swap on $DEV after the suspend exit"
+  [ "$(swap_prio "$DEV")" = 1500 ] || fail "$DEV is back at priority $(swap_prio "$DEV"), not 1500"
+  [ "$(prop ActiveState)" = active ] || fail "$UNIT is $(prop ActiveState) after the resume"
+  touch "$VERIFIER_HOLD"
+  wait "$VERIFIER" || rc=$?
+  cat $VERIFIER_LOG
+  [ "$rc" -eq 0 ] || fail "the verifier exited $rc: its data did not survive the kill of every process and the sleep"
+  grep -q 'MiB verified' $VERIFIER_LOG || fail "the verifier printed no 'verified' line"
+  kernel_clean
+  systemctl stop $UNIT
+  [ "$(prop ActiveState)" = inactive ] && [ "$(prop Result)" = success ] || fail "the final stop: $(prop ActiveState), $(prop Result)"
+  ! grep -q '^/dev/nbd' /proc/swaps || fail "nbd swap still on after the final stop"
+  check_disconnected
+  pass
+}
+
+# -- install.sh --uninstall ------------------------------------------------------------------
+t_uninstall() {
+  part uninstall
+  rm -rf /run/systemd/system/$UNIT.d
+  "$REPO/install.sh" --uninstall </dev/null
+  for f in "$NV" /etc/systemd/system/$UNIT /etc/systemd/system/$SLEEP_UNIT /usr/local/share/doc/nbd-vram/README.md; do
+    [ ! -e "$f" ] || fail "install.sh --uninstall left $f"
+  done
+  grep -q '^size = 1G' /etc/nbd-vram.conf || fail "install.sh --uninstall removed or changed /etc/nbd-vram.conf (it must keep it)"
+  [ "$(prop LoadState)" = not-found ] && [ "$(prop LoadState $SLEEP_UNIT)" = not-found ] \
+    || fail "systemd still has the units: $(prop LoadState), $(prop LoadState $SLEEP_UNIT)"
+  [ ! -e /etc/systemd/system/multi-user.target.wants/$UNIT ] && [ ! -e /etc/systemd/system/sleep.target.requires/$SLEEP_UNIT ] \
+    || fail "install.sh --uninstall left the units enabled"
+  pass
+}
+
+PARTS=${GUEST_PARTS:-install start restart stop kill_all sleep uninstall}
+for p in $PARTS; do "t_$p"; done
+echo "=== systemd: PASS ($PARTS)"
