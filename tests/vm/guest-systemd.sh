@@ -241,17 +241,16 @@ t_restart() {
   # the old settings stay), then to a good one.
   echo "battery_threshold = 0" >> /etc/nbd-vram.conf
   systemctl reload $UNIT
-  for _ in $(seq 120); do journalctl -q --after-cursor="$c" -u $UNIT -g 'SIGHUP: configuration not reloaded' >/dev/null && break; sleep 1; done
+  for _ in $(seq 120); do journalctl -q -o cat --after-cursor="$c" -u $UNIT | grep -q 'SIGHUP: configuration not reloaded' && break; sleep 1; done
   sed -i 's/^battery_threshold = 0$/battery_threshold = 30/' /etc/nbd-vram.conf
   systemctl reload $UNIT
-  for _ in $(seq 120); do journalctl -q --after-cursor="$c" -u $UNIT -g 'SIGHUP: battery_threshold = 30' >/dev/null && break; sleep 1; done
+  for _ in $(seq 120); do journalctl -q -o cat --after-cursor="$c" -u $UNIT | grep -q 'SIGHUP: battery_threshold = 30' && break; sleep 1; done
   [ "$(prop ActiveState)" = active ] && [ "$(prop MainPID)" = "$old" ] || fail "the reloads changed the unit: $(prop ActiveState), pid $(prop MainPID)"
   journal_since "$c" -u $UNIT > $j
   cat $j
   [ "$(priority_of $j "SIGHUP: configuration not reloaded")" = 3 ] || fail "no error (priority 3) for the bad battery_threshold"
-  [ "$(priority_of $j "SIGHUP: battery_threshold = 30 \\(was 20\\)")" = 6 ] || fail "no info line (priority 6) for battery_threshold 30"
+  [ "$(priority_of $j "SIGHUP: battery_threshold = 30 .was 20.")" = 6 ] || fail "no info line (priority 6) for battery_threshold 30"
   grep -q "Reloaded $UNIT\|Reloaded nbd-vram" $j || fail "systemd logged no reload"
-  grep -q "upgraded\|upgrade in place" $j || true
   touch "$hold"
   wait "$ppid" || rc=$?
   cat $log
@@ -302,9 +301,10 @@ t_kill_all() {
   systemctl start $UNIT
   DEV=$(state_key device)
   [ "$(swap_prio "$DEV")" = 1500 ] || fail "no nbd swap at 1500 after the second start"
-  # Only the verifier's pages go to swap: reclaim inside its 96 MiB cgroup, not the machine's.
+  # Only the verifier's pages go to swap: reclaim inside its cgroup (MemoryHigh: throttled and
+  # reclaimed above 96 MiB, never OOM-killed as MemoryMax could while swap-out is slow), not the machine's.
   rm -f "$VERIFIER_HOLD"
-  PRESSURE_HOLD=$VERIFIER_HOLD systemd-run --quiet --scope --unit=lab-verifier -p MemoryMax=96M \
+  PRESSURE_HOLD=$VERIFIER_HOLD systemd-run --quiet --scope --unit=lab-verifier -p MemoryHigh=96M \
     /bin/bash -c ". $NBD_VRAM_VM/guest-lib.sh; pressure 48 160" > $VERIFIER_LOG 2>&1 &
   VERIFIER=$!
   wait_hold $VERIFIER_LOG $VERIFIER
@@ -358,14 +358,18 @@ t_sleep() {
   until=$(( SECONDS + 600 ))
   while [ $SECONDS -lt $until ]; do
     if dmesg | grep -q 'PM: suspend exit' && [ "$(prop ActiveState $SLEEP_UNIT)" = inactive ] \
-       && [ "$(prop ActiveState suspend.target)" = inactive ] && grep -q "^$DEV " /proc/swaps; then break; fi
+       && [ "$(prop ActiveState suspend.target)" = inactive ] && grep -q '^/dev/nbd' /proc/swaps \
+       && grep -qs '"mode": "serving"' "$RUNDIR/state.json"; then break; fi
     sleep 1
   done
   echo none > /sys/power/pm_test
-  journal_since "$c" -u $UNIT -u $SLEEP_UNIT -u systemd-suspend.service -u sleep.target -k > $j || true
+  { journal_since "$c" -u $UNIT -u $SLEEP_UNIT -u systemd-suspend.service -u sleep.target -u suspend.target
+    journal_since "$c" -k; } | sort -n -k2 > $j || true
   cat $j
   dmesg | grep -q 'PM: suspend exit' || fail "the kernel did not go through a suspend within 600 s"
-  grep -q "^$DEV " /proc/swaps || fail "$DEV is not swap again after the resume"
+  grep -q '^/dev/nbd' /proc/swaps || fail "no nbd swap again 600 s after the suspend"
+  [ "$(state_key device)" = "$DEV" ] || echo "sleep: the swap came back on $(state_key device) (was $DEV)"
+  DEV=$(state_key device)
   off=$(first_at $j "nbd-vram: swap off on $DEV")
   entry=$(first_at $j "PM: suspend entry")
   exit_=$(first_at $j "PM: suspend exit")
