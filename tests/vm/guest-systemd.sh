@@ -276,7 +276,9 @@ t_stop() {
   check_disconnected
   [ ! -e "$RUNDIR/state.json" ] || fail "state.json left behind"
   # KillMode=process: systemd signals the daemon alone, which must end its workers itself.
-  left=$(cat /sys/fs/cgroup/system.slice/$UNIT/cgroup.procs 2>/dev/null || true)
+  for _ in $(seq 20); do
+    left=$(cat /sys/fs/cgroup/system.slice/$UNIT/cgroup.procs 2>/dev/null || true); [ -n "$left" ] || break; sleep 0.5
+  done
   [ -z "$left" ] || fail "processes left in the unit's cgroup after the stop: $(echo $left)"
   [ "$(prop NFileDescriptorStore)" = 0 ] || fail "the fd store still holds $(prop NFileDescriptorStore) fds"
   journal_since "$c" -u $UNIT > $j
