@@ -8,20 +8,21 @@
 #   start     systemctl start: active only once the daemon sent READY=1 (its "swap on" and
 #             "ready:" lines come before systemd's ActiveEnterTimestamp), swap at 1500, STATUS=,
 #             its VRAM fd in the fd store; systemctl status and the journal at their priorities
-#   restart   under `pressure 48 500` (PRESSURE_HOLD): systemctl kill -s KILL --kill-whom=main;
+#   restart   under `pressure 48 400` (PRESSURE_HOLD): systemctl kill -s KILL --kill-whom=main;
 #             systemd restarts it with the stored fd, it takes the slice over (the device stays
 #             swap throughout, no swapoff, no mkswap); at the hold `nbd_vram.py upgrade`, then
 #             systemctl reload with a bad power key (error, priority 3) and a good one (info, 6);
 #             every checksum verified, no I/O error
 #   stop      systemctl stop: inactive, exit 0; swap off, disconnected, freed in that order in the
 #             journal, the VRAM (the BAR) all zeros: scrubbed; the fd store empty
-#   kill_all  started again; a verifier confined to a 96 MiB memory cgroup (only its own pages go
-#             out to swap, none of PID 1's) holds data in VRAM swap; systemctl kill -s KILL
-#             --kill-whom=all: what survives (see tests/vm/README.md)
-#   sleep     the sleep unit's ordering on systemd's graph; systemctl suspend with pm_test=freezer
-#             (the kernel freezes every task and thaws it again; no device is suspended): the swap
-#             released before the kernel's suspend entry and back after its exit; the verifier's
-#             data checked; then the final systemctl stop
+#   sleep     started again; a verifier confined to its own memory cgroup (only its pages go out
+#             to swap, none of PID 1's) holds data in VRAM swap; the sleep unit's ordering on
+#             systemd's graph; systemctl suspend with pm_test=freezer (the kernel freezes every task
+#             and thaws it again; no device is suspended): the swap released before the kernel's
+#             suspend entry and back after its exit
+#   kill_all  the verifier's pages pushed out again; systemctl kill -s KILL --kill-whom=all: every
+#             process of the unit dies, systemd restarts it, the new daemon takes the slice over
+#             from the fd store; the verifier's checksums; the final systemctl stop
 #   uninstall install.sh --uninstall: units disabled and gone from systemd, files removed, config kept
 # Needs: VRAM_MB=1024, a 512 MiB guest, GUEST_FAKECUDA (default /mnt/libcuda.so.1); GUEST_PARTS
 # (default: all, in that order; each part needs the ones before it).
@@ -294,49 +295,26 @@ t_stop() {
   pass
 }
 
-# -- the whole control group killed, with a verifier's pages (only those) in VRAM swap ---------
+# -- sleep: the real dependency graph, then systemctl suspend (pm_test=freezer) --------------
 VERIFIER_LOG=/tmp/pressure-verifier.log
 VERIFIER_HOLD=/tmp/verifier-hold
-t_kill_all() {
-  part kill_all
-  local old c j=/tmp/j-killall procs used scope=/sys/fs/cgroup/system.slice/lab-verifier.scope t n
+VERIFIER_CG=/sys/fs/cgroup/system.slice/lab-verifier.scope
+t_sleep() {
+  part sleep
+  local c j=/tmp/j-sleep before deps off entry exit_ back until old_dev
   systemctl start $UNIT
   DEV=$(state_key device)
   [ "$(swap_prio "$DEV")" = 1500 ] || fail "no nbd swap at 1500 after the second start"
-  # Only the verifier's pages go to swap: reclaim inside its cgroup (MemoryHigh: throttled and
-  # reclaimed above 96 MiB, never OOM-killed as MemoryMax could while swap-out is slow), not the machine's.
+  # A verifier whose pages (and only those: reclaim inside its own cgroup, not the machine's) go out
+  # to VRAM swap.  MemoryHigh throttles and reclaims above 96 MiB; MemoryMax could OOM-kill it while
+  # swap-out is slow.  It holds until kill_all has run too.
   rm -f "$VERIFIER_HOLD"
   PRESSURE_HOLD=$VERIFIER_HOLD systemd-run --quiet --scope --unit=lab-verifier -p MemoryHigh=96M \
     /bin/bash -c ". $NBD_VRAM_VM/guest-lib.sh; pressure 48 160" > $VERIFIER_LOG 2>&1 &
   VERIFIER=$!
   wait_hold $VERIFIER_LOG $VERIFIER
   cat $VERIFIER_LOG
-  used=$(( $(cat $scope/memory.swap.current) >> 20 ))
-  echo "kill_all: the verifier has $used MiB in swap; $DEV holds $(swap_used_on "$DEV") MiB"
-  [ "$used" -ge 24 ] || fail "less than 24 MiB of the verifier reached swap"
-  old=$(prop MainPID)
-  n=$(( $(prop NRestarts) + 1 ))
-  procs=$(tr '\n' ' ' < "/sys/fs/cgroup/system.slice/$UNIT/cgroup.procs")
-  c=$(cursor)
-  echo "kill_all: systemctl kill -s KILL --kill-whom=all: pids $procs"
-  systemctl kill -s KILL --kill-whom=all $UNIT
-  t=$SECONDS
-  for p in $procs; do for _ in $(seq 50); do [ -e /proc/$p ] || break; sleep 0.2; done; done
-  for p in $procs; do [ ! -e /proc/$p ] || fail "pid $p of the unit outlived SIGKILL"; done
-  wait_taken_over "$old" $n 600
-  echo "kill_all: pid $(prop MainPID) took $DEV over $(( SECONDS - t )) s after the kill (every process of the unit had died)"
-  journal_since "$c" -u $UNIT > $j
-  cat $j
-  grep -q "took back slice 0 (1 GiB of VRAM) from systemd's fd store" $j || fail "the new daemon did not take the VRAM back from the fd store"
-  if grep -Eq "nbd-vram: (swap off on|swap on) " $j; then fail "swapoff or mkswap/swapon during the restart"; fi
-  kernel_clean
-  pass
-}
-
-# -- sleep: the real dependency graph, then systemctl suspend (pm_test=freezer) --------------
-t_sleep() {
-  part sleep
-  local c j=/tmp/j-sleep before deps off entry exit_ back rc=0 until
+  echo "sleep: the verifier has $(( $(cat $VERIFIER_CG/memory.swap.current) >> 20 )) MiB in swap; $DEV holds $(swap_used_on "$DEV") MiB"
   before=$(prop Before $SLEEP_UNIT)
   echo "sleep: $SLEEP_UNIT Before=$before"
   for u in sleep.target systemd-suspend.service systemd-hibernate.service systemd-hybrid-sleep.service \
@@ -370,9 +348,10 @@ t_sleep() {
   cat $j
   dmesg | grep -q 'PM: suspend exit' || fail "the kernel did not go through a suspend within 600 s"
   grep -q '^/dev/nbd' /proc/swaps || fail "no nbd swap again 600 s after the suspend"
-  [ "$(state_key device)" = "$DEV" ] || echo "sleep: the swap came back on $(state_key device) (was $DEV)"
+  old_dev=$DEV
   DEV=$(state_key device)
-  off=$(first_at $j "nbd-vram: swap off on $DEV")
+  [ "$DEV" = "$old_dev" ] || echo "sleep: the swap came back on $DEV (was $old_dev)"
+  off=$(first_at $j "nbd-vram: swap off on $old_dev")
   entry=$(first_at $j "PM: suspend entry")
   exit_=$(first_at $j "PM: suspend exit")
   back=$(awk -v re="nbd-vram: swap on $DEV" -v after="$exit_" '$0 ~ re && $2 > after {print $2; exit}' $j)
@@ -381,10 +360,41 @@ t_sleep() {
   [ -n "$back" ] || fail "no swap on $DEV after the suspend exit"
   [ "$(swap_prio "$DEV")" = 1500 ] || fail "$DEV is back at priority $(swap_prio "$DEV"), not 1500"
   [ "$(prop ActiveState)" = active ] || fail "$UNIT is $(prop ActiveState) after the resume"
+  kill -0 "$VERIFIER" || fail "the verifier died during the sleep"
+  kernel_clean
+  pass
+}
+
+# -- the whole control group killed, with the verifier's pages (only those) in VRAM swap -------
+t_kill_all() {
+  part kill_all
+  local old c j=/tmp/j-killall procs used t n rc=0
+  # The release before the sleep brought the verifier's pages back: out they go again (a lower
+  # MemoryHigh reclaims the cgroup down to it, into swap).
+  systemctl set-property --runtime lab-verifier.scope MemoryHigh=16M
+  for _ in $(seq 120); do used=$(( $(cat $VERIFIER_CG/memory.swap.current) >> 20 )); [ "$used" -ge 24 ] && break; sleep 1; done
+  echo "kill_all: the verifier has $used MiB in swap; $DEV holds $(swap_used_on "$DEV") MiB"
+  [ "$used" -ge 24 ] || fail "less than 24 MiB of the verifier reached swap"
+  old=$(prop MainPID)
+  n=$(( $(prop NRestarts) + 1 ))
+  procs=$(tr '\n' ' ' < "/sys/fs/cgroup/system.slice/$UNIT/cgroup.procs")
+  c=$(cursor)
+  echo "kill_all: systemctl kill -s KILL --kill-whom=all: pids $procs"
+  systemctl kill -s KILL --kill-whom=all $UNIT
+  t=$SECONDS
+  for p in $procs; do for _ in $(seq 50); do [ -e /proc/$p ] || break; sleep 0.2; done; done
+  for p in $procs; do [ ! -e /proc/$p ] || fail "pid $p of the unit outlived SIGKILL"; done
+  wait_taken_over "$old" $n 600
+  echo "kill_all: pid $(prop MainPID) took $DEV over $(( SECONDS - t )) s after the kill (every process of the unit had died)"
+  journal_since "$c" -u $UNIT > $j
+  cat $j
+  grep -q "took back slice 0 (1 GiB of VRAM) from systemd's fd store" $j || fail "the new daemon did not take the VRAM back from the fd store"
+  if grep -Eq "nbd-vram: (swap off on|swap on) " $j; then fail "swapoff or mkswap/swapon during the restart"; fi
+  systemctl set-property --runtime lab-verifier.scope MemoryHigh=infinity
   touch "$VERIFIER_HOLD"
   wait "$VERIFIER" || rc=$?
   cat $VERIFIER_LOG
-  [ "$rc" -eq 0 ] || fail "the verifier exited $rc: its data did not survive the kill of every process and the sleep"
+  [ "$rc" -eq 0 ] || fail "the verifier exited $rc: its data did not survive the sleep and the kill of every process"
   grep -q 'MiB verified' $VERIFIER_LOG || fail "the verifier printed no 'verified' line"
   kernel_clean
   systemctl stop $UNIT
@@ -410,6 +420,6 @@ t_uninstall() {
   pass
 }
 
-PARTS=${GUEST_PARTS:-install start restart stop kill_all sleep uninstall}
+PARTS=${GUEST_PARTS:-install start restart stop sleep kill_all uninstall}
 for p in $PARTS; do "t_$p"; done
 echo "=== systemd: PASS ($PARTS)"
