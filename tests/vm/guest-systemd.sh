@@ -48,6 +48,7 @@ PART=""
 DEV=""
 dmesg -n 1
 sysctl -qw kernel.watchdog_thresh=60      # TCG: see guest-integration.sh
+sysctl -qw kernel.sysrq=1                 # a hang's blocked tasks: run.sh's monitor.sock (sendkey alt-sysrq-w)
 
 on_err() {
   local rc=$? line=$1
@@ -126,7 +127,8 @@ wait_taken_over() {
   local old=$1 n=$2 until=$(( SECONDS + $3 )) main next=$(( SECONDS + 30 ))
   while [ $SECONDS -lt $until ]; do
     grep -q "^$DEV " /proc/swaps || fail "$DEV stopped being swap during the restart"
-    main=$(prop MainPID)
+    # (PID 1 pages in under this pressure too: a systemctl call may time out, 25 s, and is tried again)
+    main=$(prop MainPID 2>&1) || { echo "  ($(cut -d' ' -f1 /proc/uptime) s: systemctl show: $main)"; sleep 1; continue; }
     if [ $SECONDS -ge $next ]; then
       next=$(( SECONDS + 30 ))
       echo "  ($(cut -d' ' -f1 /proc/uptime) s: $(prop ActiveState)/$(prop SubState), MainPID $main, NRestarts $(prop NRestarts), $(swap_used_on "$DEV") MiB on $DEV, MemFree $(( $(meminfo_kb MemFree) / 1024 )) MiB)"

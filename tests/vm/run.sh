@@ -10,6 +10,9 @@
 #        the host root, the lab's own target; SCRIPT runs as nbd-vram-lab.service).
 #        GUEST_* variables are passed to the guest script, via OUTDIR/guest.env, which also sets
 #        NBD_VRAM_REPO (a copy of the checkout, /mnt/repo), NBD_VRAM_VM (its tests/vm) and NBD_VRAM_OUT=/mnt.
+#   OUTDIR/monitor.sock is QEMU's monitor while it runs: a hung guest's blocked tasks reach the
+#   console after `sendkey alt-sysrq-9` and `sendkey alt-sysrq-w` there (socat, or a Python socket)
+#   (a guest script that wants it sets kernel.sysrq=1).
 # Exit status: the guest script's (from OUTDIR/rc); 124 on timeout, 1 if the guest died without one.
 # The serial console is shown and saved in OUTDIR/console.log.
 set -euo pipefail
@@ -64,6 +67,7 @@ t0=$(date +%s)
 set +e
 timeout -k 10 "${VM_TIMEOUT:-900}" qemu-system-x86_64 -machine q35,accel=tcg -cpu "${VM_CPU:-Westmere}" -smp "$cpus" -m "$mem" \
   -nographic -vga none -no-reboot -kernel "$D/vmlinuz" -initrd "$D/initrd.img" \
+  -monitor "unix:$out/monitor.sock,server=on,wait=off" \
   -append "$append" \
   -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
   -virtfs "local,path=$out,mount_tag=out,security_model=none,multidevs=remap" \
