@@ -7,25 +7,25 @@
 #             /usr/local/lib, an nvidia-smi stub; a runtime drop-in gives the daemon the BAR)
 #   start     systemctl start: active only once the daemon sent READY=1 (its "swap on" and
 #             "ready:" lines come before systemd's ActiveEnterTimestamp), swap at 1500, STATUS=,
-#             its VRAM fd in the fd store; systemctl status and the journal at their priorities
+#             its VRAM fd in the fd store; systemctl status and the journal at their priorities;
+#             then a verifier starts, confined to its own memory cgroup (MemoryHigh: only its pages
+#             go out to swap, none of PID 1's), with data that stays in VRAM swap until the stop
 #   restart   under `pressure 48 300` (PRESSURE_HOLD): systemctl kill -s KILL --kill-whom=main;
 #             systemd restarts it with the stored fd, it takes the slice over (the device stays
 #             swap throughout, no swapoff, no mkswap); at the hold `nbd_vram.py upgrade`, then
 #             systemctl reload with a bad power key (error, priority 3) and a good one (info, 6);
 #             every checksum verified, no I/O error
-#   sleep     a verifier confined to its own memory cgroup (MemoryHigh: only its pages go out to
-#             swap, none of PID 1's) holds data in VRAM swap; the sleep unit's ordering on
-#             systemd's graph; systemctl suspend with pm_test=freezer (the kernel freezes every task
-#             and thaws it again; no device is suspended): the swap released before the kernel's
-#             suspend entry (every page back in RAM, the restart's leftovers too) and back after
-#             its exit
+#   sleep     with the verifier's data in VRAM swap: the sleep unit's ordering on systemd's graph;
+#             systemctl suspend with pm_test=freezer (the kernel freezes every task and thaws it
+#             again; no device is suspended): the swap released before the kernel's suspend entry
+#             (every page back in RAM, the restart's leftovers too) and back after its exit
 #   kill_all  the verifier's pages pushed out again; systemctl kill -s KILL --kill-whom=all: every
 #             process of the unit dies, systemd restarts it, the new daemon takes the slice over
 #             from the fd store
 #   stop      systemctl stop with the verifier's pages in VRAM swap: inactive, exit 0; swap off,
 #             disconnected, freed in that order in the journal, the VRAM (the BAR) all zeros:
 #             scrubbed; the fd store empty, the cgroup empty; then the verifier's checksums (its
-#             data went through the sleep, the kill of every process and the stop's swapoff)
+#             data went through the restart, the sleep, the kill of every process and the swapoff)
 #   uninstall install.sh --uninstall: units disabled and gone from systemd, files removed, config kept
 # Needs: VRAM_MB=1024, a 512 MiB guest, GUEST_FAKECUDA (default /mnt/libcuda.so.1); GUEST_PARTS
 # (default: all, in that order; each part needs the ones before it).
@@ -186,6 +186,23 @@ t_install() {
   pass
 }
 
+# -- the verifier: data of its own in VRAM swap from the start to the stop --------------------
+# A process whose pages (and only those: reclaim inside its own cgroup, not the machine's) go out to
+# VRAM swap: no hog, its 48 MiB of data alone are over MemoryHigh=24M, which throttles and reclaims
+# it into swap (MemoryMax could OOM-kill it while swap-out is slow).  Started once the daemon is up,
+# so that it fills while the restart runs; it holds until the stop, where its checksums are verified:
+# its data goes through the restart, the upgrade, the sleep, the kill of every process and the stop.
+VERIFIER_LOG=/tmp/pressure-verifier.log
+VERIFIER_HOLD=/tmp/verifier-hold
+VERIFIER_CG=/sys/fs/cgroup/system.slice/lab-verifier.scope
+VERIFIER=""
+start_verifier() {
+  rm -f "$VERIFIER_HOLD"
+  PRESSURE_HOLD=$VERIFIER_HOLD systemd-run --quiet --scope --unit=lab-verifier -p MemoryHigh=24M \
+    /bin/bash -c ". $NBD_VRAM_VM/guest-lib.sh; pressure 48 0" > $VERIFIER_LOG 2>&1 &
+  VERIFIER=$!
+}
+
 # -- systemctl start ------------------------------------------------------------------------
 t_start() {
   part start
@@ -215,6 +232,7 @@ t_start() {
   grep -q "ready: serving" /tmp/status-start || fail "systemctl status does not show the daemon's lines"
   journalctl --no-pager -t nbd-vram -p info -n 3 | grep -q 'ready: serving' || fail "journalctl -t nbd-vram does not find the daemon"
   kernel_clean
+  start_verifier
   pass
 }
 
@@ -268,29 +286,18 @@ t_restart() {
   cat $log
   [ "$rc" -eq 0 ] || fail "pressure exited $rc across the kill, the restart, the upgrade and the reloads"
   grep -q 'MiB verified' $log || fail "pressure printed no 'verified' line"
+  [ -z "$VERIFIER" ] || kill -0 "$VERIFIER" || fail "the verifier died during the restart"
   kernel_clean
   pass
 }
 
-# -- sleep: the real dependency graph, then systemctl suspend (pm_test=freezer) --------------
-VERIFIER_LOG=/tmp/pressure-verifier.log
-VERIFIER_HOLD=/tmp/verifier-hold
-VERIFIER_CG=/sys/fs/cgroup/system.slice/lab-verifier.scope
-VERIFIER=""
 t_sleep() {
   part sleep
   local c j=/tmp/j-sleep before deps off entry exit_ back until old_dev
   [ "$(prop ActiveState)" = active ] || fail "$UNIT is $(prop ActiveState) at the start of sleep"
   DEV=$(state_key device)
   [ "$(swap_prio "$DEV")" = 1500 ] || fail "no nbd swap at 1500: $(cat /proc/swaps)"
-  # A verifier whose pages (and only those: reclaim inside its own cgroup, not the machine's) go out
-  # to VRAM swap: no hog, its 48 MiB of data alone are over MemoryHigh=24M, which throttles and
-  # reclaims it into swap (MemoryMax could OOM-kill it while swap-out is slow).  It holds until
-  # the stop, where its checksums are verified.
-  rm -f "$VERIFIER_HOLD"
-  PRESSURE_HOLD=$VERIFIER_HOLD systemd-run --quiet --scope --unit=lab-verifier -p MemoryHigh=24M \
-    /bin/bash -c ". $NBD_VRAM_VM/guest-lib.sh; pressure 48 0" > $VERIFIER_LOG 2>&1 &
-  VERIFIER=$!
+  [ -n "$VERIFIER" ] || start_verifier
   wait_hold $VERIFIER_LOG $VERIFIER
   cat $VERIFIER_LOG
   echo "sleep: the verifier has $(( $(cat $VERIFIER_CG/memory.swap.current) >> 20 )) MiB in swap; $DEV holds $(swap_used_on "$DEV") MiB"
