@@ -40,7 +40,6 @@ export NBD_VRAM_CONFIG=/tmp/nbd-vram.conf PYTHONUNBUFFERED=1
 # past every threshold they wait for (150, 4 MiB); the part `pressure` keeps 700 (~500 MiB out),
 # elastic its 450.
 HOG=${GUEST_PART_HOG_MB:-400}
-PART=""
 DPID=""
 DLOG=""
 dmesg -n 1
@@ -48,24 +47,12 @@ dmesg -n 1
 # lockup - CPU#0 stuck for 47s! [kcompactd0]" under the hog): report only past 120 s (2 x thresh).
 sysctl -qw kernel.watchdog_thresh=60
 
-# On any failure: say which part, show the daemon's log and state, the kernel log's tail.
-on_err() {
-  local rc=$? line=$1
-  [ "$BASH_SUBSHELL" -eq 0 ] || exit "$rc"      # a subshell's failure is reported by the main shell
-  trap - ERR
-  set +e
-  echo "=== ${PART:-setup}: FAIL (exit $rc at line $line: $BASH_COMMAND)"
+# On any failure (guest-lib.sh's on_err): which part, the daemon's log and state, the kernel log's tail.
+on_fail_dump() {
   if [ -n "$DLOG" ] && [ -f "$DLOG" ]; then echo "--- daemon log $DLOG:"; tail -n 40 "$DLOG"; fi
   python3 "$REPO/nbd_vram.py" status 2>&1
-  swapon --show
-  echo "--- dmesg tail:"; dmesg | tail -n 40
-  exit "$rc"
 }
 trap 'on_err $LINENO' ERR
-fail() { echo "FAIL: $*" >&2; false; }
-
-part() { PART=$1; echo; echo "=== $PART: start (uptime $(cut -d' ' -f1 /proc/uptime) s)"; T0=$SECONDS; }
-pass() { echo "=== $PART: PASS ($(( SECONDS - T0 )) s)"; PART=""; }
 
 # start_daemon NAME ARGS...: `nbd_vram.py run ARGS` in the background (pid in DPID, log in DLOG),
 # then wait (up to 300 s) until its swap device is swap; DEV is the nbd device, SWAPDEV the swap
@@ -145,23 +132,6 @@ stop_daemon() {
   ! grep -q Traceback "$DLOG" || fail "Traceback in the daemon's log"
   DPID=""
   echo "daemon stopped cleanly (exit 0, swap off, disconnected)"
-}
-
-check_disconnected() {  # no /dev/nbdN connected (waits up to 10 s for the kernel to let go)
-  local d _
-  for _ in $(seq 20); do
-    ls /sys/block/nbd*/pid >/dev/null 2>&1 || return 0
-    sleep 0.5
-  done
-  for d in /sys/block/nbd*; do [ ! -e "$d/pid" ] || fail "$(basename "$d") is still connected"; done
-}
-
-# kernel_clean: fail_on_kernel_errors plus the swap layer's read/write errors
-kernel_clean() {
-  local hits
-  hits=$(dmesg | grep -E 'Read-error|Write-error|blocked for more than' || true)
-  [ -z "$hits" ] || fail "kernel log: $hits"
-  fail_on_kernel_errors
 }
 
 # -- guest-daemon-pressure.sh in this boot (its own config file and daemon log) ---------------

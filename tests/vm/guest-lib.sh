@@ -36,6 +36,42 @@ fail_on_kernel_errors() {
   echo "fail_on_kernel_errors: kernel log shows errors:" >&2; echo "$hits" >&2; return 1
 }
 
+# Parts (guest-integration.sh, guest-systemd.sh): `part NAME` and `pass` print "=== NAME: start" and
+# "=== NAME: PASS (N s)"; `fail MSG` fails the part.  With `set -eE` and `trap 'on_err $LINENO' ERR`,
+# the first failure prints "=== NAME: FAIL (exit N at line L: COMMAND)", runs the script's
+# on_fail_dump (its daemon's log, say), shows swapon and the kernel log's tail, and exits.
+PART=""
+T0=$SECONDS
+fail() { echo "FAIL: $*" >&2; false; }
+part() { PART=$1; echo; echo "=== $PART: start (uptime $(cut -d' ' -f1 /proc/uptime) s)"; T0=$SECONDS; }
+pass() { echo "=== $PART: PASS ($(( SECONDS - T0 )) s)"; PART=""; }
+on_err() {
+  local rc=$? line=$1
+  [ "$BASH_SUBSHELL" -eq 0 ] || exit "$rc"      # a subshell's failure is reported by the main shell
+  trap - ERR
+  set +e
+  echo "=== ${PART:-setup}: FAIL (exit $rc at line $line: $BASH_COMMAND)"
+  ! declare -F on_fail_dump >/dev/null || on_fail_dump
+  swapon --show
+  echo "--- dmesg tail:"; dmesg | tail -n 40
+  exit "$rc"
+}
+
+# kernel_clean: fail_on_kernel_errors plus the swap layer's read/write errors and hung tasks
+kernel_clean() {
+  local hits
+  hits=$(dmesg | grep -E 'Read-error|Write-error|blocked for more than' || true)
+  [ -z "$hits" ] || fail "kernel log: $hits"
+  fail_on_kernel_errors
+}
+
+# check_disconnected: return 1 (naming it) if a /dev/nbdN is still connected after 10 s
+check_disconnected() {
+  local d _
+  for _ in $(seq 20); do ls /sys/block/nbd*/pid >/dev/null 2>&1 || return 0; sleep 0.5; done
+  for d in /sys/block/nbd*; do [ ! -e "$d/pid" ] || fail "$(basename "$d") is still connected"; done
+}
+
 # start_watchdog PID [INTERVAL_S [MAX_DUMPS [DUMP_AT]]]: run watchdog.py on PID in the background (prints to the console)
 start_watchdog() {
   sysctl -qw kernel.sysrq=1

@@ -44,28 +44,17 @@ NV=/usr/local/bin/nbd_vram.py
 # The restart's hog: RAM full while the killed daemon's successor starts (400 in the integration
 # boot's parts; 300 here puts ~150 MiB out, well past the 64 MiB the kill waits for, in less time).
 HOG=${GUEST_PART_HOG_MB:-300}
-PART=""
 DEV=""
 dmesg -n 1
 sysctl -qw kernel.watchdog_thresh=60      # TCG: see guest-integration.sh
 sysctl -qw kernel.sysrq=1                 # a hang's blocked tasks: run.sh's monitor.sock (sendkey alt-sysrq-w)
 
-on_err() {
-  local rc=$? line=$1
-  [ "$BASH_SUBSHELL" -eq 0 ] || exit "$rc"
-  trap - ERR
-  set +e
-  echo "=== ${PART:-setup}: FAIL (exit $rc at line $line: $BASH_COMMAND)"
+# On any failure (guest-lib.sh's on_err): which part, the unit's status and journal, the kernel log's tail.
+on_fail_dump() {
   systemctl --no-pager status "$UNIT" 2>&1 | tail -n 25
   echo "--- journalctl -u $UNIT (last 40):"; journalctl --no-pager -u "$UNIT" -n 40
-  swapon --show
-  echo "--- dmesg tail:"; dmesg | tail -n 40
-  exit "$rc"
 }
 trap 'on_err $LINENO' ERR
-fail() { echo "FAIL: $*" >&2; false; }
-part() { PART=$1; echo; echo "=== $PART: start (uptime $(cut -d' ' -f1 /proc/uptime) s)"; T0=$SECONDS; }
-pass() { echo "=== $PART: PASS ($(( SECONDS - T0 )) s)"; PART=""; }
 
 prop() { systemctl show -p "$1" --value "${2:-$UNIT}"; }
 # state_key KEY: a top-level string or number of state.json (written with indent=1: top-level keys
@@ -95,17 +84,6 @@ for line in sys.stdin:
 first_at() { awk -v re="$2" '$0 ~ re {print $2; exit}' "$1"; }
 # priority_of FILE REGEX: the priority of the first matching line
 priority_of() { awk -v re="$2" '$0 ~ re {print $1; exit}' "$1"; }
-check_disconnected() {
-  local _ d
-  for _ in $(seq 20); do ls /sys/block/nbd*/pid >/dev/null 2>&1 || return 0; sleep 0.5; done
-  for d in /sys/block/nbd*; do [ ! -e "$d/pid" ] || fail "$(basename "$d") is still connected"; done
-}
-kernel_clean() {
-  local hits
-  hits=$(dmesg | grep -E 'Read-error|Write-error|blocked for more than' || true)
-  [ -z "$hits" ] || fail "kernel log: $hits"
-  fail_on_kernel_errors
-}
 # wait_swapped MIB: until DEV holds at least MIB MiB of swapped pages
 wait_swapped() {
   local used=0
