@@ -101,18 +101,6 @@ is_swap() {
 # has_swap: any swap device is on (a cheap test to run before a python3 one)
 has_swap() { [ "$(wc -l < /proc/swaps)" -gt 1 ]; }
 
-# state_key KEY: the top-level KEY of the running daemon's state.json (empty if none), printed as
-# Python prints it (True, False, None).  awk, not python3: a Python start costs 3-5 s under TCG,
-# and the parts poll this.  The daemon writes the file with json.dump(indent=1) and renames it into
-# place: a top-level key starts its own line after one space.
-state_key() {
-  awk -v k="\"$1\":" 'substr($0, 1, length(k) + 1) == " " k {
-      v = substr($0, length(k) + 2); sub(/^ +/, "", v); sub(/,$/, "", v)
-      if (v ~ /^".*"$/) v = substr(v, 2, length(v) - 2)
-      else if (v == "true") v = "True"; else if (v == "false") v = "False"; else if (v == "null") v = "None"
-      print v; exit }' "$NBD_VRAM_RUNTIME_DIR/state.json" 2>/dev/null || true
-}
-
 swap_prio() { awk -v d="$1" '$1 == d {print $5}' /proc/swaps; }
 
 # stop_daemon: SIGTERM; it must exit 0 within 300 s, leaving no nbd swap, no connected nbd and no state.

@@ -57,6 +57,18 @@ on_err() {
   exit "$rc"
 }
 
+# state_key KEY: the top-level KEY of the running daemon's state.json (in $NBD_VRAM_RUNTIME_DIR,
+# default /run/nbd-vram; empty if none), printed as Python prints it (True, False, None).  awk, not
+# python3: a Python start costs 3-5 s under TCG, and the parts poll this.  The daemon writes the file with json.dump(indent=1) and renames it into
+# place: a top-level key starts its own line after one space.
+state_key() {
+  awk -v k="\"$1\":" 'substr($0, 1, length(k) + 1) == " " k {
+      v = substr($0, length(k) + 2); sub(/^ +/, "", v); sub(/,$/, "", v)
+      if (v ~ /^".*"$/) v = substr(v, 2, length(v) - 2)
+      else if (v == "true") v = "True"; else if (v == "false") v = "False"; else if (v == "null") v = "None"
+      print v; exit }' "${NBD_VRAM_RUNTIME_DIR:-/run/nbd-vram}/state.json" 2>/dev/null || true
+}
+
 # kernel_clean: fail_on_kernel_errors plus the swap layer's read/write errors and hung tasks
 kernel_clean() {
   local hits

@@ -57,11 +57,6 @@ on_fail_dump() {
 trap 'on_err $LINENO' ERR
 
 prop() { systemctl show -p "$1" --value "${2:-$UNIT}"; }
-# state_key KEY: a top-level string or number of state.json (written with indent=1: top-level keys
-# are the lines indented by one space).  sed, not python3: a Python start costs 3-5 s in this guest.
-state_key() {
-  sed -n "s/^ \"$1\": \"\{0,1\}\([^\",]*\)\"\{0,1\},\{0,1\}\$/\1/p" "$RUNDIR/state.json" 2>/dev/null | head -n 1
-}
 swap_prio() { awk -v d="$1" '$1 == d {print $5}' /proc/swaps; }
 swap_used_on() { awk -v d="$1" '$1 == d {print int($4 / 1024)}' /proc/swaps; }
 # cursor: the journal's current end (for journal_since)
