@@ -41,6 +41,10 @@ UNIT=vram-swap-nbd.service
 SLEEP_UNIT=vram-swap-nbd-sleep.service
 RUNDIR=/run/nbd-vram
 NV=/usr/local/bin/nbd_vram.py
+# what install.sh installs besides the program, the units and the config (the command's other name,
+# the README, the manual pages, the bash completion): gone again after --uninstall
+DOCS="/usr/local/bin/nbd-vram /usr/local/share/doc/nbd-vram/README.md /usr/local/share/man/man8/nbd-vram.8
+  /usr/local/share/man/man5/nbd-vram.conf.5 /usr/local/share/bash-completion/completions/nbd_vram.py"
 # The restart's hog: RAM full while the killed daemon's successor starts (400 in the integration
 # boot's parts; 300 here puts ~150 MiB out, well past the 64 MiB the kill waits for, in less time).
 HOG=${GUEST_PART_HOG_MB:-300}
@@ -141,7 +145,7 @@ t_install() {
   printf '[Service]\nEnvironment=FAKECUDA_BACKING=%s\n' "$BAR" > /run/systemd/system/$UNIT.d/lab.conf
   [ ! -e /etc/nbd-vram.conf ] || fail "/etc/nbd-vram.conf exists before install"
   "$REPO/install.sh" --yes --size 1G --no-start </dev/null
-  for f in "$NV" /etc/systemd/system/$UNIT /etc/systemd/system/$SLEEP_UNIT /etc/nbd-vram.conf; do
+  for f in "$NV" /etc/systemd/system/$UNIT /etc/systemd/system/$SLEEP_UNIT /etc/nbd-vram.conf $DOCS; do
     [ -f "$f" ] || fail "install.sh did not install $f"
   done
   cmp "$REPO/$UNIT" /etc/systemd/system/$UNIT || fail "the installed unit differs from the checkout's"
@@ -406,8 +410,8 @@ t_uninstall() {
   part uninstall
   rm -rf /run/systemd/system/$UNIT.d
   "$REPO/install.sh" --uninstall </dev/null
-  for f in "$NV" /etc/systemd/system/$UNIT /etc/systemd/system/$SLEEP_UNIT /usr/local/share/doc/nbd-vram/README.md; do
-    [ ! -e "$f" ] || fail "install.sh --uninstall left $f"
+  for f in "$NV" /etc/systemd/system/$UNIT /etc/systemd/system/$SLEEP_UNIT $DOCS; do
+    [ ! -e "$f" ] && [ ! -L "$f" ] || fail "install.sh --uninstall left $f"
   done
   grep -q '^size = 1G' /etc/nbd-vram.conf || fail "install.sh --uninstall removed or changed /etc/nbd-vram.conf (it must keep it)"
   [ "$(prop LoadState)" = not-found ] && [ "$(prop LoadState $SLEEP_UNIT)" = not-found ] \
