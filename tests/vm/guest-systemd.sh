@@ -200,7 +200,10 @@ t_start() {
   ready_at=$(first_at $j "nbd-vram: ready: serving")
   [ -n "$swapon_at" ] && [ -n "$ready_at" ] || fail "no 'swap on'/'ready:' line of the daemon in the journal"
   echo "start: swap on at $swapon_at us, READY line at $ready_at us, active at $active_at us (monotonic)"
-  [ "$swapon_at" -lt "$active_at" ] && [ "$ready_at" -lt "$active_at" ] || fail "the unit was active before the swap was on"
+  # The swap is on before systemd has the unit active.  (Not the "ready:" line: the daemon's log is
+  # written by a thread of its own, so that line reaches journald about when READY=1 reaches PID 1,
+  # before or after: 1.6 ms after once, 2026-11-30.)
+  [ "$swapon_at" -lt "$active_at" ] || fail "the unit was active before the swap was on"
   [ "$(priority_of $j "nbd-vram: ready: serving")" = 6 ] || fail "the ready line is not at priority 6 (info)"
   [ "$(priority_of $j "nbd-vram: swap on $DEV")" = 6 ] || fail "the swap-on line is not at priority 6 (info)"
   systemctl --no-pager status $UNIT | tee /tmp/status-start || true
