@@ -178,7 +178,7 @@ def test_integration(integration_boot, capsys, record_property):
 # The second boot: systemd (the host's, 252) as PID 1, the real units installed by install.sh, and
 # systemd itself starting, restarting (fd store), reloading, stopping and suspending the daemon
 # (tests/vm/guest-systemd.sh).  Measured in tests/vm/README.md; the limit is about 3x that.
-SYSTEMD_PARTS = ("install", "start", "restart", "sleep", "kill_all", "stop", "uninstall")
+SYSTEMD_PARTS = ("install", "start", "restart", "sleep", "kill_all", "stop", "uninstall", "deb")
 SYSTEMD_TIMEOUT_S = 2400
 
 
@@ -191,10 +191,15 @@ def test_systemd(guest, capsys, record_property):
     if parts is not None and "systemd" not in parts.split():
         pytest.skip(f"GUEST_PARTS={parts!r} leaves out systemd")
     out = fresh_outdir("systemd")
+    # The part deb installs the package, then upgrades it to a rebuilt version (the guest's /mnt/deb).
+    version = re.search(r'^__version__ = "([^"]+)"', (ROOT / "nbd_vram.py").read_text(), re.M).group(1)
+    for sub, extra in (("v1", []), ("v2", ["--version", f"{version}+rebuilt1"])):
+        subprocess.run(["bash", str(ROOT / "packaging" / "build.sh"), "deb", "--out", str(out / "deb" / sub), *extra],
+                       check=True, capture_output=True, timeout=120)
     rc, text, wall = boot(out, VM / "guest-systemd.sh", SYSTEMD_TIMEOUT_S, vm_init="systemd", PARTS=" ".join(SYSTEMD_PARTS))
     b = Boot(out, rc, text, wall, " ".join(SYSTEMD_PARTS), script="guest-systemd.sh")
     record_property("console_log", str(b.console))
-    b.say(capsys, r"^=== |^guest: systemd|swap used under pressure|MiB verified|^(start|restart|stop|kill_all|sleep): ")
+    b.say(capsys, r"^=== |^guest: systemd|swap used under pressure|MiB verified|^(start|restart|stop|kill_all|sleep|deb): ")
     missing = [p for p in SYSTEMD_PARTS if not re.search(rf"^=== {p}: PASS", text, re.M)]
     assert rc == 0 and not missing, b.failure(f"parts without PASS: {missing}")
     assert re.search(r"^=== systemd: PASS", text, re.M), b.failure("no '=== systemd: PASS'")

@@ -27,6 +27,10 @@
 #             scrubbed; the fd store empty, the cgroup empty; then the verifier's checksums (its
 #             data went through the restart, the sleep, the kill of every process and the swapoff)
 #   uninstall install.sh --uninstall: units disabled and gone from systemd, files removed, config kept
+#   deb       the .deb of packaging/build.sh (built on the host into /mnt/deb): dpkg -i enables and
+#             starts the packaged unit (swap at 1500); dpkg -i of a rebuilt version: the running daemon
+#             takes the new program over in place (same MainPID, the device never off /proc/swaps, no
+#             swapoff in the journal); dpkg --purge: stopped (swapoff), files and configuration gone
 # Needs: VRAM_MB=1024, a 512 MiB guest, GUEST_FAKECUDA (default /mnt/libcuda.so.1); GUEST_PARTS
 # (default: all, in that order; each part needs the ones before it).
 set -eEuo pipefail
@@ -424,6 +428,61 @@ t_uninstall() {
   pass
 }
 
-PARTS=${GUEST_PARTS:-install start restart sleep kill_all stop uninstall}
+# -- the .deb (packaging/build.sh): installed, upgraded to a rebuilt version with the service
+# running (the same daemon takes the new program over: swap never off), purged (swapoff first)
+# swap_watch DEV FILE: until FILE is removed, append "gone" to FILE.out each time DEV is not swap
+swap_watch() {
+  while [ -e "$2" ]; do grep -q "^$1 " /proc/swaps || echo gone >> "$2.out"; sleep 0.2; done
+}
+t_deb() {
+  part deb
+  local v1 v2 pid dev c j=/tmp/j-deb watch=/tmp/deb-watch ver
+  v1=$(ls /mnt/deb/v1/nbd-vram_*_all.deb); v2=$(ls /mnt/deb/v2/nbd-vram_*_all.deb)
+  ver=$(dpkg-deb -f "$v2" Version)
+  [ ! -e "$NV" ] || fail "$NV is still there (the part uninstall comes first)"
+  # The admin's configuration, kept (as uninstall left it); the lab's drop-in back for the packaged unit.
+  grep -q '^size = 1G' /etc/nbd-vram.conf || fail "no /etc/nbd-vram.conf from the install part"
+  mkdir -p /run/systemd/system/$UNIT.d
+  printf '[Service]\nEnvironment=FAKECUDA_BACKING=%s\n' "$BAR" > /run/systemd/system/$UNIT.d/lab.conf
+  rm -f /var/lib/man-db/auto-update       # (man-db's trigger rebuilds its index: minutes under TCG)
+  dpkg --force-confold -i "$v1" </dev/null
+  case $(prop FragmentPath) in
+    "/lib/systemd/system/$UNIT"|"/usr/lib/systemd/system/$UNIT") ;;
+    *) fail "systemd runs $(prop FragmentPath), not the package's unit" ;;
+  esac
+  { [ "$(systemctl is-enabled $UNIT)" = enabled ] && [ "$(systemctl is-enabled $SLEEP_UNIT)" = enabled ]; } \
+    || fail "the package did not enable its units"
+  [ "$(prop ActiveState)/$(prop SubState)" = active/running ] || fail "the package's postinst did not start $UNIT"
+  dev=$(state_key device)
+  [ "$(swap_prio "$dev")" = 1500 ] || fail "no nbd swap at 1500 after dpkg -i: $(cat /proc/swaps)"
+  pid=$(prop MainPID)
+  echo "deb: $(dpkg-query -W -f '${Package} ${Version}' nbd-vram) installed, pid $pid serves $dev"
+
+  c=$(cursor)
+  touch "$watch"; rm -f "$watch.out"
+  swap_watch "$dev" "$watch" &
+  dpkg --force-confold -i "$v2" </dev/null | tee /tmp/dpkg-upgrade.out
+  rm -f "$watch"; wait
+  [ "$(dpkg-query -W -f '${Version}' nbd-vram)" = "$ver" ] || fail "dpkg did not upgrade to $ver"
+  grep -q "took version .* over in place: swap stayed on" /tmp/dpkg-upgrade.out || fail "the postinst did not upgrade in place"
+  [ "$(prop MainPID)" = "$pid" ] || fail "the upgrade changed the daemon ($pid -> $(prop MainPID))"
+  [ ! -s "$watch.out" ] || fail "$dev was not swap for a moment during the upgrade ($(wc -l < "$watch.out") samples)"
+  journal_since "$c" -u $UNIT > $j
+  ! grep -q "swap off on" $j || fail "the upgrade swapped off: $(grep 'swap off on' $j)"
+  echo "deb: upgraded to $ver: pid $pid still serves $dev, swap on throughout"
+
+  dpkg --purge nbd-vram </dev/null
+  [ "$(prop LoadState)" = not-found ] || fail "systemd still has $UNIT after the purge"
+  ! grep -q '^/dev/nbd' /proc/swaps || fail "nbd swap still on after the purge"
+  check_disconnected
+  for f in /usr/bin/nbd_vram.py /lib/systemd/system/$UNIT /etc/nbd-vram.conf; do
+    [ ! -e "$f" ] || fail "dpkg --purge left $f"
+  done
+  rm -rf /run/systemd/system/$UNIT.d
+  kernel_clean
+  pass
+}
+
+PARTS=${GUEST_PARTS:-install start restart sleep kill_all stop uninstall deb}
 for p in $PARTS; do "t_$p"; done
 echo "=== systemd: PASS ($PARTS)"
