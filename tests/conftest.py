@@ -2,6 +2,7 @@
 `serve`, a mount namespace to install into."""
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -108,12 +109,28 @@ class Namespace:
         p.out = p.stdout + p.stderr
         return p
 
-    def close(self):
-        """Every process of the namespace (supervisor, daemon, workers) killed, then the holder."""
+    def pids(self, pattern=None):
+        """The processes of the namespace (the holder left out) whose command line matches the regular
+        expression PATTERN (every one without it): the pid namespace is the host's, so pgrep would
+        also see the processes of other tests running beside this one."""
+        found = []
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
-                if int(pid) != self.holder.pid and os.readlink(f"/proc/{pid}/ns/mnt") == self.ns:
-                    os.kill(int(pid), signal.SIGKILL)
+                if int(pid) == self.holder.pid or os.readlink(f"/proc/{pid}/ns/mnt") != self.ns:
+                    continue
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if pattern is None or re.search(pattern, cmdline):
+                found.append(int(pid))
+        return found
+
+    def close(self):
+        """Every process of the namespace (supervisor, daemon, workers) killed, then the holder."""
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
         self.holder.kill()

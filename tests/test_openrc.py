@@ -130,7 +130,7 @@ def test_a_start_that_fails_says_why_in_one_line_and_is_not_restarted(ns, tmp_pa
     assert "GPU" in p.out and "see " + str(svc.log) in p.out, p.out     # the daemon's own reason, quoted
     assert time.monotonic() - t0 < 60
     time.sleep(3)                      # a supervisor left behind would have restarted it by now
-    assert not ns.run("pgrep", "-f", "supervise-daemon nbd-vram|power_harness.py run").stdout.strip()
+    assert not ns.pids("supervise-daemon nbd-vram|power_harness.py run")
 
     # a configuration the daemon refuses: check-config's line, nothing started
     svc.config.write_text(svc.config.read_text().replace("gpus = 5\n", "").replace("size = 64M", "size = lots"))
