@@ -36,7 +36,7 @@ RUNS = LAB / "runs"
 # The parts `power` and `encrypt` are one part, encrypt_power, under one pressure (~240 s less).
 # install and restart (the unit's ExecStart by hand, tests/fdstore.py for systemd's fd store) are
 # left out: the systemd boot below does both under systemd itself.
-INTEGRATION_PARTS = ("smoke", "fill", "ioctl", "worker_death", "encrypt_power", "elastic")
+INTEGRATION_PARTS = ("smoke", "fill", "worker_death", "encrypt_power", "elastic")
 # Measured (tests/vm/README.md): the whole boot about 30 min on a quiet 2-core host.  TCG speed follows
 # host load, so the limit leaves about 3x headroom (waiting for another session's VM is not counted).
 BOOT_TIMEOUT_S = 6000

@@ -67,7 +67,12 @@ mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 for m in virtio_pci 9pnet_virtio 9p nbd zram dm_mod dm_crypt loop; do modprobe $m 2>/dev/null || echo "guest: modprobe $m failed"; done
 ip link set lo up
 H=/host
-mount -t 9p -o trans=virtio,version=9p2000.L,ro hostroot $H || { echo "guest: cannot mount host root"; poweroff -f; }
+# The host root is read-only and nothing the guest reads from it changes during a boot: cache=loose
+# keeps its files and lookups in the guest's page and dentry caches (without it every stat and read is
+# a round trip to QEMU: python3 -c pass took 3.6-5 s under TCG, with it 0.9 s); msize: 256 KiB a
+# message instead of 8 KiB (both mounts).  The out dir (/mnt), which both sides write, stays uncached.
+P9="trans=virtio,version=9p2000.L,msize=262144"
+mount -t 9p -o $P9,ro,cache=loose hostroot $H || { echo "guest: cannot mount host root"; poweroff -f; }
 if grep -q 'lab\.init=systemd' /proc/cmdline; then
   # systemd as PID 1 (run.sh with VM_INIT=systemd): the host root read-only under a tmpfs overlay
   # (/etc, /var, /usr/local writable; nothing reaches the host), the guest kernel's modules in its
@@ -77,14 +82,14 @@ if grep -q 'lab\.init=systemd' /proc/cmdline; then
   mount -t tmpfs -o mode=755 ovl /ovl && mkdir -p /ovl/upper /ovl/work
   modprobe overlay && mount -t overlay -o lowerdir=$H,upperdir=/ovl/upper,workdir=/ovl/work overlay $N \
     || { echo "guest: cannot mount the overlay root"; poweroff -f; }
-  mount -t 9p -o trans=virtio,version=9p2000.L out $N/mnt || { echo "guest: cannot mount out dir"; poweroff -f; }
+  mount -t 9p -o $P9 out $N/mnt || { echo "guest: cannot mount out dir"; poweroff -f; }
   mount -t tmpfs -o mode=755 tmpfs $N/run
   mkdir -p $N/lib/modules $N/run/kmod/lib && cp -a /lib/modules/* $N/lib/modules/ && ln -s /lib/modules $N/run/kmod/lib/modules
   sh $N/mnt/repo/tests/vm/systemd/setup.sh $N || { echo "guest: tests/vm/systemd/setup.sh failed"; poweroff -f; }
   umount /proc /sys; mount -o move /dev $N/dev
   exec switch_root $N /lib/systemd/systemd
 fi
-mount -t 9p -o trans=virtio,version=9p2000.L out $H/mnt || echo "guest: cannot mount out dir"
+mount -t 9p -o $P9 out $H/mnt || echo "guest: cannot mount out dir"
 mount -t proc proc $H/proc; mount -t sysfs sys $H/sys; mount -t devtmpfs dev $H/dev
 for d in tmp run var/tmp var/lib; do mount -t tmpfs tmpfs $H/$d; done
 mkdir -p $H/dev/pts $H/dev/shm; mount -t devpts devpts $H/dev/pts; mount -t tmpfs tmpfs $H/dev/shm

@@ -3,7 +3,7 @@
 # PID 1): install.sh installs the real units, and systemd itself starts, restarts, reloads, stops
 # and sleeps the daemon, one boot.  Each part prints "=== NAME: PASS (N s)"; the first failure ends
 # the script with the unit's status and journal and the kernel log's tail.
-#   install   install.sh --yes --size 1G --no-start into the live system (the fake libcuda in
+#   install   install.sh --yes --size 512M --no-start into the live system (the fake libcuda in
 #             /usr/local/lib, an nvidia-smi stub; a runtime drop-in gives the daemon the BAR)
 #   start     systemctl start: active only once the daemon sent READY=1 (its "swap on" and
 #             "ready:" lines come before systemd's ActiveEnterTimestamp), swap at 1500, STATUS=,
@@ -148,7 +148,7 @@ t_install() {
   mkdir -p /run/systemd/system/$UNIT.d
   printf '[Service]\nEnvironment=FAKECUDA_BACKING=%s\n' "$BAR" > /run/systemd/system/$UNIT.d/lab.conf
   [ ! -e /etc/nbd-vram.conf ] || fail "/etc/nbd-vram.conf exists before install"
-  "$REPO/install.sh" --yes --size 1G --no-start </dev/null
+  "$REPO/install.sh" --yes --size 512M --no-start </dev/null
   for f in "$NV" /etc/systemd/system/$UNIT /etc/systemd/system/$SLEEP_UNIT /etc/nbd-vram.conf $DOCS; do
     [ -f "$f" ] || fail "install.sh did not install $f"
   done
@@ -162,7 +162,7 @@ t_install() {
   # daemon that never comes back fails the test in minutes.
   printf 'connections = 2\ndead_conn_timeout = 300\n' >> /etc/nbd-vram.conf
   grep -E '^[a-z_]+ *=' /etc/nbd-vram.conf
-  grep -q '^size = 1G' /etc/nbd-vram.conf || fail "/etc/nbd-vram.conf has no 'size = 1G'"
+  grep -q '^size = 512M' /etc/nbd-vram.conf || fail "/etc/nbd-vram.conf has no 'size = 512M'"
   [ -x "$NV" ] || fail "$NV is not executable"
   pass
 }
@@ -195,7 +195,7 @@ t_start() {
   DEV=$(state_key device)
   [ -n "$DEV" ] && [ "$(swap_prio "$DEV")" = 1500 ] || fail "no nbd swap at priority 1500: $(cat /proc/swaps)"
   [ "$(state_key pid)" = "$(prop MainPID)" ] || fail "state.json's pid $(state_key pid) is not MainPID $(prop MainPID)"
-  prop StatusText | grep -q "^serving 1 GiB of GPU 0 on $DEV" || fail "STATUS= is '$(prop StatusText)'"
+  prop StatusText | grep -q "^serving 512 MiB of GPU 0 on $DEV" || fail "STATUS= is '$(prop StatusText)'"
   [ "$(prop NFileDescriptorStore)" = 1 ] || fail "systemd holds $(prop NFileDescriptorStore) stored fds, not the 1 VRAM fd"
   journal_since "$c" -u $UNIT > $j
   cat $j
@@ -241,7 +241,7 @@ t_restart() {
   cat $j
   grep -q "Main process exited, code=killed, status=9/KILL" $j || fail "systemd did not see the main process killed"
   grep -q "restart counter is at $n" $j || fail "systemd did not schedule the restart"
-  grep -q "took back slice 0 (1 GiB of VRAM) from systemd's fd store" $j || fail "the new daemon did not take the VRAM back from the fd store"
+  grep -q "took back slice 0 (512 MiB of VRAM) from systemd's fd store" $j || fail "the new daemon did not take the VRAM back from the fd store"
   if grep -Eq "nbd-vram: (swap off on|swap on) " $j; then fail "swapoff or mkswap/swapon during the restart"; fi
   [ "$(prop NFileDescriptorStore)" = 1 ] || fail "the fd store holds $(prop NFileDescriptorStore) fds after the restart"
   wait_hold $log $ppid
@@ -360,7 +360,7 @@ t_kill_all() {
   echo "kill_all: pid $(prop MainPID) took $DEV over $(( SECONDS - t )) s after the kill (every process of the unit had died)"
   journal_since "$c" -u $UNIT > $j
   cat $j
-  grep -q "took back slice 0 (1 GiB of VRAM) from systemd's fd store" $j || fail "the new daemon did not take the VRAM back from the fd store"
+  grep -q "took back slice 0 (512 MiB of VRAM) from systemd's fd store" $j || fail "the new daemon did not take the VRAM back from the fd store"
   if grep -Eq "nbd-vram: (swap off on|swap on) " $j; then fail "swapoff or mkswap/swapon during the restart"; fi
   [ "$(prop NFileDescriptorStore)" = 1 ] || fail "the fd store holds $(prop NFileDescriptorStore) fds after the restart"
   kill -0 "$VERIFIER" || fail "the verifier died when every process of the unit was killed"
@@ -420,7 +420,7 @@ t_uninstall() {
   for f in "$NV" /etc/systemd/system/$UNIT /etc/systemd/system/$SLEEP_UNIT $DOCS; do
     [ ! -e "$f" ] && [ ! -L "$f" ] || fail "install.sh --uninstall left $f"
   done
-  grep -q '^size = 1G' /etc/nbd-vram.conf || fail "install.sh --uninstall removed or changed /etc/nbd-vram.conf (it must keep it)"
+  grep -q '^size = 512M' /etc/nbd-vram.conf || fail "install.sh --uninstall removed or changed /etc/nbd-vram.conf (it must keep it)"
   [ "$(prop LoadState)" = not-found ] && [ "$(prop LoadState $SLEEP_UNIT)" = not-found ] \
     || fail "systemd still has the units: $(prop LoadState), $(prop LoadState $SLEEP_UNIT)"
   [ ! -e /etc/systemd/system/multi-user.target.wants/$UNIT ] && [ ! -e /etc/systemd/system/sleep.target.requires/$SLEEP_UNIT ] \
@@ -441,7 +441,7 @@ t_deb() {
   ver=$(dpkg-deb -f "$v2" Version)
   [ ! -e "$NV" ] || fail "$NV is still there (the part uninstall comes first)"
   # The admin's configuration, kept (as uninstall left it); the lab's drop-in back for the packaged unit.
-  grep -q '^size = 1G' /etc/nbd-vram.conf || fail "no /etc/nbd-vram.conf from the install part"
+  grep -q '^size = 512M' /etc/nbd-vram.conf || fail "no /etc/nbd-vram.conf from the install part"
   mkdir -p /run/systemd/system/$UNIT.d
   printf '[Service]\nEnvironment=FAKECUDA_BACKING=%s\n' "$BAR" > /run/systemd/system/$UNIT.d/lab.conf
   rm -f /var/lib/man-db/auto-update       # (man-db's trigger rebuilds its index: minutes under TCG)
