@@ -70,7 +70,7 @@ GiB = 1 << 30
 # The environment.  Settings come from the config file, the VRAM_* variables (ENV_KEYS, under
 # Configuration) and flags.  These NBD_VRAM_* variables are hooks for tests, benchmarks and
 # development, each read where it is used:
-#   NBD_VRAM_CONFIG          the config file instead of DEFAULT_CONFIG (load_config)
+#   NBD_VRAM_CONFIG          the config file instead of DEFAULT_CONFIG; it must exist (load_config_as_written)
 #   NBD_VRAM_LIBCUDA         the CUDA driver library, as `libcuda =` in the config (Cuda)
 #   NBD_VRAM_LIBNVML         the NVML library (Nvml.open)
 #   NBD_VRAM_CUINIT_TRIES    cuInit attempts, 2 s apart, while a GPU wakes up (Cuda.init; 10; the tests make it 1)
@@ -3503,21 +3503,25 @@ def read_config_file(path):
     return values
 
 
-def load_config(path=None, flags=None, environ=None, require_file=False):
-    """Defaults, then the file, then the environment, then command-line flags.
+def load_config_as_written(path=None, flags=None, environ=None):
+    """Defaults, then the file, then the environment, then command-line flags.  The file is PATH, else
+    $NBD_VRAM_CONFIG, else DEFAULT_CONFIG; only the default one may be absent (all defaults then).
 
-    Returns (settings dict, {key: where it came from})."""
+    Returns (settings dict, {key: where it came from}, {key: its text as written}): check-config shows
+    the text, which reads back as the same setting where a formatted value would not always (1025M)."""
     environ = os.environ if environ is None else environ
     flags = flags or {}
+    named = "--config" if path else "$NBD_VRAM_CONFIG" if environ.get("NBD_VRAM_CONFIG") else None
     path = path or environ.get("NBD_VRAM_CONFIG") or DEFAULT_CONFIG
-    settings, origin = {}, {}
+    settings, origin, written = {}, {}, {}
     for o in OPTIONS:
-        settings[o.key], origin[o.key] = o.parse(o.default), "default"
+        settings[o.key], origin[o.key], written[o.key] = o.parse(o.default), "default", o.default
     try:
         file_values = read_config_file(path)
     except FileNotFoundError:
-        if require_file:
-            raise ConfigError(f"{path}: no such file") from None
+        if named:
+            raise ConfigError(f"{path}: no such file (named by {named}): correct the name, or create the file "
+                              "(an empty one means every default)") from None
         file_values = {}
     except (OSError, UnicodeDecodeError) as e:      # a directory, no permission, ENOTDIR, ELOOP, ENAMETOOLONG, EIO
         raise ConfigError(f"{path}: cannot read it: {e}") from None
@@ -3527,14 +3531,14 @@ def load_config(path=None, flags=None, environ=None, require_file=False):
             settings[key] = o.parse(text)
         except ValueError as e:
             raise ConfigError(f"{path}:{lineno}: {key}: {e} (allowed: {o.allowed})") from None
-        origin[key] = f"{path}:{lineno}"
+        origin[key], written[key] = f"{path}:{lineno}", text
     for o in OPTIONS:
         if o.env and environ.get(o.env) not in (None, ""):
             try:
                 settings[o.key] = o.env_parse(environ[o.env])
             except ValueError as e:
                 raise ConfigError(f"environment {o.env}: {e} (allowed: {o.allowed})") from None
-            origin[o.key] = f"${o.env}"
+            origin[o.key], written[o.key] = f"${o.env}", environ[o.env].strip()
     for key, text in flags.items():
         if text is None:
             continue
@@ -3543,10 +3547,16 @@ def load_config(path=None, flags=None, environ=None, require_file=False):
             settings[key] = o.parse(text)
         except ValueError as e:
             raise ConfigError(f"{o.flag}: {e} (allowed: {o.allowed})") from None
-        origin[key] = o.flag
+        origin[key], written[key] = o.flag, text.strip()
     if settings["min_size"] > settings["size"]:
         raise ConfigError(f"min_size ({format_size(settings['min_size'])}) is larger than size "
                           f"({format_size(settings['size'])}); lower min_size or raise size")
+    return settings, origin, written
+
+
+def load_config(path=None, flags=None, environ=None):
+    """load_config_as_written without the texts: (settings dict, {key: where it came from})."""
+    settings, origin, _ = load_config_as_written(path, flags, environ)
     return settings, origin
 
 
@@ -5912,9 +5922,10 @@ def cmd_run(args):
 
 
 def cmd_check_config(args):
-    settings, origin = load_config(args.config, config_flags(args))
+    settings, origin, written = load_config_as_written(args.config, config_flags(args))
+    # Each line a configuration line: the value as written (so it reads back the same), its origin a comment.
     for o in OPTIONS:
-        print(f"{o.key:<16} = {format_setting(o.key, settings[o.key]):<14} # {origin[o.key]}")
+        print(f"{o.key:<17} = {written[o.key]:<14} # {origin[o.key]}")
     if settings["encrypt"]:
         # A setting that run would refuse on this machine: fail here too (exit 11), touching nothing.
         sys.stdout.flush()
@@ -6217,16 +6228,19 @@ def build_parser():
     r = sub.add_parser("run", allow_abbrev=False, help="the swap daemon (what the systemd unit starts)",
                        description="Allocate VRAM, attach it to the kernel as /dev/nbdX and make it swap; on SIGTERM "
                                    "swapoff, disconnect and free it. Settings: " + DEFAULT_CONFIG +
-                                   " ($NBD_VRAM_CONFIG), then the environment, then these flags.",
+                                   " (or --config, or $NBD_VRAM_CONFIG), then the environment, then these flags.",
                        epilog="settings (config key = default):\n" + sample_config() + "\n\n" + EXIT_CODES_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     c = sub.add_parser("check-config", allow_abbrev=False, help="validate the configuration and print it",
                        description="Read the configuration as run would, print every setting and where it came "
-                                   "from, and touch nothing.")
+                                   "from (lines that can be pasted into the configuration file), and touch "
+                                   "nothing.")
     r.set_defaults(cmd=cmd_run)
     c.set_defaults(cmd=cmd_check_config)
     for q in (r, c):
-        q.add_argument("--config", default=None, help=f"configuration file (default {DEFAULT_CONFIG})")
+        q.add_argument("--config", default=None, metavar="FILE",
+                       help=f"configuration file (default {DEFAULT_CONFIG}, which may be absent; a file named "
+                            "here must exist)")
         for o in OPTIONS:
             boolean = o.parse is _parse_bool     # --debug alone means --debug=yes
             aliases = [f"--{a}" for a, k in OPTION_ALIASES.items() if k == o.key]

@@ -112,9 +112,10 @@ def man5(nv):
             ".SH SYNOPSIS", ".I " + roff(nv.DEFAULT_CONFIG),
             ".SH DESCRIPTION",
             roff("One setting a line, key = value; # starts a comment; a key may appear once. The daemon reads "
-                 "the file at start (nbd_vram.py run --config FILE, or $NBD_VRAM_CONFIG, names another), then "
-                 "the environment, then its flags (each key is also a flag: --key, with - for _). "
-                 "nbd_vram.py check-config prints every setting and where it came from. SIGHUP (systemctl "
+                 "the file at start (if there is none, every default applies; nbd_vram.py run --config FILE, or "
+                 "$NBD_VRAM_CONFIG, names another, which must exist), then the environment, then its flags (each "
+                 "key is also a flag: --key, with - for _). nbd_vram.py check-config prints every setting and "
+                 "where it came from, as lines that can be pasted into the file. SIGHUP (systemctl "
                  "reload, rc-service nbd-vram reload) applies these now: " + ", ".join(nv.POWER_KEYS) +
                  "; the rest at the next start."),
             ".SH SETTINGS"]

@@ -313,6 +313,14 @@ def test_socket_in_use_refused(tmp_path, fakecuda):
 
 # -- run and status ---------------------------------------------------------------------------------------
 
+def test_run_config_file_missing(tmp_path):
+    """--config naming no file: one line saying so, exit 4, before anything else (root, the driver)."""
+    p = cli("run", "--config", str(tmp_path / "absent.conf"), env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+    assert p.returncode == 4, (p.returncode, p.stderr)
+    assert_clean(p)
+    assert len(p.stderr.strip().splitlines()) == 1 and "absent.conf: no such file (named by --config)" in p.stderr
+
+
 def test_run_needs_root(tmp_path):
     setpriv = shutil.which("setpriv")
     if os.geteuid() == 0:

@@ -35,7 +35,7 @@ def cli(*args, env):
 # -- the option ------------------------------------------------------------------------------------------
 
 def test_encrypt_is_off_by_default_and_parsed_as_yes_or_no(tmp_path):
-    s, origin = nv.load_config(str(tmp_path / "absent.conf"), environ={})
+    s, origin = nv.load_config(os.devnull, environ={})
     assert s["encrypt"] is False and origin["encrypt"] == "default"
     conf = tmp_path / "c.conf"
     conf.write_text("encrypt = yes\n")
