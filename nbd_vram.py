@@ -87,7 +87,7 @@ HANDOVER_ENV = "NBD_VRAM_HANDOVER_FD"       # `upgrade`: the VRAM fds, kept open
 RELEASED_ENV = "NBD_VRAM_POWER_RELEASED"    # after a power release
 NO_VRAM_ENV = "NBD_VRAM_NO_VRAM"            # after taking swap back failed for want of VRAM: why
 
-# Exit codes, also listed in `nbd_vram.py --help`.
+# Exit codes: `nbd_vram.py --help` lists them all, each command's --help those it can return.
 EXIT_OK = 0
 EXIT_FAILURE = 1        # anything not listed below
 EXIT_USAGE = 2          # bad command line
@@ -97,23 +97,32 @@ EXIT_NO_DRIVER = 5      # libcuda.so.1 missing or too old
 EXIT_NO_GPU = 6         # no usable NVIDIA GPU, or --gpu names none
 EXIT_NO_VRAM = 7        # not even the minimum size could be allocated
 EXIT_NO_NBD = 8         # the kernel has no nbd driver, or no free device
-EXIT_NOT_ROOT = 9       # run, sleep, wake, shrink, grow, upgrade need root; status, to read the state
+EXIT_NOT_ROOT = 9       # run, sleep, wake, shrink, grow, upgrade, detach need root; status, to read the state
 EXIT_DEGRADED = 10      # status: running, but I/O errors were seen
 EXIT_NO_CRYPT = 11      # encrypt = yes, but cryptsetup or the kernel's dm-crypt is missing
 
-EXIT_CODES_HELP = """exit status:
-  0   success
-  1   failure not listed below
-  2   bad command line
-  3   status, upgrade, shrink, grow: no daemon is running
-  4   bad configuration
-  5   the NVIDIA driver (libcuda.so.1) is missing or too old
-  6   no usable NVIDIA GPU, or --gpu names none
-  7   not even the minimum size of VRAM could be allocated
-  8   the kernel has no nbd driver, or no free /dev/nbdX
-  9   needs root: run, sleep, wake, shrink, grow, upgrade; status, where the state is root's
-  10  status: running, but GPU or I/O errors were seen
-  11  encrypt = yes, but cryptsetup or the kernel's dm-crypt is missing"""
+EXIT_MEANINGS = {
+    EXIT_OK: "success",
+    EXIT_FAILURE: "failure not listed below",
+    EXIT_USAGE: "bad command line",
+    EXIT_NOT_RUNNING: "status, upgrade, shrink, grow: no daemon is running",
+    EXIT_CONFIG: "bad configuration",
+    EXIT_NO_DRIVER: "the NVIDIA driver (libcuda.so.1) is missing or too old",
+    EXIT_NO_GPU: "no usable NVIDIA GPU, or --gpu names none",
+    EXIT_NO_VRAM: "not even the minimum size of VRAM could be allocated",
+    EXIT_NO_NBD: "the kernel has no nbd driver, or no free /dev/nbdX",
+    EXIT_NOT_ROOT: "needs root: run, sleep, wake, shrink, grow, upgrade, detach; status, where the state is root's",
+    EXIT_DEGRADED: "status: running, but GPU or I/O errors were seen",
+    EXIT_NO_CRYPT: "encrypt = yes, but cryptsetup or the kernel's dm-crypt is missing",
+}
+
+
+def exit_codes_help(*codes):
+    """The exit status part of a --help: what CODES (by default every one) mean."""
+    return "exit status:\n" + "\n".join(f"  {c:<3} {EXIT_MEANINGS[c]}" for c in codes or EXIT_MEANINGS)
+
+
+EXIT_CODES_HELP = exit_codes_help()
 
 ############################################################################
 # Errors and logging #######################################################
@@ -125,6 +134,11 @@ log = logging.getLogger("nbd-vram")
 class Fatal(Exception):
     """An error that stops the command; the message is one line for the user."""
     exit_code = EXIT_FAILURE
+
+
+class UsageError(Fatal):
+    """A bad command line that only shows once the values are put together (argparse reports the rest)."""
+    exit_code = EXIT_USAGE
 
 
 class ConfigError(Fatal):
@@ -2603,8 +2617,8 @@ def serve_connection(sock, export, label, io=None, make_io=None, handshake=True)
 def check_socket_path(path):
     """Refuse a socket path that cannot be bound, or that others could swap out from under us."""
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-        raise ConfigError(f"socket {path!r}: {len(os.fsencode(path))} bytes long; a Unix socket path has at most "
-                          f"{MAX_SOCKET_PATH}: choose a shorter --socket")
+        raise UsageError(f"socket {path!r}: {len(os.fsencode(path))} bytes long; a Unix socket path has at most "
+                         f"{MAX_SOCKET_PATH}: choose a shorter --socket")
     parent = os.path.dirname(os.path.abspath(path)) or "/"
     try:
         st = os.stat(parent)
@@ -5795,16 +5809,10 @@ def config_flags(args):
 
 def cmd_serve(args):
     setup_logging(args.debug, background=True)
-    try:
-        size = _size(args.size)
-        min_size = _size(args.min_size)
-        buffer_bytes = _buffer_size(args.buffer_size)
-        max_pinned = parse_size(args.max_pinned)
-    except ValueError as e:
-        raise ConfigError(f"serve: {e}") from None
+    size, min_size, buffer_bytes, max_pinned = args.size, args.min_size, args.buffer_size, args.max_pinned
     if max_pinned < 2 * buffer_bytes:
-        raise ConfigError(f"serve: --max-pinned {args.max_pinned} is less than one connection's buffers "
-                          f"(2 x --buffer-size = {format_size(2 * buffer_bytes)}): raise it or lower --buffer-size")
+        raise UsageError(f"serve: --max-pinned {format_size(max_pinned)} is less than one connection's buffers "
+                         f"(2 x --buffer-size = {format_size(2 * buffer_bytes)}): raise it or lower --buffer-size")
     if min_size > size:
         min_size = size
     check_socket_path(args.socket)      # before any VRAM is taken (UnixServer.open checks it again)
@@ -6058,25 +6066,24 @@ def cmd_worker(args):
 
 def cmd_detach(args):
     """Disconnect an nbd device this tool attached, after checking it is not live swap."""
-    m = re.fullmatch(r"(?:/dev/)?nbd(\d+)", args.device)
-    if not m:
-        raise ConfigError(f"detach: {args.device!r} is not an nbd device (e.g. /dev/nbd0)")
-    dev = f"/dev/nbd{m.group(1)}"
+    need_root("detach", "it disconnects the device through the kernel's nbd netlink interface")
+    index = args.device
+    dev = f"/dev/nbd{index}"
     if find_swap(dev):
         raise Fatal(f"{dev} is active swap; run `swapoff {dev}` first (disconnecting live swap kills "
                     "every process with pages on it)")
-    mapping = crypt_mappings().get(int(m.group(1)))
+    mapping = crypt_mappings().get(index)
     if mapping:
         name, dm = mapping
         mapper = f"/dev/mapper/{name}"
         first = f"`swapoff {mapper}`, then " if find_swap(mapper, f"/dev/{dm}") else ""
         raise Fatal(f"{dev} holds the encrypted swap mapping {mapper}; run {first}`cryptsetup close {name}` first")
-    if not nbd_connected(int(m.group(1))):
+    if not nbd_connected(index):
         print(f"{dev} is not connected")
         return EXIT_OK
     nl = NbdNetlink()
     try:
-        nl.disconnect(int(m.group(1)))
+        nl.disconnect(index)
     finally:
         nl.close()
     print(f"{dev} disconnected")
@@ -6138,12 +6145,7 @@ def cmd_power_event(args):
 
 def cmd_resize(args):
     """shrink / grow SIZE: ask the running daemon to give back or take more VRAM, and wait for its answer."""
-    try:
-        nbytes = parse_size(args.size)
-    except ValueError as e:
-        raise ConfigError(f"{args.command}: {e}") from None
-    if nbytes <= 0:
-        raise ConfigError(f"{args.command}: the size must be more than 0")
+    nbytes = args.size
     need_root(args.command, "it hands the daemon its request in the daemon's runtime directory and signals it")
     st = read_state()
     if daemon_pid(st) is None or st.get("mode") != "serving":
@@ -6194,47 +6196,103 @@ def cmd_upgrade(args):
                 "see journalctl -u vram-swap-nbd")
 
 
+def _arg_type(parse):
+    """An argparse type from a parser of ours: a bad value is then a usage error (exit 2) in one line,
+    "argument --size: '12X' is not a size ..."."""
+    def convert(text):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return convert
+
+
+def _setting_flag(o):
+    """The type of run's and check-config's --KEY flags: checked as the file's value would be, and kept
+    as text, for load_config to parse with the rest (and check-config to show as written)."""
+    def check(text):
+        try:
+            o.parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{e} (allowed: {o.allowed})") from None
+        return text
+    return check
+
+
+def _request_size(text):
+    """shrink and grow SIZE."""
+    v = parse_size(text)
+    if v <= 0:
+        raise ValueError(f"{text!r} is nothing (give e.g. 2G)")
+    return v
+
+
+def _nbd_index(text):
+    """detach's /dev/nbdN (or nbdN) -> N."""
+    m = re.fullmatch(r"(?:/dev/)?nbd(\d+)", text)
+    if not m:
+        raise ValueError(f"{text!r} is not an nbd device (e.g. /dev/nbd0)")
+    return int(m.group(1))
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see --help)\n")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Descriptions wrapped to the terminal; text of several lines (the exit codes, the sample
+    configuration) kept line for line."""
+
+    def _fill_text(self, text, width, indent):
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 def build_parser():
     p = _Parser(prog="nbd_vram.py", allow_abbrev=False,
                 description="Use spare NVIDIA GPU memory as a Linux swap device, served over NBD.",
-                epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+                epilog=EXIT_CODES_HELP, formatter_class=_HelpFormatter)
     p.add_argument("--version", action="version", version=f"nbd-vram {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    s = sub.add_parser("serve", allow_abbrev=False, help="serve VRAM to NBD clients on a Unix socket",
-                       description="Serve VRAM as an NBD export on a Unix socket (mode 0600) until SIGTERM or "
-                                   "Ctrl-C, then free it. For tests, benchmarks and NBD clients such as "
-                                   "nbdinfo, qemu-io, fio and nbd-client.",
-                       epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    def command(name, help, description, codes, epilog=""):
+        """A documented command: its one line in the list, its description, and the exit codes it can return."""
+        return sub.add_parser(name, allow_abbrev=False, help=help, description=description,
+                              epilog=epilog + exit_codes_help(EXIT_OK, EXIT_FAILURE, EXIT_USAGE, *codes),
+                              formatter_class=_HelpFormatter)
+
+    s = command("serve", "serve VRAM to NBD clients on a Unix socket",
+                "Serve VRAM as an NBD export on a Unix socket (mode 0600) until SIGTERM or Ctrl-C, then free it. "
+                "For tests, benchmarks and NBD clients such as nbdinfo, qemu-io, fio and nbd-client.",
+                (EXIT_NO_DRIVER, EXIT_NO_GPU, EXIT_NO_VRAM))
     s.add_argument("--socket", required=True, help="Unix socket path to listen on")
-    s.add_argument("--size", required=True, help="VRAM to use: 512M, 7G, or MiB as a number; a ceiling, "
-                   "backed off by 512M on out-of-memory")
-    s.add_argument("--min-size", default="1G", help="least VRAM worth serving (default 1G)")
+    s.add_argument("--size", required=True, type=_arg_type(_size), help="VRAM to use: 512M, 7G, or MiB as a "
+                   "number; a ceiling, backed off by 512M on out-of-memory")
+    s.add_argument("--min-size", default="1G", type=_arg_type(_size), help="least VRAM worth serving (default 1G)")
     s.add_argument("--gpu", default="0", help="GPU index, UUID or PCI bus id (default 0)")
     s.add_argument("--max-connections", type=int, default=256, help="clients at once (default 256)")
     s.add_argument("--workers", type=int, default=0, help="serving processes (default: one per CPU, at most 8)")
-    s.add_argument("--buffer-size", default="8M", help="pinned staging per connection, each way (default 8M)")
-    s.add_argument("--max-pinned", default="2G", help="pinned buffers of all clients together, 2 x --buffer-size "
-                   "each: a client past it is refused (default 2G)")
+    s.add_argument("--buffer-size", default="8M", type=_arg_type(_buffer_size),
+                   help="pinned staging per connection, each way (default 8M)")
+    s.add_argument("--max-pinned", default="2G", type=_arg_type(parse_size), help="pinned buffers of all clients "
+                   "together, 2 x --buffer-size each: a client past it is refused (default 2G)")
     s.add_argument("--libcuda", default=None, help="path of libcuda.so.1 (default: $NBD_VRAM_LIBCUDA or the system's)")
     s.add_argument("--debug", action="store_true", help="log every connection and invalid request")
     s.set_defaults(cmd=cmd_serve)
 
-    r = sub.add_parser("run", allow_abbrev=False, help="the swap daemon (what the systemd unit starts)",
-                       description="Allocate VRAM, attach it to the kernel as /dev/nbdX and make it swap; on SIGTERM "
-                                   "swapoff, disconnect and free it. Settings: " + DEFAULT_CONFIG +
-                                   " (or --config, or $NBD_VRAM_CONFIG), then the environment, then these flags.",
-                       epilog="settings (config key = default):\n" + sample_config() + "\n\n" + EXIT_CODES_HELP,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    c = sub.add_parser("check-config", allow_abbrev=False, help="validate the configuration and print it",
-                       description="Read the configuration as run would, print every setting and where it came "
-                                   "from (lines that can be pasted into the configuration file), and touch "
-                                   "nothing.")
+    r = command("run", "the swap daemon (what the systemd unit starts)",
+                "Allocate VRAM, attach it to the kernel as /dev/nbdX and make it swap; on SIGTERM swapoff, "
+                "disconnect and free it. Settings: " + DEFAULT_CONFIG + " (or --config, or $NBD_VRAM_CONFIG), "
+                "then the environment, then these flags.",
+                (EXIT_CONFIG, EXIT_NO_DRIVER, EXIT_NO_GPU, EXIT_NO_VRAM, EXIT_NO_NBD, EXIT_NOT_ROOT, EXIT_NO_CRYPT),
+                epilog="settings (config key = default):\n" + sample_config() + "\n\n")
+    c = command("check-config", "validate the configuration and print it",
+                "Read the configuration as run would, print every setting and where it came from (lines that "
+                "can be pasted into the configuration file), and touch nothing. With encrypt = yes, also check "
+                "that cryptsetup and dm-crypt are there.",
+                (EXIT_CONFIG, EXIT_NO_CRYPT))
     r.set_defaults(cmd=cmd_run)
     c.set_defaults(cmd=cmd_check_config)
     for q in (r, c):
@@ -6245,10 +6303,13 @@ def build_parser():
             boolean = o.parse is _parse_bool     # --debug alone means --debug=yes
             aliases = [f"--{a}" for a, k in OPTION_ALIASES.items() if k == o.key]
             q.add_argument(o.flag, *aliases, dest="opt_" + o.key, default=None, metavar="VALUE",
-                           nargs="?" if boolean else None, const="yes" if boolean else None,
+                           type=_setting_flag(o), nargs="?" if boolean else None, const="yes" if boolean else None,
                            help=f"{o.help} ({o.allowed}; default {o.default})")
 
-    st = sub.add_parser("status", allow_abbrev=False, help="show the running daemon's GPUs, slices, swap use and I/O counts")
+    st = command("status", "show the running daemon's GPUs, slices, swap use and I/O counts",
+                 "Show the running daemon's GPUs, slices, swap use and I/O counts. Also its power policy, and "
+                 "whether it is healthy (exit 10 if not).",
+                 (EXIT_NOT_RUNNING, EXIT_NOT_ROOT, EXIT_DEGRADED))
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(cmd=cmd_status)
 
@@ -6271,29 +6332,44 @@ def build_parser():
     w.add_argument("--debug", action="store_true")
     w.set_defaults(cmd=cmd_worker)
 
-    d = sub.add_parser("detach", allow_abbrev=False, help="disconnect an nbd device left behind (refuses live swap)")
-    d.add_argument("device", help="/dev/nbdN")
+    d = command("detach", "disconnect an nbd device left behind (refuses live swap)",
+                "Disconnect an nbd device left behind (refuses live swap). Such a device is one that a daemon "
+                "which could not hand its VRAM over left attached; one that is swap, or under an encrypted swap "
+                "mapping, is refused, saying what to run first.",
+                (EXIT_NO_NBD, EXIT_NOT_ROOT))
+    d.add_argument("device", type=_arg_type(_nbd_index), metavar="DEVICE", help="/dev/nbdN")
     d.set_defaults(cmd=cmd_detach)
-    sl = sub.add_parser("sleep", allow_abbrev=False,
-                        help="before system sleep: release VRAM swap; fails (refusing the sleep) if swapoff cannot")
+    sl = command("sleep", "before system sleep: release VRAM swap; fails (refusing the sleep) if swapoff cannot",
+                 "Before system sleep: release VRAM swap; fails (refusing the sleep) if swapoff cannot. "
+                 "The sleep unit (vram-swap-nbd-sleep.service) runs it: the daemon swaps off, frees the VRAM and idles until "
+                 "wake; if RAM cannot take the pages back, the sleep is refused rather than lose them when the "
+                 "GPU powers off.",
+                 (EXIT_NOT_ROOT,))
     sl.add_argument("--timeout", type=float, default=900.0, metavar="SECONDS",
                     help="give up (and refuse the sleep) after this long (default 900)")
     sl.set_defaults(cmd=cmd_sleep)
-    sub.add_parser("wake", allow_abbrev=False, help="after resume: let the daemon take VRAM swap back"
-                   ).set_defaults(cmd=cmd_wake)
-    sub.add_parser("power-event", allow_abbrev=False,
-                   help="tell the daemon the power supply changed (the udev rule runs this)").set_defaults(cmd=cmd_power_event)
+    command("wake", "after resume: let the daemon take VRAM swap back",
+            "After resume: let the daemon take VRAM swap back. The sleep unit runs it when it stops; a daemon "
+            "that someone stopped stays stopped.",
+            (EXIT_NOT_ROOT,)).set_defaults(cmd=cmd_wake)
+    command("power-event", "tell the daemon the power supply changed (the udev rule runs this)",
+            "Tell the daemon the power supply changed (the udev rule runs this). It reads the power supply now "
+            "instead of at its next poll; without a running daemon this does nothing.",
+            ()).set_defaults(cmd=cmd_power_event)
     for op, what in (("shrink", "give SIZE of VRAM back to GPU programs now (the emptiest slices: swapoff, "
                                 "then free)"),
                      ("grow", "take SIZE of VRAM back as swap (up to size a GPU, above the reserve)")):
-        rs = sub.add_parser(op, allow_abbrev=False, help=what, description=what[0].upper() + what[1:] + ". Rounded "
-                            "up to whole slices; stays in force until the next grow/shrink or restart.")
-        rs.add_argument("size", metavar="SIZE", help="e.g. 2G")
+        rs = command(op, what, what[0].upper() + what[1:] + ". Rounded up to whole slices; stays in force until "
+                     "the next grow/shrink or restart. Waits for the daemon's answer.",
+                     (EXIT_NOT_RUNNING, EXIT_NOT_ROOT))
+        rs.add_argument("size", metavar="SIZE", type=_arg_type(_request_size), help="e.g. 2G")
         rs.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
                         help="how long to wait for the daemon's answer (default 600)")
         rs.set_defaults(cmd=cmd_resize)
-    u = sub.add_parser("upgrade", allow_abbrev=False,
-                       help="have the running daemon re-execute nbd_vram.py from disk, keeping swap and VRAM")
+    u = command("upgrade", "have the running daemon re-execute nbd_vram.py from disk, keeping swap and VRAM",
+                "Have the running daemon re-execute nbd_vram.py from disk, keeping swap and VRAM. Waits for the "
+                "new version to report (install.sh runs this when only the program changed).",
+                (EXIT_NOT_RUNNING, EXIT_NOT_ROOT))
     u.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
                    help="how long to wait for the new version to report (default 120)")
     u.set_defaults(cmd=cmd_upgrade)

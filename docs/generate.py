@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """docs/generate.py - the manual pages and the bash completion, generated from nbd_vram.py itself: the
 settings from its option table (OPTIONS), the commands and their flags from its argument parser,
-the exit codes from EXIT_CODES_HELP.  So they cannot drift from the program.
+the exit codes from EXIT_CODES_HELP and each command's --help.  So they cannot drift from the program.
 
     docs/generate.py [--check] [--out DIR]
 
@@ -55,8 +55,9 @@ def options_of(p):
     return opts, pos
 
 
-def exit_codes(nv):
-    return [(m.group(1), m.group(2)) for m in re.finditer(r"^\s+(\d+)\s+(.+)$", nv.EXIT_CODES_HELP, re.M)]
+def exit_codes(text):
+    """[(code, meaning)] of an "exit status:" list (nbd_vram.py's EXIT_CODES_HELP, or a command's epilog)."""
+    return [(m.group(1), m.group(2)) for m in re.finditer(r"^\s+(\d+)\s+(.+)$", text, re.M)]
 
 
 def header(name, section, title, nv):
@@ -93,8 +94,10 @@ def man8(nv):
         for flags, metavar, h in opts:
             out += [".RS", ".TP", ".B " + ", ".join(roff(f) for f in flags) + (f" \\fI{roff(metavar)}\\fR" if metavar else ""),
                     roff(h), ".RE"]
+        codes = [code for code, _ in exit_codes(p.epilog.partition("exit status:")[2])]
+        out += [".IP", roff(f"Exit status: {', '.join(codes)} (see EXIT STATUS).")]
     out += [".SH EXIT STATUS", ".TP"]
-    for i, (code, what) in enumerate(exit_codes(nv)):
+    for i, (code, what) in enumerate(exit_codes(nv.EXIT_CODES_HELP)):
         out += ([".TP"] if i else []) + [f".B {code}", roff(what)]
     out += [".SH FILES",
             ".TP", ".I " + roff(nv.DEFAULT_CONFIG), "The configuration, see nbd\\-vram.conf(5).",
@@ -113,9 +116,9 @@ def man5(nv):
             ".SH DESCRIPTION",
             roff("One setting a line, key = value; # starts a comment; a key may appear once. The daemon reads "
                  "the file at start (if there is none, every default applies; nbd_vram.py run --config FILE, or "
-                 "$NBD_VRAM_CONFIG, names another, which must exist), then the environment, then its flags (each "
-                 "key is also a flag: --key, with - for _). nbd_vram.py check-config prints every setting and "
-                 "where it came from, as lines that can be pasted into the file. SIGHUP (systemctl "
+                 "$NBD_VRAM_CONFIG, names another, which must exist), then the environment, then its flags (each key is also "
+                 "a flag: --key, with - for _). nbd_vram.py check-config prints every setting and where it came "
+                 "from, as lines that can be pasted into the file. SIGHUP (systemctl "
                  "reload, rc-service nbd-vram reload) applies these now: " + ", ".join(nv.POWER_KEYS) +
                  "; the rest at the next start."),
             ".SH SETTINGS"]

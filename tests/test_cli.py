@@ -116,10 +116,64 @@ def test_no_command_prints_help():
     assert p.returncode == 2 and "usage:" in p.stdout
 
 
-@pytest.mark.parametrize("size,min_size", [("tiny", "64M"), ("32M", "16M"), ("9" * 400, "64M"), ("1G", "lots")])
-def test_serve_bad_sizes(tmp_path, fakecuda, size, min_size):
-    line = serve_fails(tmp_path, fakecuda, "--size", size, "--min-size", min_size, code=4)
-    assert "serve:" in line
+def usage_error_line(p, command, argument):
+    """The one line of a bad command line: exit 2, argparse's wording, nothing else said or done."""
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    assert_clean(p)
+    assert p.stdout == "" and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert p.stderr.startswith(f"nbd_vram.py {command}: argument {argument}: ") and "(see --help)" in p.stderr
+    return p.stderr
+
+
+@pytest.mark.parametrize("size,min_size,bad", [("tiny", "64M", "--size"), ("32M", "16M", "--size"),
+                                               ("9" * 400, "64M", "--size"), ("1G", "lots", "--min-size")])
+def test_serve_bad_sizes(tmp_path, fakecuda, size, min_size, bad):
+    p = cli("serve", "--socket", str(tmp_path / "s.sock"), "--size", size, "--min-size", min_size,
+            env=fake_env(fakecuda))
+    usage_error_line(p, "serve", bad)
+    assert not os.path.exists(tmp_path / "s.sock")
+
+
+@pytest.mark.parametrize("argv, argument", [
+    (["run", "--size", "12X"], "--size"),
+    (["run", "--config", "/dev/null", "--slice-size", "1M"], "--slice-size"),
+    (["check-config", "--reserve", "lots"], "--reserve"),
+    (["shrink", "foo"], "SIZE"),
+    (["grow", "0"], "SIZE"),
+    (["serve", "--socket", "/tmp/x.sock", "--size", "12X"], "--size"),
+    (["serve", "--socket", "/tmp/x.sock", "--size"], "--size"),
+    (["serve", "--socket", "/tmp/x.sock", "--size", "1G", "--buffer-size", "1K"], "--buffer-size"),
+    (["detach", "/dev/sda"], "DEVICE"),
+])
+def test_bad_value_on_the_command_line_is_a_usage_error(argv, argument):
+    """Exit 2 (bad command line), not 4 (bad configuration), and before anything else: root, a daemon."""
+    usage_error_line(cli(*argv, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")}), argv[0], argument)
+
+
+COMMANDS = ["serve", "run", "check-config", "status", "detach", "sleep", "wake", "power-event", "shrink", "grow",
+            "upgrade"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_help_has_a_description_and_its_exit_codes(nv, command):
+    p = cli(command, "--help")
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    usage, description, *_ = p.stdout.split("\n\n")
+    assert usage.startswith(f"usage: nbd_vram.py {command}") and len(description.split()) >= 8, p.stdout
+    codes = p.stdout.split("\nexit status:\n")[1].splitlines()
+    listed = {int(line.split()[0]) for line in codes}
+    assert {0, 1, 2} <= listed and listed <= set(nv.EXIT_MEANINGS), codes
+    for line in codes:
+        assert line.split(None, 1)[1] == nv.EXIT_MEANINGS[int(line.split()[0])], line
+
+
+@pytest.mark.parametrize("command, codes, not_codes", [
+    ("serve", {5, 6, 7}, {3, 4}), ("run", {4, 5, 7, 8, 9, 11}, {3, 10}), ("check-config", {4, 11}, {3, 9}),
+    ("status", {3, 10}, {4}), ("shrink", {3, 9}, {4}), ("detach", {9}, {4}), ("power-event", set(), {3, 4, 9}),
+])
+def test_command_help_lists_the_codes_it_can_return(command, codes, not_codes):
+    listed = {int(line.split()[0]) for line in cli(command, "--help").stdout.split("\nexit status:\n")[1].splitlines()}
+    assert codes <= listed and not listed & not_codes, listed
 
 
 # -- driver and GPU ---------------------------------------------------------------------------------------
@@ -353,6 +407,7 @@ def as_nobody():
     (["upgrade"], "upgrade needs root"),
     (["sleep"], "sleep needs root"),
     (["wake"], "wake needs root"),
+    (["detach", "/dev/nbd0"], "detach needs root"),
 ])
 def test_commands_without_root_say_so(tmp_path, argv, words):
     """Not "not running" or "no daemon" (wrong), nor a PermissionError traceback: one line, exit 9."""
@@ -373,20 +428,20 @@ def test_socket_path_too_long_refused_before_allocating(tmp_path, fakecuda):
     calls = tmp_path / "cuda.log"
     p = cli("serve", "--socket", sock, "--size", "128M", "--min-size", "64M",
             env=fake_env(fakecuda, FAKECUDA_LOG=str(calls)))
-    assert p.returncode == 4, (p.returncode, p.stderr)
+    assert p.returncode == 2, (p.returncode, p.stderr)
     assert_clean(p)
     assert len(error_lines(p)) == 1 and "at most 107" in p.stderr and "shorter --socket" in p.stderr
     assert not calls.exists() or "cuMemCreate" not in calls.read_text()
 
 
-@pytest.mark.parametrize("value, words", [("8M", "less than one connection's buffers"), ("lots", "serve: ")])
+@pytest.mark.parametrize("value, words", [("8M", "less than one connection's buffers"), ("lots", "argument --max-pinned")])
 def test_max_pinned_checked_before_allocating(tmp_path, fakecuda, value, words):
     calls = tmp_path / "cuda.log"
     p = cli("serve", "--socket", str(tmp_path / "s.sock"), "--size", "128M", "--min-size", "64M",
             "--buffer-size", "8M", "--max-pinned", value, env=fake_env(fakecuda, FAKECUDA_LOG=str(calls)))
-    assert p.returncode == 4, (p.returncode, p.stderr)
+    assert p.returncode == 2, (p.returncode, p.stderr)
     assert_clean(p)
-    assert len(error_lines(p)) == 1 and words in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and words in p.stderr, p.stderr
     assert not calls.exists() or "cuMemCreate" not in calls.read_text()
 
 
@@ -408,10 +463,7 @@ def test_status_stale_state(tmp_path):
 
 
 def test_detach_bad_device():
-    p = cli("detach", "/dev/sda")
-    assert p.returncode == 4 and "is not an nbd device" in p.stderr
-    assert_clean(p)
-    assert len(p.stderr.strip().splitlines()) == 1
+    assert "is not an nbd device" in usage_error_line(cli("detach", "/dev/sda"), "detach", "DEVICE")
 
 
 def test_serve_sigint_is_clean(tmp_path, fakecuda):

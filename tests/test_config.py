@@ -213,7 +213,7 @@ def test_check_config_command(conf):
 
 
 @pytest.mark.parametrize("text", ["bogus = 1\n", "priority = high\n", "size = 1G\nsize = 2G\n", "no equals\n",
-                                  "size = 1G\nmin_size = 2G\n"])
+                                  "size = 1G\nmin_size = 2G\n", "size = 12X\n"])
 def test_check_config_bad_file(conf, text):
     p = check_config("--config", conf(text))
     assert p.returncode == 4, (p.stdout, p.stderr)
@@ -230,6 +230,15 @@ def test_check_config_named_file_missing(tmp_path, how):
         p = check_config(env={"PATH": "/usr/bin:/bin", "NBD_VRAM_CONFIG": absent})
     assert p.returncode == 4 and p.stdout == "", (p.returncode, p.stdout, p.stderr)
     assert len(p.stderr.strip().splitlines()) == 1 and "no such file" in p.stderr and how in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("flag", [("--size", "12X"), ("--min-size", "tiny"), ("--workers", "0"), ("--power", "sun")])
+def test_check_config_bad_flag_is_a_usage_error(conf, flag):
+    """A bad value on the command line is exit 2, as argparse says it; in the file it is exit 4 (above)."""
+    p = check_config("--config", conf(""), *flag)
+    assert p.returncode == 2 and p.stdout == "", (p.returncode, p.stdout, p.stderr)
+    assert p.stderr.startswith(f"nbd_vram.py check-config: argument {flag[0]}: ") and flag[1] in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
 @pytest.mark.parametrize("make", BAD_PATHS.values(), ids=BAD_PATHS.keys())

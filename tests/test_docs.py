@@ -58,6 +58,22 @@ def test_every_key_command_and_exit_code_is_documented():
         assert o.flag in completion, o.flag
 
 
+def test_every_command_lists_its_exit_codes():
+    """Each command's entry in nbd-vram(8) ends with the exit codes its --help lists."""
+    nv = load_module()
+    parser = nv.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    man8 = MAN8.read_text()
+    names = [name for name in sub.choices if name != "worker"]
+    starts = [man8.index(f"\n.TP\n.B {name}") for name in names] + [man8.index("\n.SH EXIT STATUS")]
+    entries = {name: man8[start:end] for name, start, end in zip(names, starts, starts[1:])}
+    for name in names:
+        p = sub.choices[name]
+        codes = [line.split()[0] for line in p.epilog.split("exit status:\n")[1].splitlines()]
+        assert codes[:3] == ["0", "1", "2"], (name, codes)
+        assert entries[name].endswith(f"\n.IP\nExit status: {', '.join(codes)} (see EXIT STATUS)."), name
+
+
 def complete(*words):
     """What the completion offers after WORDS (the last one being completed)."""
     script = (f"source {COMPLETION}\nCOMP_WORDS=({' '.join(repr(w) for w in ('nbd_vram.py',) + words)})\n"
