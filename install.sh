@@ -15,8 +15,9 @@ Installs /usr/local/bin/nbd_vram.py, the service for the init system that runs (
 /etc/systemd/system/vram-swap-nbd.service and vram-swap-nbd-sleep.service; OpenRC:
 /etc/init.d/nbd-vram, /etc/conf.d/nbd-vram and the elogind sleep hook
 /etc/elogind/system-sleep/nbd-vram), a udev rule for power events and /etc/nbd-vram.conf
-(never overwritten: a newer shipped one goes to /etc/nbd-vram.conf.new), then enables and
-starts the service.  Running it again installs only what changed; a running service is
+(never overwritten: if the shipped one sets other things than yours, it goes to
+/etc/nbd-vram.conf.new; a change of its comments alone does not), then enables and starts
+the service.  Running it again installs only what changed; a running service is
 stopped (a full swapoff) only when its files are replaced, and upgraded in place (swap
 stays on) when only the program changed.
 
@@ -302,9 +303,24 @@ below_min_size() {  # SIZE is smaller than min_size's default (1G): the config t
     ! python3 "$SRC/nbd_vram.py" check-config --config /dev/null --size "$1" >/dev/null 2>&1
 }
 
-# config_is_current: CONF is the shipped file, plus at most the block install.sh appended.
+# settings_of FILE: the settings FILE gives, every key, as nbd_vram.py reads them (so comments, blank
+# lines and how a value is spelt do not count); nothing if FILE is not a valid configuration.
+settings_of() {
+    python3 -c 'import importlib.util as u, sys
+spec = u.spec_from_file_location("nbd_vram", sys.argv[1])
+nv = u.module_from_spec(spec)
+spec.loader.exec_module(nv)
+print(sorted(nv.load_config(sys.argv[2], environ={})[0].items()))' "$SRC/nbd_vram.py" "$1" 2>/dev/null || true
+}
+
+# config_is_current: CONF, up to the block install.sh appended, sets what the shipped file sets.  It is
+# then the shipped file of this version, or of an earlier one that differs in comments only (every key
+# is documented in nbd-vram.conf(5) as well), or its edits changed no setting: not worth a .new.
 config_is_current() {
-    [ "$(awk -v m="$MARK" '$0 == m {exit} {print}' "$CONF")" = "$(cat "$SRC/nbd-vram.conf")" ]
+    local mine
+    awk -v m="$MARK" '$0 == m {exit} {print}' "$CONF" >"$TMP/conf-before-mark"
+    mine=$(settings_of "$TMP/conf-before-mark")
+    [ -n "$mine" ] && [ "$mine" = "$(settings_of "$SRC/nbd-vram.conf")" ]
 }
 
 # The first-install config: the shipped file plus the size and the power answer.

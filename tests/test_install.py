@@ -218,9 +218,9 @@ def make_stubs(tmp_path, nvidia_smi="8192, Disabled", modprobe_rc=0):
     return stubs
 
 
-def install(staging, stubs, *args, path=None):
+def install(staging, stubs, *args, path=None, script=INSTALL):
     env = clean_env(PATH=f"{stubs}:{path or os.environ['PATH']}", NBD_VRAM_RUNTIME_DIR=str(staging) + ".run")
-    return subprocess.run(["bash", str(INSTALL), "--root", str(staging), *args], stdin=subprocess.DEVNULL,
+    return subprocess.run(["bash", str(script), "--root", str(staging), *args], stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, env=env)
 
 
@@ -335,6 +335,40 @@ def test_install_keeps_existing_config(tmp_path):
     again = install(staging, stubs, "--yes", "--no-start")
     assert again.returncode == 0
     assert tree(staging) == t, "a second install changed the tree"
+
+
+def test_install_config_new_only_for_a_change_of_settings(tmp_path):
+    """A new shipped nbd-vram.conf whose comments changed leaves a config as install.sh wrote it alone: no
+    .new; one that sets something gives a .new, and so does an edited config, as before."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".*", "__pycache__", "tests", "bench", "packaging"))
+    staging, stubs = tmp_path / "staging", make_stubs(tmp_path)
+    conf, new, shipped = staging / ETC_CONF, staging / (ETC_CONF + ".new"), src / "nbd-vram.conf"
+    assert install(staging, stubs, "--yes", "--no-start", script=src / "install.sh").returncode == 0
+    installed = conf.read_text()
+    assert "\nsize = 7G\n" in installed
+
+    text = shipped.read_text()
+    reworded = text.replace("Unknown keys and keys set twice are errors.", "Unknown keys, and keys set\n# twice, "
+                            "are errors.").replace("\n\n#", "\n\n# A new paragraph.\n#", 1) + "\n# The end.\n"
+    assert reworded.count("\n") > text.count("\n") + 2
+    shipped.write_text(reworded)
+    p = install(staging, stubs, "--yes", "--no-start", script=src / "install.sh")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert conf.read_text() == installed and not new.exists(), p.stdout
+    assert f"up to date: {conf}" in p.stdout
+
+    shipped.write_text(reworded + "power = ac\n")
+    p = install(staging, stubs, "--yes", "--no-start", script=src / "install.sh")
+    assert p.returncode == 0 and conf.read_text() == installed, p.stdout + p.stderr
+    assert new.read_text() == reworded + "power = ac\n" and "compare them" in p.stdout
+    new.unlink()
+
+    shipped.write_text(text)
+    conf.write_text(installed.replace("\n#priority = 1500\n", "\npriority = 10\n"))
+    p = install(staging, stubs, "--yes", "--no-start", script=src / "install.sh")
+    assert p.returncode == 0 and "priority = 10\n" in conf.read_text(), p.stdout + p.stderr
+    assert new.read_text() == text
 
 
 def test_install_warns_about_an_invalid_existing_config(tmp_path):
