@@ -3,8 +3,10 @@
 # plus a small busybox initramfs). The guest mounts the HOST root read-only over 9p, chroots
 # into it and runs one script from the shared out dir (see run.sh), so it runs exactly the
 # host's python3, nbd-client, mkswap and the checkout under test.
-# Output (cached): ${NBD_VRAM_VMLAB:-/var/tmp/nbd-vram-vmlab}/{vmlinuz,initrd.img}. A second
-# run is a no-op while both exist and this file is unchanged (its sha256 is stored).
+# Output (cached): ${NBD_VRAM_VMLAB:-/var/tmp/nbd-vram-vmlab}/guest-HASH/{vmlinuz,initrd.img},
+# HASH the first 16 hex digits of this file's sha256: a second run is a no-op while they exist, and
+# checkouts with different versions of this file share the lab dir (the kernel, the VM lock) without
+# booting each other's guest.  run.sh boots the one of the build.sh beside it.
 set -euo pipefail
 trap 'echo "tests/vm/build.sh: FAILED at line $LINENO: $BASH_COMMAND" >&2' ERR
 
@@ -12,9 +14,10 @@ SELF=$(realpath "${BASH_SOURCE[0]}")
 D=${NBD_VRAM_VMLAB:-/var/tmp/nbd-vram-vmlab}
 mkdir -p "$D"; D=$(realpath "$D")
 exec 9>"$D/.lock"; flock 9                     # concurrent builds wait for each other
-HASH=$(sha256sum "$SELF" | cut -d' ' -f1)
-if [ -s "$D/vmlinuz" ] && [ -s "$D/initrd.img" ] && [ "$(cat "$D/build.sha256" 2>/dev/null)" = "$HASH" ]; then
-  echo "tests/vm/build.sh: up to date in $D ($(cat "$D/kver"))"; exit 0
+HASH=$(sha256sum "$SELF" | cut -c1-16)
+G=$D/guest-$HASH
+if [ -s "$G/vmlinuz" ] && [ -s "$G/initrd.img" ]; then
+  echo "tests/vm/build.sh: up to date in $G ($(cat "$G/kver"))"; exit 0
 fi
 
 # Host packages, installed only when missing.
@@ -109,9 +112,9 @@ sync
 poweroff -f
 INIT
 chmod +x initrd/init
-(cd initrd && find . | cpio -o -H newc 2>/dev/null | gzip -1) > initrd.img.tmp
-cp kroot/boot/vmlinuz-"$KVER" vmlinuz.tmp
-mv vmlinuz.tmp vmlinuz && mv initrd.img.tmp initrd.img
-echo "$KVER" > kver
-echo "$HASH" > build.sha256
-echo "tests/vm/build.sh: built $D (kernel $KVER, initrd $(( $(stat -c %s initrd.img) / 1024 )) KiB, $(find initrd -name '*.ko' | wc -l) modules)"
+rm -rf "$G.tmp" && mkdir "$G.tmp"
+(cd initrd && find . | cpio -o -H newc 2>/dev/null | gzip -1) > "$G.tmp/initrd.img"
+cp kroot/boot/vmlinuz-"$KVER" "$G.tmp/vmlinuz"
+echo "$KVER" > "$G.tmp/kver"
+rm -rf "$G" && mv "$G.tmp" "$G"
+echo "tests/vm/build.sh: built $G (kernel $KVER, initrd $(( $(stat -c %s "$G/initrd.img") / 1024 )) KiB, $(find initrd -name '*.ko' | wc -l) modules)"

@@ -20,7 +20,8 @@ die() { echo "tests/vm/run.sh: $*" >&2; exit 1; }
 [ $# -ge 2 ] || die "usage: run.sh OUTDIR SCRIPT [MEM_MB] [CPUS]"
 HERE=$(dirname "$(realpath "${BASH_SOURCE[0]}")")
 D=${NBD_VRAM_VMLAB:-/var/tmp/nbd-vram-vmlab}
-[ -s "$D/vmlinuz" ] && [ -s "$D/initrd.img" ] || die "no guest in $D: run tests/vm/build.sh first"
+G=$D/guest-$(sha256sum "$HERE/build.sh" | cut -c1-16)     # the guest of the build.sh beside this file
+[ -s "$G/vmlinuz" ] && [ -s "$G/initrd.img" ] || die "no guest in $G: run tests/vm/build.sh first"
 mkdir -p "$1"; out=$(realpath "$1"); script=$2; mem=${3:-1024}; cpus=${4:-2}
 case "$script" in
   /*) [ -f "$script" ] || die "no such script: $script" ;;
@@ -66,7 +67,7 @@ esac
 t0=$(date +%s)
 set +e
 timeout -k 10 "${VM_TIMEOUT:-900}" qemu-system-x86_64 -machine q35,accel=tcg -cpu "${VM_CPU:-Westmere}" -smp "$cpus" -m "$mem" \
-  -nographic -vga none -no-reboot -kernel "$D/vmlinuz" -initrd "$D/initrd.img" \
+  -nographic -vga none -no-reboot -kernel "$G/vmlinuz" -initrd "$G/initrd.img" \
   -monitor "unix:$out/monitor.sock,server=on,wait=off" \
   -append "$append" \
   -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
