@@ -34,13 +34,7 @@ for run in $(seq "${GUEST_RUNS:-1}"); do
   cat /tmp/daemon.log
   swapon --show
   grep VmLck /proc/$pid/status
-  # Serving threads are SCHED_RR (realtime = yes): one per connection, in the worker.  Each thread
-  # switches itself when it starts, which under TCG may be a moment after swapon.
-  for _ in $(seq 60); do
-    rr=$(ps -eLo cls=,comm= | awk '$1 == "RR" && $2 == "python3"' | wc -l)
-    [ "$rr" -ge 2 ] && break
-    sleep 0.5
-  done
+  rr=$(rr_serving_threads 2)
   echo "serving threads SCHED_RR: $rr"
   if [ "$rr" -lt 2 ]; then
     # Seen once (CI, 2026-11-26): one serving thread of two at this point, the other gone (a

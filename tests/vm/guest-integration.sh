@@ -186,13 +186,7 @@ t_worker_death() {
   tr '\0' '\n' < "/proc/$DPID/environ" | grep -qx PYTHONMALLOC=malloc ||
     fail "the daemon, started without PYTHONMALLOC=malloc, did not re-execute itself with it"
   grep VmLck "/proc/$DPID/status"
-  # Serving threads are SCHED_RR (realtime = yes): one per connection, in the worker.  Each thread
-  # switches itself when it starts, which under TCG may be a moment after swapon.
-  for _ in $(seq 60); do
-    rr=$(ps -eLo cls=,comm= | awk '$1 == "RR" && $2 == "python3"' | wc -l)
-    [ "$rr" -ge 2 ] && break
-    sleep 0.5
-  done
+  rr=$(rr_serving_threads 2)
   echo "worker_death: serving threads SCHED_RR: $rr"
   [ "$rr" -ge 1 ] || fail "no serving thread is SCHED_RR (realtime = yes)"
   wpids=$(serving_workers)

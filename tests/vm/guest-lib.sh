@@ -90,6 +90,19 @@ start_watchdog() {
   python3 "$NBD_VRAM_VM/watchdog.py" "$1" "${2:-5}" "${3:-3}" "${4:-}" &
 }
 
+# rr_serving_threads [WANT=2]: the number of SCHED_RR python3 threads (the serving threads, with
+# realtime = yes: one per connection, in the workers), once WANT of them are or after 30 s.  Each
+# thread switches itself when it starts, which under TCG may be a moment after swapon.
+rr_serving_threads() {
+  local rr=0
+  for _ in $(seq 60); do
+    rr=$(ps -eLo cls=,comm= | awk '$1 == "RR" && $2 == "python3"' | wc -l)
+    [ "$rr" -ge "${1:-2}" ] && break
+    sleep 0.5
+  done
+  echo "$rr"
+}
+
 # pressure [DATA_MB=32] [HOG_MB=MemTotal*3/2]: allocate DATA_MB MiB of random, checksummed 1 MiB
 # blocks, then touch a HOG_MB MiB hog (well past RAM) so the data is pushed out to swap, print
 # "swap used under pressure (MiB): X", free the hog, verify every checksum and print
