@@ -3,7 +3,8 @@
 without systemd as init (the CPU tests; the kernel tests boot systemd itself: tests/vm/guest-systemd.sh).
 
 Runs COMMAND with NOTIFY_SOCKET pointing here and keeps what it sends: READY=1 and STATUS=
-(written to STATE_DIR/ready and STATE_DIR/status), fds with FDSTORE=1 + FDNAME= (one per name and
+(written to STATE_DIR/ready and STATE_DIR/status; every STATUS= is also a line, after its time,
+in STATE_DIR/status.log), fds with FDSTORE=1 + FDNAME= (one per name and
 inode, as systemd dedups them; without FDPOLL=0 an fd that polls EPOLLERR or EPOLLHUP is dropped, as
 systemd does), FDSTOREREMOVE=1 + FDNAME=.  When COMMAND dies of a signal or exits
 non-zero (Restart=on-failure), it is started again after RESTART_S (1 s) with the stored fds as
@@ -73,6 +74,8 @@ def main():
                 open(os.path.join(state, "ready"), "w").write(f"{time.time()}\n")
             if "STATUS" in fields:
                 open(os.path.join(state, "status"), "w").write(fields["STATUS"] + "\n")
+                with open(os.path.join(state, "status.log"), "a") as f:
+                    f.write(f"{time.time():.3f} {fields['STATUS']}\n")
 
     threading.Thread(target=listen, daemon=True).start()
     while True:

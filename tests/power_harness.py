@@ -23,6 +23,10 @@ HARNESS_NBD_DIR=DIR: every attached slice is also an NBD server on DIR/slice-G.N
 such as fio (tests of shrink/grow under load): the handshake is answered here, then each client's
 requests go to one of the slice's kernel ends (a client each, never reused) and the worker's
 replies come back; NBD_CMD_DISC is not passed on (it would end the kernel's connection).
+HARNESS_SWAPOFF_S=S: swapoff is the daemon's own (it runs the `swapoff` command and reads /proc/swaps
+meanwhile for its progress), the command tests/fakeswapoff/swapoff, which takes S s, Used going down;
+HARNESS_SWAP_USED_KIB=K: each device swapon gives shows K KiB used (0 by default).
+HARNESS_PROGRESS_LOG_S=S: the daemon logs a swapoff's progress every S s instead of 10.
 HARNESS_SWAPOFF_RETRY_S=S: the daemon retries a failed swapoff every S s instead of 10 (tests that wait
 for a second try).  HARNESS_SPARE_RETRY_S=S: the same for a spare worker that failed to start (30).
 - reconfigure (NBD_CMD_RECONFIGURE after a worker or GPU process died): the slice's ends whose worker
@@ -292,7 +296,7 @@ def proc_swaps(add=None, remove=None):
         rows = []
     rows = [r for r in rows if r[0] != remove]
     if add:
-        rows.append([add[0], "partition", "65532", "0", str(add[1])])
+        rows.append([add[0], "partition", "65532", os.environ.get("HARNESS_SWAP_USED_KIB", "0"), str(add[1])])
     with open(path, "w") as f:
         f.write("Filename\tType\tSize\tUsed\tPriority\n")
         for r in rows:
@@ -304,7 +308,9 @@ def swap_enable(dev, priority, discard):
     event(f"swapon {dev} {priority}")
 
 
-def swap_disable(dev):
+def swap_disable(dev, progress=None):
+    if os.environ.get("HARNESS_SWAPOFF_S"):
+        return daemon_swap_disable(dev, progress)
     if SWAPOFF_FAILS and os.path.exists(SWAPOFF_FAILS):
         event(f"swapoff {dev} failed")
         return False
@@ -321,6 +327,12 @@ def free_with_event(free):
 
 
 nv.load_nbd_module = lambda: None
+daemon_swap_disable = nv.swap_disable
+FAKE_SWAPOFF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fakeswapoff")
+if os.environ.get("HARNESS_SWAPOFF_S") and not os.environ["PATH"].startswith(FAKE_SWAPOFF + ":"):
+    os.environ["PATH"] = f"{FAKE_SWAPOFF}:{os.environ['PATH']}"
+if os.environ.get("HARNESS_PROGRESS_LOG_S"):
+    nv.PROGRESS_LOG_S = float(os.environ["HARNESS_PROGRESS_LOG_S"])
 if os.environ.get("HARNESS_SWAPOFF_RETRY_S"):
     nv.SWAPOFF_RETRY_S = float(os.environ["HARNESS_SWAPOFF_RETRY_S"])
 if os.environ.get("HARNESS_SPARE_RETRY_S"):
