@@ -411,15 +411,49 @@ def active_swaps():
     return swaps
 
 
-def write_json(path, obj):
+def make_runtime_dir():
+    """The runtime dir, mode 0755: anyone may read the public summary in it (status), no one but
+    root write.  A dir an older version made 0700 (or a umask narrowed) is opened up to 0755; one
+    that is wider than that (a shared dir named by NBD_VRAM_RUNTIME_DIR) is left as it is."""
+    path = runtime_dir()
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    st = os.stat(path)
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid == os.geteuid() and mode != 0o755 and not mode & ~0o755:
+        os.chmod(path, 0o755)
+    return path
+
+
+def write_json(path, obj, mode=0o600):
+    """Replace PATH with OBJ as JSON, in one step (a reader never sees half a file), with MODE."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    with open(fd, "w") as f:
+        os.fchmod(fd, mode)     # whatever the umask
         json.dump(obj, f, indent=1)
     os.replace(tmp, path)
 
 
 def state_path():
     return os.path.join(runtime_dir(), "state.json")
+
+
+def public_state_path():
+    return os.path.join(runtime_dir(), "status.json")
+
+
+# The daemon's state, private (0600: it names what the daemon signals and takes over), and beside it
+# a public summary (0644) for `status` run by any user: the same but for these keys, which only the
+# daemon's own commands use.  Nothing ever signals or takes over a process on the summary's word.
+PRIVATE_STATE_KEYS = ("request", "sysctl_saved", "worker_starts", "handover")
+
+
+def publish_state(state, status_line):
+    """The one place where what the daemon serves is told: the private state, the public summary and
+    systemd's STATUS= (`systemctl status`), together."""
+    write_json(public_state_path(), {k: v for k, v in state.items() if k not in PRIVATE_STATE_KEYS}, mode=0o644)
+    write_json(state_path(), state)
+    sd_notify(f"STATUS={status_line}")
 
 
 def read_state():
@@ -433,11 +467,24 @@ def read_state():
         return None
 
 
-def remove_state():
+def read_public_state():
+    """The public summary, for status only (never for signalling): None if there is none."""
     try:
-        os.unlink(state_path())
-    except FileNotFoundError:
-        pass
+        with open(public_state_path()) as f:
+            return json.load(f)
+    except PermissionError:
+        raise NotRootError(f"cannot read the daemon's state ({state_path()}) nor its public summary "
+                           f"({public_state_path()}): permission denied; run this as root (sudo)") from None
+    except (OSError, ValueError):
+        return None
+
+
+def remove_state():
+    for path in (public_state_path(), state_path()):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def request_path():
@@ -531,7 +578,7 @@ def hold_daemon_lock():
     """Take the lock that says a daemon runs (flock of RUNTIME_DIR/daemon.lock), or keep it after a
     re-exec: its fd stays open over exec (its number in LOCK_ENV), and the kernel drops it only when
     this process ends, however it ends.  Refuses to start while another daemon holds it."""
-    os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
+    make_runtime_dir()
     path = os.path.join(runtime_dir(), "daemon.lock")
     fd = os.environ.pop(LOCK_ENV, "")
     fd = int(fd) if fd.isdigit() else None
@@ -3207,16 +3254,36 @@ def _stat_block(path):
     return st if stat.S_ISBLK(st.st_mode) else None
 
 
-def swap_disable(dev):
-    """swapoff; True on success or when it was not active."""
+SWAPOFF_POLL_S = 1.0        # while a swapoff runs, /proc/swaps is read this often for its progress
+
+
+def swap_disable(dev, progress=None):
+    """swapoff; True on success or when it was not active.
+
+    A swapoff reads every page on the device back into RAM: minutes for a few GiB.  While it runs
+    the kernel still lists the device in /proc/swaps, its Used column going down: PROGRESS, if
+    given, is called with the /proc/swaps entries every SWAPOFF_POLL_S."""
     if find_swap(dev) is None:
         return True
-    p = run_cmd(["swapoff", dev], check=False)
-    if p.returncode == 0:
+    argv = ["swapoff", dev]
+    log.debug("+ %s", shlex.join(argv))
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    except FileNotFoundError:
+        raise Fatal(f"swapoff: command not found (install {PROVIDED_BY.get('swapoff', 'util-linux')})") from None
+    while True:
+        try:
+            out, err = proc.communicate(timeout=SWAPOFF_POLL_S)
+            break
+        except subprocess.TimeoutExpired:
+            if progress:
+                progress(active_swaps())
+    if proc.returncode == 0:
         log.info("swap off on %s", dev)
         return True
     log.error("swapoff %s failed: %s; keeping the device: disconnecting live swap would kill every process "
-              "with pages on it", dev, p.stderr.strip() or f"exit code {p.returncode}")
+              "with pages on it", dev, err.strip() or out.strip() or f"exit code {proc.returncode}")
     return False
 
 
@@ -4537,15 +4604,16 @@ class Slice:
             swap_enable(self.swap_device, self.priority, settings.discard)
         self.swap_on = True
 
-    def release(self, why):
-        """swapoff (never forced), then the slice's undo steps, and its GPU forgets it.  False if swapoff failed."""
+    def release(self, why, progress):
+        """swapoff (never forced; PROGRESS: the SwapoffProgress that tells it), then the slice's undo
+        steps, and its GPU forgets it.  False if swapoff failed."""
         g = self.gpu
         if self.swap_on:
             used = self.used_kib(active_swaps())
             log.info("%s: releasing %s (%s): swapoff %s (%s of pages on it)", g.label, self.name, why, self.swap_device,
                      format_size(used * 1024))
             t0 = time.monotonic()
-            if not swap_disable(self.swap_device):
+            if not swap_disable(self.swap_device, progress.begin(self)):
                 log.warning("%s: swapoff %s failed (RAM cannot take its pages back now); %s stays", g.label,
                             self.swap_device, self.name)
                 return False
@@ -5222,14 +5290,15 @@ def wait_for_power(power, reload, no_vram=None):
     if power.evaluate(*power_inputs()) and not no_vram:
         return True
     started = time.strftime("%Y-%m-%d %H:%M:%S")
-    os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
+    make_runtime_dir()
     if not no_vram:
         log.info("idle, holding no VRAM: %s", power.why)
     while True:
         why = f"out of VRAM ({no_vram}); trying again every {power.poll_s:g} s" if no_vram else power.why
-        write_json(state_path(), {**identity(), "version": __version__, "mode": "idle", "ready": True,
-                                  "started": started, "power": power.state(), "idle_why": why})
-        sd_notify("READY=1", f"STATUS=idle, holding no VRAM: {why}")
+        publish_state({**identity(), "version": __version__, "mode": "idle", "ready": True,
+                       "started": started, "power": power.state(), "idle_why": why},
+                      f"idle, holding no VRAM: {why}")
+        sd_notify("READY=1")
         info = signal.sigtimedwait(DAEMON_SIGNALS, power.poll_s)
         if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
             log.info("%s received while idle: stopping", signal.Signals(info.si_signo).name)
@@ -5243,6 +5312,94 @@ def wait_for_power(power, reload, no_vram=None):
                 remove_state()  # the daemon writes its own once it serves; a failed start leaves none
             return True
         no_vram = None          # not wanted now anyway: idle for the power policy's reason
+
+
+PROGRESS_NOTIFY_S = 2.0     # a swapoff in progress: STATUS= and the state (status) this often
+PROGRESS_LOG_S = 10.0       # ... and a log line this often
+PROGRESS_RATE_S = 10.0      # ... its rate over the last this many seconds
+
+
+def approx_size(n):
+    """A size as a progress line shows it: 1.2 GiB, 150 MiB, 12 KiB."""
+    if n >= GiB:
+        return f"{n / GiB:.1f} GiB"
+    if n >= MiB:
+        return f"{n / MiB:.0f} MiB"
+    return f"{n / 1024:.0f} KiB"
+
+
+class SwapoffProgress:
+    """A phase of the daemon that swaps slices off (a stop, a release for power or sleep, a shrink,
+    the reserve, a failing GPU), told while it runs: which swapoff, which of how many, how much is
+    left to read back into RAM and how fast.  One line says it all: STATUS= and state.json
+    (`status`, and `shrink` and `sleep` waiting) every PROGRESS_NOTIFY_S, the log every PROGRESS_LOG_S.
+
+    PHASE: what the daemon does ("stopping", "shrinking", ...); SLICES: those it means to swap off
+    (a slice begun that is not among them is added); PUBLISH: the daemon's write_state."""
+
+    def __init__(self, phase, slices, publish):
+        self.phase, self.slices, self.publish = phase, list(slices), publish
+        self.current, self.number = None, 0
+        self.left = self.rate = self.note = None
+        self.samples = collections.deque()     # (monotonic time, bytes left)
+        self.published = self.logged = 0.0
+        self.since = time.time()
+
+    def begin(self, sl):
+        """The swapoff of SL starts (or starts again after a failure): told at once.  Returns the
+        callback for swap_disable."""
+        if sl not in self.slices:
+            self.slices.append(sl)
+        if sl is not self.current:
+            self.current, self.number = sl, self.number + 1
+        self.note = None
+        self.tick(active_swaps(), log_now=True)
+        return self.tick
+
+    def end(self, note):
+        """Every swapoff of the phase is done; NOTE: what comes next."""
+        self.current, self.note, self.left, self.rate = None, note, 0, None
+        self.publish()
+
+    def failed(self, note):
+        """The swapoff failed and will be tried again: said until the next begin."""
+        self.note = note
+        self.published = 0.0
+        self.tick(active_swaps())
+
+    def tick(self, swaps, log_now=False):
+        """/proc/swaps now (SWAPS: active_swaps()): what is left, the rate, and tell it when due."""
+        now = time.monotonic()
+        self.left = sum(sl.used_kib(swaps) for sl in self.slices if sl.swap_on) * 1024
+        self.samples.append((now, self.left))
+        while now - self.samples[0][0] > PROGRESS_RATE_S:
+            self.samples.popleft()
+        (t0, left0), (t1, left1) = self.samples[0], self.samples[-1]
+        self.rate = (left0 - left1) / (t1 - t0) if t1 - t0 >= 1 and left0 > left1 else None
+        if log_now or now - self.logged >= PROGRESS_LOG_S:
+            self.logged = now
+            log.info("%s", self.line())
+        if log_now or now - self.published >= PROGRESS_NOTIFY_S:
+            self.published = now
+            self.publish()
+
+    def line(self):
+        if self.current is None:
+            return f"{self.phase}: {self.note}"
+        n = max(len(self.slices), self.number)
+        dev = self.current.swap_device
+        parts = [f"swapoff {dev}" + (f" (slice {self.number} of {n})" if n > 1 else "")]
+        if self.left is not None:
+            parts.append(f"{approx_size(self.left)} left")
+        if self.rate:
+            parts.append(f"{approx_size(self.rate)}/s")
+        return f"{self.phase}: {', '.join(parts)}" + (f"; {self.note}" if self.note else "")
+
+    def describe(self):
+        return {"phase": self.phase, "device": self.current.swap_device if self.current else None,
+                "slice": self.number, "slices": max(len(self.slices), self.number), "left_bytes": self.left,
+                "rate_bytes_s": round(self.rate) if self.rate else None, "since": self.since, "note": self.note,
+                "line": self.line()}
 
 
 def elastic_decision(reserve, free, held, ceiling, next_bytes, calm_since, now, reclaim_after):
@@ -5330,6 +5487,7 @@ class Daemon:
         self.next_elastic = 0.0
         self.elastic_retry_at = 0.0
         self.request = None             # the last shrink/grow request and its result
+        self.progress = None            # the SwapoffProgress of a phase that swaps slices off, while it runs
 
     @property
     def slices(self):
@@ -5349,7 +5507,7 @@ class Daemon:
                  "%d connections a slice, reserve %s", __version__, format_size(cfg["size"]), format_size(cfg["min_size"]),
                  format_size(cfg["slice_size"]), cfg["gpus"], cfg["priority"], cfg["connections"],
                  format_size(cfg["reserve"]) if cfg["reserve"] is not None else "off")
-        os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
+        make_runtime_dir()
         load_nbd_module()
         old, adopt, to_scrub = adoptable(self.stored_fds, cfg["slice_size"])
         if not adopt:
@@ -5496,7 +5654,20 @@ class Daemon:
             state["release_failed"], state["release_error"] = self.release_failed
         if self.request:
             state["request"] = self.request
-        write_json(state_path(), state)
+        if self.progress:
+            state["progress"] = self.progress.describe()
+        publish_state(state, self._status_line())
+
+    def _publish_progress(self):
+        """write_state for a SwapoffProgress: a state that cannot be written must not stop a swapoff."""
+        try:
+            self.write_state()
+        except OSError as e:
+            log.warning("could not write the state in %s: %s", runtime_dir(), e.strerror)
+
+    def _swapoff_phase(self, phase, slices):
+        self.progress = SwapoffProgress(phase, slices, self._publish_progress)
+        return self.progress
 
     def _restore_sysctls(self):
         for key, old in self.sysctl_saved.items():
@@ -5523,14 +5694,23 @@ class Daemon:
             self.undo.append((f"reset the memory clock of {g.label}", lambda g=g: self.nvml.reset_memory_clock(g.info["uuid"])))
 
     def _status_line(self):
+        """What systemctl status shows (STATUS=): what is served now, or the swapoff in progress."""
+        if self.progress:
+            return self.progress.line()
         parts = []
         for g in self.gpus:
             if g.slices:
-                devs = ", ".join(sl.swap_device for sl in sorted(g.slices.values(), key=lambda s: s.number))
+                devs = ", ".join(sl.swap_device or sl.device for sl in sorted(g.slices.values(), key=lambda s: s.number))
                 parts.append(f"{format_size(g.held_bytes())} of {g.label} on {devs}")
         enc = " (encrypted)" if any(sl.crypt for sl in self.slices) else ""
-        return (f"serving {'; '.join(parts) or 'nothing'}{enc}, swap priority {self.cfg['priority']} and down, "
-                f"{self.cfg['connections']} connections a slice")
+        line = (f"{'serving' if self.ready else 'starting:'} {'; '.join(parts) or 'nothing'}{enc}, swap priority "
+                f"{self.cfg['priority']} and down, {self.cfg['connections']} connections a slice")
+        for g in self.gpus:
+            if g.failed:
+                line += f"; {g.label} given up ({g.failed})"
+        if self.release_failed and not self.power.want:
+            line += f"; power wants VRAM swap released ({self.power.why}) but swapoff failed; retrying"
+        return line
 
     # -- serve until told to stop, and the checks of every round ---------------------------
 
@@ -5594,11 +5774,19 @@ class Daemon:
         log.info("%s %s requested: slices allowed now %s", op, format_size(nbytes),
                  ", ".join(f"{g.label} {g.ceiling} of {len(g.sizes)}" for g in self.gpus))
         done = []
-        for _ in range(units * len(self.gpus) + len(self.gpus)):
-            step = self._elastic(hurry=True)
-            done += step
-            if not step or any(s.startswith("could not") for s in step):
-                break
+        if op == "shrink":
+            # What _elastic will release, in its order (the emptiest slices first), as far as known now.
+            swaps = active_swaps()
+            self._swapoff_phase("shrinking", [sl for g in live for sl in sorted(
+                g.slices.values(), key=lambda s: (s.used_kib(swaps), -s.number))[:max(0, len(g.slices) - g.ceiling)]])
+        try:
+            for _ in range(units * len(self.gpus) + len(self.gpus)):
+                step = self._elastic(hurry=True)
+                done += step
+                if not step or any(s.startswith("could not") for s in step):
+                    break
+        finally:
+            self.progress = None
         held = sum(g.held_bytes() for g in self.gpus)
         # Done when every GPU is at or under its ceiling (shrink), and every GPU whose ceiling was
         # raised has reached it (grow); a GPU held under its ceiling by the reserve is not this request's.
@@ -5618,20 +5806,22 @@ class Daemon:
             return False
         why = self.power.why
         log.info("power: releasing VRAM swap (%s)", why)
-        sd_notify(f"STATUS=releasing VRAM swap ({why})")
-        for sl in sorted(self.slices, key=lambda s: -s.priority):
-            if sl.swap_on and not swap_disable(sl.swap_device):
+        todo = [sl for sl in sorted(self.slices, key=lambda s: -s.priority) if sl.swap_on]
+        progress = self._swapoff_phase("releasing for sleep" if self.power.sleeping else "releasing (power)", todo)
+        for sl in todo:
+            if not swap_disable(sl.swap_device, progress.begin(sl)):
                 # Never forced: the pages on VRAM belong to running processes.
                 self.release_failed = (time.time(),
                                        f"swapoff {sl.swap_device} failed: RAM cannot take the swapped pages back now")
                 log.warning("power: VRAM swap stays on (%s); trying again in %d s", self.release_failed[1],
                             self.power.poll_s)
-                sd_notify(f"STATUS=serving; power wants VRAM swap released ({why}) but swapoff failed; retrying")
+                self.progress = None
                 self.write_state()
                 return False
             sl.swap_on = False
+        progress.end("swap is off; freeing the VRAM")
         self.power.released = not self.power.sleeping
-        return True     # stop() then closes the mappings, disconnects and frees
+        return True     # stop() then closes the mappings, disconnects and frees (the phase goes on)
 
     def _gpu_fault_check(self):
         """CUDA errors on I/O (each already an EIO to its request): move swap off that GPU while RAM
@@ -5647,9 +5837,10 @@ class Daemon:
                 continue
             log.error("%s: %d GPU I/O errors (the requests got EIO; see the lines above): moving its swap off "
                       "the GPU, back into RAM (swapoff)", g.label, errors)
-            sd_notify(f"STATUS=GPU I/O errors on {g.label}: swapoff")
-            for sl in sorted(g.slices.values(), key=lambda s: -s.number):
-                if not sl.release("GPU I/O errors"):
+            todo = sorted(g.slices.values(), key=lambda s: -s.number)
+            progress = self._swapoff_phase(f"moving swap off {g.label} (GPU I/O errors)", todo)
+            for sl in todo:
+                if not sl.release("GPU I/O errors", progress):
                     g.fault_swapoff_at = time.monotonic() + SWAPOFF_RETRY_S
                     log.error("%s: swapoff failed (RAM cannot take the pages back now); retrying every %d s; pages "
                               "on the failing GPU fail their page-in with an I/O error", g.label, SWAPOFF_RETRY_S)
@@ -5661,6 +5852,7 @@ class Daemon:
                 log.error("%s: swap is off this GPU; it is given up until the service restarts%s", g.label,
                           "" if any(not h.failed for h in self.gpus) else
                           "; no GPU is left: stopping (systemd starts the service again with new CUDA contexts)")
+            self.progress = None
             self.write_state()
         return bool(self.gpus) and all(g.failed for g in self.gpus)
 
@@ -5692,7 +5884,15 @@ class Daemon:
                     self._log_gpu_users(g)
                 swaps = active_swaps()
                 sl = min(g.slices.values(), key=lambda s: (s.used_kib(swaps), -s.number))
-                if sl.release(why):
+                own = self.progress is None         # a shrink request has its phase already
+                phase = "shrinking" if len(g.slices) > g.ceiling else "releasing (reserve)"
+                progress = self._swapoff_phase(phase, [sl]) if own else self.progress
+                try:
+                    released = sl.release(why, progress)
+                finally:
+                    if own:
+                        self.progress = None
+                if released:
                     done.append(f"released {sl.name}")
                 else:
                     self.elastic_retry_at = time.monotonic() + SWAPOFF_RETRY_S * 6
@@ -5726,13 +5926,18 @@ class Daemon:
 
     def stop(self):
         """Strictly in reverse: swapoff (retried until it succeeds), close the mappings, disconnect, free VRAM."""
-        for sl in sorted(self.slices, key=lambda s: s.priority):
-            if sl.swap_on:
-                sd_notify("STOPPING=1", f"STATUS=swapoff {sl.swap_device}")
-                while not swap_disable(sl.swap_device):
-                    sd_notify(f"STATUS=swapoff {sl.swap_device} failed; retrying every {SWAPOFF_RETRY_S:.0f} s")
-                    signal.sigtimedwait({signal.SIGTERM, signal.SIGINT}, SWAPOFF_RETRY_S)
-                sl.swap_on = False
+        todo = [sl for sl in sorted(self.slices, key=lambda s: s.priority) if sl.swap_on]
+        if todo:
+            sd_notify("STOPPING=1")
+            progress = self._swapoff_phase("stopping", todo)
+        for sl in todo:
+            while not swap_disable(sl.swap_device, progress.begin(sl)):
+                progress.failed(f"swapoff failed (RAM cannot take the pages back now); retrying every "
+                                f"{SWAPOFF_RETRY_S:.0f} s")
+                signal.sigtimedwait({signal.SIGTERM, signal.SIGINT}, SWAPOFF_RETRY_S)
+            sl.swap_on = False
+        if todo:
+            progress.end("swap is off; freeing the VRAM")
         for sl in reversed(self.slices):
             sl.run_undo()
             del sl.gpu.slices[sl.number]
@@ -5752,8 +5957,33 @@ class Daemon:
 # Status ###################################################################
 ############################################################################
 
+def status_state():
+    """The state as status may read it: the daemon's own (root), else the public summary beside it.
+    NotRootError where neither can be read: never "not running" when that is not known."""
+    try:
+        return read_state()
+    except NotRootError:
+        state = read_public_state()
+        if state is None:
+            raise NotRootError(f"status needs root here: the daemon's state ({state_path()}) is root's, and "
+                               f"there is no public summary ({public_state_path()}: an older daemon writes "
+                               "none); run this as root (sudo)") from None
+        pid = state.get("pid")
+        if type(pid) is int and pid > 0 and process_start(pid) is None:
+            try:
+                os.kill(pid, 0)
+            except PermissionError:
+                # It exists, but /proc hides it from us (mounted with hidepid): whether it is the daemon
+                # or a process that got its pid cannot be told.
+                raise NotRootError(f"status needs root here: /proc hides the daemon's process (pid {pid}) "
+                                   "from other users (hidepid); run this as root (sudo)") from None
+            except OSError:
+                pass
+        return state
+
+
 def gather_status():
-    state = read_state()
+    state = status_state()
     if not state:
         return {"running": False}
     running = daemon_pid(state) is not None
@@ -5786,9 +6016,45 @@ def gather_status():
     want = state.get("connections", 0) * len(slices)
     missing = "connections_live" in status and status["connections_live"] < want
     failed = [g for g in state.get("gpus") or [] if g.get("failed")]
-    status["healthy"] = (running and len(active) == len(slices) and (bool(slices) or bool(state.get("gpus")))
+    # A slice the daemon itself has just swapped off (a stop, a release in progress) is not missing.
+    off = sum(1 for sl in slices if not sl["swap"]["active"] and not (state.get("progress") and not sl.get("swap_on")))
+    status["healthy"] = (running and not off and (bool(slices) or bool(state.get("gpus")))
                          and not c.get("io_errors") and not missing and not failed)
     return status
+
+
+class ProgressView:
+    """shrink, grow and sleep while they wait on the daemon: its swapoff in progress (the state's
+    "progress") on stderr.  On a terminal one line redrawn in place; otherwise (a log, the journal)
+    a plain line when it first shows and every PROGRESS_LOG_S after."""
+
+    def __init__(self, label, stream=None):
+        self.label, self.stream = label, stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.drawn = None               # the line on the terminal now
+        self.printed = None             # when the last plain line was
+
+    def show(self, state):
+        progress = (state or {}).get("progress")
+        if not progress:
+            return
+        line = f"{self.label}: {progress['line']}"
+        if self.tty:
+            if line != self.drawn:
+                width = shutil.get_terminal_size().columns - 1        # a wrapped line cannot be redrawn
+                self.stream.write(f"\r{line[:width]}\x1b[K")
+                self.stream.flush()
+                self.drawn = line
+        elif self.printed is None or time.monotonic() - self.printed >= PROGRESS_LOG_S:
+            log.info("%s", line)
+            self.printed = time.monotonic()
+
+    def clear(self):
+        """Before any other line: the progress line off the terminal."""
+        if self.drawn:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.drawn = None
 
 
 def describe_power(p):
@@ -5962,14 +6228,18 @@ def cmd_status(args):
         crypt = (f"encrypted (dm-crypt {enc.get('cipher')}, a {enc.get('key_bits')}-bit key for this run only), "
                  if sw["encrypted"] else "")
         reserve = st.get("reserve_bytes")
+        progress = st.get("progress")
+        doing = "stopping" if progress and progress["phase"] == "stopping" else "running"
         rows = [
-            ("daemon", f"running, pid {st['pid']}, since {st['started']}, version {st['version']}"),
+            ("daemon", f"{doing}, pid {st['pid']}, since {st['started']}, version {st['version']}"),
             ("swap", f"{'on' if sw['active'] else 'off'}, {crypt}{sw['active_slices']} of {sw['slices']} slices, "
                      f"{format_size(sw['used_bytes'])} used of {format_size(sw['size_bytes'])}"),
             ("elastic", f"slices of {format_size(st.get('slice_bytes') or 0)}, reserve "
                         f"{format_size(reserve) if reserve is not None else 'off'}, taken back after "
                         f"{st.get('reclaim_after_s')} s with room"),
         ]
+        if progress:
+            rows.insert(2, ("progress", progress["line"]))
         for g in st.get("gpus") or []:
             free = f", {format_size(g['free_bytes'])} free" if g.get("free_bytes") is not None else ""
             state = f"FAILED ({g['failed']})" if g.get("failed") else (
@@ -6093,8 +6363,8 @@ def cmd_detach(args):
 def cmd_sleep(args):
     """Before the system sleeps: have the daemon release VRAM swap; fail, so that the sleep is refused, if it cannot."""
     need_root("sleep", "it marks the daemon's runtime directory and signals the daemon")
-    os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
-    with open(sleep_marker(), "w") as f:
+    make_runtime_dir()
+    with open(os.open(sleep_marker(), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "w") as f:
         f.write(time.strftime("%Y-%m-%d %H:%M:%S\n"))
     asked = time.time()
     asked_state = read_state()
@@ -6104,12 +6374,15 @@ def cmd_sleep(args):
         return EXIT_OK
     log.info("sleep: asking the daemon (pid %d) to release VRAM swap", pid)
     deadline = time.monotonic() + args.timeout
+    view = ProgressView("sleep")
     while True:
         if daemon_pid(asked_state) is None:
+            view.clear()
             log.info("sleep: the daemon has stopped: nothing to release")
             return EXIT_OK
         st = read_state() or {}      # none for a moment while the daemon starts over
         if st.get("mode") == "idle":
+            view.clear()
             log.info("sleep: VRAM swap released; the GPU holds nothing of ours")
             return EXIT_OK
         if st.get("release_failed", 0) >= asked:
@@ -6118,7 +6391,9 @@ def cmd_sleep(args):
         if time.monotonic() > deadline:
             why = f"the daemon did not release VRAM swap within {args.timeout} s"
             break
+        view.show(st)
         time.sleep(0.2)
+    view.clear()
     os.unlink(sleep_marker())
     signal_daemon(state=asked_state)
     raise Fatal(f"refusing to let the system sleep with swap on the GPU (its pages would be lost when it powers off): "
@@ -6156,15 +6431,20 @@ def cmd_resize(args):
     if signal_daemon(signal.SIGUSR1, st) is None:
         raise Fatal(f"the daemon (pid {st['pid']}) exited: see journalctl -u vram-swap-nbd")
     deadline = time.monotonic() + args.timeout
+    view = ProgressView(args.command)
     while time.monotonic() < deadline:
         time.sleep(0.2)
         now = read_state() or {}
         req = now.get("request") or {}
         if req.get("id") == rid:
+            view.clear()
             (log.info if req["ok"] else log.warning)("%s %s: %s", args.command, format_size(nbytes), req["result"])
             return EXIT_OK if req["ok"] else EXIT_FAILURE
         if daemon_pid(st) is None:
+            view.clear()
             raise Fatal(f"the daemon (pid {st['pid']}) exited: see journalctl -u vram-swap-nbd")
+        view.show(now)
+    view.clear()
     raise Fatal(f"the daemon did not answer the {args.command} request within {args.timeout:.0f} s (a swapoff can "
                 "take long: see `nbd_vram.py status` and journalctl -u vram-swap-nbd)")
 
