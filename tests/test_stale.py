@@ -184,3 +184,20 @@ def test_a_reused_worker_pid_is_not_killed(nv):
     finally:
         other.kill()
         other.wait()
+
+
+def test_the_public_summary_is_never_signalled(tmp_path, fakecuda, bystander):
+    """The public summary (status.json, world-readable, for `status` by any user) names a live process by
+    its true identity, but there is no private state: nothing signals it, nothing takes it for the daemon."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "status.json").write_text(json.dumps({"pid": bystander.pid, "pid_start": start_ticks(bystander.pid),
+                                                 "boot_id": boot_id(), "mode": "serving", "version": "0.1.0",
+                                                 "started": "2026-01-01 00:00:00", "slices": [], "connections": 2}))
+    env = fake_env(fakecuda, NBD_VRAM_RUNTIME_DIR=str(run))
+    for argv, rc in [(["power-event"], 0), (["wake"], 0), (["sleep", "--timeout", "5"], 0),
+                     (["shrink", "1G", "--timeout", "5"], 3), (["grow", "1G", "--timeout", "5"], 3),
+                     (["upgrade", "--timeout", "5"], 3), (["status"], 3)]:
+        p = cli(env, *argv)
+        assert p.returncode == rc, (argv, p.returncode, p.stderr)
+        assert bystander.poll() is None, f"{argv} signalled pid {bystander.pid} on the public summary's word"
