@@ -532,8 +532,15 @@ t_elastic() {
   # into RAM, which the hog has left): their checksums are verified below.
   before=$(nbd_swaps | wc -l)
   echo "elastic: shrink 256M with $(swap_used_mb) MiB swapped out"
-  python3 "$REPO/nbd_vram.py" shrink 256M --timeout 600 || fail "shrink 256M failed"
+  python3 "$REPO/nbd_vram.py" shrink 256M --timeout 600 2>/tmp/shrink-256.log || { cat /tmp/shrink-256.log
+    fail "shrink 256M failed"; }
+  cat /tmp/shrink-256.log
   [ "$(nbd_swaps | wc -l)" -eq $(( before - 2 )) ] || fail "shrink 256M did not release two slices"
+  # Its progress, while it waited: from the daemon's state (not a terminal: a plain line), and in its log.
+  grep -Eq 'shrink: shrinking: swapoff /dev/nbd[0-9]+ \(slice [12] of 2\), [0-9.]+ [KMG]iB left' /tmp/shrink-256.log ||
+    fail "shrink 256M printed no progress line"
+  grep -Eq 'shrinking: swapoff /dev/nbd[0-9]+ \(slice 2 of 2\), [0-9.]+ [KMG]iB left' "$DLOG" ||
+    fail "the daemon logged no progress of the shrink"
   grep -E 'swapoff .* took' "$DLOG" | tail -n 4 || true
   nbd_swaps
   touch "$hold"
