@@ -101,7 +101,8 @@ def man8(nv):
         out += ([".TP"] if i else []) + [f".B {code}", roff(what)]
     out += [".SH FILES",
             ".TP", ".I " + roff(nv.DEFAULT_CONFIG), "The configuration, see nbd\\-vram.conf(5).",
-            ".TP", ".I " + roff(nv.RUNTIME_DIR + "/"), "The running daemon's state (root only).",
+            ".TP", ".I " + roff(nv.RUNTIME_DIR + "/"), "The running daemon's state (state.json, root's only) and its public summary "
+            "(status.json, which status reads for any other user).",
             ".TP", ".I /etc/systemd/system/vram\\-swap\\-nbd.service", "The systemd service; "
             "vram\\-swap\\-nbd\\-sleep.service releases VRAM swap before suspend.",
             ".TP", ".I /etc/init.d/nbd\\-vram", "The OpenRC service, with /etc/conf.d/nbd\\-vram.",
