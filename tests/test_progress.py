@@ -80,7 +80,7 @@ def test_status_line_follows_shrink_grow_and_stop_tells_its_progress(shared_tmp,
         # shrink: its progress while it waits (not a terminal: plain lines), then STATUS= without the device.
         p = cli(s.env, "shrink", "64M")
         assert p.returncode == 0, p.stderr + s.text()
-        assert re.search(r"INFO: shrink: shrinking: swapoff /dev/nbd-harness0\.1, 16 MiB left", p.stderr), p.stderr
+        assert re.search(r"INFO: shrink: shrinking: swapoff /dev/nbd-harness0\.1, \d+ [KM]iB left", p.stderr), p.stderr
         assert "64 MiB of VRAM is swap now" in p.stderr
         assert eventually(lambda: "\n".join(statuses(s)), "shrinking: swapoff /dev/nbd-harness0.1, 16 MiB left")
         last = statuses(s)[-1]
@@ -104,12 +104,12 @@ def test_status_line_follows_shrink_grow_and_stop_tells_its_progress(shared_tmp,
                 break
             time.sleep(0.3)
         assert seen, s.text()
-        assert seen["phase"] == "stopping" and seen["slices"] == 2 and 0 < seen["left_bytes"] <= 32 << 20, seen
+        assert seen["phase"] == "stopping" and seen["slices"] == 2 and 0 <= seen["left_bytes"] < 32 << 20, seen
         assert p.returncode == 0, p.stdout          # the slice already off is not "missing": not degraded
         for prefix in ((), as_nobody()):
             p = cli(s.env, "status", prefix=prefix)
             assert re.search(rf"^daemon +stopping, pid {st['pid']}", p.stdout, re.M), p.stdout
-            assert re.search(r"^progress +stopping: swapoff /dev/nbd-harness(0\.1)? \(slice [12] of 2\), \d+ MiB left",
+            assert re.search(r"^progress +stopping: swapoff /dev/nbd-harness(0\.1)? \(slice [12] of 2\), \d+ [KM]iB left",
                              p.stdout, re.M), p.stdout
     finally:
         rc = s.stop()
@@ -132,7 +132,7 @@ def test_sleep_shows_the_release_in_progress(tmp_path, fakecuda):
         h.wait_mode("serving")
         p = h.cli("sleep")
         assert p.returncode == 0, p.stderr + h.text()
-        assert re.search(r"INFO: sleep: releasing for sleep: swapoff /dev/nbd-harness, 8 MiB left", p.stderr), p.stderr
+        assert re.search(r"INFO: sleep: releasing for sleep: swapoff /dev/nbd-harness, \d+ [KM]iB left", p.stderr), p.stderr
         assert "VRAM swap released" in p.stderr
         assert eventually(h.text, "releasing for sleep: swapoff /dev/nbd-harness, 8 MiB left"), h.text()
         assert h.lines()[-3:] == ["swapoff /dev/nbd-harness", "disconnect", "exec"], h.lines()
