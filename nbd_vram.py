@@ -97,7 +97,7 @@ EXIT_NO_DRIVER = 5      # libcuda.so.1 missing or too old
 EXIT_NO_GPU = 6         # no usable NVIDIA GPU, or --gpu names none
 EXIT_NO_VRAM = 7        # not even the minimum size could be allocated
 EXIT_NO_NBD = 8         # the kernel has no nbd driver, or no free device
-EXIT_NOT_ROOT = 9       # run, sleep, wake, shrink, grow, upgrade, detach need root; status, to read the state
+EXIT_NOT_ROOT = 9       # run, sleep, wake, shrink, grow, upgrade, detach need root; status, where nothing can be read
 EXIT_DEGRADED = 10      # status: running, but I/O errors were seen
 EXIT_NO_CRYPT = 11      # encrypt = yes, but cryptsetup or the kernel's dm-crypt is missing
 
@@ -111,7 +111,7 @@ EXIT_MEANINGS = {
     EXIT_NO_GPU: "no usable NVIDIA GPU, or --gpu names none",
     EXIT_NO_VRAM: "not even the minimum size of VRAM could be allocated",
     EXIT_NO_NBD: "the kernel has no nbd driver, or no free /dev/nbdX",
-    EXIT_NOT_ROOT: "needs root: run, sleep, wake, shrink, grow, upgrade, detach; status, where the state is root's",
+    EXIT_NOT_ROOT: "needs root: run, sleep, wake, shrink, grow, upgrade, detach; status, where nothing of the daemon's can be read",
     EXIT_DEGRADED: "status: running, but GPU or I/O errors were seen",
     EXIT_NO_CRYPT: "encrypt = yes, but cryptsetup or the kernel's dm-crypt is missing",
 }
