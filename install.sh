@@ -186,22 +186,49 @@ openrc_active() {  # started, or stopping (a stop whose swapoff failed: the daem
 
 service_active() { unit_active || openrc_active; }
 
-# Stop the service: its stop is a swapoff, which can take minutes and is never forced.
 # state_key KEY: KEY from the running daemon's state.json ("" if none)
 state_key() {
     python3 -c 'import json, sys; print(json.load(open(sys.argv[1])).get(sys.argv[2], ""))' "$RUNDIR/state.json" "$1" 2>/dev/null || true
 }
 
+# progress_line: the stopping daemon's own line for the swapoff in progress (as `status` shows it:
+# "stopping: swapoff /dev/nbd3 (slice 3 of 7), 1.2 GiB left, 150 MiB/s"), "" if it has none
+progress_line() {
+    python3 -c 'import json, sys
+print(((json.load(open(sys.argv[1])).get("progress") or {}).get("line") or ""))' "$RUNDIR/state.json" 2>/dev/null || true
+}
+
+# run_stop CMD...: run (print it, then run it) `systemctl stop`, which is a swapoff of minutes with
+# GiBs in VRAM swap and prints nothing meanwhile: the daemon's progress line every 10 s instead.
+run_stop() {
+    local pid waited=0 line
+    printf '+'; printf ' %q' "$@"; printf '\n'
+    if (( DRY )); then return 0; fi
+    "$@" &
+    pid=$!
+    while kill -0 "$pid" 2>/dev/null; do
+        sleep 1
+        waited=$(( waited + 1 ))
+        if (( waited % 10 == 0 )); then
+            line=$(progress_line)
+            note "${line:-stopping} (${waited} s)"
+        fi
+    done
+    wait "$pid"
+}
+
+# Stop the service: its stop is a swapoff, which can take minutes and is never forced.
 stop_service() {
     if unit_active; then
         note "stopping $UNIT: a full swapoff, every page on VRAM comes back to RAM (can take minutes)"
-        if run systemctl stop "$UNIT" && { (( DRY )) || ! unit_active; }; then
+        if run_stop systemctl stop "$UNIT" && { (( DRY )) || ! unit_active; }; then
             return 0
         fi
         die "$UNIT did not stop (swapoff still running or failing, see journalctl -u $UNIT); nothing was changed: free some RAM and run install.sh again"
     fi
     if openrc_active; then
         note "stopping $SERVICE: a full swapoff, every page on VRAM comes back to RAM (can take minutes)"
+        # (the init script's stop says how far its swapoff is itself, every 10 s)
         if run rc-service "$SERVICE" stop && { (( DRY )) || ! openrc_active; }; then
             return 0
         fi

@@ -5,6 +5,7 @@ throwaway root, and install.sh installs into a staging root with stubbed nvidia-
 modprobe.  .ci/run installs systemd and shellcheck (apt-get install -y systemd shellcheck).
 """
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -12,6 +13,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -562,3 +564,58 @@ def test_script_conventions(script):
 def test_shell_tests_skip_without_root(script):
     p = run_unprivileged(script, *(["auto"] if script == "test_fill.sh" else []))
     assert p.returncode == 77 and "SKIP" in p.stdout, p.stdout + p.stderr
+
+
+# -- install.sh --uninstall on a live systemd: the stop's progress -------------------------------
+
+STUB_SYSTEMCTL = """#!/bin/sh
+# systemctl as install.sh --uninstall uses it, for the daemon whose pid is in $STUB_PID: is-active
+# while it runs; stop is its SIGTERM (a swapoff, then it exits), waited for as systemctl waits.
+case "$1" in
+    is-active) kill -0 "$(cat "$STUB_PID")" 2>/dev/null && { echo active; exit 0; }; echo inactive; exit 3 ;;
+    stop) pid=$(cat "$STUB_PID"); kill -TERM "$pid"; while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done ;;
+esac
+exit 0
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "nsenter")),
+                    reason="needs root and unshare/nsenter (a mount namespace where systemd looks booted)")
+def test_uninstall_shows_the_stop_progress_under_systemd(tmp_path, fakecuda):
+    """`systemctl stop` is a swapoff that prints nothing for minutes: install.sh --uninstall shows the
+    daemon's own progress line every 10 s while it waits.  systemd is played by a mount namespace with
+    /run/systemd/system and a systemctl stub; the daemon is `run` under tests/power_harness.py, whose
+    swapoff (the daemon's own, through a fake swapoff command) takes 11 s with 64 MiB on the device."""
+    from conftest import Namespace
+    ns = Namespace(tmp_path, overlays=("/etc", "/usr/local"))
+    try:
+        rt, stubs = tmp_path / "rt", make_stubs(tmp_path)
+        (stubs / "systemctl").write_text(STUB_SYSTEMCTL)
+        (stubs / "systemctl").chmod(0o755)
+        conf = tmp_path / "nbd-vram.conf"
+        conf.write_text("size = 64M\nmin_size = 64M\nconnections = 2\nworkers = 1\npower = always\nbuffer_size = 256K\n")
+        env = dict(clean_env(), PATH=f"{stubs}:{os.environ['PATH']}", NBD_VRAM_RUNTIME_DIR=str(rt),
+                   STUB_PID=str(tmp_path / "pid"))
+        daemon_env = dict(env, NBD_VRAM_LIBCUDA=fakecuda, NBD_VRAM_CONFIG=str(conf), NBD_VRAM_CUINIT_TRIES="1",
+                          HARNESS_EVENTS=str(tmp_path / "events"), NBD_VRAM_SYSFS_ROOT=str(tmp_path / "sys"),
+                          HARNESS_SWAPOFF_S="11", HARNESS_SWAP_USED_KIB="65536", PYTHONUNBUFFERED="1")
+        # Started from a shell that exits at once: the daemon is nobody's child here (no zombie for
+        # kill -0 to see after it ends), as under systemd.
+        ns.run("sh", "-c", f"mkdir -p /run/systemd/system && {sys.executable} {ROOT / 'tests' / 'power_harness.py'} run "
+                           f">{tmp_path / 'daemon.log'} 2>&1 & echo $! >{tmp_path / 'pid'}", env=daemon_env)
+        for _ in range(300):
+            try:
+                if json.loads((rt / "state.json").read_text()).get("ready"):
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.1)
+        else:
+            pytest.fail("the daemon did not get ready: " + (tmp_path / "daemon.log").read_text())
+        un = ns.run("bash", INSTALL, "--uninstall", env=env, timeout=120)
+        assert un.returncode == 0, un.out
+        assert "+ systemctl stop vram-swap-nbd.service" in un.out, un.out
+        assert re.search(r"^install.sh: stopping: swapoff /dev/nbd-harness\S*, \d+ MiB left.* \(1\d s\)$", un.out, re.M), un.out
+        assert "swapoff /dev/nbd-harness" in (tmp_path / "events").read_text()
+    finally:
+        ns.close()

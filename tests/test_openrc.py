@@ -10,6 +10,7 @@ Needs root, unshare/nsenter and the openrc package (.ci/run installs it).
 """
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -32,7 +33,8 @@ class Service:
     """The init script in TMP/etc/init.d (a path outside the overlays: OpenRC reads ../conf.d beside it),
     its conf.d pointing the daemon at the harness through a wrapper."""
 
-    def __init__(self, ns, tmp, fakecuda, conf="", confd=""):
+    def __init__(self, ns, tmp, fakecuda, conf="", confd="", harness=""):
+        """HARNESS: more of the harness's settings for the daemon, as shell (HARNESS_SWAPOFF_S=11 ...)."""
         self.ns, self.tmp = ns, tmp
         self.rt, self.events, self.log = tmp / "rt", tmp / "events", tmp / "daemon.log"
         self.fails = tmp / "swapoff-fails"
@@ -48,7 +50,7 @@ class Service:
             "#!/bin/sh\n# `run` under the harness (the kernel's part played); every other command the real one\n"
             f"export NBD_VRAM_LIBCUDA={fakecuda} NBD_VRAM_CUINIT_TRIES=1 HARNESS_EVENTS={self.events} "
             f"HARNESS_SWAPOFF_FAILS={self.fails} HARNESS_SWAPOFF_RETRY_S=1 NBD_VRAM_SYSFS_ROOT={tmp / 'sys'} "
-            f"NBD_VRAM_RUNTIME_DIR={self.rt} PYTHONUNBUFFERED=1\n"
+            f"NBD_VRAM_RUNTIME_DIR={self.rt} PYTHONUNBUFFERED=1 {harness}\n"
             f'[ "$1" = run ] && exec python3 {HARNESS} "$@"\n'
             f'exec python3 {ROOT / "nbd_vram.py"} "$@"\n')
         self.wrapper.chmod(0o755)
@@ -213,8 +215,11 @@ def stubs(tmp_path):
 def test_install_detects_openrc_installs_starts_upgrades_in_place_and_uninstalls(ns, tmp_path, fakecuda):
     """install.sh on a machine that OpenRC booted: its files, the default runlevel, the service started
     and ready; a new version of the program only: upgraded in place (same daemon, swap on); --uninstall:
-    stopped (swapoff) and every file gone but the admin's configuration."""
-    svc = Service(ns, tmp_path, fakecuda)
+    stopped (swapoff, its progress shown while it runs) and every file gone but the admin's configuration."""
+    # The daemon's own swapoff, a fake one that takes 11 s with 64 MiB on the device: a stop long
+    # enough for the init script to say how far it is (every 10 s) while install.sh waits.
+    svc = Service(ns, tmp_path, fakecuda, confd="stop_timeout=60\n",
+                  harness="HARNESS_SWAPOFF_S=11 HARNESS_SWAP_USED_KIB=65536")
     # The admin's conf.d sends the daemon to the harness (this machine has no nbd driver); install.sh
     # keeps it and puts the shipped one beside it.
     confd = (tmp_path / "etc" / "conf.d" / "nbd-vram").read_text().replace(f"NBD_VRAM_CONFIG={svc.config}\n", "")
@@ -253,7 +258,8 @@ def test_install_detects_openrc_installs_starts_upgrades_in_place_and_uninstalls
     un = ns.run("bash", src / "install.sh", "--uninstall", env=env, timeout=300)
     assert un.returncode == 0, un.out
     assert not alive(pid)
-    assert f"{pid} swapoff /dev/nbd-harness" in svc.events_text()
+    assert re.search(r"^\d+ swapoff /dev/nbd-harness", svc.events_text(), re.M), svc.events_text()
+    assert re.search(r"still swapping off: \d+ MiB in VRAM swap \(1\d s\)", un.out), un.out
     for path in ("/usr/local/bin/nbd_vram.py", "/etc/init.d/nbd-vram", "/etc/elogind/system-sleep/nbd-vram",
                  "/etc/runlevels/default/nbd-vram"):
         assert ns.run("test", "-e", path).returncode != 0, path
