@@ -397,6 +397,9 @@ t_stop() {
     index($0, s) {print "swapoff"} index($0, d) {print "disconnect"} / freed [0-9.]+ [KMGT]?i?B of VRAM/ {print "free"}' $j | tr '\n' ' ')
   echo "stop: in the journal: $order"
   [ "$order" = "swapoff disconnect free " ] || fail "stop order in the journal: '$order'"
+  # The swapoff's progress, as STATUS= and the journal tell it while systemctl stop waits (a line as
+  # each swapoff starts, then every 10 s): "stopping: swapoff /dev/nbd0, 44 MiB left, 3 MiB/s".
+  grep -Eq "nbd-vram: stopping: swapoff $DEV, [0-9.]+ [KMG]iB left" $j || fail "no progress line of the stop's swapoff in the journal"
   nz=$(bar_nonzero_mib)
   [ "$nz" -eq 0 ] || fail "$nz MiB of the VRAM are not zero after the stop: not scrubbed"
   echo "stop: the VRAM is all zeros: scrubbed before it was freed"
