@@ -4,21 +4,26 @@
 # and sleeps the daemon, one boot.  Each part prints "=== NAME: PASS (N s)"; the first failure ends
 # the script with the unit's status and journal and the kernel log's tail.
 #   install   install.sh --yes --size 1G --no-start into the live system (the fake libcuda in
-#             /usr/local/lib, an nvidia-smi stub; a runtime drop-in gives the daemon the BAR)
+#             /usr/local/lib, an nvidia-smi stub; a runtime drop-in gives the daemon the BAR);
+#             enable made the alias nbd-vram.service
 #   start     systemctl start: active only once the daemon sent READY=1 (its "swap on" and
 #             "ready:" lines come before systemd's ActiveEnterTimestamp), swap at 1500, STATUS=,
 #             its VRAM fd in the fd store; systemctl status and the journal at their priorities;
+#             `systemctl status nbd-vram` (the alias); the sandbox in effect on the daemon (its
+#             capability bounding set, no new privileges, seccomp, /usr and /etc read-only);
 #             then a verifier starts, confined to its own memory cgroup (MemoryHigh: only its pages
 #             go out to swap, none of PID 1's), with data that stays in VRAM swap until the stop
 #   restart   under `pressure 48 300` (PRESSURE_HOLD): systemctl kill -s KILL --kill-whom=main;
 #             systemd restarts it with the stored fd, it takes the slice over (the device stays
 #             swap throughout, no swapoff, no mkswap); at the hold `nbd_vram.py upgrade`, then
-#             systemctl reload with a bad power key (error, priority 3) and a good one (info, 6);
+#             systemctl reload with a bad power key (the reload fails, systemctl status says why at
+#             priority 3, the daemon is not signalled) and a good one (info, 6);
 #             every checksum verified, no I/O error
 #   sleep     with the verifier's data in VRAM swap: the sleep unit's ordering on systemd's graph;
 #             systemctl suspend with pm_test=freezer (the kernel freezes every task and thaws it
 #             again; no device is suspended): the swap released before the kernel's suspend entry
-#             (every page back in RAM, the restart's leftovers too) and back after its exit
+#             (every page back in RAM, the restart's leftovers too) and back after its exit; the
+#             sleep unit's lines carry the daemon's tag, nbd-vram
 #   kill_all  the verifier's pages pushed out again; systemctl kill -s KILL --kill-whom=all: every
 #             process of the unit dies, systemd restarts it, the new daemon takes the slice over
 #             from the fd store
@@ -26,9 +31,10 @@
 #             disconnected, freed in that order in the journal, the VRAM (the BAR) all zeros:
 #             scrubbed; the fd store empty, the cgroup empty; then the verifier's checksums (its
 #             data went through the restart, the sleep, the kill of every process and the swapoff)
-#   uninstall install.sh --uninstall: units disabled and gone from systemd, files removed, config kept
+#   uninstall install.sh --uninstall: units disabled and gone from systemd (the alias too), files
+#             removed, config kept
 #   deb       the .deb of packaging/build.sh (built on the host into /mnt/deb): dpkg -i enables and
-#             starts the packaged unit (swap at 1500); dpkg -i of a rebuilt version: the running daemon
+#             starts the packaged unit (swap at 1500; the alias made); dpkg -i of a rebuilt version: the running daemon
 #             takes the new program over in place (same MainPID, the device never off /proc/swaps, no
 #             swapoff in the journal); dpkg --purge: stopped (swapoff), files and configuration gone
 # Needs: VRAM_MB=1024, a 512 MiB guest, GUEST_FAKECUDA (default /mnt/libcuda.so.1); GUEST_PARTS
@@ -43,6 +49,10 @@ LIB=${GUEST_FAKECUDA:-/mnt/libcuda.so.1}
 BAR=$(bar_enable | head -n 1)
 UNIT=vram-swap-nbd.service
 SLEEP_UNIT=vram-swap-nbd-sleep.service
+ALIAS=nbd-vram.service
+# The daemon's capability bounding set as the unit gives it (CapabilityBoundingSet=): CAP_NET_ADMIN 12,
+# CAP_IPC_LOCK 14, CAP_SYS_MODULE 16, CAP_SYS_ADMIN 21, CAP_SYS_NICE 23, CAP_SYS_RESOURCE 24, CAP_MKNOD 27
+CAPS=$(( 1 << 12 | 1 << 14 | 1 << 16 | 1 << 21 | 1 << 23 | 1 << 24 | 1 << 27 ))
 RUNDIR=/run/nbd-vram
 NV=/usr/local/bin/nbd_vram.py
 # what install.sh installs besides the program, the units and the config (the command's other name,
@@ -155,6 +165,9 @@ t_install() {
   cmp "$REPO/$UNIT" /etc/systemd/system/$UNIT || fail "the installed unit differs from the checkout's"
   [ "$(systemctl is-enabled $UNIT)" = enabled ] || fail "$UNIT is not enabled"
   [ "$(systemctl is-enabled $SLEEP_UNIT)" = enabled ] || fail "$SLEEP_UNIT is not enabled"
+  # Alias=: enable made the short name, a link to the unit
+  [ "$(readlink /etc/systemd/system/$ALIAS)" = /etc/systemd/system/$UNIT ] || fail "systemctl enable did not make the $ALIAS link"
+  prop Names | grep -qw $ALIAS || fail "systemd does not know $UNIT as $ALIAS: $(prop Names)"
   [ "$(prop LoadState)" = loaded ] && [ "$(prop FragmentPath)" = /etc/systemd/system/$UNIT ] \
     || fail "systemd did not load $UNIT from /etc/systemd/system: $(prop LoadState) $(prop FragmentPath)"
   prop DropInPaths | grep -q /run/systemd/system/$UNIT.d/lab.conf || fail "the lab drop-in is not loaded"
@@ -215,9 +228,42 @@ t_start() {
   grep -q "Status: \"serving" /tmp/status-start || fail "systemctl status does not show the daemon's STATUS="
   grep -q "ready: serving" /tmp/status-start || fail "systemctl status does not show the daemon's lines"
   journalctl --no-pager -t nbd-vram -p info -n 3 | grep -q 'ready: serving' || fail "journalctl -t nbd-vram does not find the daemon"
+  systemctl --no-pager status ${ALIAS%.service} > /tmp/status-alias || fail "systemctl status ${ALIAS%.service} exited $?"
+  grep -q "Main PID: $(prop MainPID) " /tmp/status-alias || fail "systemctl status ${ALIAS%.service} does not show the daemon"
+  check_hardening
   kernel_clean
   start_verifier
   pass
+}
+
+# check_hardening: the unit's sandbox as systemd loaded it, and in effect on the running daemon
+check_hardening() {
+  local main p=/tmp/hardening k v
+  main=$(prop MainPID)
+  systemctl show -p ProtectSystem -p ProtectHome -p PrivateTmp -p PrivateMounts -p NoNewPrivileges -p LockPersonality \
+    -p RestrictSUIDSGID -p RestrictNamespaces -p ProtectControlGroups -p ProtectHostname -p ProtectKernelLogs \
+    -p RestrictAddressFamilies -p SystemCallArchitectures -p SystemCallErrorNumber -p UMask -p CapabilityBoundingSet $UNIT | tee $p
+  for kv in ProtectSystem=full ProtectHome=yes PrivateTmp=yes PrivateMounts=yes NoNewPrivileges=yes LockPersonality=yes \
+            RestrictSUIDSGID=yes ProtectControlGroups=yes ProtectHostname=yes ProtectKernelLogs=yes UMask=0077; do
+    grep -qx "$kv" $p || fail "systemd loaded $UNIT without $kv"
+  done
+  grep -q '^RestrictAddressFamilies=AF_UNIX AF_NETLINK$\|^RestrictAddressFamilies=AF_NETLINK AF_UNIX$' $p || fail "RestrictAddressFamilies is not AF_UNIX AF_NETLINK"
+  # ... and on the daemon: its bounding set, no new privileges, a seccomp filter, its own mount
+  # namespace with /usr and /etc read-only and /home hidden
+  grep -E '^(CapBnd|CapEff|NoNewPrivs|Seccomp):' /proc/$main/status
+  k=$(awk '/^CapBnd:/ {print $2}' /proc/$main/status)
+  [ $(( 16#$k )) = $CAPS ] || fail "the daemon's capability bounding set is $k, not $(printf %016x $CAPS)"
+  [ "$(awk '/^NoNewPrivs:/ {print $2}' /proc/$main/status)" = 1 ] || fail "the daemon may gain privileges (NoNewPrivs 0)"
+  [ "$(awk '/^Seccomp:/ {print $2}' /proc/$main/status)" = 2 ] || fail "the daemon has no seccomp filter"
+  [ "$(readlink /proc/$main/ns/mnt)" != "$(readlink /proc/1/ns/mnt)" ] || fail "the daemon shares PID 1's mount namespace"
+  [ "$(readlink /proc/$main/ns/uts)" != "$(readlink /proc/1/ns/uts)" ] || fail "the daemon shares PID 1's UTS namespace (ProtectHostname)"
+  for v in /usr /etc; do
+    awk -v m="$v" '$5 == m {print $6}' /proc/$main/mountinfo | grep -q '^ro' || fail "$v is not read-only for the daemon"
+  done
+  awk '$5 == "/home" || $5 == "/root" || $5 == "/tmp" {print "  daemon mount:", $5, $6, $9}' /proc/$main/mountinfo
+  echo "hardening: in effect on pid $main (CapBnd $k)"
+  # (online, it asks PID 1 over D-Bus, which this guest has not: the unit file's rating instead)
+  systemd-analyze security --offline=true /etc/systemd/system/$UNIT 2>&1 | tail -n 1
 }
 
 # -- kill -9 of the main process under load, upgrade and reload at the hold -------------------
@@ -251,18 +297,25 @@ t_restart() {
   "$NV" upgrade --timeout 300 || fail "nbd_vram.py upgrade failed"
   [ "$(prop MainPID)" = "$old" ] && [ "$(state_key pid)" = "$old" ] || fail "the upgrade changed the pid ($old -> $(prop MainPID))"
   [ "$(prop ActiveState)" = active ] && [ "$(prop NRestarts)" = $n ] || fail "after the upgrade: $(prop ActiveState), NRestarts $(prop NRestarts)"
-  # systemctl reload (ExecReload: SIGHUP) with a power key changed: first to a bad value (an error,
-  # the old settings stay), then to a good one.
+  # systemctl reload (ExecReload: check-config, then SIGHUP) with a power key changed: first to a bad
+  # value (the reload fails and says why, the daemon is not signalled: the old settings stay), then
+  # to a good one.
   echo "battery_threshold = 0" >> /etc/nbd-vram.conf
-  systemctl reload $UNIT
-  for _ in $(seq 120); do journalctl -q -o cat --after-cursor="$c" -u $UNIT | grep -q 'SIGHUP: configuration not reloaded' && break; sleep 1; done
+  if systemctl reload $UNIT 2> /tmp/reload-bad; then fail "systemctl reload succeeded with battery_threshold = 0"; fi
+  cat /tmp/reload-bad
+  grep -q "failed" /tmp/reload-bad || fail "systemctl reload did not say it failed"
+  systemctl --no-pager status $UNIT > /tmp/status-reload || true
+  grep -q "battery_threshold: 0 is outside 1..99" /tmp/status-reload || { cat /tmp/status-reload; fail "systemctl status does not show why the reload failed"; }
   sed -i 's/^battery_threshold = 0$/battery_threshold = 30/' /etc/nbd-vram.conf
   systemctl reload $UNIT
   for _ in $(seq 120); do journalctl -q -o cat --after-cursor="$c" -u $UNIT | grep -q 'SIGHUP: battery_threshold = 30' && break; sleep 1; done
   [ "$(prop ActiveState)" = active ] && [ "$(prop MainPID)" = "$old" ] || fail "the reloads changed the unit: $(prop ActiveState), pid $(prop MainPID)"
   journal_since "$c" -u $UNIT > $j
   cat $j
-  [ "$(priority_of $j "SIGHUP: configuration not reloaded")" = 3 ] || fail "no error (priority 3) for the bad battery_threshold"
+  [ "$(priority_of $j "battery_threshold: 0 is outside 1..99")" = 3 ] || fail "no error (priority 3) for the bad battery_threshold"
+  grep -q "nbd-vram: .*battery_threshold: 0 is outside" $j || fail "the reload's error line does not carry the tag nbd-vram"
+  if grep -q "SIGHUP: configuration not reloaded" $j; then fail "the daemon was signalled with the bad file"; fi
+  [ "$(grep -c "SIGHUP: battery_threshold" $j)" = 1 ] || fail "the daemon did not reload exactly once"
   [ "$(priority_of $j "SIGHUP: battery_threshold = 30 .was 20.")" = 6 ] || fail "no info line (priority 6) for battery_threshold 30"
   grep -q "Reloaded $UNIT\|Reloaded nbd-vram" $j || fail "systemd logged no reload"
   touch "$hold"
@@ -329,6 +382,9 @@ t_sleep() {
   echo "sleep: swap off at $off us, suspend entry $entry, exit $exit_, swap on again at ${back:-never} (monotonic)"
   [ -n "$off" ] && [ -n "$entry" ] && [ "$off" -lt "$entry" ] || fail "the swap was not released before the suspend entry"
   [ -n "$back" ] || fail "no swap on $DEV after the suspend exit"
+  # The sleep unit's lines carry the daemon's tag (SyslogIdentifier=nbd-vram)
+  grep -q "nbd-vram: sleep: asking the daemon" $j || fail "the sleep unit's 'sleep:' line does not carry the tag nbd-vram"
+  grep -q "nbd-vram: wake: " $j || fail "the sleep unit's 'wake:' line does not carry the tag nbd-vram"
   [ "$(swap_prio "$DEV")" = 1500 ] || fail "$DEV is back at priority $(swap_prio "$DEV"), not 1500"
   [ "$(prop ActiveState)" = active ] || fail "$UNIT is $(prop ActiveState) after the resume"
   kill -0 "$VERIFIER" || fail "the verifier died during the sleep"
@@ -425,6 +481,7 @@ t_uninstall() {
     || fail "systemd still has the units: $(prop LoadState), $(prop LoadState $SLEEP_UNIT)"
   [ ! -e /etc/systemd/system/multi-user.target.wants/$UNIT ] && [ ! -e /etc/systemd/system/sleep.target.requires/$SLEEP_UNIT ] \
     || fail "install.sh --uninstall left the units enabled"
+  [ ! -L /etc/systemd/system/$ALIAS ] || fail "install.sh --uninstall left the $ALIAS link"
   pass
 }
 
@@ -455,6 +512,7 @@ t_deb() {
   esac
   { [ "$(systemctl is-enabled $UNIT)" = enabled ] && [ "$(systemctl is-enabled $SLEEP_UNIT)" = enabled ]; } \
     || fail "the package did not enable its units"
+  [ -L /etc/systemd/system/$ALIAS ] || fail "the package's enable made no $ALIAS link"
   [ "$(prop ActiveState)/$(prop SubState)" = active/running ] || fail "the package's postinst did not start $UNIT"
   dev=$(state_key device)
   [ "$(swap_prio "$dev")" = 1500 ] || fail "no nbd swap at 1500 after dpkg -i: $(cat /proc/swaps)"
@@ -478,7 +536,7 @@ t_deb() {
   [ "$(prop LoadState)" = not-found ] || fail "systemd still has $UNIT after the purge"
   ! grep -q '^/dev/nbd' /proc/swaps || fail "nbd swap still on after the purge"
   check_disconnected
-  for f in /usr/bin/nbd_vram.py /lib/systemd/system/$UNIT /etc/nbd-vram.conf; do
+  for f in /usr/bin/nbd_vram.py /lib/systemd/system/$UNIT /etc/nbd-vram.conf /etc/systemd/system/$ALIAS; do
     [ ! -e "$f" ] || fail "dpkg --purge left $f"
   done
   rm -rf /run/systemd/system/$UNIT.d
