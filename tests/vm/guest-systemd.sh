@@ -174,6 +174,9 @@ t_install() {
   # Two connections (as the other kernel parts), and a dead connection held 300 s, not 600: a
   # daemon that never comes back fails the test in minutes.
   printf 'connections = 2\ndead_conn_timeout = 300\n' >> /etc/nbd-vram.conf
+  # The vm sysctl at the value it has: the sandbox must let the daemon write /proc/sys/vm, and
+  # nothing else changes.
+  echo "swappiness = $(sysctl -n vm.swappiness)" >> /etc/nbd-vram.conf
   grep -E '^[a-z_]+ *=' /etc/nbd-vram.conf
   grep -q '^size = 1G' /etc/nbd-vram.conf || fail "/etc/nbd-vram.conf has no 'size = 1G'"
   [ -x "$NV" ] || fail "$NV is not executable"
@@ -223,6 +226,10 @@ t_start() {
   [ "$swapon_at" -lt "$active_at" ] || fail "the unit was active before the swap was on"
   [ "$(priority_of $j "nbd-vram: ready: serving")" = 6 ] || fail "the ready line is not at priority 6 (info)"
   [ "$(priority_of $j "nbd-vram: swap on $DEV")" = 6 ] || fail "the swap-on line is not at priority 6 (info)"
+  # Nothing the sandbox refused: no warning or error of the daemon (SCHED_RR, mlockall, oom_score_adj,
+  # PR_SET_IO_FLUSHER, the sysctl each say so at priority 4 when they fail)
+  if awk '$1 <= 4 && $3 == "nbd-vram:"' $j | grep .; then fail "the daemon warned at its start"; fi
+  grep -q "nbd-vram: sysctl vm.swappiness = " $j || fail "the daemon did not set vm.swappiness"
   systemctl --no-pager status $UNIT | tee /tmp/status-start || true
   grep -q 'Active: active (running)' /tmp/status-start || fail "systemctl status does not say active (running)"
   grep -q "Status: \"serving" /tmp/status-start || fail "systemctl status does not show the daemon's STATUS="
@@ -261,6 +268,10 @@ check_hardening() {
     awk -v m="$v" '$5 == m {print $6}' /proc/$main/mountinfo | grep -q '^ro' || fail "$v is not read-only for the daemon"
   done
   awk '$5 == "/home" || $5 == "/root" || $5 == "/tmp" {print "  daemon mount:", $5, $6, $9}' /proc/$main/mountinfo
+  # the serving threads got SCHED_RR (realtime = yes) under the bounding set
+  k=$(ps -L -o cls= -p "$(paste -sd, /sys/fs/cgroup/system.slice/$UNIT/cgroup.procs)" | grep -c RR || true)
+  [ "$k" -gt 0 ] || fail "no thread of the unit runs SCHED_RR"
+  echo "hardening: $k threads of the unit run SCHED_RR"
   echo "hardening: in effect on pid $main (CapBnd $k)"
   # (online, it asks PID 1 over D-Bus, which this guest has not: the unit file's rating instead)
   systemd-analyze security --offline=true /etc/systemd/system/$UNIT 2>&1 | tail -n 1
