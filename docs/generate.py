@@ -75,7 +75,7 @@ def man8(nv):
             roff("nbd_vram.py allocates VRAM through the CUDA driver API, serves it to the kernel's nbd driver as "
                  "/dev/nbdX and makes that a swap device at a high priority, so that a machine short of RAM swaps "
                  "to VRAM before zram or disk. The daemon (run) is started by the service vram-swap-nbd.service "
-                 "under systemd, or /etc/init.d/nbd-vram under OpenRC; the other commands talk to it."),
+                 "(alias nbd-vram.service) under systemd, or /etc/init.d/nbd-vram under OpenRC; the other commands talk to it."),
             ".SH COMMANDS"]
     for name, p, help_ in cmds:
         opts, pos = options_of(p)
@@ -120,8 +120,8 @@ def man5(nv):
                  "$NBD_VRAM_CONFIG, names another, which must exist), then the environment, then its flags (each key is also "
                  "a flag: --key, with - for _). nbd_vram.py check-config prints every setting and where it came "
                  "from, as lines that can be pasted into the file. SIGHUP (systemctl "
-                 "reload, rc-service nbd-vram reload) applies these now: " + ", ".join(nv.POWER_KEYS) +
-                 "; the rest at the next start."),
+                 "reload, rc-service nbd-vram reload: both check the file first, and a bad one fails the reload) "
+                 "applies these now: " + ", ".join(nv.POWER_KEYS) + "; the rest at the next start."),
             ".SH SETTINGS"]
     for o in nv.OPTIONS:
         out += [".TP", f".BI {o.key} \" = \" \"{roff(o.default)}\"", roff(o.help[0].upper() + o.help[1:] + "."),

@@ -159,9 +159,64 @@ def test_sleep_unit_settings():
     assert ("Install", "WantedBy") not in d
 
 
-def test_main_unit_reload_is_sighup():
-    d = {(s, k): v for s, k, v in directives("vram-swap-nbd.service")}
-    assert d[("Service", "ExecReload")] == "/bin/kill -HUP $MAINPID"
+def test_main_unit_reload_checks_the_file_then_sends_sighup():
+    """systemctl reload fails on a bad file (check-config, as OpenRC's reload does) and only then
+    signals the daemon: systemd 252 has no Type=notify-reload for the daemon to answer with."""
+    reloads = [v for s, k, v in directives("vram-swap-nbd.service") if (s, k) == ("Service", "ExecReload")]
+    assert reloads == ["/bin/sh -c 'exec /usr/local/bin/nbd_vram.py check-config >/dev/null'",
+                       "/bin/kill -HUP $MAINPID"]
+    initd = (ROOT / "openrc/nbd-vram.initd").read_text()
+    assert "check-config" in initd.split("reload()", 1)[1], "OpenRC's reload checks the file too"
+
+
+def test_reload_check_fails_on_a_bad_file_and_passes_a_good_one(tmp_path):
+    """What ExecReload's first command does with a bad and a good file: exit non-zero with the
+    one-line error on stderr (the journal and `systemctl status` show it), and exit 0 silently."""
+    conf = tmp_path / "nbd-vram.conf"
+    conf.write_text(CONF.read_text() + "battery_threshold = 0\n")
+    cmd = ["/bin/sh", "-c", f"exec {sys.executable} {SCRIPT} check-config >/dev/null"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(NBD_VRAM_CONFIG=str(conf)))
+    assert p.returncode == 4 and not p.stdout, p
+    assert "battery_threshold: 0 is outside 1..99" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    conf.write_text(CONF.read_text() + "battery_threshold = 30\n")
+    p = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(NBD_VRAM_CONFIG=str(conf)))
+    assert p.returncode == 0 and not p.stdout and not p.stderr.strip(), p
+
+
+def security_exposure(tmp_path, name, text=None):
+    """systemd-analyze security --offline=true of a unit file: (overall exposure, full output)."""
+    exe = shutil.which("systemd-analyze")
+    if not exe:
+        pytest.skip("systemd-analyze is not installed (apt-get install -y systemd)")
+    path = tmp_path / name
+    path.write_text((ROOT / name).read_text() if text is None else text)
+    p = subprocess.run([exe, "security", "--offline=true", "--no-pager", str(path)], capture_output=True, text=True,
+                       env=dict(os.environ, SYSTEMD_LOG_COLOR="0", SYSTEMD_PAGER="", SYSTEMD_COLORS="0"))
+    out = p.stdout + p.stderr
+    if "--offline" in out and ("unrecognized" in out or "Unknown" in out):
+        pytest.skip(f"this systemd-analyze has no security --offline (systemd 250 or newer): {out.strip()}")
+    m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out)
+    assert m, f"no exposure level in systemd-analyze security (exit {p.returncode}):\n{out}"
+    return float(m.group(1)), out
+
+
+# The issue asks for at most 5.5.  The sandbox that got there (commit 66dcaaf: 3.9, then 4.9) lost the
+# swap in the crash restart of tests/vm/guest-systemd.sh in 3 of 3 boots, so it is not shipped: this
+# fails until a sandbox that passes that boot is back (strict: it then says so).
+@pytest.mark.xfail(strict=True, reason="no sandbox yet: see the comment at the end of vram-swap-nbd.service's [Service]")
+@pytest.mark.parametrize("name,most", [("vram-swap-nbd.service", 5.5)])
+def test_units_are_hardened(tmp_path, name, most):
+    level, out = security_exposure(tmp_path, name)
+    assert level <= most, f"{name}: exposure {level} > {most}:\n{out}"
+
+
+def test_main_unit_alias():
+    assert [v for s, k, v in directives("vram-swap-nbd.service") if k == "Alias"] == ["nbd-vram.service"]
+
+
+def test_sleep_unit_carries_the_daemon_journal_tag():
+    tags = {name: [v for s, k, v in directives(name) if (s, k) == ("Service", "SyslogIdentifier")] for name in UNITS}
+    assert tags == {"vram-swap-nbd.service": ["nbd-vram"], "vram-swap-nbd-sleep.service": ["nbd-vram"]}
 
 
 # -- the shipped configuration ---------------------------------------------------------------
@@ -272,6 +327,8 @@ def test_install_into_staging_root(tmp_path):
     if shutil.which("systemctl"):
         assert t.get("etc/systemd/system/multi-user.target.wants/vram-swap-nbd.service", ("",))[0] == "link"
         assert t.get("etc/systemd/system/sleep.target.requires/vram-swap-nbd-sleep.service", ("",))[0] == "link"
+        # Alias=: enable makes the short name (`systemctl status nbd-vram`)
+        assert t.get("etc/systemd/system/nbd-vram.service", ("",))[0] == "link"
     rule = (staging / "etc/udev/rules.d/90-nbd-vram-power.rules").read_text()
     assert 'SUBSYSTEM=="power_supply", ACTION=="change", RUN+="/usr/local/bin/nbd_vram.py power-event"' in rule
     # the other name, the manual pages (man nbd_vram.py shows nbd-vram(8)), the bash completion for both names
@@ -391,7 +448,8 @@ def test_uninstall_keeps_config_unless_purge(tmp_path):
     t = tree(staging)
     for rel in [BIN, *UNIT_PATHS, "etc/udev/rules.d/90-nbd-vram-power.rules"]:
         assert rel not in t
-    assert not [rel for rel in t if rel.endswith(("/vram-swap-nbd.service", "/vram-swap-nbd-sleep.service"))]
+    assert not [rel for rel in t if rel.endswith(("/vram-swap-nbd.service", "/vram-swap-nbd-sleep.service",
+                                                  "/nbd-vram.service"))]
     assert ETC_CONF in t and "kept" in p.stdout
     again = install(staging, stubs, "--uninstall")
     assert again.returncode == 0 and tree(staging) == t

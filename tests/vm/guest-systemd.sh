@@ -4,21 +4,25 @@
 # and sleeps the daemon, one boot.  Each part prints "=== NAME: PASS (N s)"; the first failure ends
 # the script with the unit's status and journal and the kernel log's tail.
 #   install   install.sh --yes --size 512M --no-start into the live system (the fake libcuda in
-#             /usr/local/lib, an nvidia-smi stub; a runtime drop-in gives the daemon the BAR)
+#             /usr/local/lib, an nvidia-smi stub; a runtime drop-in gives the daemon the BAR);
+#             enable made the alias nbd-vram.service
 #   start     systemctl start: active only once the daemon sent READY=1 (its "swap on" and
 #             "ready:" lines come before systemd's ActiveEnterTimestamp), swap at 1500, STATUS=,
 #             its VRAM fd in the fd store; systemctl status and the journal at their priorities;
+#             `systemctl status nbd-vram` (the alias); no warning of the daemon, vm.swappiness set;
 #             then a verifier starts, confined to its own memory cgroup (MemoryHigh: only its pages
 #             go out to swap, none of PID 1's), with data that stays in VRAM swap until the stop
 #   restart   under `pressure 48 300` (PRESSURE_HOLD): systemctl kill -s KILL --kill-whom=main;
 #             systemd restarts it with the stored fd, it takes the slice over (the device stays
 #             swap throughout, no swapoff, no mkswap); at the hold `nbd_vram.py upgrade`, then
-#             systemctl reload with a bad power key (error, priority 3) and a good one (info, 6);
+#             systemctl reload with a bad power key (the reload fails, systemctl status says why at
+#             priority 3, the daemon is not signalled) and a good one (info, 6);
 #             every checksum verified, no I/O error
 #   sleep     with the verifier's data in VRAM swap: the sleep unit's ordering on systemd's graph;
 #             systemctl suspend with pm_test=freezer (the kernel freezes every task and thaws it
 #             again; no device is suspended): the swap released before the kernel's suspend entry
-#             (every page back in RAM, the restart's leftovers too) and back after its exit
+#             (every page back in RAM, the restart's leftovers too) and back after its exit; the
+#             sleep unit's lines carry the daemon's tag, nbd-vram
 #   kill_all  the verifier's pages pushed out again; systemctl kill -s KILL --kill-whom=all: every
 #             process of the unit dies, systemd restarts it, the new daemon takes the slice over
 #             from the fd store
@@ -26,9 +30,10 @@
 #             disconnected, freed in that order in the journal, the VRAM (the BAR) all zeros:
 #             scrubbed; the fd store empty, the cgroup empty; then the verifier's checksums (its
 #             data went through the restart, the sleep, the kill of every process and the swapoff)
-#   uninstall install.sh --uninstall: units disabled and gone from systemd, files removed, config kept
+#   uninstall install.sh --uninstall: units disabled and gone from systemd (the alias too), files
+#             removed, config kept
 #   deb       the .deb of packaging/build.sh (built on the host into /mnt/deb): dpkg -i enables and
-#             starts the packaged unit (swap at 1500); dpkg -i of a rebuilt version: the running daemon
+#             starts the packaged unit (swap at 1500; the alias made); dpkg -i of a rebuilt version: the running daemon
 #             takes the new program over in place (same MainPID, the device never off /proc/swaps, no
 #             swapoff in the journal); dpkg --purge: stopped (swapoff), files and configuration gone
 # Needs: VRAM_MB=1024, a 512 MiB guest, GUEST_FAKECUDA (default /mnt/libcuda.so.1); GUEST_PARTS
@@ -43,6 +48,7 @@ LIB=${GUEST_FAKECUDA:-/mnt/libcuda.so.1}
 BAR=$(bar_enable | head -n 1)
 UNIT=vram-swap-nbd.service
 SLEEP_UNIT=vram-swap-nbd-sleep.service
+ALIAS=nbd-vram.service
 RUNDIR=/run/nbd-vram
 NV=/usr/local/bin/nbd_vram.py
 # what install.sh installs besides the program, the units and the config (the command's other name,
@@ -112,6 +118,8 @@ wait_taken_over() {
     main=$(prop MainPID 2>&1) || { echo "  ($(cut -d' ' -f1 /proc/uptime) s: systemctl show: $main)"; sleep 1; continue; }
     if [ $SECONDS -ge $next ]; then
       next=$(( SECONDS + 30 ))
+      # the unit's journal where the host can read it, should the guest die before the failure report
+      timeout 20 journalctl -q --no-pager -u "$UNIT" -n 80 -o short-monotonic > /mnt/journal-takeover.txt 2>&1 || true
       echo "  ($(cut -d' ' -f1 /proc/uptime) s: $(prop ActiveState)/$(prop SubState), MainPID $main, NRestarts $(prop NRestarts), $(swap_used_on "$DEV") MiB on $DEV, MemFree $(( $(meminfo_kb MemFree) / 1024 )) MiB)"
     fi
     if [ "$(prop NRestarts)" = "$n" ] && [ "$main" != 0 ] && [ "$main" != "$old" ] && [ "$(prop ActiveState)" = active ] \
@@ -155,12 +163,18 @@ t_install() {
   cmp "$REPO/$UNIT" /etc/systemd/system/$UNIT || fail "the installed unit differs from the checkout's"
   [ "$(systemctl is-enabled $UNIT)" = enabled ] || fail "$UNIT is not enabled"
   [ "$(systemctl is-enabled $SLEEP_UNIT)" = enabled ] || fail "$SLEEP_UNIT is not enabled"
+  # Alias=: enable made the short name, a link to the unit
+  [ "$(readlink /etc/systemd/system/$ALIAS)" = /etc/systemd/system/$UNIT ] || fail "systemctl enable did not make the $ALIAS link"
+  prop Names | grep -qw $ALIAS || fail "systemd does not know $UNIT as $ALIAS: $(prop Names)"
   [ "$(prop LoadState)" = loaded ] && [ "$(prop FragmentPath)" = /etc/systemd/system/$UNIT ] \
     || fail "systemd did not load $UNIT from /etc/systemd/system: $(prop LoadState) $(prop FragmentPath)"
   prop DropInPaths | grep -q /run/systemd/system/$UNIT.d/lab.conf || fail "the lab drop-in is not loaded"
   # Two connections (as the other kernel parts), and a dead connection held 300 s, not 600: a
   # daemon that never comes back fails the test in minutes.
   printf 'connections = 2\ndead_conn_timeout = 300\n' >> /etc/nbd-vram.conf
+  # The vm sysctl at the value it has: the sandbox must let the daemon write /proc/sys/vm, and
+  # nothing else changes.
+  echo "swappiness = $(sysctl -n vm.swappiness)" >> /etc/nbd-vram.conf
   grep -E '^[a-z_]+ *=' /etc/nbd-vram.conf
   grep -q '^size = 512M' /etc/nbd-vram.conf || fail "/etc/nbd-vram.conf has no 'size = 512M'"
   [ -x "$NV" ] || fail "$NV is not executable"
@@ -210,11 +224,17 @@ t_start() {
   [ "$swapon_at" -lt "$active_at" ] || fail "the unit was active before the swap was on"
   [ "$(priority_of $j "nbd-vram: ready: serving")" = 6 ] || fail "the ready line is not at priority 6 (info)"
   [ "$(priority_of $j "nbd-vram: swap on $DEV")" = 6 ] || fail "the swap-on line is not at priority 6 (info)"
+  # Nothing the sandbox refused: no warning or error of the daemon (SCHED_RR, mlockall, oom_score_adj,
+  # PR_SET_IO_FLUSHER, the sysctl each say so at priority 4 when they fail)
+  if awk '$1 <= 4 && $3 == "nbd-vram:"' $j | grep .; then fail "the daemon warned at its start"; fi
+  grep -q "nbd-vram: sysctl vm.swappiness = " $j || fail "the daemon did not set vm.swappiness"
   systemctl --no-pager status $UNIT | tee /tmp/status-start || true
   grep -q 'Active: active (running)' /tmp/status-start || fail "systemctl status does not say active (running)"
   grep -q "Status: \"serving" /tmp/status-start || fail "systemctl status does not show the daemon's STATUS="
   grep -q "ready: serving" /tmp/status-start || fail "systemctl status does not show the daemon's lines"
   journalctl --no-pager -t nbd-vram -p info -n 3 | grep -q 'ready: serving' || fail "journalctl -t nbd-vram does not find the daemon"
+  systemctl --no-pager status ${ALIAS%.service} > /tmp/status-alias || fail "systemctl status ${ALIAS%.service} exited $?"
+  grep -q "Main PID: $(prop MainPID) " /tmp/status-alias || fail "systemctl status ${ALIAS%.service} does not show the daemon"
   kernel_clean
   start_verifier
   pass
@@ -251,18 +271,25 @@ t_restart() {
   "$NV" upgrade --timeout 300 || fail "nbd_vram.py upgrade failed"
   [ "$(prop MainPID)" = "$old" ] && [ "$(state_key pid)" = "$old" ] || fail "the upgrade changed the pid ($old -> $(prop MainPID))"
   [ "$(prop ActiveState)" = active ] && [ "$(prop NRestarts)" = $n ] || fail "after the upgrade: $(prop ActiveState), NRestarts $(prop NRestarts)"
-  # systemctl reload (ExecReload: SIGHUP) with a power key changed: first to a bad value (an error,
-  # the old settings stay), then to a good one.
+  # systemctl reload (ExecReload: check-config, then SIGHUP) with a power key changed: first to a bad
+  # value (the reload fails and says why, the daemon is not signalled: the old settings stay), then
+  # to a good one.
   echo "battery_threshold = 0" >> /etc/nbd-vram.conf
-  systemctl reload $UNIT
-  for _ in $(seq 120); do journalctl -q -o cat --after-cursor="$c" -u $UNIT | grep -q 'SIGHUP: configuration not reloaded' && break; sleep 1; done
+  if systemctl reload $UNIT 2> /tmp/reload-bad; then fail "systemctl reload succeeded with battery_threshold = 0"; fi
+  cat /tmp/reload-bad
+  grep -q "failed" /tmp/reload-bad || fail "systemctl reload did not say it failed"
+  systemctl --no-pager status $UNIT > /tmp/status-reload || true
+  grep -q "battery_threshold: 0 is outside 1..99" /tmp/status-reload || { cat /tmp/status-reload; fail "systemctl status does not show why the reload failed"; }
   sed -i 's/^battery_threshold = 0$/battery_threshold = 30/' /etc/nbd-vram.conf
   systemctl reload $UNIT
   for _ in $(seq 120); do journalctl -q -o cat --after-cursor="$c" -u $UNIT | grep -q 'SIGHUP: battery_threshold = 30' && break; sleep 1; done
   [ "$(prop ActiveState)" = active ] && [ "$(prop MainPID)" = "$old" ] || fail "the reloads changed the unit: $(prop ActiveState), pid $(prop MainPID)"
   journal_since "$c" -u $UNIT > $j
   cat $j
-  [ "$(priority_of $j "SIGHUP: configuration not reloaded")" = 3 ] || fail "no error (priority 3) for the bad battery_threshold"
+  [ "$(priority_of $j "battery_threshold: 0 is outside 1..99")" = 3 ] || fail "no error (priority 3) for the bad battery_threshold"
+  grep -q "nbd-vram: .*battery_threshold: 0 is outside" $j || fail "the reload's error line does not carry the tag nbd-vram"
+  if grep -q "SIGHUP: configuration not reloaded" $j; then fail "the daemon was signalled with the bad file"; fi
+  [ "$(grep -c "SIGHUP: battery_threshold" $j)" = 1 ] || fail "the daemon did not reload exactly once"
   [ "$(priority_of $j "SIGHUP: battery_threshold = 30 .was 20.")" = 6 ] || fail "no info line (priority 6) for battery_threshold 30"
   grep -q "Reloaded $UNIT\|Reloaded nbd-vram" $j || fail "systemd logged no reload"
   touch "$hold"
@@ -329,6 +356,9 @@ t_sleep() {
   echo "sleep: swap off at $off us, suspend entry $entry, exit $exit_, swap on again at ${back:-never} (monotonic)"
   [ -n "$off" ] && [ -n "$entry" ] && [ "$off" -lt "$entry" ] || fail "the swap was not released before the suspend entry"
   [ -n "$back" ] || fail "no swap on $DEV after the suspend exit"
+  # The sleep unit's lines carry the daemon's tag (SyslogIdentifier=nbd-vram)
+  grep -q "nbd-vram: sleep: asking the daemon" $j || fail "the sleep unit's 'sleep:' line does not carry the tag nbd-vram"
+  grep -q "nbd-vram: wake: " $j || fail "the sleep unit's 'wake:' line does not carry the tag nbd-vram"
   [ "$(swap_prio "$DEV")" = 1500 ] || fail "$DEV is back at priority $(swap_prio "$DEV"), not 1500"
   [ "$(prop ActiveState)" = active ] || fail "$UNIT is $(prop ActiveState) after the resume"
   kill -0 "$VERIFIER" || fail "the verifier died during the sleep"
@@ -428,6 +458,7 @@ t_uninstall() {
     || fail "systemd still has the units: $(prop LoadState), $(prop LoadState $SLEEP_UNIT)"
   [ ! -e /etc/systemd/system/multi-user.target.wants/$UNIT ] && [ ! -e /etc/systemd/system/sleep.target.requires/$SLEEP_UNIT ] \
     || fail "install.sh --uninstall left the units enabled"
+  [ ! -L /etc/systemd/system/$ALIAS ] || fail "install.sh --uninstall left the $ALIAS link"
   pass
 }
 
@@ -458,6 +489,7 @@ t_deb() {
   esac
   { [ "$(systemctl is-enabled $UNIT)" = enabled ] && [ "$(systemctl is-enabled $SLEEP_UNIT)" = enabled ]; } \
     || fail "the package did not enable its units"
+  [ -L /etc/systemd/system/$ALIAS ] || fail "the package's enable made no $ALIAS link"
   [ "$(prop ActiveState)/$(prop SubState)" = active/running ] || fail "the package's postinst did not start $UNIT"
   dev=$(state_key device)
   [ "$(swap_prio "$dev")" = 1500 ] || fail "no nbd swap at 1500 after dpkg -i: $(cat /proc/swaps)"
@@ -481,7 +513,7 @@ t_deb() {
   [ "$(prop LoadState)" = not-found ] || fail "systemd still has $UNIT after the purge"
   ! grep -q '^/dev/nbd' /proc/swaps || fail "nbd swap still on after the purge"
   check_disconnected
-  for f in /usr/bin/nbd_vram.py /lib/systemd/system/$UNIT /etc/nbd-vram.conf; do
+  for f in /usr/bin/nbd_vram.py /lib/systemd/system/$UNIT /etc/nbd-vram.conf /etc/systemd/system/$ALIAS; do
     [ ! -e "$f" ] || fail "dpkg --purge left $f"
   done
   rm -rf /run/systemd/system/$UNIT.d
