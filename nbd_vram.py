@@ -3207,12 +3207,22 @@ class IoctlAttach:
 PROVIDED_BY = {"cryptsetup": "cryptsetup-bin"}      # Debian packages of the commands not in util-linux
 
 
-def run_cmd(argv, *, check=True):
+def run_cmd(argv, *, check=True, while_running=None, poll_s=1.0):
+    """Run ARGV, its output captured; WHILE_RUNNING, if given, is called every POLL_S until it ends
+    (a swapoff's progress).  With CHECK, a failure is Fatal with the command's own words."""
     log.debug("+ %s", shlex.join(argv))
     try:
-        p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
     except FileNotFoundError:
         raise Fatal(f"{argv[0]}: command not found (install {PROVIDED_BY.get(argv[0], 'util-linux')})") from None
+    while True:
+        try:
+            out, err = proc.communicate(timeout=poll_s if while_running else None)
+            break
+        except subprocess.TimeoutExpired:
+            while_running()
+    p = subprocess.CompletedProcess(argv, proc.returncode, out, err)
     if check and p.returncode != 0:
         why = f"exit code {p.returncode}" if p.returncode > 0 else f"signal {-p.returncode}"
         raise Fatal(f"{argv[0]} failed ({why}): {p.stderr.strip() or p.stdout.strip() or 'no output'}")
@@ -3265,25 +3275,13 @@ def swap_disable(dev, progress=None):
     given, is called with the /proc/swaps entries every SWAPOFF_POLL_S."""
     if find_swap(dev) is None:
         return True
-    argv = ["swapoff", dev]
-    log.debug("+ %s", shlex.join(argv))
-    try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
-    except FileNotFoundError:
-        raise Fatal(f"swapoff: command not found (install {PROVIDED_BY.get('swapoff', 'util-linux')})") from None
-    while True:
-        try:
-            out, err = proc.communicate(timeout=SWAPOFF_POLL_S)
-            break
-        except subprocess.TimeoutExpired:
-            if progress:
-                progress(active_swaps())
-    if proc.returncode == 0:
+    p = run_cmd(["swapoff", dev], check=False, poll_s=SWAPOFF_POLL_S,
+                while_running=(lambda: progress(active_swaps())) if progress else None)
+    if p.returncode == 0:
         log.info("swap off on %s", dev)
         return True
     log.error("swapoff %s failed: %s; keeping the device: disconnecting live swap would kill every process "
-              "with pages on it", dev, err.strip() or out.strip() or f"exit code {proc.returncode}")
+              "with pages on it", dev, p.stderr.strip() or p.stdout.strip() or f"exit code {p.returncode}")
     return False
 
 
