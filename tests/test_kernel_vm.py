@@ -30,13 +30,15 @@ RUNS = LAB / "runs"
 
 # One boot runs every part of guest-integration.sh; two tests read that one boot's output.
 # The part `pressure` (guest-daemon-pressure.sh, the daemon as swap under `pressure 48 700`, clean
-# stop) is no longer in it: worker_death puts the same daemon under the same kind of pressure, with a
-# kill in the middle, and checks the same things (SCHED_RR serving threads, the PYTHONMALLOC re-exec,
+# stop) is no longer in it: worker_death_encrypt_power puts the same daemon under the same kind of
+# pressure, with a kill in the middle, and checks the same things (SCHED_RR serving threads, the PYTHONMALLOC re-exec,
 # data verified, healthy status, clean stop); a run of its own cost ~400 s of CI for nothing new.
-# The parts `power` and `encrypt` are one part, encrypt_power, under one pressure (~240 s less).
+# The parts `power` and `encrypt` became one part, encrypt_power, under one pressure (~240 s less), and
+# then one with worker_death (~220 s less): a worker killed, the ciphertext checked and the swap released
+# on an AC unplug, all under one pressure and one daemon.
 # install and restart (the unit's ExecStart by hand, tests/fdstore.py for systemd's fd store) are
 # left out: the systemd boot below does both under systemd itself.
-INTEGRATION_PARTS = ("smoke", "fill", "worker_death", "encrypt_power", "elastic")
+INTEGRATION_PARTS = ("smoke", "fill", "worker_death_encrypt_power", "elastic")
 # Measured (tests/vm/README.md): the whole boot about 30 min on a quiet 2-core host.  TCG speed follows
 # host load, so the limit leaves about 3x headroom (waiting for another session's VM is not counted).
 BOOT_TIMEOUT_S = 6000
@@ -142,21 +144,24 @@ def needs_part(part):
 
 
 def test_swap_under_pressure(integration_boot, capsys, record_property):
-    """worker_death's pressure: the daemon as swap takes > 100 MiB of pages out of a 512 MiB guest and
-    gives back 48 MiB of checksummed data intact, a worker killed in the middle."""
-    needs_part("worker_death")
+    """worker_death_encrypt_power's pressure: the daemon as swap takes > 100 MiB of pages out of a 512 MiB
+    guest and gives back 48 MiB of checksummed data intact, a worker killed in the middle."""
+    part = "worker_death_encrypt_power"
+    needs_part(part)
     b = integration_boot
     record_property("console_log", str(b.console))
-    start = re.search(r"^=== worker_death: start", b.text, re.M)
-    end = re.search(r"^=== worker_death: (PASS|FAIL)", b.text, re.M)
-    assert start and end, b.failure("no worker_death part in the boot's output")
+    start = re.search(rf"^=== {part}: start", b.text, re.M)
+    end = re.search(rf"^=== {part}: (PASS|FAIL)", b.text, re.M)
+    assert start and end, b.failure(f"no {part} part in the boot's output")
     text = b.text[start.start():end.end()]                 # the part's own lines
-    b.say(capsys, r"=== worker_death|swap used under pressure|MiB verified|pressure: done in|SCHED_RR", text)
-    assert end.group(1) == "PASS", b.failure("worker_death did not pass")
+    b.say(capsys, rf"=== {part}|swap used under pressure|MiB verified|pressure: done in|SCHED_RR|worker_death: kill", text)
+    assert end.group(1) == "PASS", b.failure(f"{part} did not pass")
     verified = re.findall(r"swap round-trip: (\d+) MiB verified", text)
     assert verified and all(int(v) == 48 for v in verified), verified
     used = [int(u) for u in re.findall(r"swap used under pressure \(MiB\): (\d+)", text)]
     assert used and all(u > 100 for u in used), f"swap used (MiB): {used}"
+    killed = [int(k) for k in re.findall(r"worker_death: kill 1 of \d+: kill -9 \d+ with (\d+) MiB swapped out", text)]
+    assert killed and killed[0] >= 100, f"the worker was not killed with pages going out to swap: {killed}"
 
 
 def test_integration(integration_boot, capsys, record_property):

@@ -4,19 +4,21 @@
 #   smoke         test_smoke.sh --stop from the checkout
 #   fill          run --attach ioctl; test_fill.sh auto against its device (swap restored), then an 8 MiB
 #                 O_DIRECT round trip (sha256) with swap off; clean stop
-#   worker_death  the daemon started by hand (it re-executes itself with PYTHONMALLOC=malloc), its
-#                 serving threads SCHED_RR; kill -9 the worker under memory pressure: respawned, every
-#                 checksum verified, no I/O error in the kernel log; clean stop
-#   encrypt_power --encrypt yes --power ac: swap on /dev/mapper/nbd-vram-N over the nbd device; data and a
-#                 marker held out in swap, the marker nowhere in the BAR as plaintext; AC unplugged:
-#                 released (swapoff, mapping closed, disconnected, freed), data and marker back intact;
-#                 AC back: encrypted swap back; teardowns in reverse order
+#   worker_death_encrypt_power
+#                 the daemon started by hand (it re-executes itself with PYTHONMALLOC=malloc), its
+#                 serving threads SCHED_RR, --encrypt yes --power ac: swap on /dev/mapper/nbd-vram-N over
+#                 the nbd device; kill -9 the worker under memory pressure: replaced, every connection
+#                 taken back by the kernel; data and a marker held out in swap, the marker nowhere in the
+#                 BAR as plaintext; AC unplugged: released (swapoff through the replaced worker, mapping
+#                 closed, disconnected, freed), data and marker back intact; AC back: encrypted swap
+#                 back; teardowns in reverse order; no I/O error in the kernel log; clean stop
 #   elastic       two "GPUs" (both BARs), --gpus all, 128 MiB slices: swap striped over both (equal
 #                 priorities), `shrink` under the hog, another program on GPU 1 (FAKECUDA_OTHER_USAGE) makes
 #                 the daemon give back slices holding pages, every checksum verified; they come back after
 #                 reclaim_after once it is gone
 #   pressure      (not in the default set) guest-daemon-pressure.sh: `run` as swap under `pressure 48
-#                 700`, clean stop, GUEST_RUNS times; worker_death's pressure proves the same in CI
+#                 700`, clean stop, GUEST_RUNS times; worker_death_encrypt_power's pressure proves the
+#                 same in CI
 # install.sh and the units, the fd store across a SIGKILL, upgrade and reload are tested under systemd
 # itself, in a boot of their own: guest-systemd.sh (run.sh VM_INIT=systemd).
 # Needs: run.sh with VRAM_MB=1024 (1 GiB BAR), VRAM2_MB=512 for elastic, and a 512 MiB guest; GUEST_FAKECUDA (guest path of the
@@ -35,9 +37,9 @@ BAR2=$(sed -n 2p <<<"$BARS")
 export NBD_VRAM_LIBCUDA=$LIB FAKECUDA_BACKING=$BAR NBD_VRAM_RUNTIME_DIR=/run/nbd-vram
 export NBD_VRAM_CONFIG=/tmp/nbd-vram.conf PYTHONUNBUFFERED=1
 : > /tmp/nbd-vram.conf               # every setting from flags; no /etc/nbd-vram.conf is read
-# The hog of the parts that only need pages out in swap while they kill, unplug or encrypt
-# (worker_death, encrypt_power): 400 MiB puts ~250 MiB out (500 put ~350 in ~25 % more time),
-# past every threshold they wait for (150, 4 MiB); the part `pressure` keeps 700 (~500 MiB out),
+# The hog of the part that only needs pages out in swap while it kills, encrypts and unplugs
+# (worker_death_encrypt_power): 400 MiB puts ~250 MiB out (500 put ~350 in ~25 % more time),
+# past every threshold it waits for (150, 4 MiB); the part `pressure` keeps 700 (~500 MiB out),
 # elastic its 450.
 HOG=${GUEST_PART_HOG_MB:-400}
 DPID=""
@@ -167,7 +169,7 @@ t_fill() {
   pass
 }
 
-# -- d: kill -9 the worker in the middle of a pressure run -----------------------------------
+# -- d: kill -9 the worker in the middle of a pressure run (in worker_death_encrypt_power) ---------
 # serving_workers: pids of `nbd_vram.py worker` processes, less a spare (--standby) still waiting
 # and the GPU process (--gpu-process: it copies, it serves no connection)
 serving_workers() {
@@ -176,36 +178,23 @@ serving_workers() {
     tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | grep -q -E -- '--standby|--gpu-process' || echo "$p"
   done
 }
-t_worker_death() {
-  part worker_death
-  local ppid wpids wpid spid newpid n r killed rc=0 killed_at k kills=${GUEST_WD_KILLS:-1} seen rr
-  seen=$(dmesg | wc -l)         # the kernel's lines of this part come after these
-  # dead_conn_timeout 120 s (default 600): if the worker is not replaced, the kernel fails the held
-  # I/O after 2 minutes (the guest may then panic: init's pages are on this swap) instead of 10.
-  DAEMON_MALLOC="" start_daemon worker --size 512M --min-size 256M --connections 2 --dead-conn-timeout 120
-  tr '\0' '\n' < "/proc/$DPID/environ" | grep -qx PYTHONMALLOC=malloc ||
-    fail "the daemon, started without PYTHONMALLOC=malloc, did not re-execute itself with it"
-  grep VmLck "/proc/$DPID/status"
-  rr=$(rr_serving_threads 2)
-  echo "worker_death: serving threads SCHED_RR: $rr"
-  [ "$rr" -ge 1 ] || fail "no serving thread is SCHED_RR (realtime = yes)"
-  wpids=$(serving_workers)
-  [ "$(echo "$wpids" | wc -w)" -eq 1 ] || fail "expected one serving worker process, found: ${wpids:-none}"
-  wpid=$wpids
-  (trap - ERR; pressure "${GUEST_DATA_MB:-48}" "$HOG") > /tmp/pressure-wd.log 2>&1 &
-  ppid=$!
-  # Kill once the hog is pushing pages out (swap used >= 150 MiB): requests are in flight.
+# kill_worker_under_pressure PPID WPID LOG: once the pressure PPID (its output in LOG) has pushed
+# GUEST_KILL_AT_MB (150) MiB out to swap, requests are in flight: kill -9 the serving worker WPID.
+# GUEST_WD_KILLS=N (a soak; the CI boot kills once): the serving worker is killed N times under the
+# one pressure, each time once the previous kill's replacement serves and a new spare is ready.
+# GUEST_WD_SPARE_FIRST=1: before the last kill, the spare is killed too (kill -9, just before the
+# worker): then no spare can take over and a new process must start while swap is stalled.
+# Sets KILLED (SECONDS at the last kill).
+kill_worker_under_pressure() {
+  local ppid=$1 wpid=$2 log=$3 k kills=${GUEST_WD_KILLS:-1} killed_at spid
   for _ in $(seq 1500); do
     [ "$(swap_used_mb)" -ge "${GUEST_KILL_AT_MB:-150}" ] && break
     kill -0 "$ppid" 2>/dev/null || break
+    ! grep -q 'pressure: holding' "$log" || break
     sleep 0.2
   done
-  # GUEST_WD_KILLS=N (a soak; the CI boot kills once): the serving worker is killed N times under the
-  # one pressure, each time once the previous kill's replacement serves and a new spare is ready.
-  # GUEST_WD_SPARE_FIRST=1: before the last kill, the spare is killed too (kill -9, just before the
-  # worker): then no spare can take over and a new process must start while swap is stalled.
   for k in $(seq "$kills"); do
-    kill -0 "$ppid" 2>/dev/null || { cat /tmp/pressure-wd.log; fail "pressure ended before kill $k of $kills"; }
+    kill -0 "$ppid" 2>/dev/null || { cat "$log"; fail "pressure ended before kill $k of $kills"; }
     killed_at=$(swap_used_mb)
     if [ "$k" -eq "$kills" ] && [ "${GUEST_WD_SPARE_FIRST:-0}" = 1 ]; then
       spid=$(sed -n 's/.*spare worker ready: pid \([0-9]*\).*/\1/p' "$DLOG" | tail -n 1)
@@ -217,7 +206,7 @@ t_worker_death() {
     # mlocked watchdog dumps them 20 and 70 s after the kill, before the 120 s dead-connection timeout.
     [ "$k" -gt 1 ] || start_watchdog "$DPID" 5 2 20,70
     kill -9 "$wpid"
-    killed=$SECONDS
+    KILLED=$SECONDS
     [ "$k" -lt "$kills" ] || break
     for _ in $(seq 600); do
       [ "$(grep -c 'worker 1 restarted' "$DLOG")" -ge "$k" ] &&
@@ -226,20 +215,14 @@ t_worker_death() {
     done
     [ "$(grep -c 'spare worker ready' "$DLOG")" -ge $(( k + 1 )) ] || fail "no new spare 120 s after kill $k"
     wpid=$(sed -n 's/.*worker 1 restarted (pid \([0-9]*\)).*/\1/p' "$DLOG" | tail -n 1)
-    echo "worker_death: kill $k: worker 1 is pid $wpid again after $(( SECONDS - killed )) s"
+    echo "worker_death: kill $k: worker 1 is pid $wpid again after $(( SECONDS - KILLED )) s"
   done
-  for _ in $(seq 1200); do kill -0 "$ppid" 2>/dev/null || break; sleep 0.5; done
-  if kill -0 "$ppid" 2>/dev/null; then
-    echo "--- pressure still runs 600 s after the kill; blocked tasks (sysrq-w):"
-    sysctl -qw kernel.sysrq=1; echo w > /proc/sysrq-trigger; sleep 1; dmesg | tail -n 150
-    cat /tmp/pressure-wd.log
-    fail "pressure hung after the worker was killed"
-  fi
-  wait "$ppid" || rc=$?
-  echo "worker_death: pressure finished $(( SECONDS - killed )) s after the kill"
-  cat /tmp/pressure-wd.log
-  [ "$rc" -eq 0 ] || fail "pressure exited $rc after the worker was killed"
-  grep -q 'MiB verified' /tmp/pressure-wd.log || fail "pressure printed no 'verified' line"
+}
+
+# check_worker_replaced SEEN: after kill_worker_under_pressure, the daemon replaced worker 1 each time
+# and the kernel took every connection back (its log past line SEEN), and status is healthy.
+check_worker_replaced() {
+  local seen=$1 kills=${GUEST_WD_KILLS:-1} n r h newpid
   grep -E 'worker 1 .*exited|restarted|RECONFIGURE' "$DLOG" || true
   [ "$(grep -c 'worker 1 restarted' "$DLOG")" -eq "$kills" ] || fail "the daemon's log does not show worker 1 restarted $kills time(s)"
   ! grep -q 'RECONFIGURE.*failed' "$DLOG" || fail "NBD_CMD_RECONFIGURE failed"
@@ -254,17 +237,12 @@ t_worker_death() {
   [ "$n" -eq $(( 2 * r + h )) ] || fail "the kernel took $n sockets back (\"reconnected socket\"), not $(( 2 * r + h ))"
   kill -0 "$DPID" || fail "the daemon died"
   newpid=$(sed -n 's/.*worker 1 restarted (pid \([0-9]*\)).*/\1/p' "$DLOG" | tail -n 1)
-  if [ -z "$newpid" ] || [ "$newpid" = "$wpid" ] || ! kill -0 "$newpid"; then
-    fail "worker 1's replacement (pid ${newpid:-?}) is not running"
-  fi
+  { [ -n "$newpid" ] && kill -0 "$newpid"; } || fail "worker 1's replacement (pid ${newpid:-?}) is not running"
   # Every connection live again (one the kernel gave up on is replaced within a few seconds).
   for _ in $(seq 30); do python3 "$REPO/nbd_vram.py" status >/tmp/status-wd.txt 2>&1 && break; sleep 1; done
   cat /tmp/status-wd.txt
-  python3 "$REPO/nbd_vram.py" status >/dev/null || fail "status is not healthy 30 s after the pressure"
+  python3 "$REPO/nbd_vram.py" status >/dev/null || fail "status is not healthy 30 s after the kill"
   echo "--- nbd lines in the kernel log:"; dmesg | grep -i nbd | tail -n 20 || true
-  kernel_clean
-  stop_daemon
-  pass
 }
 
 # -- g: encrypt = yes: swap on a dm-crypt mapping, VRAM holds only ciphertext ----------------
@@ -377,16 +355,32 @@ sys.exit("crypt_check: FAIL: " + "; ".join(bad) if bad else 0)
 PY
 }
 
-t_encrypt_power() {
-  part encrypt_power
+# -- d+g: one pressure for three things: a worker killed under it, the ciphertext in VRAM, an AC
+# unplug releasing the encrypted swap (until 2026-11-30 two parts, each with its own daemon and
+# pressure: worker_death 242 s, encrypt_power 306 s)
+t_worker_death_encrypt_power() {
+  part worker_death_encrypt_power
   local name dm nbd token hold=/tmp/encrypt-hold mhold=/tmp/marker-hold job mpid ppid swapped used rc=0 order
-  local ps=/tmp/power_supply st
+  local ps=/tmp/power_supply st seen rr wpid
   command -v cryptsetup >/dev/null || fail "cryptsetup is not installed on the host (apt-get install cryptsetup-bin)"
+  seen=$(dmesg | wc -l)         # the kernel's lines of this part come after these
   mkdir -p "$ps/AC" "$ps/BAT0"
   echo Mains >"$ps/AC/type"; echo 1 >"$ps/AC/online"
   echo Battery >"$ps/BAT0/type"; echo 60 >"$ps/BAT0/capacity"; echo Charging >"$ps/BAT0/status"
   export NBD_VRAM_POWER_SUPPLY=$ps
-  start_daemon encrypt --size 512M --min-size 256M --connections 2 --encrypt yes --power ac --power-poll 2
+  # Started as a user would by hand (no PYTHONMALLOC): the daemon re-executes itself with it.
+  # dead_conn_timeout 120 s (default 600): if the killed worker is not replaced, the kernel fails the
+  # held I/O after 2 minutes (the guest may then panic: init's pages are on this swap) instead of 10.
+  DAEMON_MALLOC="" start_daemon encrypt --size 512M --min-size 256M --connections 2 --encrypt yes \
+    --power ac --power-poll 2 --dead-conn-timeout 120
+  tr '\0' '\n' < "/proc/$DPID/environ" | grep -qx PYTHONMALLOC=malloc ||
+    fail "the daemon, started without PYTHONMALLOC=malloc, did not re-execute itself with it"
+  grep VmLck "/proc/$DPID/status"
+  rr=$(rr_serving_threads 2)
+  echo "worker_death: serving threads SCHED_RR: $rr"
+  [ "$rr" -ge 1 ] || fail "no serving thread is SCHED_RR (realtime = yes)"
+  wpid=$(serving_workers)
+  [ "$(echo "$wpid" | wc -w)" -eq 1 ] || fail "expected one serving worker process, found: ${wpid:-none}"
   nbd=${DEV#/dev/}
   name=nbd-vram-${nbd#nbd}
   [ "$SWAPDEV" = "/dev/mapper/$name" ] || fail "the swap device is '$SWAPDEV', not /dev/mapper/$name"
@@ -411,7 +405,7 @@ sys.exit(not (s["active"] and s["encrypted"] and s["device"] == sys.argv[1]))' "
     || fail "status --json does not show the encrypted swap active on $SWAPDEV"
 
   # A marker pushed out to swap along with the pressure's checksummed data; both are held out there
-  # (PRESSURE_HOLD) for the ciphertext check and then for the power release.
+  # (PRESSURE_HOLD) through the worker's death, the ciphertext check and the power release.
   token=NBDVRAM-PLAINTEXT-$(od -An -tx1 -N12 /dev/urandom | tr -d ' \n')
   rm -f "$hold" "$mhold"
   hold_marker "$token" 16 "$mhold" >/tmp/marker.log 2>&1 &
@@ -419,19 +413,27 @@ sys.exit(not (s["active"] and s["encrypted"] and s["device"] == sys.argv[1]))' "
   for _ in $(seq 100); do grep -q 'marker: ready' /tmp/marker.log && break; sleep 0.2; done
   mpid=$(sed -n 's/^marker: ready, pid //p' /tmp/marker.log)
   [ -n "$mpid" ] || { cat /tmp/marker.log; fail "the marker process did not start"; }
-  PRESSURE_HOLD=$hold pressure 48 "$HOG" >/tmp/pressure-encrypt.log 2>&1 &
+  (trap - ERR; PRESSURE_HOLD=$hold pressure "${GUEST_DATA_MB:-48}" "$HOG") >/tmp/pressure-encrypt.log 2>&1 &
   ppid=$!
-  for _ in $(seq 1800); do grep -q 'pressure: holding' /tmp/pressure-encrypt.log && break
+  kill_worker_under_pressure "$ppid" "$wpid" /tmp/pressure-encrypt.log
+  for _ in $(seq 1200); do grep -q 'pressure: holding' /tmp/pressure-encrypt.log && break
     kill -0 "$ppid" 2>/dev/null || break; sleep 0.5; done
+  if ! grep -q 'pressure: holding' /tmp/pressure-encrypt.log && kill -0 "$ppid" 2>/dev/null; then
+    echo "--- the pressure has not reached its hold 600 s after the kill; blocked tasks (sysrq-w):"
+    sysctl -qw kernel.sysrq=1; echo w > /proc/sysrq-trigger; sleep 1; dmesg | tail -n 150
+  fi
   cat /tmp/pressure-encrypt.log
-  grep -q 'pressure: holding' /tmp/pressure-encrypt.log || fail "the pressure did not reach its hold"
+  grep -q 'pressure: holding' /tmp/pressure-encrypt.log || fail "the pressure did not reach its hold after the worker was killed"
+  echo "worker_death: the hog touched $(( SECONDS - KILLED )) s after the kill"
+  check_worker_replaced "$seen"
   swapped=$(awk '$1 == "VmSwap:" {print $2}' "/proc/$mpid/status")
   echo "encrypt: ${swapped:-0} KiB of the 16 MiB marker are in swap"
   [ "${swapped:-0}" -ge 4096 ] || fail "less than 4 MiB of the marker reached swap"
   crypt_check "$SWAPDEV" "$DEV" "$BAR" "$token" "$mpid"
 
   # AC unplugged (power = ac) with the data and the marker out in encrypted VRAM swap: swapoff brings
-  # them back through the mapping, which is closed before the device is let go and the VRAM freed.
+  # them back through the mapping and the replaced worker; the mapping is closed before the device
+  # is let go and the VRAM freed.
   used=$(swap_used_mb)
   echo "power: $used MiB in VRAM swap before the unplug"
   [ "$used" -gt 0 ] || fail "nothing in VRAM swap to bring back"
@@ -562,6 +564,6 @@ t_elastic() {
   pass
 }
 
-PARTS=${GUEST_PARTS:-smoke fill worker_death encrypt_power elastic}
+PARTS=${GUEST_PARTS:-smoke fill worker_death_encrypt_power elastic}
 for p in $PARTS; do "t_$p"; done
 echo "=== integration: PASS ($PARTS)"
