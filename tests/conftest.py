@@ -203,3 +203,14 @@ def make_server(tmp_path, fakecuda):
         rc = s.stop()
         assert rc == 0, s.log()
         assert "Traceback" not in s.log(), s.log()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The kernel boots' lines (tests/test_kernel_vm.py's "boot_lines": each part's PASS and time, swap used,
+    data verified) again at the end of a run with pytest-xdist, whose workers' own output is not shown."""
+    if not config.getoption("numprocesses", None):
+        return                          # without -n the boots printed them as they ended
+    for rep in terminalreporter.getreports("passed") + terminalreporter.getreports("failed"):
+        for name, lines in rep.user_properties:
+            if name == "boot_lines" and rep.when == "call":
+                terminalreporter.write_line(lines)

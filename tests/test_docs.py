@@ -91,3 +91,13 @@ def test_completion_completes_commands_flags_and_values():
     assert complete("check-config", "--encrypt", "y") == ["yes"]
     assert complete("status", "") == ["--json", "--help"]
     assert complete("shrink", "--t") == ["--timeout"]
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run's last command is the README's test command, and the README gives it on its first screen."""
+    readme = (ROOT / "README.md").read_text().splitlines()
+    start = readme.index(next(l for l in readme if l.startswith("Run the tests")))
+    command = next(l.strip() for l in readme[start:] if l.startswith("    python3 -m pytest"))
+    ci = [l for l in (ROOT / ".ci" / "run").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    assert ci[-1] == command, f".ci/run runs {ci[-1]!r}, the README says {command!r}"
+    assert start < 40, "the test command is not on the README's first screen"

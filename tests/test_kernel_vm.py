@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.vm
+# xdist_group: under pytest-xdist (the README's test command, `-n auto --dist loadgroup`) the boots run
+# one after the other on one worker while the other workers run the rest of the tests beside them.
+pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("vm")]
 
 ROOT = Path(__file__).resolve().parent.parent
 VM = ROOT / "tests" / "vm"
@@ -44,12 +46,15 @@ INTEGRATION_PARTS = ("smoke", "fill", "worker_death_encrypt_power", "elastic")
 BOOT_TIMEOUT_S = 6000
 
 
-def say(capsys, *lines):
-    """Print to the real terminal, also under pytest's output capture (CI runs without -s)."""
+def say(capsys, record_property, *lines):
+    """Print to the real terminal, also under pytest's output capture (CI runs without -s).  Under
+    pytest-xdist a worker's terminal is not shown: the lines go into the test's report as well (the
+    user property "boot_lines"), which conftest.py prints at the end of the run."""
     with capsys.disabled():
         for line in lines:
             sys.stdout.write(line + "\n")
         sys.stdout.flush()
+    record_property("boot_lines", "\n".join(lines))
 
 
 @pytest.fixture(scope="session")
@@ -119,9 +124,9 @@ class Boot:
         self.out, self.rc, self.text, self.wall, self.parts, self.script = out, rc, text, wall, parts, script
         self.console = out / "console.log"
 
-    def say(self, capsys, pattern, text=None):
+    def say(self, capsys, record_property, pattern, text=None):
         """The boot's headline and its lines matching PATTERN, on the terminal (also without -s)."""
-        say(capsys, "", f"test_kernel_vm: {self.script} ({self.parts}): exit {self.rc} after {self.wall:.0f} s "
+        say(capsys, record_property, "", f"test_kernel_vm: {self.script} ({self.parts}): exit {self.rc} after {self.wall:.0f} s "
             f"(console: {self.console})", *("  " + l for l in (text or self.text).splitlines() if re.search(pattern, l)))
 
     def failure(self, what, n=120):
@@ -154,7 +159,7 @@ def test_swap_under_pressure(integration_boot, capsys, record_property):
     end = re.search(rf"^=== {part}: (PASS|FAIL)", b.text, re.M)
     assert start and end, b.failure(f"no {part} part in the boot's output")
     text = b.text[start.start():end.end()]                 # the part's own lines
-    b.say(capsys, rf"=== {part}|swap used under pressure|MiB verified|pressure: done in|SCHED_RR|worker_death: kill", text)
+    b.say(capsys, record_property, rf"=== {part}|swap used under pressure|MiB verified|pressure: done in|SCHED_RR|worker_death: kill", text)
     assert end.group(1) == "PASS", b.failure(f"{part} did not pass")
     verified = re.findall(r"swap round-trip: (\d+) MiB verified", text)
     assert verified and all(int(v) == 48 for v in verified), verified
@@ -173,7 +178,7 @@ def test_integration(integration_boot, capsys, record_property):
     parts = [p for p in INTEGRATION_PARTS if p in os.environ.get("GUEST_PARTS", " ".join(INTEGRATION_PARTS)).split()]
     if not parts:
         pytest.skip(f"GUEST_PARTS={os.environ['GUEST_PARTS']!r} has none of {INTEGRATION_PARTS}")
-    b.say(capsys, r"^=== |swap used under pressure|MiB verified|worker_death: |worker 1 restarted|^power: "
+    b.say(capsys, record_property, r"^=== |swap used under pressure|MiB verified|worker_death: |worker 1 restarted|^power: "
           r"|^restart: |^encrypt: |^crypt_check: |^marker: ")
     missing = [p for p in parts if not re.search(rf"^=== {p}: PASS", b.text, re.M)]
     assert b.rc == 0 and not missing, b.failure(f"parts without PASS: {missing}")
@@ -204,7 +209,7 @@ def test_systemd(guest, capsys, record_property):
     rc, text, wall = boot(out, VM / "guest-systemd.sh", SYSTEMD_TIMEOUT_S, vm_init="systemd", PARTS=" ".join(SYSTEMD_PARTS))
     b = Boot(out, rc, text, wall, " ".join(SYSTEMD_PARTS), script="guest-systemd.sh")
     record_property("console_log", str(b.console))
-    b.say(capsys, r"^=== |^guest: systemd|swap used under pressure|MiB verified|^(start|restart|stop|kill_all|sleep|deb): ")
+    b.say(capsys, record_property, r"^=== |^guest: systemd|swap used under pressure|MiB verified|^(start|restart|stop|kill_all|sleep|deb): ")
     missing = [p for p in SYSTEMD_PARTS if not re.search(rf"^=== {p}: PASS", text, re.M)]
     assert rc == 0 and not missing, b.failure(f"parts without PASS: {missing}")
     assert re.search(r"^=== systemd: PASS", text, re.M), b.failure("no '=== systemd: PASS'")
