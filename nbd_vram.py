@@ -400,14 +400,26 @@ def nbd_connected(index):
     return _read(f"/sys/block/nbd{index}/pid") is not None
 
 
+DEV_DIR = "/dev"
+
+
 def active_swaps():
-    """{device path: (size KiB, used KiB, priority)} from /proc/swaps."""
+    """{device path: (size KiB, used KiB, priority)} from /proc/swaps.
+
+    The kernel prints the path swapon opened as seen from the mount it was opened through.  A
+    swapon made in a mount namespace of its own (a unit with ProtectSystem=, PrivateTmp= and the
+    like) opened /dev/nbd0 through that namespace's /dev; once the namespace's last process is gone
+    (after a crash, the dead daemon's workers) that mount is detached and the kernel prints /nbd0,
+    or /mapper/NAME.  Such a name that does not exist here is put back under /dev."""
     swaps = {}
     text = _read("/proc/swaps", "")
     for line in text.splitlines()[1:]:
         f = line.split()
         if len(f) >= 5:
-            swaps[f[0]] = (int(f[2]), int(f[3]), int(f[4]))
+            path = f[0]
+            if not os.path.exists(path) and os.path.exists(DEV_DIR + path):
+                path = DEV_DIR + path
+            swaps[path] = (int(f[2]), int(f[3]), int(f[4]))
     return swaps
 
 

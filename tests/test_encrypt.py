@@ -377,3 +377,24 @@ def test_find_swap_by_path_and_by_device_number(tmp_path):
     Path(b).unlink()
     os.mknod(b, 0o600 | 0o060000, os.makedev(250, 8))
     assert nv.find_swap(str(a), swaps={str(b): (4, 0, 1)}) is None
+
+
+def test_a_swap_named_by_a_detached_mount_is_found_under_dev(tmp_path, monkeypatch):
+    """A swapon made in a mount namespace that is gone since: /proc/swaps names /dev/nbd0 as /nbd0 and
+    /dev/mapper/nbd-vram-1 as /mapper/nbd-vram-1 (a unit with PrivateMounts=yes, after a crash restart's
+    takeover ended the old namespace's last process)."""
+    dev = tmp_path / "dev"
+    (dev / "mapper").mkdir(parents=True)
+    (dev / "nbd0").touch()
+    (dev / "mapper" / "nbd-vram-1").touch()
+    proc = tmp_path / "root" / "proc"
+    proc.mkdir(parents=True)
+    (proc / "swaps").write_text("Filename\tType\tSize\tUsed\tPriority\n"
+                                "/nbd0 partition 524284 1024 1500\n"
+                                "/mapper/nbd-vram-1 partition 524284 0 1500\n"
+                                "/nosuch7 partition 4 0 -2\n")
+    monkeypatch.setenv("NBD_VRAM_SYSFS_ROOT", str(tmp_path / "root"))
+    monkeypatch.setattr(nv, "DEV_DIR", str(dev))
+    assert nv.active_swaps() == {f"{dev}/nbd0": (524284, 1024, 1500), f"{dev}/mapper/nbd-vram-1": (524284, 0, 1500),
+                                 "/nosuch7": (4, 0, -2)}
+    assert nv.find_swap(f"{dev}/nbd0") == (f"{dev}/nbd0", (524284, 1024, 1500))
