@@ -44,6 +44,10 @@ INTEGRATION_PARTS = ("smoke", "fill", "worker_death_encrypt_power", "elastic")
 # Measured (tests/vm/README.md): the whole boot about 30 min on a quiet 2-core host.  TCG speed follows
 # host load, so the limit leaves about 3x headroom (waiting for another session's VM is not counted).
 BOOT_TIMEOUT_S = 6000
+# run.sh boots again, once, a guest that hung before its init's first line (VM_BOOT_DEADLINE, 180 s, plus
+# 10 s for its stacks); the line it prints then is shown with the boot's lines.
+RUN_SH_HUNG = "tests/vm/run.sh: the guest hung"
+BOOT_RETRY_S = 190
 
 
 def say(capsys, record_property, *lines):
@@ -106,7 +110,8 @@ def boot(outdir, script, timeout_s, mem_mb=512, cpus=2, vm_init="", **guest_env)
         t0 = time.monotonic()
         try:
             p = subprocess.run([str(VM / "run.sh"), str(outdir), str(script), str(mem_mb), str(cpus)], env=env,
-                               stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s + 120)
+                               stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                               timeout=timeout_s + BOOT_RETRY_S + 120)
             rc = p.returncode
         except subprocess.TimeoutExpired:
             rc = 124
@@ -127,7 +132,8 @@ class Boot:
     def say(self, capsys, record_property, pattern, text=None):
         """The boot's headline and its lines matching PATTERN, on the terminal (also without -s)."""
         say(capsys, record_property, "", f"test_kernel_vm: {self.script} ({self.parts}): exit {self.rc} after {self.wall:.0f} s "
-            f"(console: {self.console})", *("  " + l for l in (text or self.text).splitlines() if re.search(pattern, l)))
+            f"(console: {self.console})", *("  " + l for l in (text or self.text).splitlines() if re.search(pattern, l)),
+            *("  " + l for l in self.text.splitlines() if l.startswith(RUN_SH_HUNG)))
 
     def failure(self, what, n=120):
         return f"{what}; guest exited {self.rc} after {self.wall:.0f} s; console {self.console}:\n{tail(self.text, n)}"
