@@ -201,8 +201,8 @@ def security_exposure(tmp_path, name, text=None):
 
 
 # The issue asks for at most 5.5 (4.7 with the sandbox shipped: no directive that makes a mount
-# namespace, see the next test).
-@pytest.mark.parametrize("name,most", [("vram-swap-nbd.service", 5.5)])
+# namespace, see the next test).  The sleep unit only signals the daemon: 1.5 with its sandbox.
+@pytest.mark.parametrize("name,most", [("vram-swap-nbd.service", 5.5), ("vram-swap-nbd-sleep.service", 2.0)])
 def test_units_are_hardened(tmp_path, name, most):
     level, out = security_exposure(tmp_path, name)
     assert level <= most, f"{name}: exposure {level} > {most}:\n{out}"

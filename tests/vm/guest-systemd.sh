@@ -10,6 +10,8 @@
 #             "ready:" lines come before systemd's ActiveEnterTimestamp), swap at 1500, STATUS=,
 #             its VRAM fd in the fd store; systemctl status and the journal at their priorities;
 #             `systemctl status nbd-vram` (the alias); no warning of the daemon, vm.swappiness set;
+#             the sandbox in effect on the daemon (bounding set, NoNewPrivs, seccomp, its own UTS
+#             namespace, PID 1's mount namespace, serving threads SCHED_RR);
 #             then a verifier starts, confined to its own memory cgroup (MemoryHigh: only its pages
 #             go out to swap, none of PID 1's), with data that stays in VRAM swap until the stop
 #   restart   under `pressure 48 300` (PRESSURE_HOLD): systemctl kill -s KILL --kill-whom=main;
@@ -265,7 +267,10 @@ check_hardening() {
   [ "$(awk '/^Seccomp:/ {print $2}' /proc/$main/status)" = 2 ] || fail "the daemon has no seccomp filter"
   [ "$(readlink /proc/$main/ns/uts)" != "$(readlink /proc/1/ns/uts)" ] || fail "the daemon shares PID 1's UTS namespace (ProtectHostname)"
   same_mount_ns "$main"
-  echo "hardening: in effect on pid $main (CapBnd $k)"
+  # the serving threads (one a connection: 2) got SCHED_RR (realtime = yes) under the bounding set
+  k=$(rr_serving_threads 2)
+  [ "$k" -ge 2 ] || fail "$k serving threads run SCHED_RR, not 2 (the unit's CapabilityBoundingSet needs CAP_SYS_NICE)"
+  echo "hardening: in effect on pid $main (CapBnd $(awk '/^CapBnd:/ {print $2}' /proc/$main/status)); $k serving threads SCHED_RR"
   # (online, it asks PID 1 over D-Bus, which this guest has not: the unit file's rating instead)
   systemd-analyze security --offline=true /etc/systemd/system/$UNIT 2>&1 | tail -n 1
 }
@@ -365,6 +370,11 @@ t_sleep() {
   grep -qw "$SLEEP_UNIT" <<<"$deps" || { echo "$deps"; fail "sleep.target does not pull in $SLEEP_UNIT"; }
   prop After systemd-suspend.service | grep -qw sleep.target || fail "systemd-suspend.service is not after sleep.target"
   echo "sleep: ordered before sleep.target and systemd-suspend.service, required by sleep.target"
+  # its sandbox as systemd loaded it: the release and the restore below run under it
+  [ "$(prop CapabilityBoundingSet $SLEEP_UNIT)" = "" ] && [ "$(prop PrivateDevices $SLEEP_UNIT)" = yes ] \
+    && [ "$(prop PrivateNetwork $SLEEP_UNIT)" = yes ] && [ "$(prop ProtectSystem $SLEEP_UNIT)" = full ] \
+    || fail "$SLEEP_UNIT was loaded without its sandbox: $(systemctl show -p CapabilityBoundingSet -p PrivateDevices -p PrivateNetwork -p ProtectSystem $SLEEP_UNIT | paste -sd' ')"
+  echo "sleep: $SLEEP_UNIT sandboxed (no capabilities, private /dev, no network, ProtectSystem=full)"
   [ -w /sys/power/pm_test ] || fail "no /sys/power/pm_test (kernel without CONFIG_PM_DEBUG)"
   echo "sleep: /sys/power/state: $(cat /sys/power/state); mem_sleep: $(cat /sys/power/mem_sleep)"
   echo freezer > /sys/power/pm_test
