@@ -73,11 +73,12 @@ monitor() {
 import socket, sys, time
 s = socket.socket(socket.AF_UNIX)
 s.connect(sys.argv[1])
-s.settimeout(1)
+s.settimeout(5)
 def answer():
+    """What the monitor says up to its next prompt (or in 5 s)."""
     buf = b""
     try:
-        while chunk := s.recv(65536):
+        while not buf.endswith(b"(qemu) ") and (chunk := s.recv(65536)):
             buf += chunk
     except socket.timeout:
         pass
@@ -99,7 +100,7 @@ boot_watchdog() {
   local s
   for ((s = 0; s < $1; s++)); do
     sleep 1
-    grep -q '^guest: kernel' "$out/console.log" 2>/dev/null && return 0
+    grep -q 'guest: kernel [0-9]' "$out/console.log" 2>/dev/null && return 0
   done
   : > "$out/boot-hung"
   echo "tests/vm/run.sh: no 'guest: kernel' line after $1 s: QEMU's state, then the guest's stacks (sysrq l, w)"
