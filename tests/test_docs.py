@@ -101,3 +101,12 @@ def test_ci_runs_the_readme_test_command():
     ci = [l for l in (ROOT / ".ci" / "run").read_text().splitlines() if l.strip() and not l.startswith("#")]
     assert ci[-1] == command, f".ci/run runs {ci[-1]!r}, the README says {command!r}"
     assert start < 40, "the test command is not on the README's first screen"
+
+
+def test_tests_readme_names_every_test_file():
+    """tests/README.md's table of files has a row for each test file, and none for a file that is gone."""
+    text = (ROOT / "tests" / "README.md").read_text()
+    files = {p.name for p in (ROOT / "tests").glob("test_*.py")}
+    rows = {l.split("`")[1] for l in text.splitlines() if l.startswith("| `test_")}
+    assert files - rows == set(), f"tests/README.md has no row for {sorted(files - rows)}"
+    assert rows - files == set(), f"tests/README.md has rows for files that are gone: {sorted(rows - files)}"
