@@ -74,7 +74,7 @@ def run_sh(lab, tmp_path, hang_boots, tries=None):
     out.mkdir(exist_ok=True)
     (out / "t.sh").write_text("true\n")
     env = dict(os.environ, NBD_VRAM_VMLAB=str(lab_dir), PATH=f"{bin_}:{os.environ['PATH']}", HANG_BOOTS=hang_boots,
-               VM_BOOT_DEADLINE="2", VM_TIMEOUT="60")
+               VM_BOOT_DEADLINE="2", VM_BOOT_DUMP_WAIT="1", VM_TIMEOUT="60")
     if tries:
         env["VM_BOOT_TRIES"] = str(tries)
     p = subprocess.run(["bash", str(RUN_SH), str(out), "t.sh"], capture_output=True, text=True, env=env, timeout=120)

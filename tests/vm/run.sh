@@ -105,13 +105,13 @@ boot_watchdog() {
   : > "$out/boot-hung"
   echo "tests/vm/run.sh: no 'guest: kernel' line after $1 s: QEMU's state, then the guest's stacks (sysrq l, w)"
   monitor "info status" "info registers -a" "sendkey alt-sysrq-9" "sendkey alt-sysrq-l" "sendkey alt-sysrq-w" || true
-  sleep 10
+  sleep "${VM_BOOT_DUMP_WAIT:-10}"                 # the guest's kernel prints the stacks
   monitor quit >/dev/null || true
 }
 
 # One boot, and one more if it hung before the guest's init printed its first line (VM_BOOT_TRIES=2;
-# VM_BOOT_DEADLINE=180 s): such a hang is QEMU's or the kernel's boot, not the script's, and the
-# first try's console stays as console-hung-N.log.  VM_TIMEOUT bounds each try.
+# VM_BOOT_DEADLINE=180 s; VM_BOOT_DUMP_WAIT=10 s for the stacks): such a hang is QEMU's or the kernel's
+# boot, not the script's, and each hung try's console stays as console-hung-N.log.  VM_TIMEOUT bounds each try.
 tries=${VM_BOOT_TRIES:-2}
 for ((try = 1; ; try++)); do
   rm -f "$out/boot-hung"
