@@ -66,7 +66,6 @@ HOG=${GUEST_PART_HOG_MB:-300}
 DEV=""
 dmesg -n 1
 sysctl -qw kernel.watchdog_thresh=60      # TCG: see guest-integration.sh
-sysctl -qw kernel.sysrq=1                 # a hang's blocked tasks: run.sh's monitor.sock (sendkey alt-sysrq-w)
 
 # On any failure (guest-lib.sh's on_err): which part, the unit's status and journal, the kernel log's tail.
 on_fail_dump() {
@@ -248,7 +247,7 @@ t_start() {
 
 # check_hardening: the unit's sandbox as systemd loaded it, and in effect on the running daemon
 check_hardening() {
-  local main p=/tmp/hardening k kv
+  local main p=/tmp/hardening k kv rr
   main=$(prop MainPID)
   systemctl show -p NoNewPrivileges -p LockPersonality -p RestrictSUIDSGID -p ProtectHostname -p UMask \
     -p RestrictAddressFamilies -p SystemCallArchitectures -p SystemCallErrorNumber -p CapabilityBoundingSet \
@@ -268,9 +267,9 @@ check_hardening() {
   [ "$(readlink /proc/$main/ns/uts)" != "$(readlink /proc/1/ns/uts)" ] || fail "the daemon shares PID 1's UTS namespace (ProtectHostname)"
   same_mount_ns "$main"
   # the serving threads (one a connection: 2) got SCHED_RR (realtime = yes) under the bounding set
-  k=$(rr_serving_threads 2)
-  [ "$k" -ge 2 ] || fail "$k serving threads run SCHED_RR, not 2 (the unit's CapabilityBoundingSet needs CAP_SYS_NICE)"
-  echo "hardening: in effect on pid $main (CapBnd $(awk '/^CapBnd:/ {print $2}' /proc/$main/status)); $k serving threads SCHED_RR"
+  rr=$(rr_serving_threads 2)
+  [ "$rr" -ge 2 ] || fail "$rr serving threads run SCHED_RR, not 2 (the unit's CapabilityBoundingSet needs CAP_SYS_NICE)"
+  echo "hardening: in effect on pid $main (CapBnd $k); $rr serving threads SCHED_RR"
   # (online, it asks PID 1 over D-Bus, which this guest has not: the unit file's rating instead)
   systemd-analyze security --offline=true /etc/systemd/system/$UNIT 2>&1 | tail -n 1
 }

@@ -11,8 +11,8 @@
 #        GUEST_* variables are passed to the guest script, via OUTDIR/guest.env, which also sets
 #        NBD_VRAM_REPO (a copy of the checkout, /mnt/repo), NBD_VRAM_VM (its tests/vm) and NBD_VRAM_OUT=/mnt.
 #   OUTDIR/monitor.sock is QEMU's monitor while it runs: a hung guest's blocked tasks reach the
-#   console after `sendkey alt-sysrq-9` and `sendkey alt-sysrq-w` there (socat, or a Python socket)
-#   (a guest script that wants it sets kernel.sysrq=1).
+#   console after `sendkey alt-sysrq-9` and `sendkey alt-sysrq-w` there (socat, or run.sh's monitor
+#   function; the kernel is booted with sysrq_always_enabled).
 # Exit status: the guest script's (from OUTDIR/rc); 124 on timeout, 1 if the guest died without one.
 # The serial console is shown and saved in OUTDIR/console.log.
 set -euo pipefail
@@ -70,7 +70,7 @@ esac
 # monitor CMD...: QEMU's monitor commands, one after the other; their answers on stdout
 monitor() {
   python3 - "$out/monitor.sock" "$@" <<'PY'
-import socket, sys, time
+import socket, sys
 s = socket.socket(socket.AF_UNIX)
 s.connect(sys.argv[1])
 s.settimeout(5)
